@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Brings a fresh Debian machine (as root) to the point where sandboxd and its tests can run:
+# a Docker engine that cannot pull from any registry, the sandbox image built locally, and the
+# shared test network. Idempotent: every step checks first and does nothing when already done.
+set -euo pipefail
+
+IMAGE="${SANDBOXD_IMAGE:-sandboxd/agent-busybox:latest}"
+TEST_NETWORK="${SANDBOXD_TEST_NETWORK:-sandboxd-test}"
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/sandboxd-dockerd.log}"
+
+log() { printf '[provision] %s\n' "$*" >&2; }
+
+need_pkgs=()
+command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=(busybox-static)
+command -v sqlite3 >/dev/null 2>&1 || need_pkgs+=(sqlite3)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+  log "no Docker engine answers; starting dockerd (registry traffic goes to a closed loopback port)"
+  # Anything that tries to pull is sent to 127.0.0.1:9, where nothing listens.
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+    nohup dockerd >"$DOCKERD_LOG" 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { log "dockerd did not come up; see $DOCKERD_LOG"; tail -n 30 "$DOCKERD_LOG" >&2; exit 1; }
+fi
+
+if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  log "building $IMAGE from the local busybox (docker import, no registry)"
+  busybox_bin="$(command -v busybox)"
+  root="$(mktemp -d)"
+  trap 'rm -rf "$root"' EXIT
+  mkdir -p "$root/bin" "$root/www" "$root/tmp" "$root/etc"
+  cp "$busybox_bin" "$root/bin/busybox"
+  for applet in sh ls cat echo sleep httpd env id wget nc mkdir touch; do
+    ln -s busybox "$root/bin/$applet"
+  done
+  echo 'sandboxd test agent' >"$root/www/index.html"
+  echo 'root:x:0:0:root:/:/bin/sh' >"$root/etc/passwd"
+  echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>"$root/etc/passwd"
+  # The agent port is configurable; the image serves HTTP on $AGENT_PORT (default 8000).
+  tar -C "$root" -c . | docker import \
+    -c 'ENV PATH=/bin' \
+    -c 'ENV AGENT_PORT=8000' \
+    -c 'CMD ["/bin/sh","-c","exec httpd -f -p ${AGENT_PORT} -h /www"]' \
+    - "$IMAGE" >/dev/null
+fi
+
+if [ "${SANDBOXD_PROVISION_TEST_NETWORK:-0}" = "1" ]; then
+  docker network inspect "$TEST_NETWORK" >/dev/null 2>&1 || docker network create "$TEST_NETWORK" >/dev/null
+fi
+log "ready: engine $(docker version --format '{{.Server.Version}}'), image $IMAGE"

@@ -1,0 +1,334 @@
+//! Typed settings: the old service's YAML layout (`http, logging, metrics, otel, docker, sandbox,
+//! security`) plus sandboxd's own sections (`database`, `controller`).
+//!
+//! Sources, later wins: embedded defaults → YAML file → `APP_*` environment overrides.
+//! Unknown keys and bad values fail at start with the dotted key in the message.
+
+mod env;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use env::ENV_OVERRIDES;
+
+/// Everything wrong with a configuration, each message naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub logging: LoggingSettings,
+    pub metrics: MetricsSettings,
+    pub otel: OtelSettings,
+    pub docker: DockerSettings,
+    pub sandbox: SandboxSettings,
+    pub security: SecuritySettings,
+    pub database: DatabaseSettings,
+    pub controller: ControllerSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub host: String,
+    pub port: u16,
+    /// Largest accepted request body; larger ones get 413 before any parsing.
+    pub body_limit_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8123,
+            body_limit_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSettings {
+    /// `TRACE`, `DEBUG`, `INFO`, `WARNING`/`WARN`, `ERROR` (any case) or a tracing filter.
+    pub level: String,
+    /// `stdout` or `stderr`. (`otel` from old configs is accepted and logs to stdout.)
+    pub output: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LoggingSettings {
+    fn default() -> Self {
+        Self {
+            level: "INFO".into(),
+            output: "stdout".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Accepted for compatibility with old configs; the Prometheus endpoint is not served yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Accepted for compatibility with old configs; OTLP export is not implemented yet.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelSettings {
+    pub enabled: bool,
+    pub service_name: Option<String>,
+    pub logs_endpoint: Option<String>,
+    pub metrics_endpoint: Option<String>,
+    pub traces_endpoint: Option<String>,
+    pub metric_export_interval: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Never contact a registry; a missing image is a start failure with a clear message.
+    Never,
+    /// Pull only when the image is not present locally.
+    IfNotPresent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerSettings {
+    /// `unix:///path/to/docker.sock`, `tcp://host:port` or `http://host:port`.
+    pub base_url: String,
+    pub pull_policy: PullPolicy,
+    /// Per-request timeout for Docker API calls.
+    pub timeout_seconds: u64,
+}
+
+impl Default for DockerSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "unix:///var/run/docker.sock".into(),
+            pull_policy: PullPolicy::IfNotPresent,
+            timeout_seconds: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    pub image: String,
+    pub network_name: String,
+    pub agent_service_port: u16,
+    pub ttl_seconds: u64,
+    /// Resync period of the controller (the old service's cleanup loop period).
+    pub cleanup_interval_seconds: u64,
+    pub chats_root: PathBuf,
+    pub dependencies_host_path: PathBuf,
+    pub lambda_tools_host_path: PathBuf,
+    pub chat_mount_path: String,
+    pub dependencies_mount_path: String,
+    pub lambda_tools_mount_path: String,
+    pub volume_mount_path: String,
+    /// Extra environment for every sandbox; `AGENT_ID` is always set from the request.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            image: "sandboxd/agent-busybox:latest".into(),
+            network_name: "sandbox".into(),
+            agent_service_port: 8000,
+            ttl_seconds: 300,
+            cleanup_interval_seconds: 60,
+            chats_root: "var/sandbox/chats".into(),
+            dependencies_host_path: "var/sandbox/dependencies".into(),
+            lambda_tools_host_path: "var/sandbox/lambda-tools".into(),
+            chat_mount_path: "/workspace/chat".into(),
+            dependencies_mount_path: "/opt/dependencies".into(),
+            lambda_tools_mount_path: "/opt/lambda-tools".into(),
+            volume_mount_path: "/workspace/volume".into(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    pub token_header: String,
+    /// When set, every route but health requires it; when unset, only loopback is served.
+    pub api_token: Option<String>,
+    /// Accepted for compatibility with old configs; unused.
+    pub signing_key: Option<String>,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        Self {
+            token_header: "X-API-Token".into(),
+            api_token: None,
+            signing_key: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SecuritySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mask = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("SecuritySettings")
+            .field("token_header", &self.token_header)
+            .field("api_token", &mask(&self.api_token))
+            .field("signing_key", &mask(&self.signing_key))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub path: PathBuf,
+    pub busy_timeout_ms: u64,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            path: "var/sandboxd.db".into(),
+            busy_timeout_ms: 5_000,
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSettings {
+    /// Name of this sandboxd instance; it only ever touches containers labelled with it.
+    pub instance: String,
+    /// Sandboxes started at once. The engine's throughput peaks at 2–4 concurrent starts.
+    pub max_concurrent_actions: usize,
+    /// How long `POST /api/v1/create` waits for the controller before answering 504.
+    pub create_wait_seconds: u64,
+    /// How long `DELETE /api/v1/sandboxes/{chat_id}` waits for the container to be gone.
+    pub delete_wait_seconds: u64,
+    /// Upper bound for the optional `wait` parameter of the declarative API.
+    pub max_wait_seconds: u64,
+    /// First retry delay after a failed action; doubles per failure, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Cap of the per-sandbox retry delay.
+    pub backoff_max_seconds: u64,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        Self {
+            instance: "default".into(),
+            max_concurrent_actions: 4,
+            create_wait_seconds: 60,
+            delete_wait_seconds: 60,
+            max_wait_seconds: 300,
+            backoff_initial_ms: 500,
+            backoff_max_seconds: 60,
+        }
+    }
+}
+
+impl Settings {
+    /// Embedded defaults, then the YAML file (if any), then `APP_*` overrides from `vars`.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<embedded defaults>".to_string()),
+        };
+        Self::from_yaml_str(&text, &origin, vars)
+    }
+
+    /// Parses YAML text (empty means "all defaults") and applies `APP_*` overrides.
+    pub fn from_yaml_str(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: serde_norway::Value = if text.trim().is_empty() {
+            serde_norway::Value::Mapping(Default::default())
+        } else {
+            serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?
+        };
+        if doc.is_null() {
+            doc = serde_norway::Value::Mapping(Default::default());
+        }
+        env::apply_overrides(&mut doc, vars)?;
+        let settings: Settings = serde_path_to_error::deserialize(doc).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                key: if key == "." { "<root>".into() } else { key },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The effective settings as YAML with secrets masked (for `check-config`).
+    pub fn to_masked_yaml(&self) -> String {
+        let mut copy = self.clone();
+        let mask = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("***".into());
+            }
+        };
+        mask(&mut copy.security.api_token);
+        mask(&mut copy.security.signing_key);
+        serde_norway::to_string(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+use super::*;
+
+fn load(yaml: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::from_yaml_str(
+        yaml,
+        "test.yaml",
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+#[test]
+fn empty_config_is_the_embedded_defaults() {
+    let s = load("", &[]).unwrap();
+    assert_eq!(s.http.port, 8123);
+    assert_eq!(s.sandbox.ttl_seconds, 300);
+    assert_eq!(s.security.token_header, "X-API-Token");
+    assert_eq!(s.docker.base_url, "unix:///var/run/docker.sock");
+}
+
+#[test]
+fn reads_the_old_service_layout() {
+    let yaml = r#"
+http: {host: 127.0.0.1, port: 8123}
+logging: {level: DEBUG, output: stdout, format: text}
+metrics: {enabled: true}
+otel: {metric_export_interval: 1000}
+docker: {base_url: "unix:///var/run/docker.sock"}
+sandbox:
+  image: ai-agent:latest
+  network_name: sandbox
+  agent_service_port: 8000
+  ttl_seconds: 3000
+  cleanup_interval_seconds: 60
+  chats_root: /tmp/master-sandbox/chats
+  dependencies_host_path: /tmp/master-sandbox/dependencies
+  lambda_tools_host_path: /tmp/master-sandbox/lambda-tools
+  chat_mount_path: /workspace/chat
+  dependencies_mount_path: /opt/dependencies
+  lambda_tools_mount_path: /opt/lambda-tools
+  volume_mount_path: /workspace/volume
+  env:
+    PROVIDER_API_KEY: "1234"
+    PROVIDER_MODEL: gemini
+security:
+  token_header: X-API-Token
+"#;
+    let s = load(yaml, &[]).unwrap();
+    assert_eq!(s.sandbox.image, "ai-agent:latest");
+    assert_eq!(s.sandbox.ttl_seconds, 3000);
+    assert_eq!(s.sandbox.env["PROVIDER_API_KEY"], "1234");
+    assert_eq!(s.otel.metric_export_interval, Some(1000));
+}
+
+#[test]
+fn env_overrides_win_and_keep_text_as_text() {
+    let s = load(
+        "sandbox: {ttl_seconds: 10}",
+        &[
+            ("APP_SANDBOX_TTL_SECONDS", "42"),
+            ("APP_API_TOKEN", "1234"),
+            ("APP_SANDBOX_IMAGE", "img:1"),
+            ("UNRELATED", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.sandbox.ttl_seconds, 42);
+    assert_eq!(s.security.api_token.as_deref(), Some("1234"));
+    assert_eq!(s.sandbox.image, "img:1");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let err = load("sandbox: {imagee: x}", &[]).unwrap_err().to_string();
+    assert!(err.contains("sandbox") && err.contains("imagee"), "{err}");
+    let err = load("nonsense: {}", &[]).unwrap_err().to_string();
+    assert!(err.contains("nonsense"), "{err}");
+}
+
+#[test]
+fn bad_values_are_named() {
+    let err = load("sandbox: {ttl_seconds: soon}", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sandbox.ttl_seconds"), "{err}");
+    let err = load("", &[("APP_SANDBOX_TTL_SECONDS", "-1")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sandbox.ttl_seconds"), "{err}");
+    let err = load("sandbox: {ttl_seconds: 0}", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sandbox.ttl_seconds"), "{err}");
+    let err = load("controller: {instance: 'a b'}", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("controller.instance"), "{err}");
+    let err = load("sandbox: {chat_mount_path: relative}", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sandbox.chat_mount_path"), "{err}");
+    let err = load("logging: {format: xml}", &[]).unwrap_err().to_string();
+    assert!(err.contains("logging.format"), "{err}");
+}
+
+#[test]
+fn refuses_public_listen_without_token() {
+    let err = load("http: {host: 0.0.0.0}", &[]).unwrap_err().to_string();
+    assert!(err.contains("http.host"), "{err}");
+    assert!(load("http: {host: 0.0.0.0}", &[("APP_API_TOKEN", "t0ken")]).is_ok());
+    assert!(load("http: {host: '::1'}", &[]).is_ok());
+    assert!(load("http: {host: localhost}", &[]).is_ok());
+}
+
+#[test]
+fn masked_yaml_hides_secrets() {
+    let s = load("security: {api_token: hunter2, signing_key: k}", &[]).unwrap();
+    let out = s.to_masked_yaml();
+    assert!(!out.contains("hunter2") && out.contains("***"), "{out}");
+    assert!(!format!("{:?}", s.security).contains("hunter2"));
+}

@@ -1,0 +1,175 @@
+//! Semantic checks that serde's types cannot express. Each error names its key.
+
+use std::net::IpAddr;
+
+use super::{invalid, ConfigError, Settings};
+
+impl Settings {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.sandbox;
+        non_empty("sandbox.image", &s.image)?;
+        non_empty("sandbox.network_name", &s.network_name)?;
+        if s.agent_service_port == 0 {
+            return Err(invalid("sandbox.agent_service_port", "must be 1..=65535"));
+        }
+        positive("sandbox.ttl_seconds", s.ttl_seconds)?;
+        positive(
+            "sandbox.cleanup_interval_seconds",
+            s.cleanup_interval_seconds,
+        )?;
+        for (key, path) in [
+            ("sandbox.chats_root", &s.chats_root),
+            ("sandbox.dependencies_host_path", &s.dependencies_host_path),
+            ("sandbox.lambda_tools_host_path", &s.lambda_tools_host_path),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        let targets = [
+            ("sandbox.chat_mount_path", &s.chat_mount_path),
+            (
+                "sandbox.dependencies_mount_path",
+                &s.dependencies_mount_path,
+            ),
+            (
+                "sandbox.lambda_tools_mount_path",
+                &s.lambda_tools_mount_path,
+            ),
+            ("sandbox.volume_mount_path", &s.volume_mount_path),
+        ];
+        for (i, (key, target)) in targets.iter().enumerate() {
+            if !target.starts_with('/') || target.contains(':') {
+                return Err(invalid(key, "must be an absolute container path"));
+            }
+            if targets[..i].iter().any(|(_, other)| other == target) {
+                return Err(invalid(key, "must differ from the other mount paths"));
+            }
+        }
+        for name in s.env.keys() {
+            let ok = !name.is_empty()
+                && !name.contains('=')
+                && !name.contains('\0')
+                && name != "AGENT_ID";
+            if !ok {
+                return Err(invalid(
+                    &format!("sandbox.env.{name}"),
+                    "invalid variable name (AGENT_ID is set by sandboxd)",
+                ));
+            }
+        }
+
+        match self.logging.format.as_str() {
+            "text" | "json" => {}
+            _ => return Err(invalid("logging.format", "must be `text` or `json`")),
+        }
+        match self.logging.output.as_str() {
+            "stdout" | "stderr" | "otel" => {}
+            _ => {
+                return Err(invalid(
+                    "logging.output",
+                    "must be `stdout` or `stderr` (`otel` is read as stdout)",
+                ))
+            }
+        }
+        crate::telemetry::parse_level(&self.logging.level)
+            .map_err(|m| invalid("logging.level", m))?;
+
+        let base = &self.docker.base_url;
+        if !(base.starts_with("unix://")
+            || base.starts_with("tcp://")
+            || base.starts_with("http://"))
+        {
+            return Err(invalid(
+                "docker.base_url",
+                "must start with unix://, tcp:// or http://",
+            ));
+        }
+        positive("docker.timeout_seconds", self.docker.timeout_seconds)?;
+
+        let sec = &self.security;
+        if axum::http::HeaderName::from_bytes(sec.token_header.as_bytes()).is_err() {
+            return Err(invalid(
+                "security.token_header",
+                "not a valid HTTP header name",
+            ));
+        }
+        if let Some(token) = &sec.api_token {
+            if token.trim().is_empty() {
+                return Err(invalid("security.api_token", "must not be blank when set"));
+            }
+        }
+        if sec.api_token.is_none() && !is_loopback_host(&self.http.host) {
+            return Err(invalid(
+                "http.host",
+                "without security.api_token sandboxd only listens on loopback \
+                 (127.0.0.1, ::1, localhost); set a token to listen on other addresses",
+            ));
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(invalid("http.body_limit_bytes", "must be at least 1024"));
+        }
+
+        if self.database.path.as_os_str().is_empty() {
+            return Err(invalid("database.path", "must not be empty"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+
+        let c = &self.controller;
+        let instance_ok = !c.instance.is_empty()
+            && c.instance.len() <= 48
+            && c.instance
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.')
+            && c.instance
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_alphanumeric());
+        if !instance_ok {
+            return Err(invalid(
+                "controller.instance",
+                "1-48 characters [A-Za-z0-9_.-], starting with a letter or digit",
+            ));
+        }
+        if c.max_concurrent_actions == 0 {
+            return Err(invalid(
+                "controller.max_concurrent_actions",
+                "must be at least 1",
+            ));
+        }
+        positive("controller.create_wait_seconds", c.create_wait_seconds)?;
+        positive("controller.delete_wait_seconds", c.delete_wait_seconds)?;
+        positive("controller.backoff_initial_ms", c.backoff_initial_ms)?;
+        positive("controller.backoff_max_seconds", c.backoff_max_seconds)?;
+        Ok(())
+    }
+}
+
+fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        Err(invalid(key, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(invalid(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+/// `localhost` or a loopback IP literal.
+pub fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}

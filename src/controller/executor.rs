@@ -1,0 +1,188 @@
+//! Runs one planned action against Docker and records the outcome in the store.
+//!
+//! The queue holds keys, not objects: a Start re-reads its row right before acting, so it never
+//! starts a session that was replaced, deleted or expired since the plan was made.
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use super::backoff::BackoffPolicy;
+use crate::docker::{DockerRuntime, StartRequest};
+use crate::domain::spec::ContainerSpec;
+use crate::domain::{ChatId, SessionId};
+use crate::planner::{Action, Key, RemoveReason};
+use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
+
+/// Why an action did not complete; the controller retries it with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+pub struct Executor {
+    pub store: Store,
+    pub runtime: DockerRuntime,
+    pub backoff: BackoffPolicy,
+}
+
+impl Executor {
+    #[tracing::instrument(skip_all, fields(action = action.kind(), key = ?action.key()))]
+    pub async fn run(&self, action: Action) -> Result<(), ActionError> {
+        match action {
+            Action::Start {
+                chat_id,
+                session_id,
+                stale,
+            } => self.start(chat_id, session_id, &stale).await,
+            Action::Adopt {
+                chat_id,
+                session_id,
+                container_id,
+                ip,
+                stale,
+            } => {
+                self.remove_all(&stale).await?;
+                let Some(row) = self.store.get(chat_id).await? else {
+                    return Ok(());
+                };
+                let port = parse_spec(&row)?.agent_port;
+                let running = RunningContainer {
+                    container_id: &container_id,
+                    ip: &ip,
+                    port,
+                };
+                self.store
+                    .record_running(chat_id, session_id, &running, "adopt", Utc::now())
+                    .await?;
+                info!(%chat_id, %session_id, %container_id, "adopted running container");
+                Ok(())
+            }
+            Action::Remove {
+                key,
+                containers,
+                reason,
+            } => {
+                self.remove_all(&containers).await?;
+                let now = Utc::now();
+                match (key, reason) {
+                    (Key::Chat(chat_id), RemoveReason::Expire { session_id }) => {
+                        self.store
+                            .record_expired(chat_id, session_id, &containers, now)
+                            .await?;
+                        info!(%chat_id, %session_id, "session expired; container removed");
+                    }
+                    (Key::Chat(chat_id), RemoveReason::Finalize { session_id }) => {
+                        self.store
+                            .purge(chat_id, session_id, &containers, now)
+                            .await?;
+                        info!(%chat_id, %session_id, "deleted");
+                    }
+                    (key, reason) => {
+                        let chat = match &key {
+                            Key::Chat(c) => c.to_string(),
+                            Key::Container(_) => "-".to_string(),
+                        };
+                        let action = if reason == RemoveReason::Orphan {
+                            "remove_orphan"
+                        } else {
+                            "remove_stale"
+                        };
+                        for id in &containers {
+                            self.store
+                                .event(&chat, None, Some(id), action, "ok", None, now)
+                                .await?;
+                        }
+                        info!(?key, ?containers, action, "removed containers");
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn remove_all(&self, ids: &[String]) -> Result<(), ActionError> {
+        for id in ids {
+            self.runtime.remove(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        stale: &[String],
+    ) -> Result<(), ActionError> {
+        let Some(row) = self.store.get(chat_id).await? else {
+            return Ok(());
+        };
+        if row.session_id != session_id || !row.is_live(Utc::now()) {
+            return Ok(()); // superseded since the plan; the next pass sees the new truth
+        }
+        let result = async {
+            self.remove_all(stale).await?;
+            let spec = parse_spec(&row)?;
+            let started = self
+                .runtime
+                .start(&StartRequest {
+                    chat_id,
+                    session_id,
+                    agent_id: &row.agent_id,
+                    spec: &spec,
+                    spec_hash: &row.spec_hash,
+                })
+                .await?;
+            Ok::<_, ActionError>((started, spec.agent_port))
+        }
+        .await;
+        match result {
+            Ok((started, port)) => {
+                let action = if started.adopted { "adopt" } else { "start" };
+                let recorded = self
+                    .store
+                    .record_running(
+                        chat_id,
+                        session_id,
+                        &RunningContainer {
+                            container_id: &started.container_id,
+                            ip: &started.ip,
+                            port,
+                        },
+                        action,
+                        Utc::now(),
+                    )
+                    .await?;
+                info!(%chat_id, %session_id, container_id = %started.container_id, ip = %started.ip, recorded, "sandbox running");
+                Ok(())
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let attempts = self
+                    .store
+                    .record_failure(
+                        chat_id,
+                        session_id,
+                        "start",
+                        &message,
+                        |n| self.backoff.delay(n),
+                        Utc::now(),
+                    )
+                    .await?;
+                warn!(%chat_id, %session_id, ?attempts, error = %message, "start failed; will retry with backoff");
+                // Recorded in the row; the row's next_attempt_at paces the retry.
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The frozen spec of a row; a row that cannot be read is reported, never guessed at.
+fn parse_spec(row: &SandboxRow) -> Result<ContainerSpec, StoreError> {
+    serde_json::from_str(&row.spec_json).map_err(|e| StoreError::Corrupt {
+        chat_id: row.chat_id.to_string(),
+        message: format!("spec_json: {e}"),
+    })
+}

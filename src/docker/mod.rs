@@ -1,0 +1,385 @@
+//! Docker adapter (bollard): one narrow type, one method per operation we need. bollard types
+//! stay inside this module; the rest of sandboxd sees [`Observed`] containers and [`Started`].
+//!
+//! Every step is idempotent: a 404 on remove is success, a name conflict on create means the
+//! container for this session already exists (a crash between create and the status write) and
+//! is adopted, a 304 on start means it already runs.
+
+pub mod labels;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HostConfig, Mount, MountType,
+    NetworkCreateRequest, NetworkingConfig,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    InspectContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::{Stream, StreamExt, TryStreamExt};
+
+use crate::config::{DockerSettings, PullPolicy};
+use crate::domain::spec::ContainerSpec;
+use crate::domain::{ChatId, SessionId};
+use crate::planner::Observed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot connect to the Docker engine at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: BollardError,
+    },
+    #[error("docker {op} failed: {source}")]
+    Api {
+        op: &'static str,
+        #[source]
+        source: BollardError,
+    },
+    #[error("image `{image}` is not present locally and the pull policy is `never`")]
+    ImageMissing { image: String },
+    #[error("container {container} has no IP address on network `{network}`")]
+    NoEndpoint { container: String, network: String },
+    #[error("preparing host directory {path}: {source}")]
+    HostDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {path} is not an existing directory")]
+    VolumeMissing { path: String },
+}
+
+impl DockerError {
+    fn api(op: &'static str) -> impl FnOnce(BollardError) -> DockerError {
+        move |source| DockerError::Api { op, source }
+    }
+}
+
+fn status_of(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// A container that was started (or adopted after a name conflict) for a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub container_id: String,
+    pub ip: String,
+    /// True when an existing container of this session was found and used.
+    pub adopted: bool,
+}
+
+/// What a start needs besides the spec.
+#[derive(Debug, Clone)]
+pub struct StartRequest<'a> {
+    pub chat_id: ChatId,
+    pub session_id: SessionId,
+    pub agent_id: &'a str,
+    pub spec: &'a ContainerSpec,
+    pub spec_hash: &'a str,
+}
+
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    instance: String,
+    network: String,
+    pull_policy: PullPolicy,
+}
+
+impl DockerRuntime {
+    /// Connects, negotiates the API version with the engine (20.10 speaks 1.41) and pings.
+    pub async fn connect(
+        settings: &DockerSettings,
+        instance: &str,
+        network: &str,
+    ) -> Result<Self, DockerError> {
+        let url = settings.base_url.clone();
+        let connect_err = |source| DockerError::Connect {
+            url: url.clone(),
+            source,
+        };
+        let docker = Docker::connect_with_host(&settings.base_url)
+            .map_err(connect_err)?
+            .with_timeout(Duration::from_secs(settings.timeout_seconds))
+            .negotiate_version()
+            .await
+            .map_err(connect_err)?;
+        docker.ping().await.map_err(connect_err)?;
+        Ok(Self {
+            docker,
+            instance: instance.to_string(),
+            network: network.to_string(),
+            pull_policy: settings.pull_policy,
+        })
+    }
+
+    pub async fn ping(&self) -> Result<(), DockerError> {
+        self.docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(DockerError::api("ping"))
+    }
+
+    /// Creates the sandbox network if it does not exist.
+    pub async fn ensure_network(&self) -> Result<(), DockerError> {
+        match self.docker.inspect_network(&self.network, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(DockerError::api("inspect_network")(e)),
+        }
+        let request = NetworkCreateRequest {
+            name: self.network.clone(),
+            driver: Some("bridge".into()),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => {
+                tracing::info!(network = %self.network, "created sandbox network");
+                Ok(())
+            }
+            // Someone else created it in between.
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(DockerError::api("create_network")(e)),
+        }
+    }
+
+    /// Every container (running or not) labelled for this instance.
+    pub async fn list_managed(&self) -> Result<Vec<Observed>, DockerError> {
+        let filters = HashMap::from([("label", labels::instance_filter(&self.instance))]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(DockerError::api("list_containers"))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.id?;
+                let parsed = labels::parse(&c.labels.unwrap_or_default());
+                let ip = c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .and_then(|mut n| n.remove(&self.network))
+                    .and_then(|e| e.ip_address)
+                    .filter(|ip| !ip.is_empty());
+                Some(Observed {
+                    container_id: id,
+                    chat_id: parsed.chat_id,
+                    session_id: parsed.session_id,
+                    spec_hash: parsed.spec_hash,
+                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    ip,
+                })
+            })
+            .collect())
+    }
+
+    /// Creates, starts and inspects the session's container. A container that fails after
+    /// creation is removed before the error is returned.
+    pub async fn start(&self, req: &StartRequest<'_>) -> Result<Started, DockerError> {
+        prepare_host_dirs(req.spec)?;
+        let name = labels::container_name(&self.instance, req.chat_id, req.session_id);
+        let (id, adopted) = match self.create(&name, req).await {
+            Ok(id) => (id, false),
+            Err(e) if matches!(&e, DockerError::Api { source, .. } if status_of(source) == Some(409)) =>
+            {
+                // Created by an earlier attempt that crashed before recording it.
+                let existing = self
+                    .docker
+                    .inspect_container(&name, None::<InspectContainerOptions>)
+                    .await
+                    .map_err(DockerError::api("inspect_container"))?;
+                let ours = existing
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.as_ref())
+                    .map(labels::parse)
+                    .is_some_and(|p| {
+                        p.session_id == Some(req.session_id)
+                            && p.spec_hash.as_deref() == Some(req.spec_hash)
+                    });
+                let id = existing.id.unwrap_or(name.clone());
+                if !ours {
+                    // Same name, wrong labels: not usable; clear it so the next attempt works.
+                    self.remove(&id).await?;
+                    return Err(e);
+                }
+                (id, true)
+            }
+            Err(e) => return Err(e),
+        };
+        match self.start_and_locate(&id).await {
+            Ok(ip) => Ok(Started {
+                container_id: id,
+                ip,
+                adopted,
+            }),
+            Err(e) => {
+                if let Err(cleanup) = self.remove(&id).await {
+                    tracing::warn!(container_id = %id, error = %cleanup, "rollback of a failed start failed; the next pass removes it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create(&self, name: &str, req: &StartRequest<'_>) -> Result<String, DockerError> {
+        let body = self.create_body(req);
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        match self
+            .docker
+            .create_container(Some(options.clone()), body.clone())
+            .await
+        {
+            Ok(r) => Ok(r.id),
+            Err(e) if status_of(&e) == Some(404) => {
+                if self.pull_policy == PullPolicy::Never {
+                    return Err(DockerError::ImageMissing {
+                        image: req.spec.image.clone(),
+                    });
+                }
+                self.pull(&req.spec.image).await?;
+                self.docker
+                    .create_container(Some(options), body)
+                    .await
+                    .map(|r| r.id)
+                    .map_err(DockerError::api("create_container"))
+            }
+            Err(e) => Err(DockerError::api("create_container")(e)),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        tracing::info!(image, "pulling image (pull policy if_not_present)");
+        let options = CreateImageOptionsBuilder::new().from_image(image).build();
+        self.docker
+            .create_image(Some(options), None, None)
+            .try_collect::<Vec<_>>()
+            .await
+            .map(|_| ())
+            .map_err(DockerError::api("pull_image"))
+    }
+
+    async fn start_and_locate(&self, id: &str) -> Result<String, DockerError> {
+        match self.docker.start_container(id, None).await {
+            Ok(()) => {}
+            Err(e) if status_of(&e) == Some(304) => {}
+            Err(e) => return Err(DockerError::api("start_container")(e)),
+        }
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(DockerError::api("inspect_container"))?;
+        inspect
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(&self.network))
+            .and_then(|e| e.ip_address)
+            .filter(|ip| !ip.is_empty())
+            .ok_or_else(|| DockerError::NoEndpoint {
+                container: id.to_string(),
+                network: self.network.clone(),
+            })
+    }
+
+    fn create_body(&self, req: &StartRequest<'_>) -> ContainerCreateBody {
+        let spec = req.spec;
+        let mounts = spec
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                target: Some(m.target.clone()),
+                source: Some(m.source.clone()),
+                typ: Some(MountType::BIND),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            })
+            .collect();
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels::for_session(
+                &self.instance,
+                req.chat_id,
+                req.session_id,
+                req.spec_hash,
+                req.agent_id,
+            )),
+            host_config: Some(HostConfig {
+                mounts: Some(mounts),
+                network_mode: Some(spec.network.clone()),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    spec.network.clone(),
+                    EndpointSettings::default(),
+                )])),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Force-removes a container; one that is already gone counts as removed.
+    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            // "removal already in progress"
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(DockerError::api("remove_container")(e)),
+        }
+    }
+
+    /// Container events of this instance, as a stream of wake-ups. Ends on error; the caller
+    /// reconnects. Correctness never depends on it.
+    pub fn events(&self) -> impl Stream<Item = Result<(), DockerError>> + Send + 'static {
+        let filters = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("label", labels::instance_filter(&self.instance)),
+        ]);
+        let options = EventsOptionsBuilder::new().filters(&filters).build();
+        self.docker
+            .events(Some(options))
+            .map(|r| r.map(|_| ()).map_err(DockerError::api("events")))
+    }
+}
+
+/// The chat directory is created on demand; the others must exist (checked here, at create
+/// time, not only when the request arrived).
+fn prepare_host_dirs(spec: &ContainerSpec) -> Result<(), DockerError> {
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let path = Path::new(&m.source);
+        if i == 0 {
+            std::fs::create_dir_all(path).map_err(|source| DockerError::HostDir {
+                path: m.source.clone(),
+                source,
+            })?;
+        } else if !path.is_dir() {
+            return Err(DockerError::VolumeMissing {
+                path: m.source.clone(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The thin HTTP API (axum). It only writes desired state and reads status; it never calls
+//! Docker, so it keeps working while the engine is down. Calls that promise an outcome (the
+//! old `create` and `delete`) wait on the store's change feed for the controller's result.
+
+mod auth;
+mod compat;
+mod error;
+mod sandboxes;
+mod views;
+mod wait;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderName;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::Notify;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::controller::ControllerStatus;
+use crate::store::Store;
+
+pub use error::ApiError;
+
+/// What handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    /// Wakes the controller after a desired-state write.
+    pub wake: Arc<Notify>,
+    pub controller: Arc<ControllerStatus>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let body_limit = state.settings.http.body_limit_bytes;
+    let token = state.settings.security.api_token.clone();
+    let header = HeaderName::from_bytes(state.settings.security.token_header.as_bytes())
+        .unwrap_or(HeaderName::from_static("x-api-token"));
+
+    let mut app = Router::new()
+        .route("/api/v1/health", get(compat::health))
+        .route("/api/v1/ready", get(compat::ready))
+        .route("/api/v1/create", post(compat::create))
+        .route(
+            "/api/v1/sandboxes/{chat_id}",
+            get(sandboxes::get_one)
+                .put(sandboxes::apply)
+                .delete(compat::delete),
+        )
+        .route("/api/v1/sandboxes/{chat_id}/renew", post(sandboxes::renew))
+        .route("/api/v1/sandboxes/{chat_id}/events", get(sandboxes::events))
+        .route("/api/v1/sandboxes", get(sandboxes::list))
+        .fallback(|| async {
+            ApiError::BadRequest {
+                status: axum::http::StatusCode::NOT_FOUND,
+                detail: "not_found".into(),
+            }
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state);
+    if let Some(token) = token {
+        let guard = auth::TokenGuard {
+            header,
+            token: Arc::new(token.into_bytes()),
+        };
+        app = app.layer(axum::middleware::from_fn_with_state(
+            guard,
+            auth::require_token,
+        ));
+    }
+    app.layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}

@@ -1,0 +1,202 @@
+//! The declarative API: apply, read, list, renew. Returns at once; `?wait=SECONDS` blocks
+//! (bounded by `controller.max_wait_seconds`) until the sandbox settles.
+
+use std::time::Duration;
+
+use axum::extract::{rejection::JsonRejection, Path, Query, State};
+use axum::Json;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use super::compat::new_session;
+use super::views::SandboxView;
+use super::{wait, ApiError, AppState};
+use crate::domain::request::{parse_chat_id, validate_ttl};
+use crate::domain::{ChatId, Phase};
+use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
+
+/// Longest TTL a client may ask for (30 days).
+const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Seconds to wait for the sandbox to settle (0 = answer at once).
+    #[serde(default)]
+    wait: u64,
+}
+
+impl WaitQuery {
+    fn duration(&self, state: &AppState) -> Option<Duration> {
+        (self.wait > 0)
+            .then(|| Duration::from_secs(self.wait.min(state.settings.controller.max_wait_seconds)))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    agent_id: String,
+    volume_host_path: String,
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyResponse {
+    /// `created`, `replaced` or `unchanged`.
+    outcome: &'static str,
+    sandbox: SandboxView,
+}
+
+async fn view_after_wait(
+    state: &AppState,
+    chat_id: ChatId,
+    q: &WaitQuery,
+) -> Result<SandboxView, ApiError> {
+    let row = match q.duration(state) {
+        Some(d) => wait::for_settled(&state.store, chat_id, d).await?,
+        None => state.store.get(chat_id).await?,
+    };
+    row.as_ref()
+        .map(SandboxView::from)
+        .ok_or(ApiError::NotFound)
+}
+
+pub async fn apply(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Json<ApplyRequest>, JsonRejection>,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    let chat_id = parse_chat_id(&raw)?;
+    let Query(q) = query?;
+    let Json(req) = body?;
+    let ttl = match req.ttl_seconds {
+        Some(t) => validate_ttl(t, MAX_TTL_SECONDS)?,
+        None => state.settings.sandbox.ttl_seconds,
+    };
+    let new = new_session(&state, chat_id, &req.agent_id, &req.volume_host_path, ttl)?;
+    let (outcome, row) = match state.store.apply(&new, Utc::now()).await? {
+        ApplyOutcome::Created(r) => ("created", r),
+        ApplyOutcome::Replaced(r) => ("replaced", r),
+        ApplyOutcome::Unchanged(r) => ("unchanged", r),
+    };
+    if outcome != "unchanged" {
+        state.wake.notify_one();
+    }
+    let sandbox = match q.duration(&state) {
+        Some(d) => {
+            match wait::for_start(&state.store, chat_id, row.session_id, row.attempts, d).await? {
+                wait::StartOutcome::Running(r) | wait::StartOutcome::Failed(r) => {
+                    SandboxView::from(&r)
+                }
+                wait::StartOutcome::Timeout(Some(r)) => SandboxView::from(&r),
+                wait::StartOutcome::Timeout(None) | wait::StartOutcome::Gone => {
+                    view_after_wait(&state, chat_id, &WaitQuery::default()).await?
+                }
+            }
+        }
+        None => SandboxView::from(&row),
+    };
+    Ok(Json(ApplyResponse { outcome, sandbox }))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let chat_id = parse_chat_id(&raw)?;
+    let Query(q) = query?;
+    view_after_wait(&state, chat_id, &q).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    phase: Option<String>,
+    agent_id: Option<String>,
+    /// Opaque cursor from the previous page's `next_cursor`.
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListResponse {
+    items: Vec<SandboxView>,
+    next_cursor: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(q) = query?;
+    let phase = q
+        .phase
+        .as_deref()
+        .map(str::parse::<Phase>)
+        .transpose()
+        .map_err(|e| ApiError::Invalid(format!("invalid phase: {e}")))?;
+    let after = q
+        .cursor
+        .as_deref()
+        .map(parse_chat_id)
+        .transpose()
+        .map_err(|_| ApiError::Invalid("invalid cursor".into()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Invalid("invalid limit: must be 1..=1000".into()));
+    }
+    let rows = state
+        .store
+        .list(&ListFilter {
+            phase,
+            agent_id: q.agent_id,
+            after,
+            limit,
+        })
+        .await?;
+    let next_cursor = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.chat_id.to_string()))
+        .flatten();
+    Ok(Json(ListResponse {
+        items: rows.iter().map(SandboxView::from).collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    ttl_seconds: Option<u64>,
+}
+
+pub async fn renew(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Option<Json<RenewRequest>>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let chat_id = parse_chat_id(&raw)?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let ttl = match req.ttl_seconds {
+        Some(t) => validate_ttl(t, MAX_TTL_SECONDS)?,
+        None => state.settings.sandbox.ttl_seconds,
+    };
+    let ttl = chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 1000));
+    let row = state
+        .store
+        .renew(chat_id, ttl, Utc::now())
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    state.wake.notify_one();
+    Ok(Json(SandboxView::from(&row)))
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Vec<StoredEvent>>, ApiError> {
+    let chat_id = parse_chat_id(&raw)?;
+    Ok(Json(state.store.events(chat_id, 100).await?))
+}

@@ -1,0 +1,105 @@
+//! Response bodies. The compatibility shapes match the old service field for field.
+
+use serde::Serialize;
+
+use crate::domain::{format_time, Endpoint, Phase};
+use crate::store::SandboxRow;
+
+/// `POST /api/v1/create` success body (old contract).
+#[derive(Debug, Serialize)]
+pub struct SessionResponse {
+    pub session_id: String,
+    pub chat_id: String,
+    pub agent_id: String,
+    pub volume_host_path: String,
+    pub container_id: String,
+    pub endpoint: Endpoint,
+    pub status: &'static str,
+    pub expires_at: String,
+}
+
+impl SessionResponse {
+    /// Only for rows in phase `running`, which always carry a container and endpoint.
+    pub fn from_running(row: &SandboxRow) -> Option<Self> {
+        Some(Self {
+            session_id: row.session_id.to_string(),
+            chat_id: row.chat_id.to_string(),
+            agent_id: row.agent_id.clone(),
+            volume_host_path: row.volume_host_path.clone(),
+            container_id: row.container_id.clone()?,
+            endpoint: Endpoint {
+                ip: row.endpoint_ip.clone()?,
+                port: row.endpoint_port?,
+            },
+            status: "running",
+            expires_at: format_time(row.expires_at),
+        })
+    }
+}
+
+/// `DELETE /api/v1/sandboxes/{chat_id}` body (old contract).
+#[derive(Debug, Serialize)]
+pub struct DeleteResponse {
+    pub chat_id: String,
+    pub result: &'static str,
+    pub session_id: Option<String>,
+    pub container_id: Option<String>,
+}
+
+/// The declarative view: desired spec and observed status together.
+#[derive(Debug, Serialize)]
+pub struct SandboxView {
+    pub chat_id: String,
+    pub session_id: String,
+    pub generation: i64,
+    pub agent_id: String,
+    pub volume_host_path: String,
+    pub phase: Phase,
+    pub container_id: Option<String>,
+    pub endpoint: Option<Endpoint>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: String,
+    pub deleted_at: Option<String>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub running_since: Option<String>,
+    pub spec_hash: String,
+    /// True when the observed status describes the current session.
+    pub converged: bool,
+}
+
+impl From<&SandboxRow> for SandboxView {
+    fn from(r: &SandboxRow) -> Self {
+        let endpoint = match (&r.endpoint_ip, r.endpoint_port) {
+            (Some(ip), Some(port)) => Some(Endpoint {
+                ip: ip.clone(),
+                port,
+            }),
+            _ => None,
+        };
+        Self {
+            chat_id: r.chat_id.to_string(),
+            session_id: r.session_id.to_string(),
+            generation: r.generation,
+            agent_id: r.agent_id.clone(),
+            volume_host_path: r.volume_host_path.clone(),
+            phase: r.phase,
+            container_id: r.container_id.clone(),
+            endpoint,
+            created_at: format_time(r.created_at),
+            updated_at: format_time(r.updated_at),
+            expires_at: format_time(r.expires_at),
+            deleted_at: r.deleted_at.map(format_time),
+            attempts: r.attempts,
+            last_error: r.last_error.clone(),
+            next_attempt_at: r.next_attempt_at.map(format_time),
+            running_since: r.running_since.map(format_time),
+            spec_hash: r.spec_hash.clone(),
+            converged: matches!(r.phase, Phase::Running | Phase::Expired)
+                && r.observed_generation == r.generation
+                || r.phase == Phase::Expired,
+        }
+    }
+}

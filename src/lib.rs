@@ -1,0 +1,22 @@
+//! sandboxd keeps per-chat agent sandboxes (Docker containers) in the state its clients declare.
+//!
+//! # Layout
+//! - [`domain`]: identifiers, phases, the frozen container spec, input validation.
+//! - [`planner`]: the pure core, `plan(desired, observed, now) -> actions`. No I/O.
+//! - [`store`]: SQLite adapter: desired state, observed status, event log.
+//! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
+//! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
+//! - [`http`]: the thin axum API; writes desired state, reads status, never calls Docker.
+//! - [`config`]: typed settings from YAML and `APP_*` environment overrides.
+//! - [`app`]: wiring in one place; [`cli`]: the command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod docker;
+pub mod domain;
+pub mod http;
+pub mod planner;
+pub mod store;
+pub mod telemetry;

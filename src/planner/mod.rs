@@ -1,0 +1,251 @@
+//! The pure heart of sandboxd: `plan(desired, observed, now)` decides every action.
+//!
+//! No I/O, no clocks, no randomness: given the rows in the store, the containers Docker reports
+//! for this instance and the time, it returns what to do and when to look again. Everything the
+//! controller does is one of these actions, so the decisions are all tested here.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ChatId, Phase, SessionId};
+
+/// What the store says one chat should be (and what was last recorded about it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub chat_id: ChatId,
+    pub session_id: SessionId,
+    pub spec_hash: String,
+    pub expires_at: DateTime<Utc>,
+    /// Deletion was requested: remove the containers, then the row (finalizer order).
+    pub deleted: bool,
+    pub phase: Phase,
+    pub container_id: Option<String>,
+    pub endpoint_ip: Option<String>,
+    /// Set after a failure: do not retry before this time.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// One container carrying this instance's labels, as Docker reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub container_id: String,
+    /// `None` when the labels cannot be parsed: such a container is an orphan.
+    pub chat_id: Option<ChatId>,
+    pub session_id: Option<SessionId>,
+    pub spec_hash: Option<String>,
+    pub running: bool,
+    /// The container's address on the sandbox network, if it has one.
+    pub ip: Option<String>,
+}
+
+/// Why containers are removed; decides what is recorded afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoveReason {
+    /// Labelled for this instance but no row wants it.
+    Orphan,
+    /// Superseded, drifted or duplicate containers of a chat that is otherwise converged.
+    Stale,
+    /// The session's TTL passed: record phase `expired`, keep the row.
+    Expire { session_id: SessionId },
+    /// Deletion was requested: delete the row once its containers are gone.
+    Finalize { session_id: SessionId },
+}
+
+/// The unit of mutual exclusion: never two actions for one key at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Chat(ChatId),
+    /// An unparsable orphan has no chat; its container id stands in.
+    Container(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Remove `stale`, then create and start a container for the session.
+    Start {
+        chat_id: ChatId,
+        session_id: SessionId,
+        stale: Vec<String>,
+    },
+    /// A healthy container for the session exists (e.g. after a restart): record it, never
+    /// restart it; remove `stale`.
+    Adopt {
+        chat_id: ChatId,
+        session_id: SessionId,
+        container_id: String,
+        ip: String,
+        stale: Vec<String>,
+    },
+    Remove {
+        key: Key,
+        containers: Vec<String>,
+        reason: RemoveReason,
+    },
+}
+
+impl Action {
+    pub fn key(&self) -> Key {
+        match self {
+            Action::Start { chat_id, .. } | Action::Adopt { chat_id, .. } => Key::Chat(*chat_id),
+            Action::Remove { key, .. } => key.clone(),
+        }
+    }
+
+    /// A short name for logs, events and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Start { .. } => "start",
+            Action::Adopt { .. } => "adopt",
+            Action::Remove { reason, .. } => match reason {
+                RemoveReason::Orphan => "remove_orphan",
+                RemoveReason::Stale => "remove_stale",
+                RemoveReason::Expire { .. } => "expire",
+                RemoveReason::Finalize { .. } => "finalize",
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// The earliest future time at which the plan would change on its own (an expiry or a
+    /// backoff deadline); the controller wakes then even if nothing else happens.
+    pub next_wake: Option<DateTime<Utc>>,
+}
+
+/// Decides what to do. Actions come out ordered by key, at most one per key.
+pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> Plan {
+    let mut by_chat: BTreeMap<ChatId, Vec<&Observed>> = BTreeMap::new();
+    let mut unparsable: Vec<&Observed> = Vec::new();
+    for c in observed {
+        match c.chat_id {
+            Some(chat) => by_chat.entry(chat).or_default().push(c),
+            None => unparsable.push(c),
+        }
+    }
+    for list in by_chat.values_mut() {
+        list.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    }
+
+    let mut out = Plan::default();
+    let wake = |t: DateTime<Utc>, out: &mut Plan| {
+        if t > now && out.next_wake.is_none_or(|w| t < w) {
+            out.next_wake = Some(t);
+        }
+    };
+
+    let mut rows: Vec<&Desired> = desired.iter().collect();
+    rows.sort_by_key(|d| d.chat_id);
+    for row in rows {
+        let containers = by_chat.remove(&row.chat_id).unwrap_or_default();
+        let ids = |cs: &[&Observed]| cs.iter().map(|c| c.container_id.clone()).collect();
+
+        if row.deleted {
+            out.actions.push(Action::Remove {
+                key: Key::Chat(row.chat_id),
+                containers: ids(&containers),
+                reason: RemoveReason::Finalize {
+                    session_id: row.session_id,
+                },
+            });
+            continue;
+        }
+
+        if now >= row.expires_at {
+            if !containers.is_empty() || row.phase != Phase::Expired {
+                out.actions.push(Action::Remove {
+                    key: Key::Chat(row.chat_id),
+                    containers: ids(&containers),
+                    reason: RemoveReason::Expire {
+                        session_id: row.session_id,
+                    },
+                });
+            }
+            continue;
+        }
+        wake(row.expires_at, &mut out);
+
+        let healthy = |c: &Observed| {
+            c.running
+                && c.session_id == Some(row.session_id)
+                && c.spec_hash.as_deref() == Some(row.spec_hash.as_str())
+                && c.ip.is_some()
+        };
+        // Prefer the container the row already points at; otherwise the lowest id.
+        let keep = containers
+            .iter()
+            .filter(|c| healthy(c))
+            .find(|c| row.container_id.as_deref() == Some(c.container_id.as_str()))
+            .or_else(|| containers.iter().find(|c| healthy(c)))
+            .copied();
+        let stale: Vec<String> = containers
+            .iter()
+            .filter(|c| keep.is_none_or(|k| k.container_id != c.container_id))
+            .map(|c| c.container_id.clone())
+            .collect();
+
+        match keep {
+            Some(k) => {
+                let ip = k.ip.clone().unwrap_or_default();
+                let recorded = row.phase == Phase::Running
+                    && row.container_id.as_deref() == Some(k.container_id.as_str())
+                    && row.endpoint_ip.as_deref() == Some(ip.as_str());
+                if !recorded {
+                    out.actions.push(Action::Adopt {
+                        chat_id: row.chat_id,
+                        session_id: row.session_id,
+                        container_id: k.container_id.clone(),
+                        ip,
+                        stale,
+                    });
+                } else if !stale.is_empty() {
+                    out.actions.push(Action::Remove {
+                        key: Key::Chat(row.chat_id),
+                        containers: stale,
+                        reason: RemoveReason::Stale,
+                    });
+                }
+            }
+            None => match row.next_attempt_at {
+                Some(t) if t > now => {
+                    wake(t, &mut out);
+                    if !stale.is_empty() {
+                        out.actions.push(Action::Remove {
+                            key: Key::Chat(row.chat_id),
+                            containers: stale,
+                            reason: RemoveReason::Stale,
+                        });
+                    }
+                }
+                _ => out.actions.push(Action::Start {
+                    chat_id: row.chat_id,
+                    session_id: row.session_id,
+                    stale,
+                }),
+            },
+        }
+    }
+
+    // Whatever is left has no row: orphans.
+    for (chat, containers) in by_chat {
+        out.actions.push(Action::Remove {
+            key: Key::Chat(chat),
+            containers: containers.iter().map(|c| c.container_id.clone()).collect(),
+            reason: RemoveReason::Orphan,
+        });
+    }
+    for c in unparsable {
+        out.actions.push(Action::Remove {
+            key: Key::Container(c.container_id.clone()),
+            containers: vec![c.container_id.clone()],
+            reason: RemoveReason::Orphan,
+        });
+    }
+    out.actions.sort_by_key(Action::key);
+    out
+}
+
+#[cfg(test)]
+mod tests;

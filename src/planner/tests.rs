@@ -1,0 +1,370 @@
+use super::*;
+use chrono::Duration;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn chat(n: u8) -> ChatId {
+    ChatId(Uuid::from_bytes([n; 16]))
+}
+
+fn session(n: u8) -> SessionId {
+    SessionId(Uuid::from_bytes([n.wrapping_add(100); 16]))
+}
+
+fn row(n: u8) -> Desired {
+    Desired {
+        chat_id: chat(n),
+        session_id: session(n),
+        spec_hash: "h".into(),
+        expires_at: t0() + Duration::seconds(300),
+        deleted: false,
+        phase: Phase::Pending,
+        container_id: None,
+        endpoint_ip: None,
+        next_attempt_at: None,
+    }
+}
+
+fn running_row(n: u8) -> Desired {
+    Desired {
+        phase: Phase::Running,
+        container_id: Some(format!("c{n}")),
+        endpoint_ip: Some(format!("10.0.0.{n}")),
+        ..row(n)
+    }
+}
+
+fn container(n: u8) -> Observed {
+    Observed {
+        container_id: format!("c{n}"),
+        chat_id: Some(chat(n)),
+        session_id: Some(session(n)),
+        spec_hash: Some("h".into()),
+        running: true,
+        ip: Some(format!("10.0.0.{n}")),
+    }
+}
+
+#[test]
+fn converged_world_needs_nothing_and_wakes_at_expiry() {
+    let p = plan(&[running_row(1)], &[container(1)], t0());
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.next_wake, Some(t0() + Duration::seconds(300)));
+}
+
+#[test]
+fn missing_container_is_started() {
+    let p = plan(&[row(1)], &[], t0());
+    assert_eq!(
+        p.actions,
+        vec![Action::Start {
+            chat_id: chat(1),
+            session_id: session(1),
+            stale: vec![]
+        }]
+    );
+    // A running row whose container vanished is recreated for the same session.
+    let p = plan(&[running_row(1)], &[], t0());
+    assert!(
+        matches!(&p.actions[..], [Action::Start { session_id, .. }] if *session_id == session(1))
+    );
+}
+
+#[test]
+fn healthy_container_after_restart_is_adopted_not_restarted() {
+    let p = plan(&[row(1)], &[container(1)], t0());
+    assert_eq!(
+        p.actions,
+        vec![Action::Adopt {
+            chat_id: chat(1),
+            session_id: session(1),
+            container_id: "c1".into(),
+            ip: "10.0.0.1".into(),
+            stale: vec![]
+        }]
+    );
+}
+
+#[test]
+fn dead_or_drifted_container_is_replaced() {
+    let dead = Observed {
+        running: false,
+        ..container(1)
+    };
+    let p = plan(&[running_row(1)], &[dead], t0());
+    assert!(
+        matches!(&p.actions[..], [Action::Start { stale, .. }] if stale == &vec!["c1".to_string()])
+    );
+
+    let drifted = Observed {
+        spec_hash: Some("other".into()),
+        ..container(1)
+    };
+    let p = plan(&[running_row(1)], &[drifted], t0());
+    assert!(
+        matches!(&p.actions[..], [Action::Start { stale, .. }] if stale == &vec!["c1".to_string()])
+    );
+
+    let old_session = Observed {
+        session_id: Some(session(9)),
+        ..container(1)
+    };
+    let p = plan(&[running_row(1)], &[old_session], t0());
+    assert!(matches!(&p.actions[..], [Action::Start { stale, .. }] if stale.len() == 1));
+}
+
+#[test]
+fn duplicates_keep_the_recorded_one() {
+    let dup = Observed {
+        container_id: "c0".into(),
+        ..container(1)
+    };
+    let p = plan(&[running_row(1)], &[container(1), dup], t0());
+    assert_eq!(
+        p.actions,
+        vec![Action::Remove {
+            key: Key::Chat(chat(1)),
+            containers: vec!["c0".into()],
+            reason: RemoveReason::Stale
+        }]
+    );
+}
+
+#[test]
+fn expired_sessions_are_removed_and_recorded_once() {
+    let mut r = running_row(1);
+    r.expires_at = t0();
+    let p = plan(&[r.clone()], &[container(1)], t0());
+    assert_eq!(
+        p.actions,
+        vec![Action::Remove {
+            key: Key::Chat(chat(1)),
+            containers: vec!["c1".into()],
+            reason: RemoveReason::Expire {
+                session_id: session(1)
+            }
+        }]
+    );
+    r.phase = Phase::Expired;
+    assert!(plan(&[r], &[], t0()).actions.is_empty());
+}
+
+#[test]
+fn deleted_rows_are_finalized_even_without_containers() {
+    let mut r = running_row(1);
+    r.deleted = true;
+    let p = plan(&[r.clone()], &[container(1)], t0());
+    assert!(
+        matches!(&p.actions[..], [Action::Remove { containers, reason: RemoveReason::Finalize { .. }, .. }] if containers.len() == 1)
+    );
+    let p = plan(&[r], &[], t0());
+    assert!(
+        matches!(&p.actions[..], [Action::Remove { containers, reason: RemoveReason::Finalize { .. }, .. }] if containers.is_empty())
+    );
+}
+
+#[test]
+fn orphans_are_removed_including_unparsable_ones() {
+    let garbage = Observed {
+        chat_id: None,
+        session_id: None,
+        ..container(7)
+    };
+    let p = plan(&[], &[container(2), garbage], t0());
+    assert_eq!(p.actions.len(), 2);
+    assert!(p.actions.iter().all(|a| matches!(
+        a,
+        Action::Remove {
+            reason: RemoveReason::Orphan,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn backoff_is_respected_and_woken_for() {
+    let mut r = row(1);
+    r.phase = Phase::Failed;
+    r.next_attempt_at = Some(t0() + Duration::seconds(5));
+    let p = plan(&[r.clone()], &[], t0());
+    assert!(p.actions.is_empty());
+    assert_eq!(p.next_wake, Some(t0() + Duration::seconds(5)));
+    let p = plan(&[r], &[], t0() + Duration::seconds(5));
+    assert!(matches!(&p.actions[..], [Action::Start { .. }]));
+}
+
+// ---- property tests: a simulated world -------------------------------------------------
+
+/// Applies a plan as if every action succeeded.
+fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, next_id: &mut u32) {
+    for a in &p.actions {
+        match a {
+            Action::Start {
+                chat_id,
+                session_id,
+                stale,
+            } => {
+                observed.retain(|c| !stale.contains(&c.container_id));
+                let row = desired.iter_mut().find(|d| d.chat_id == *chat_id).unwrap();
+                *next_id += 1;
+                let id = format!("new{next_id}");
+                let ip = format!("10.1.0.{next_id}");
+                observed.push(Observed {
+                    container_id: id.clone(),
+                    chat_id: Some(*chat_id),
+                    session_id: Some(*session_id),
+                    spec_hash: Some(row.spec_hash.clone()),
+                    running: true,
+                    ip: Some(ip.clone()),
+                });
+                row.phase = Phase::Running;
+                row.container_id = Some(id);
+                row.endpoint_ip = Some(ip);
+                row.next_attempt_at = None;
+            }
+            Action::Adopt {
+                chat_id,
+                container_id,
+                ip,
+                stale,
+                ..
+            } => {
+                observed.retain(|c| !stale.contains(&c.container_id));
+                let row = desired.iter_mut().find(|d| d.chat_id == *chat_id).unwrap();
+                row.phase = Phase::Running;
+                row.container_id = Some(container_id.clone());
+                row.endpoint_ip = Some(ip.clone());
+            }
+            Action::Remove {
+                key,
+                containers,
+                reason,
+            } => {
+                observed.retain(|c| !containers.contains(&c.container_id));
+                if let Key::Chat(chat_id) = key {
+                    match reason {
+                        RemoveReason::Expire { .. } => {
+                            if let Some(r) = desired.iter_mut().find(|d| d.chat_id == *chat_id) {
+                                r.phase = Phase::Expired;
+                            }
+                        }
+                        RemoveReason::Finalize { .. } => desired.retain(|d| d.chat_id != *chat_id),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
+    let rows = prop::collection::vec(
+        (
+            0u8..12,
+            any::<bool>(),
+            0i64..3,
+            prop::sample::select(Phase::ALL.to_vec()),
+            any::<bool>(),
+            0i64..3,
+        ),
+        0..10,
+    )
+    .prop_map(|v| {
+        let mut seen = std::collections::HashSet::new();
+        v.into_iter()
+            .filter(|(n, ..)| seen.insert(*n))
+            .map(|(n, deleted, exp, phase, has_c, backoff)| Desired {
+                deleted,
+                expires_at: t0() + Duration::seconds(exp * 100 - 50),
+                phase,
+                container_id: has_c.then(|| format!("c{n}")),
+                endpoint_ip: has_c.then(|| format!("10.0.0.{n}")),
+                next_attempt_at: (backoff > 0).then(|| t0() + Duration::seconds(backoff * 10 - 15)),
+                ..row(n)
+            })
+            .collect::<Vec<_>>()
+    });
+    let containers = prop::collection::vec(
+        (
+            0u8..12,
+            0u8..3,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u8..4,
+        ),
+        0..14,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(
+                |(i, (n, sess, hash_ok, running, has_ip, parsable, suffix))| Observed {
+                    container_id: if suffix == 0 {
+                        format!("c{n}")
+                    } else {
+                        format!("x{i}")
+                    },
+                    chat_id: parsable.then(|| chat(n)),
+                    session_id: Some(if sess == 0 {
+                        session(n)
+                    } else {
+                        session(n.wrapping_add(sess * 20))
+                    }),
+                    spec_hash: Some(if hash_ok { "h".into() } else { "old".into() }),
+                    running,
+                    ip: has_ip.then(|| format!("10.0.0.{n}")),
+                },
+            )
+            .collect::<Vec<_>>()
+    });
+    (rows, containers).prop_map(|(r, mut c)| {
+        let mut seen = std::collections::HashSet::new();
+        c.retain(|o| seen.insert(o.container_id.clone()));
+        (r, c)
+    })
+}
+
+proptest! {
+    #[test]
+    fn plan_apply_plan_is_a_fixed_point((mut desired, mut observed) in arb_world()) {
+        let now = t0();
+        let first = plan(&desired, &observed, now);
+        let mut next_id = 0;
+        apply(&mut desired, &mut observed, &first, &mut next_id);
+        let second = plan(&desired, &observed, now);
+        prop_assert!(second.actions.is_empty(), "second plan: {:?}", second.actions);
+    }
+
+    #[test]
+    fn at_most_one_action_per_key_and_no_container_in_two((desired, observed) in arb_world()) {
+        let p = plan(&desired, &observed, t0());
+        let mut keys = std::collections::HashSet::new();
+        let mut touched = std::collections::HashSet::new();
+        for a in &p.actions {
+            prop_assert!(keys.insert(a.key()));
+            let ids: Vec<&String> = match a {
+                Action::Start { stale, .. } => stale.iter().collect(),
+                Action::Adopt { stale, container_id, .. } => stale.iter().chain([container_id]).collect(),
+                Action::Remove { containers, .. } => containers.iter().collect(),
+            };
+            for id in ids {
+                prop_assert!(touched.insert(id.clone()), "container {id} in two actions");
+            }
+        }
+    }
+
+    #[test]
+    fn converged_world_yields_nothing(n in 0usize..12) {
+        let rows: Vec<Desired> = (0..n as u8).map(running_row).collect();
+        let cs: Vec<Observed> = (0..n as u8).map(container).collect();
+        prop_assert!(plan(&rows, &cs, t0()).actions.is_empty());
+    }
+}

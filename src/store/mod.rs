@@ -1,0 +1,638 @@
+//! SQLite adapter: desired state, observed status and the event log.
+//!
+//! Every read-modify-write runs in a `BEGIN IMMEDIATE` transaction, so concurrent requests for
+//! one chat serialise on the write lock instead of racing. Controller status writes are
+//! conditional on the session they are about, so a stale action can never overwrite a newer
+//! session. Every commit bumps a watch channel that waiting requests listen on.
+
+mod row;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::watch;
+
+use crate::domain::{format_time, ChatId, Phase, SessionId};
+
+pub use row::{SandboxRow, StoredEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot create database directory {path}: {source}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt row for chat {chat_id}: {message}")]
+    Corrupt { chat_id: String, message: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What a new session of a chat is made of; the spec is resolved by the caller.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub chat_id: ChatId,
+    pub agent_id: String,
+    pub volume_host_path: String,
+    pub spec_json: String,
+    pub spec_hash: String,
+    pub ttl: chrono::Duration,
+}
+
+/// The outcome of `POST /api/v1/create` semantics on the store.
+#[derive(Debug)]
+pub enum CreateOutcome {
+    /// A live session with the same agent and volume exists.
+    Reused(SandboxRow),
+    /// A new session was written (first one, or the previous one expired or was deleted).
+    Created(SandboxRow),
+    /// A live session with a different agent or volume exists; nothing was written.
+    Conflict(SandboxRow),
+}
+
+/// The outcome of declarative apply (`PUT`).
+#[derive(Debug)]
+pub enum ApplyOutcome {
+    Unchanged(SandboxRow),
+    /// A new session replaced a live one whose spec differed.
+    Replaced(SandboxRow),
+    Created(SandboxRow),
+}
+
+/// A container observed running for a session, with its endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct RunningContainer<'a> {
+    pub container_id: &'a str,
+    pub ip: &'a str,
+    pub port: u16,
+}
+
+/// Filters for listing.
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub phase: Option<Phase>,
+    pub agent_id: Option<String>,
+    /// Return rows with `chat_id` strictly greater (keyset pagination).
+    pub after: Option<ChatId>,
+    pub limit: u32,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    changes: watch::Sender<u64>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file with WAL and a busy timeout.
+    pub async fn open(path: &Path, busy_timeout: Duration, max_connections: u32) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            changes: watch::channel(0).0,
+        })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A receiver that changes after every committed write.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Cheap liveness probe of the database (a read).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, chat_id: ChatId) -> Result<Option<SandboxRow>> {
+        Ok(sqlx::query_as(row::SELECT_ONE)
+            .bind(chat_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Every row, for the controller's pass.
+    pub async fn all(&self) -> Result<Vec<SandboxRow>> {
+        Ok(sqlx::query_as(row::SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SandboxRow>> {
+        Ok(sqlx::query_as(row::SELECT_FILTERED)
+            .bind(filter.phase.map(Phase::as_str))
+            .bind(filter.agent_id.as_deref())
+            .bind(filter.after.map(|c| c.to_string()).unwrap_or_default())
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn events(&self, chat_id: ChatId, limit: u32) -> Result<Vec<StoredEvent>> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
+             FROM sandbox_events WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(chat_id.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The old `create` contract: reuse a live matching session, refuse a live different one,
+    /// otherwise start a new session. One transaction; nothing is written on conflict.
+    pub async fn create_or_reuse(
+        &self,
+        new: &NewSession,
+        now: DateTime<Utc>,
+    ) -> Result<CreateOutcome> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
+            .bind(new.chat_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
+            let outcome =
+                if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
+                    CreateOutcome::Reused(cur.clone())
+                } else {
+                    CreateOutcome::Conflict(cur.clone())
+                };
+            tx.rollback().await?;
+            return Ok(outcome);
+        }
+        let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(CreateOutcome::Created(row))
+    }
+
+    /// Declarative apply: an identical live spec is left alone, anything else gets a new
+    /// session (as Kubernetes apply replaces a pod whose template changed).
+    pub async fn apply(&self, new: &NewSession, now: DateTime<Utc>) -> Result<ApplyOutcome> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
+            .bind(new.chat_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
+            if cur.agent_id == new.agent_id
+                && cur.volume_host_path == new.volume_host_path
+                && cur.spec_hash == new.spec_hash
+            {
+                let cur = cur.clone();
+                tx.rollback().await?;
+                return Ok(ApplyOutcome::Unchanged(cur));
+            }
+        }
+        let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
+        let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(if replaced {
+            ApplyOutcome::Replaced(row)
+        } else {
+            ApplyOutcome::Created(row)
+        })
+    }
+
+    /// Marks a chat for deletion. Returns the row as it was (or `None` if there was none).
+    pub async fn request_delete(
+        &self,
+        chat_id: ChatId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SandboxRow>> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
+            .bind(chat_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(cur) = current else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        if cur.deleted_at.is_none() {
+            let at = format_time(now);
+            sqlx::query(
+                "UPDATE sandboxes SET deleted_at = ?2, updated_at = ?2, phase = 'deleting' \
+                 WHERE chat_id = ?1",
+            )
+            .bind(chat_id.to_string())
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?;
+            insert_event(
+                &mut tx,
+                &at,
+                &cur.chat_id.to_string(),
+                Some(&cur.session_id.to_string()),
+                cur.container_id.as_deref(),
+                "delete_requested",
+                "ok",
+                None,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.changed();
+        Ok(Some(cur))
+    }
+
+    /// Extends a live session's TTL. `None` when there is no live session.
+    pub async fn renew(
+        &self,
+        chat_id: ChatId,
+        ttl: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SandboxRow>> {
+        let mut tx = self.begin_write().await?;
+        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
+            .bind(chat_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(cur) = current.filter(|c| c.is_live(now)) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let at = format_time(now);
+        sqlx::query("UPDATE sandboxes SET expires_at = ?2, updated_at = ?3 WHERE chat_id = ?1")
+            .bind(chat_id.to_string())
+            .bind(format_time(now + ttl))
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(
+            &mut tx,
+            &at,
+            &cur.chat_id.to_string(),
+            Some(&cur.session_id.to_string()),
+            cur.container_id.as_deref(),
+            "renew",
+            "ok",
+            None,
+        )
+        .await?;
+        let row: SandboxRow = sqlx::query_as(row::SELECT_ONE)
+            .bind(chat_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(Some(row))
+    }
+
+    /// A client asked again for a session whose last start failed: make it due now, so the
+    /// controller retries at once instead of at `next_attempt_at`.
+    pub async fn retry_now(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE sandboxes SET phase = 'pending', next_attempt_at = NULL, updated_at = ?3 \
+             WHERE chat_id = ?1 AND session_id = ?2 AND phase = 'failed' AND deleted_at IS NULL",
+        )
+        .bind(chat_id.to_string())
+        .bind(session_id.to_string())
+        .bind(format_time(now))
+        .execute(&self.pool)
+        .await?;
+        self.changed();
+        Ok(())
+    }
+
+    // ---- controller writes: all conditional on the session they are about ------------------
+
+    /// Records a running container for the session. Returns false if the session changed.
+    pub async fn record_running(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        running: &RunningContainer<'_>,
+        action: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let RunningContainer {
+            container_id,
+            ip,
+            port,
+        } = *running;
+        let mut tx = self.begin_write().await?;
+        let at = format_time(now);
+        let done = sqlx::query(
+            "UPDATE sandboxes SET phase = 'running', container_id = ?3, endpoint_ip = ?4, \
+             endpoint_port = ?5, observed_generation = generation, attempts = 0, \
+             last_error = NULL, next_attempt_at = NULL, running_since = ?6, updated_at = ?6 \
+             WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+        )
+        .bind(chat_id.to_string())
+        .bind(session_id.to_string())
+        .bind(container_id)
+        .bind(ip)
+        .bind(i64::from(port))
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let outcome = if done { "ok" } else { "superseded" };
+        insert_event(
+            &mut tx,
+            &at,
+            &chat_id.to_string(),
+            Some(&session_id.to_string()),
+            Some(container_id),
+            action,
+            outcome,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(done)
+    }
+
+    /// Records a failed attempt; returns the attempt count, or `None` if the session changed.
+    pub async fn record_failure(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        action: &str,
+        error: &str,
+        backoff: impl FnOnce(u32) -> Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<u32>> {
+        let mut tx = self.begin_write().await?;
+        let attempts: Option<i64> = sqlx::query_scalar(
+            "SELECT attempts FROM sandboxes WHERE chat_id = ?1 AND session_id = ?2 \
+             AND deleted_at IS NULL",
+        )
+        .bind(chat_id.to_string())
+        .bind(session_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let at = format_time(now);
+        let result = match attempts {
+            Some(previous) => {
+                let attempts = u32::try_from(previous).unwrap_or(0).saturating_add(1);
+                let delay = chrono::Duration::from_std(backoff(attempts))
+                    .unwrap_or(chrono::Duration::seconds(60));
+                sqlx::query(
+                    "UPDATE sandboxes SET phase = 'failed', attempts = ?3, last_error = ?4, \
+                     next_attempt_at = ?5, container_id = NULL, endpoint_ip = NULL, \
+                     endpoint_port = NULL, running_since = NULL, updated_at = ?6 \
+                     WHERE chat_id = ?1 AND session_id = ?2",
+                )
+                .bind(chat_id.to_string())
+                .bind(session_id.to_string())
+                .bind(i64::from(attempts))
+                .bind(error)
+                .bind(format_time(now + delay))
+                .bind(&at)
+                .execute(&mut *tx)
+                .await?;
+                Some(attempts)
+            }
+            None => None,
+        };
+        insert_event(
+            &mut tx,
+            &at,
+            &chat_id.to_string(),
+            Some(&session_id.to_string()),
+            None,
+            action,
+            "error",
+            Some(error),
+        )
+        .await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(result)
+    }
+
+    /// Records that the session expired and its containers are gone.
+    pub async fn record_expired(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        removed: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let at = format_time(now);
+        let done = sqlx::query(
+            "UPDATE sandboxes SET phase = 'expired', container_id = NULL, endpoint_ip = NULL, \
+             endpoint_port = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
+             WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+        )
+        .bind(chat_id.to_string())
+        .bind(session_id.to_string())
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let outcome = if done { "ok" } else { "superseded" };
+        insert_event(
+            &mut tx,
+            &at,
+            &chat_id.to_string(),
+            Some(&session_id.to_string()),
+            removed.first().map(String::as_str),
+            "expire",
+            outcome,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(())
+    }
+
+    /// Deletes a row whose deletion was requested, once its containers are gone.
+    pub async fn purge(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        removed: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "DELETE FROM sandboxes WHERE chat_id = ?1 AND session_id = ?2 \
+             AND deleted_at IS NOT NULL",
+        )
+        .bind(chat_id.to_string())
+        .bind(session_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let outcome = if done { "ok" } else { "superseded" };
+        insert_event(
+            &mut tx,
+            &format_time(now),
+            &chat_id.to_string(),
+            Some(&session_id.to_string()),
+            removed.first().map(String::as_str),
+            "purge",
+            outcome,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        self.changed();
+        Ok(done)
+    }
+
+    /// Appends an event outside any status change (orphan removals, pass errors).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn event(
+        &self,
+        chat_id: &str,
+        session_id: Option<&str>,
+        container_id: Option<&str>,
+        action: &str,
+        outcome: &str,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        insert_event(
+            &mut tx,
+            &format_time(now),
+            chat_id,
+            session_id,
+            container_id,
+            action,
+            outcome,
+            error,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Writes a brand-new session over whatever the chat had (an expired or deleted session).
+async fn write_new_session(
+    tx: &mut Transaction<'static, Sqlite>,
+    new: &NewSession,
+    previous: Option<&SandboxRow>,
+    now: DateTime<Utc>,
+) -> Result<SandboxRow> {
+    let session_id = SessionId::new_random();
+    let generation = previous.map_or(1, |p| p.generation + 1);
+    let at = format_time(now);
+    sqlx::query(
+        "INSERT INTO sandboxes (chat_id, session_id, generation, agent_id, volume_host_path, \
+           spec_json, spec_hash, created_at, updated_at, expires_at, deleted_at, phase, \
+           container_id, endpoint_ip, endpoint_port, attempts, last_error, next_attempt_at, \
+           running_since) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, NULL, 'pending', NULL, NULL, NULL, 0, \
+           NULL, NULL, NULL) \
+         ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, \
+           generation = excluded.generation, agent_id = excluded.agent_id, \
+           volume_host_path = excluded.volume_host_path, spec_json = excluded.spec_json, \
+           spec_hash = excluded.spec_hash, created_at = excluded.created_at, \
+           updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
+           deleted_at = NULL, phase = 'pending', container_id = NULL, endpoint_ip = NULL, \
+           endpoint_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
+           running_since = NULL",
+    )
+    .bind(new.chat_id.to_string())
+    .bind(session_id.to_string())
+    .bind(generation)
+    .bind(&new.agent_id)
+    .bind(&new.volume_host_path)
+    .bind(&new.spec_json)
+    .bind(&new.spec_hash)
+    .bind(&at)
+    .bind(format_time(now + new.ttl))
+    .execute(&mut **tx)
+    .await?;
+    insert_event(
+        tx,
+        &at,
+        &new.chat_id.to_string(),
+        Some(&session_id.to_string()),
+        None,
+        "session_created",
+        "ok",
+        None,
+    )
+    .await?;
+    Ok(sqlx::query_as(row::SELECT_ONE)
+        .bind(new.chat_id.to_string())
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    at: &str,
+    chat_id: &str,
+    session_id: Option<&str>,
+    container_id: Option<&str>,
+    action: &str,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sandbox_events (at, chat_id, session_id, container_id, action, outcome, error) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(at)
+    .bind(chat_id)
+    .bind(session_id)
+    .bind(container_id)
+    .bind(action)
+    .bind(outcome)
+    .bind(error)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
