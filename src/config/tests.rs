@@ -118,3 +118,23 @@ fn masked_yaml_hides_secrets() {
     assert!(!out.contains("hunter2") && out.contains("***"), "{out}");
     assert!(!format!("{:?}", s.security).contains("hunter2"));
 }
+
+#[test]
+fn the_shipped_config_is_exactly_the_embedded_defaults() {
+    let text = include_str!("../../config/sandboxd.yaml");
+    let shipped = load(text, &[]).unwrap();
+    let defaults = load("", &[]).unwrap();
+    assert_eq!(shipped.to_masked_yaml(), defaults.to_masked_yaml());
+}
+
+#[test]
+fn every_env_override_names_a_real_key() {
+    let defaults = serde_norway::to_value(Settings::default()).unwrap();
+    for (var, key) in ENV_OVERRIDES {
+        let (section, field) = key.split_once('.').unwrap();
+        assert!(
+            defaults[section].get(field).is_some(),
+            "{var} points at unknown key {key}"
+        );
+    }
+}

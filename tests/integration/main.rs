@@ -1,0 +1,7 @@
+//! Integration tests against the real Docker engine (scripts/test.sh provides it).
+
+mod api;
+mod concurrency;
+mod lifecycle;
+mod restart;
+mod support;

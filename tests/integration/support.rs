@@ -1,0 +1,364 @@
+//! Test harness: each test gets its own sandboxd (in-process on 127.0.0.1:0, or the built
+//! binary), its own temp dir and database, and its own `controller.instance` label, so tests run
+//! in parallel against the one real engine without touching each other. All tests share the
+//! `sandboxd-test` network (created by scripts/provision.sh), never one network per test.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bollard::models::{ContainerInspectResponse, ContainerSummary};
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptionsBuilder};
+use bollard::Docker;
+use reqwest::StatusCode;
+use sandboxd::app::Application;
+use sandboxd::config::{PullPolicy, Settings};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+pub const TEST_NETWORK: &str = "sandboxd-test";
+pub const TEST_IMAGE: &str = "sandboxd/agent-busybox:latest";
+
+pub fn unique_instance() -> String {
+    format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn new_chat() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub async fn docker() -> Docker {
+    Docker::connect_with_unix_defaults()
+        .expect("docker socket")
+        .negotiate_version()
+        .await
+        .expect("a Docker engine must answer (scripts/test.sh starts one)")
+}
+
+/// Test settings: temp paths, the shared network, the local image, pull policy `never`.
+pub fn test_settings(dir: &Path, instance: &str) -> Settings {
+    let mut s = Settings::default();
+    s.http.port = 0;
+    s.docker.pull_policy = PullPolicy::Never;
+    s.sandbox.image = TEST_IMAGE.into();
+    s.sandbox.network_name = TEST_NETWORK.into();
+    s.sandbox.chats_root = dir.join("chats");
+    s.sandbox.dependencies_host_path = dir.join("deps");
+    s.sandbox.lambda_tools_host_path = dir.join("tools");
+    s.sandbox.cleanup_interval_seconds = 2;
+    s.sandbox.env.insert("EXTRA_ONE".into(), "1".into());
+    s.sandbox.env.insert("EXTRA_TWO".into(), "two words".into());
+    s.database.path = dir.join("sandboxd.db");
+    s.controller.instance = instance.into();
+    s.controller.backoff_initial_ms = 200;
+    s.controller.backoff_max_seconds = 2;
+    s
+}
+
+/// Removes every container of an instance, also when a test panicked.
+pub struct InstanceGuard(pub String);
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        let filter = format!("label=sandboxd.instance={}", self.0);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .arg("rm")
+                    .arg("-f")
+                    .args(&ids)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub docker: Docker,
+    pub dir: TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    // Last field: dropped after everything else.
+    pub guard: InstanceGuard,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = unique_instance();
+        let mut settings = test_settings(dir.path(), &instance);
+        tweak(&mut settings);
+        Self::start(dir, settings).await
+    }
+
+    /// Starts (or restarts) an in-process sandboxd over `dir` with `settings`.
+    pub async fn start(dir: TempDir, settings: Settings) -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            sandboxd::telemetry::init(&settings.logging);
+        }
+        let app = Application::build(settings.clone())
+            .await
+            .expect("build app");
+        let addr = app.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        let guard = InstanceGuard(settings.controller.instance.clone());
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            settings,
+            docker: docker().await,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+            guard,
+        }
+    }
+
+    /// Graceful stop; returns the temp dir so a test can start again over the same database.
+    pub async fn stop(mut self) -> (TempDir, Settings, InstanceGuard) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let guard = std::mem::replace(&mut self.guard, InstanceGuard(String::new()));
+        (dir, self.settings.clone(), guard)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.settings.controller.instance
+    }
+
+    /// A host directory to use as `volume_host_path`.
+    pub fn volume(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("volumes").join(name);
+        std::fs::create_dir_all(&p).expect("volume dir");
+        std::fs::canonicalize(p).expect("canonical volume")
+    }
+
+    pub async fn create(&self, chat: &str, agent: &str, volume: &Path) -> (StatusCode, Value) {
+        let body = json!({"chat_id": chat, "agent_id": agent, "volume_host_path": volume});
+        self.post_json("/api/v1/create", &body).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
+    pub async fn delete(&self, chat: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .delete(self.url(&format!("/api/v1/sandboxes/{chat}")))
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
+    /// All containers (any state) labelled for this test's instance.
+    pub async fn containers(&self) -> Vec<ContainerSummary> {
+        containers_of(&self.docker, self.instance()).await
+    }
+
+    pub async fn inspect(&self, id: &str) -> ContainerInspectResponse {
+        self.docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .expect("inspect")
+    }
+
+    /// Opens the test's database read-only through sqlx, as an operator would with sqlite3.
+    pub async fn db_scalar(&self, sql: &'static str) -> i64 {
+        db_scalar(&self.settings.database.path, sql).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub async fn db_scalar(path: &Path, sql: &'static str) -> i64 {
+    use sqlx::ConnectOptions;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open db");
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("query")
+}
+
+pub async fn containers_of(docker: &Docker, instance: &str) -> Vec<ContainerSummary> {
+    let filters = HashMap::from([("label", vec![format!("sandboxd.instance={instance}")])]);
+    docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .expect("list containers")
+}
+
+async fn read(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes. Never a fixed sleep.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Opens a TCP connection and sends a GET; true when the agent answers HTTP.
+pub async fn agent_answers(ip: &str, port: u64) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(format!("{ip}:{port}")),
+    )
+    .await
+    else {
+        return false;
+    };
+    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).starts_with("HTTP/1.")
+}
+
+/// The built `sandboxd` binary, started with a YAML config, killable with SIGKILL.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub async fn start(config: &Path, port: u16) -> Self {
+        let log = std::fs::File::create(config.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn sandboxd");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let client = reqwest::Client::new();
+        wait_until(Duration::from_secs(20), "sandboxd health", || {
+            let client = client.clone();
+            async move {
+                let r = client
+                    .get(format!("http://{addr}/api/v1/health"))
+                    .send()
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        Self { child, addr }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Writes the test settings as a YAML config for the binary.
+pub fn write_config(dir: &Path, settings: &Settings) -> PathBuf {
+    let path = dir.join("sandboxd.yaml");
+    std::fs::write(&path, settings.to_masked_yaml()).expect("write config");
+    path
+}
