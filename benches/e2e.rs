@@ -37,16 +37,28 @@ async fn raw_start(docker: &Docker, instance: &str, n: usize) -> Duration {
     let started = Instant::now();
     let body = ContainerCreateBody {
         image: Some(IMAGE.into()),
-        labels: Some(HashMap::from([("sandboxd.instance".to_string(), instance.to_string())])),
-        host_config: Some(HostConfig { network_mode: Some(NETWORK.into()), ..Default::default() }),
+        labels: Some(HashMap::from([(
+            "sandboxd.instance".to_string(),
+            instance.to_string(),
+        )])),
+        host_config: Some(HostConfig {
+            network_mode: Some(NETWORK.into()),
+            ..Default::default()
+        }),
         networking_config: Some(NetworkingConfig {
-            endpoints_config: Some(HashMap::from([(NETWORK.to_string(), EndpointSettings::default())])),
+            endpoints_config: Some(HashMap::from([(
+                NETWORK.to_string(),
+                EndpointSettings::default(),
+            )])),
         }),
         ..Default::default()
     };
     let name = format!("{instance}-{n}");
     let id = docker
-        .create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body)
+        .create_container(
+            Some(CreateContainerOptionsBuilder::new().name(&name).build()),
+            body,
+        )
         .await
         .expect("raw create")
         .id;
@@ -55,14 +67,22 @@ async fn raw_start(docker: &Docker, instance: &str, n: usize) -> Duration {
         .inspect_container(&id, None::<InspectContainerOptions>)
         .await
         .expect("raw inspect");
-    assert!(c.network_settings.and_then(|n| n.networks).is_some_and(|n| n.contains_key(NETWORK)));
+    assert!(c
+        .network_settings
+        .and_then(|n| n.networks)
+        .is_some_and(|n| n.contains_key(NETWORK)));
     started.elapsed()
 }
 
 async fn remove_instance(docker: &Docker, instance: &str) {
     let filters = HashMap::from([("label", vec![format!("sandboxd.instance={instance}")])]);
     let list = docker
-        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
         .await
         .unwrap_or_default();
     let rm = RemoveContainerOptionsBuilder::new().force(true).build();
@@ -77,12 +97,16 @@ async fn remove_instance(docker: &Docker, instance: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {
-    let docker = Docker::connect_with_unix_defaults()?.negotiate_version().await?;
+    let docker = Docker::connect_with_unix_defaults()?
+        .negotiate_version()
+        .await?;
     let dir = tempfile::tempdir()?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let instance = format!("bench-{tag}");
@@ -100,7 +124,7 @@ async fn run() -> anyhow::Result<()> {
     s.sandbox.lambda_tools_host_path = dir.path().join("tools");
     s.database.path = dir.path().join("bench.db");
     s.controller.instance = instance.clone();
-    let app = Application::build(s.clone()).await?;
+    let app = Application::build(s.clone(), None).await?;
     let addr = app.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
@@ -154,14 +178,37 @@ async fn run() -> anyhow::Result<()> {
     let our_burst = started.elapsed();
 
     println!();
-    println!("sandboxd e2e bench ({ROUNDS} sequential rounds, burst of {BURST}; engine API {})", docker.client_version());
-    println!("{:<44} {:>10} {:>10} {:>8}", "measure", "raw API", "sandboxd", "ratio");
+    println!(
+        "sandboxd e2e bench ({ROUNDS} sequential rounds, burst of {BURST}; engine API {})",
+        docker.client_version()
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "measure", "raw API", "sandboxd", "ratio"
+    );
     let row = |name: &str, a: Duration, b: Duration| {
-        println!("{name:<44} {:>8.1}ms {:>8.1}ms {:>7.3}x", ms(a), ms(b), b.as_secs_f64() / a.as_secs_f64());
+        println!(
+            "{name:<44} {:>8.1}ms {:>8.1}ms {:>7.3}x",
+            ms(a),
+            ms(b),
+            b.as_secs_f64() / a.as_secs_f64()
+        );
     };
-    row("create→running, sequential, p50", percentile(&raw, 0.5), percentile(&ours, 0.5));
-    row("create→running, sequential, p95", percentile(&raw, 0.95), percentile(&ours, 0.95));
-    row(&format!("{BURST} new chats, all running (raw at conc. 4)"), raw_burst, our_burst);
+    row(
+        "create→running, sequential, p50",
+        percentile(&raw, 0.5),
+        percentile(&ours, 0.5),
+    );
+    row(
+        "create→running, sequential, p95",
+        percentile(&raw, 0.95),
+        percentile(&ours, 0.95),
+    );
+    row(
+        &format!("{BURST} new chats, all running (raw at conc. 4)"),
+        raw_burst,
+        our_burst,
+    );
     println!(
         "overhead p50: {:+.1} ms",
         ms(percentile(&ours, 0.5)) - ms(percentile(&raw, 0.5))

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Settings;
 use crate::controller::{Controller, ControllerStatus};
+use crate::domain::volume::VolumePolicy;
 use crate::http::{self, AppState};
 use crate::store::Store;
 
@@ -23,27 +24,91 @@ pub struct Application {
     state: AppState,
 }
 
-/// Makes the configured host directories exist and turns them absolute (Docker needs
-/// absolute bind sources). Relative paths are taken from the working directory.
-fn absolutize_host_dirs(settings: &mut Settings) -> anyhow::Result<()> {
+/// Creates a configured directory if needed and returns its canonical absolute path (Docker
+/// needs absolute bind sources; relative paths are taken from the working directory).
+fn ensure_dir(key: &str, path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("{key}: cannot create {}", path.display()))?;
+    std::fs::canonicalize(path).with_context(|| format!("{key}: cannot resolve {}", path.display()))
+}
+
+/// Makes the host directories absolute and builds the volume policy: no client volume may
+/// contain sandboxd's database or config directory or the Docker socket's directory, nor overlap
+/// the sandbox directories; the fixed mounts may not contain the former either.
+fn prepare_host(
+    settings: &mut Settings,
+    config_path: Option<&Path>,
+) -> anyhow::Result<VolumePolicy> {
     let s = &mut settings.sandbox;
-    for (key, path) in [
-        ("sandbox.chats_root", &mut s.chats_root),
-        (
-            "sandbox.dependencies_host_path",
-            &mut s.dependencies_host_path,
-        ),
-        (
-            "sandbox.lambda_tools_host_path",
-            &mut s.lambda_tools_host_path,
-        ),
-    ] {
-        std::fs::create_dir_all(&*path)
-            .with_context(|| format!("{key}: cannot create {}", path.display()))?;
-        *path = std::fs::canonicalize(&*path)
-            .with_context(|| format!("{key}: cannot resolve {}", path.display()))?;
+    s.chats_root = ensure_dir("sandbox.chats_root", &s.chats_root)?;
+    s.dependencies_host_path =
+        ensure_dir("sandbox.dependencies_host_path", &s.dependencies_host_path)?;
+    s.lambda_tools_host_path =
+        ensure_dir("sandbox.lambda_tools_host_path", &s.lambda_tools_host_path)?;
+
+    let db_dir = settings
+        .database
+        .path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut sensitive = vec![ensure_dir("database.path", db_dir)?];
+    if let Some(dir) = config_path
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        sensitive.push(std::fs::canonicalize(dir).context("config directory")?);
     }
-    Ok(())
+    if let Some(socket) = settings.docker.base_url.strip_prefix("unix://") {
+        let dir = Path::new(socket).parent().unwrap_or(Path::new("/"));
+        sensitive.push(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    }
+    let s = &settings.sandbox;
+    for (key, dir) in [
+        ("sandbox.chats_root", &s.chats_root),
+        ("sandbox.dependencies_host_path", &s.dependencies_host_path),
+        ("sandbox.lambda_tools_host_path", &s.lambda_tools_host_path),
+    ] {
+        if let Some(p) = sensitive.iter().find(|p| p.starts_with(dir)) {
+            anyhow::bail!(
+                "{key}: {} overlaps {}, which sandboxd never mounts into a sandbox",
+                dir.display(),
+                p.display()
+            );
+        }
+    }
+    let protected = vec![
+        s.chats_root.clone(),
+        s.dependencies_host_path.clone(),
+        s.lambda_tools_host_path.clone(),
+    ];
+
+    let allowed_roots = match &s.allowed_volume_roots {
+        Some(roots) => Some(
+            roots
+                .iter()
+                .map(|r| ensure_dir("sandbox.allowed_volume_roots", r))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => {
+            tracing::warn!(
+                "sandbox.allowed_volume_roots is not set: clients may mount any host directory \
+                 that is not a protected location; set it to restrict request volumes"
+            );
+            None
+        }
+    };
+    let policy = VolumePolicy {
+        allowed_roots,
+        sensitive,
+        protected,
+    };
+    for r in policy.allowed_roots.iter().flatten() {
+        policy
+            .check_canonical(r)
+            .map_err(|e| anyhow::anyhow!("sandbox.allowed_volume_roots: {}: {e}", r.display()))?;
+    }
+    Ok(policy)
 }
 
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
@@ -60,8 +125,9 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 }
 
 impl Application {
-    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
-        absolutize_host_dirs(&mut settings)?;
+    /// `config_path` is the file the settings came from (its directory is protected).
+    pub async fn build(mut settings: Settings, config_path: Option<&Path>) -> anyhow::Result<Self> {
+        let volumes = Arc::new(prepare_host(&mut settings, config_path)?);
         let store = open_store(&settings).await?;
         let addr = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&addr)
@@ -70,6 +136,7 @@ impl Application {
         let state = AppState {
             store,
             settings: Arc::new(settings),
+            volumes,
             wake: Arc::new(Notify::new()),
             controller: Arc::new(ControllerStatus::default()),
         };
@@ -94,6 +161,7 @@ impl Application {
         let controller = Controller::new(
             self.state.store.clone(),
             self.state.settings.clone(),
+            self.state.volumes.clone(),
             self.state.wake.clone(),
             self.state.controller.clone(),
         );

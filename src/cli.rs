@@ -36,7 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             crate::telemetry::init(&settings.logging);
-            let app = Application::build(settings).await?;
+            let app = Application::build(settings, path.as_deref()).await?;
             app.run_until_stopped(app::shutdown_signal()).await
         }
         Command::Migrate => {

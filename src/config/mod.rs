@@ -164,6 +164,44 @@ pub struct SandboxSettings {
     pub volume_mount_path: String,
     /// Extra environment for every sandbox; `AGENT_ID` is always set from the request.
     pub env: BTreeMap<String, String>,
+    /// Request volumes must lie under one of these. Absent (old configs): any directory that
+    /// is not a protected location is accepted, and a warning is logged at start.
+    pub allowed_volume_roots: Option<Vec<PathBuf>>,
+    pub hardening: HardeningSettings,
+}
+
+/// Container hardening. The defaults are strict; loosen them here when an agent needs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HardeningSettings {
+    /// Every capability is dropped; these are added back (e.g. `NET_BIND_SERVICE`).
+    pub cap_add: Vec<String>,
+    pub no_new_privileges: bool,
+    /// Most processes a sandbox may run (fork bombs stop here).
+    pub pids_limit: i64,
+    pub memory_mb: u64,
+    /// CPU quota in thousandths of a core (1000 = one core).
+    pub cpu_millis: u64,
+    /// Read-only root file system; `/tmp` then becomes a tmpfs of `tmpfs_tmp_mb`.
+    pub read_only_rootfs: bool,
+    pub tmpfs_tmp_mb: u64,
+    /// `uid[:gid]` or a user name of the image; `None` keeps the image's user.
+    pub user: Option<String>,
+}
+
+impl Default for HardeningSettings {
+    fn default() -> Self {
+        Self {
+            cap_add: Vec::new(),
+            no_new_privileges: true,
+            pids_limit: 512,
+            memory_mb: 1024,
+            cpu_millis: 1000,
+            read_only_rootfs: false,
+            tmpfs_tmp_mb: 64,
+            user: None,
+        }
+    }
 }
 
 impl Default for SandboxSettings {
@@ -182,6 +220,8 @@ impl Default for SandboxSettings {
             lambda_tools_mount_path: "/opt/lambda-tools".into(),
             volume_mount_path: "/workspace/volume".into(),
             env: BTreeMap::new(),
+            allowed_volume_roots: None,
+            hardening: HardeningSettings::default(),
         }
     }
 }

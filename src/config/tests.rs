@@ -120,9 +120,14 @@ fn masked_yaml_hides_secrets() {
 }
 
 #[test]
-fn the_shipped_config_is_exactly_the_embedded_defaults() {
+fn the_shipped_config_is_the_embedded_defaults_plus_volume_roots() {
     let text = include_str!("../../config/sandboxd.yaml");
-    let shipped = load(text, &[]).unwrap();
+    let mut shipped = load(text, &[]).unwrap();
+    assert_eq!(
+        shipped.sandbox.allowed_volume_roots,
+        Some(vec![std::path::PathBuf::from("var/volumes")])
+    );
+    shipped.sandbox.allowed_volume_roots = None;
     let defaults = load("", &[]).unwrap();
     assert_eq!(shipped.to_masked_yaml(), defaults.to_masked_yaml());
 }

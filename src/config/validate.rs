@@ -59,6 +59,68 @@ impl Settings {
             }
         }
 
+        if let Some(roots) = &s.allowed_volume_roots {
+            if roots.is_empty() {
+                return Err(invalid(
+                    "sandbox.allowed_volume_roots",
+                    "must list at least one directory (leave the key out to allow any)",
+                ));
+            }
+            for r in roots {
+                if r.as_os_str().is_empty() || r == std::path::Path::new("/") {
+                    return Err(invalid(
+                        "sandbox.allowed_volume_roots",
+                        format!("`{}` is not allowed as a root", r.display()),
+                    ));
+                }
+            }
+        }
+        let h = &s.hardening;
+        for cap in &h.cap_add {
+            let ok = !cap.is_empty()
+                && cap
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit());
+            if !ok || cap == "ALL" || cap == "SYS_ADMIN" {
+                return Err(invalid(
+                    "sandbox.hardening.cap_add",
+                    format!("`{cap}`: capability names like NET_BIND_SERVICE; ALL and SYS_ADMIN are refused"),
+                ));
+            }
+        }
+        if h.pids_limit < 16 {
+            return Err(invalid(
+                "sandbox.hardening.pids_limit",
+                "must be at least 16",
+            ));
+        }
+        if h.memory_mb < 16 {
+            return Err(invalid(
+                "sandbox.hardening.memory_mb",
+                "must be at least 16",
+            ));
+        }
+        if h.cpu_millis < 10 {
+            return Err(invalid(
+                "sandbox.hardening.cpu_millis",
+                "must be at least 10",
+            ));
+        }
+        if h.read_only_rootfs && h.tmpfs_tmp_mb == 0 {
+            return Err(invalid(
+                "sandbox.hardening.tmpfs_tmp_mb",
+                "must be > 0 with a read-only root",
+            ));
+        }
+        if let Some(user) = &h.user {
+            if user.trim().is_empty() || user.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "sandbox.hardening.user",
+                    "must be `uid[:gid]` or a user name",
+                ));
+            }
+        }
+
         match self.logging.format.as_str() {
             "text" | "json" => {}
             _ => return Err(invalid("logging.format", "must be `text` or `json`")),

@@ -3,12 +3,16 @@
 //! The queue holds keys, not objects: a Start re-reads its row right before acting, so it never
 //! starts a session that was replaced, deleted or expired since the plan was made.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use chrono::Utc;
 use tracing::{info, warn};
 
 use super::backoff::BackoffPolicy;
 use crate::docker::{DockerRuntime, StartRequest};
-use crate::domain::spec::ContainerSpec;
+use crate::domain::spec::{ContainerSpec, MountKind};
+use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, SessionId};
 use crate::planner::{Action, Key, RemoveReason};
 use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
@@ -20,12 +24,15 @@ pub enum ActionError {
     Docker(#[from] crate::docker::DockerError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("host directory {path}: {reason}")]
+    HostDir { path: String, reason: String },
 }
 
 pub struct Executor {
     pub store: Store,
     pub runtime: DockerRuntime,
     pub backoff: BackoffPolicy,
+    pub volumes: Arc<VolumePolicy>,
 }
 
 impl Executor {
@@ -125,6 +132,7 @@ impl Executor {
         let result = async {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
+            prepare_host(&spec, &self.volumes)?;
             let started = self
                 .runtime
                 .start(&StartRequest {
@@ -185,4 +193,38 @@ fn parse_spec(row: &SandboxRow) -> Result<ContainerSpec, StoreError> {
         chat_id: row.chat_id.to_string(),
         message: format!("spec_json: {e}"),
     })
+}
+
+/// Makes the host side of every mount ready, checking again what was checked at request time:
+/// the chat directory is created, the request volume must still pass the volume policy and
+/// resolve to the same path (no symlink swapped in since), the read-only ones must exist.
+fn prepare_host(spec: &ContainerSpec, volumes: &VolumePolicy) -> Result<(), ActionError> {
+    for m in &spec.mounts {
+        let host_err = |reason: String| ActionError::HostDir {
+            path: m.source.clone(),
+            reason,
+        };
+        match m.kind {
+            MountKind::Chat => {
+                std::fs::create_dir_all(&m.source).map_err(|e| host_err(e.to_string()))?
+            }
+            MountKind::Volume => {
+                let canonical = volumes
+                    .check(&m.source)
+                    .map_err(|e| host_err(e.to_string()))?;
+                if canonical != Path::new(&m.source) {
+                    return Err(host_err(format!(
+                        "now resolves to {}; refusing to mount it",
+                        canonical.display()
+                    )));
+                }
+            }
+            MountKind::Dependencies | MountKind::Tools => {
+                if !Path::new(&m.source).is_dir() {
+                    return Err(host_err("is not an existing directory".into()));
+                }
+            }
+        }
+    }
+    Ok(())
 }

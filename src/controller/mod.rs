@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::docker::DockerRuntime;
+use crate::domain::volume::VolumePolicy;
 use crate::planner::{self, Key};
 use crate::store::Store;
 use backoff::BackoffPolicy;
@@ -52,6 +53,7 @@ impl ControllerStatus {
 pub struct Controller {
     store: Store,
     settings: Arc<Settings>,
+    volumes: Arc<VolumePolicy>,
     wake: Arc<Notify>,
     status: Arc<ControllerStatus>,
 }
@@ -66,12 +68,14 @@ impl Controller {
     pub fn new(
         store: Store,
         settings: Arc<Settings>,
+        volumes: Arc<VolumePolicy>,
         wake: Arc<Notify>,
         status: Arc<ControllerStatus>,
     ) -> Self {
         Self {
             store,
             settings,
+            volumes,
             wake,
             status,
         }
@@ -165,6 +169,7 @@ impl Controller {
                             store: self.store.clone(),
                             runtime: rt.clone(),
                             backoff: policy,
+                            volumes: self.volumes.clone(),
                         };
                         let permits = permits.clone();
                         tasks.spawn(async move {

@@ -8,7 +8,6 @@
 pub mod labels;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
@@ -46,14 +45,6 @@ pub enum DockerError {
     ImageMissing { image: String },
     #[error("container {container} has no IP address on network `{network}`")]
     NoEndpoint { container: String, network: String },
-    #[error("preparing host directory {path}: {source}")]
-    HostDir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("volume {path} is not an existing directory")]
-    VolumeMissing { path: String },
 }
 
 impl DockerError {
@@ -192,7 +183,6 @@ impl DockerRuntime {
     /// Creates, starts and inspects the session's container. A container that fails after
     /// creation is removed before the error is returned.
     pub async fn start(&self, req: &StartRequest<'_>) -> Result<Started, DockerError> {
-        prepare_host_dirs(req.spec)?;
         let name = labels::container_name(&self.instance, req.chat_id, req.session_id);
         let (id, adopted) = match self.create(&name, req).await {
             Ok(id) => (id, false),
@@ -300,6 +290,7 @@ impl DockerRuntime {
 
     fn create_body(&self, req: &StartRequest<'_>) -> ContainerCreateBody {
         let spec = req.spec;
+        let h = &spec.hardening;
         let mounts = spec
             .mounts
             .iter()
@@ -321,9 +312,27 @@ impl DockerRuntime {
                 req.spec_hash,
                 req.agent_id,
             )),
+            user: h.user.clone(),
             host_config: Some(HostConfig {
                 mounts: Some(mounts),
                 network_mode: Some(spec.network.clone()),
+                privileged: Some(false),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(h.cap_add.clone()),
+                // The engine's default seccomp profile stays in force: it is never overridden.
+                security_opt: h
+                    .no_new_privileges
+                    .then(|| vec!["no-new-privileges:true".to_string()]),
+                pids_limit: Some(h.pids_limit),
+                memory: i64::try_from(h.memory_mb.saturating_mul(1024 * 1024)).ok(),
+                nano_cpus: i64::try_from(h.cpu_millis.saturating_mul(1_000_000)).ok(),
+                readonly_rootfs: Some(h.read_only_rootfs),
+                tmpfs: h.read_only_rootfs.then(|| {
+                    HashMap::from([(
+                        "/tmp".to_string(),
+                        format!("rw,nosuid,nodev,size={}m,mode=1777", h.tmpfs_tmp_mb),
+                    )])
+                }),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
@@ -363,23 +372,4 @@ impl DockerRuntime {
             .events(Some(options))
             .map(|r| r.map(|_| ()).map_err(DockerError::api("events")))
     }
-}
-
-/// The chat directory is created on demand; the others must exist (checked here, at create
-/// time, not only when the request arrived).
-fn prepare_host_dirs(spec: &ContainerSpec) -> Result<(), DockerError> {
-    for (i, m) in spec.mounts.iter().enumerate() {
-        let path = Path::new(&m.source);
-        if i == 0 {
-            std::fs::create_dir_all(path).map_err(|source| DockerError::HostDir {
-                path: m.source.clone(),
-                source,
-            })?;
-        } else if !path.is_dir() {
-            return Err(DockerError::VolumeMissing {
-                path: m.source.clone(),
-            });
-        }
-    }
-    Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod request;
 pub mod spec;
+pub mod volume;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,8 +1,6 @@
 //! Validation of what clients send. Every failure names the field, so the HTTP layer can answer
 //! `422 {"detail": "..."}` and write nothing.
 
-use std::path::{Path, PathBuf};
-
 use super::ChatId;
 
 /// Longest accepted `agent_id`; it becomes a label and an environment value.
@@ -37,31 +35,6 @@ pub fn validate_agent_id(raw: &str) -> Result<&str, InvalidInput> {
     Ok(raw)
 }
 
-/// An absolute path to an existing directory, returned canonical (symlinks and `..` resolved),
-/// so reuse compares like with like and the container gets what the client meant.
-pub fn canonical_volume(raw: &str) -> Result<PathBuf, InvalidInput> {
-    if raw.contains('\0') {
-        return Err(InvalidInput::Volume("contains a NUL byte"));
-    }
-    let path = Path::new(raw);
-    if !path.is_absolute() {
-        return Err(InvalidInput::Volume("must be an absolute path"));
-    }
-    let canonical = std::fs::canonicalize(path)
-        .map_err(|_| InvalidInput::Volume("does not exist on the host"))?;
-    if !canonical.is_dir() {
-        return Err(InvalidInput::Volume("is not a directory"));
-    }
-    let text = canonical
-        .to_str()
-        .ok_or(InvalidInput::Volume("is not UTF-8"))?;
-    if text.contains(':') || text.contains(',') {
-        // Docker's mount syntax cannot carry these unambiguously.
-        return Err(InvalidInput::Volume("contains `:` or `,`"));
-    }
-    Ok(canonical)
-}
-
 /// A client-chosen TTL, bounded so a typo cannot pin a sandbox for years.
 pub fn validate_ttl(ttl: u64, max: u64) -> Result<u64, InvalidInput> {
     if ttl == 0 || ttl > max {
@@ -91,34 +64,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn volumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = std::fs::canonicalize(dir.path()).unwrap();
-        let sub = real.join("sub");
-        std::fs::create_dir(&sub).unwrap();
-        let dotted = format!("{}/sub/..", real.display());
-        assert_eq!(canonical_volume(&dotted).unwrap(), real);
-        let link = real.join("link");
-        std::os::unix::fs::symlink(&sub, &link).unwrap();
-        assert_eq!(canonical_volume(link.to_str().unwrap()).unwrap(), sub);
-        assert!(canonical_volume("relative/path").is_err());
-        assert!(canonical_volume("/definitely/not/here").is_err());
-        let file = real.join("f");
-        std::fs::write(&file, b"x").unwrap();
-        assert_eq!(
-            canonical_volume(file.to_str().unwrap()),
-            Err(InvalidInput::Volume("is not a directory"))
-        );
-        assert!(canonical_volume("/tmp\0/x").is_err());
-    }
-
     proptest! {
         #[test]
         fn validators_never_panic(s in ".*") {
             let _ = parse_chat_id(&s);
             let _ = validate_agent_id(&s);
-            let _ = canonical_volume(&s);
         }
     }
 }

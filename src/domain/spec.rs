@@ -8,10 +8,23 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ChatId;
-use crate::config::SandboxSettings;
+use crate::config::{HardeningSettings, SandboxSettings};
+
+/// What a bind mount is for; decides how its host side is prepared and checked at create time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// `chats_root/<chat_id>`, created on demand.
+    Chat,
+    /// The client's volume, re-checked against the volume policy.
+    Volume,
+    Dependencies,
+    Tools,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountSpec {
+    pub kind: MountKind,
     pub source: String,
     pub target: String,
     pub read_only: bool,
@@ -25,6 +38,7 @@ pub struct ContainerSpec {
     /// Sorted, so the JSON (and hash) is stable.
     pub env: BTreeMap<String, String>,
     pub mounts: Vec<MountSpec>,
+    pub hardening: HardeningSettings,
 }
 
 impl ContainerSpec {
@@ -63,26 +77,31 @@ pub fn resolve(
         env,
         mounts: vec![
             MountSpec {
+                kind: MountKind::Chat,
                 source: path(&chat_dir(&settings.chats_root, chat_id)),
                 target: settings.chat_mount_path.clone(),
                 read_only: false,
             },
             MountSpec {
+                kind: MountKind::Volume,
                 source: path(volume_host_path),
                 target: settings.volume_mount_path.clone(),
                 read_only: false,
             },
             MountSpec {
+                kind: MountKind::Dependencies,
                 source: path(&settings.dependencies_host_path),
                 target: settings.dependencies_mount_path.clone(),
                 read_only: true,
             },
             MountSpec {
+                kind: MountKind::Tools,
                 source: path(&settings.lambda_tools_host_path),
                 target: settings.lambda_tools_mount_path.clone(),
                 read_only: true,
             },
         ],
+        hardening: settings.hardening.clone(),
     }
 }
 

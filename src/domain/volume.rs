@@ -3,9 +3,10 @@
 //! A request volume is resolved to its canonical path (symlinks and `..` gone) and then:
 //! - refused if it is, or lies under, a system location (`/etc`, `/proc`, `/sys`, `/dev`,
 //!   `/boot`, `/usr`, `/lib*`, `/bin`, `/sbin`, `/run`, `/var/run`, `/var/lib/docker`, `/root`);
-//! - refused if it is, contains, or lies under a location sandboxd itself depends on (its
-//!   database and config directories, the chats root, the dependencies and tools directories,
-//!   the Docker socket's directory) — `/` and `/var` are refused this way;
+//! - refused if it is or contains a directory holding sandboxd's own state (its database and
+//!   config directories, the Docker socket's directory) — `/` and `/var` are refused this way;
+//! - refused if it is, contains or lies under a sandbox directory (the chats root, which holds
+//!   every other chat; the dependencies and tools directories, which are mounted read-only);
 //! - when `sandbox.allowed_volume_roots` is set, accepted only under one of those roots
 //!   (compared by path components, so `/data` does not admit `/database`).
 //!
@@ -18,15 +19,28 @@ use super::request::InvalidInput;
 
 /// Top-level system locations: a volume may be none of these nor lie under them.
 const SYSTEM_PREFIXES: &[&str] = &[
-    "/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/run", "/var/run",
-    "/var/lib/docker", "/root", "/snap",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/root",
+    "/snap",
 ];
 
 #[derive(Debug, Clone, Default)]
 pub struct VolumePolicy {
     /// `None`: any directory that passes the other checks (old configs; a warning at start).
     pub allowed_roots: Option<Vec<PathBuf>>,
-    /// Locations sandboxd depends on: a volume may not be, contain or lie under any of them.
+    /// Directories holding sandboxd's own state: a volume may not be or contain any of them.
+    pub sensitive: Vec<PathBuf>,
+    /// Sandbox directories: a volume may not be, contain or lie under any of them.
     pub protected: Vec<PathBuf>,
 }
 
@@ -58,7 +72,10 @@ impl VolumePolicy {
             // Docker's mount syntax cannot carry these unambiguously.
             return Err(InvalidInput::Volume("contains `:` or `,`"));
         }
-        if canonical.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        if canonical
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
             return Err(InvalidInput::Volume("is not canonical"));
         }
         if canonical == Path::new("/") {
@@ -72,18 +89,25 @@ impl VolumePolicy {
         if is_lib || SYSTEM_PREFIXES.iter().any(|p| canonical.starts_with(p)) {
             return Err(InvalidInput::Volume("is a protected system location"));
         }
+        if self.sensitive.iter().any(|p| p.starts_with(canonical)) {
+            return Err(InvalidInput::Volume(
+                "contains sandboxd's own state (its database, config or the Docker socket)",
+            ));
+        }
         if self
             .protected
             .iter()
             .any(|p| canonical.starts_with(p) || p.starts_with(canonical))
         {
             return Err(InvalidInput::Volume(
-                "overlaps a location sandboxd depends on (its database, config or sandbox directories)",
+                "overlaps a sandbox directory (chats root, dependencies or tools)",
             ));
         }
         if let Some(roots) = &self.allowed_roots {
             if !roots.iter().any(|r| canonical.starts_with(r)) {
-                return Err(InvalidInput::Volume("is outside sandbox.allowed_volume_roots"));
+                return Err(InvalidInput::Volume(
+                    "is outside sandbox.allowed_volume_roots",
+                ));
             }
         }
         Ok(())
@@ -98,7 +122,8 @@ mod tests {
     fn policy() -> VolumePolicy {
         VolumePolicy {
             allowed_roots: Some(vec!["/data".into(), "/srv/volumes".into()]),
-            protected: vec!["/srv/sandboxd/db".into(), "/srv/volumes/chats".into()],
+            sensitive: vec!["/srv/sandboxd/db".into()],
+            protected: vec!["/srv/volumes/chats".into()],
         }
     }
 
@@ -106,22 +131,60 @@ mod tests {
     fn system_locations_are_refused_always() {
         let open = VolumePolicy::default();
         for p in [
-            "/", "/etc", "/etc/ssh", "/proc", "/proc/self/root", "/sys", "/dev", "/boot", "/usr",
-            "/usr/lib", "/lib", "/lib64", "/run", "/var/run", "/var/run/docker.sock",
-            "/var/lib/docker/volumes", "/root",
+            "/",
+            "/etc",
+            "/etc/ssh",
+            "/proc",
+            "/proc/self/root",
+            "/sys",
+            "/dev",
+            "/boot",
+            "/usr",
+            "/usr/lib",
+            "/lib",
+            "/lib64",
+            "/run",
+            "/var/run",
+            "/var/run/docker.sock",
+            "/var/lib/docker/volumes",
+            "/root",
         ] {
             assert!(open.check_canonical(Path::new(p)).is_err(), "{p} accepted");
         }
         assert!(open.check_canonical(Path::new("/home/user/work")).is_ok());
-        assert!(open.check_canonical(Path::new("/library")).is_err(), "/lib* is refused");
+        assert!(
+            open.check_canonical(Path::new("/library")).is_err(),
+            "/lib* is refused"
+        );
     }
 
     #[test]
     fn protected_locations_refused_as_ancestor_equal_or_descendant() {
-        let p = policy();
-        for bad in ["/srv", "/srv/sandboxd", "/srv/sandboxd/db", "/srv/sandboxd/db/x", "/srv/volumes/chats/1"] {
-            assert!(p.check_canonical(Path::new(bad)).is_err(), "{bad} accepted");
+        let _ = policy();
+        let open = VolumePolicy {
+            allowed_roots: None,
+            ..policy()
+        };
+        for bad in [
+            "/srv",
+            "/srv/sandboxd",
+            "/srv/sandboxd/db",
+            "/srv/volumes",
+            "/srv/volumes/chats",
+            "/srv/volumes/chats/1",
+        ] {
+            assert!(
+                open.check_canonical(Path::new(bad)).is_err(),
+                "{bad} accepted"
+            );
         }
+        // Beside or below the database directory is fine: the database is not in it.
+        assert!(open
+            .check_canonical(Path::new("/srv/sandboxd/db/volumes"))
+            .is_ok());
+        assert!(open
+            .check_canonical(Path::new("/srv/sandboxd/other"))
+            .is_ok());
     }
 
     #[test]
@@ -147,11 +210,13 @@ mod tests {
         std::os::unix::fs::symlink("/etc", allowed.join("etc")).unwrap();
         let p = VolumePolicy {
             allowed_roots: Some(vec![allowed.clone()]),
-            protected: vec![],
+            ..Default::default()
         };
         assert!(p.check(allowed.join("escape").to_str().unwrap()).is_err());
         assert!(p.check(allowed.join("etc").to_str().unwrap()).is_err());
-        assert!(p.check(&format!("{}/../outside", allowed.display())).is_err());
+        assert!(p
+            .check(&format!("{}/../outside", allowed.display()))
+            .is_err());
         assert_eq!(p.check(allowed.to_str().unwrap()).unwrap(), allowed);
         assert!(p.check("%2e%2e/etc").is_err());
     }

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::views::{DeleteResponse, SessionResponse};
 use super::wait::{self, StartOutcome};
 use super::{ApiError, AppState};
-use crate::domain::request::{canonical_volume, parse_chat_id, validate_agent_id};
+use crate::domain::request::{parse_chat_id, validate_agent_id};
 use crate::domain::{spec, ChatId, Phase};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
@@ -75,7 +75,7 @@ pub(super) fn new_session(
     ttl_seconds: u64,
 ) -> Result<NewSession, ApiError> {
     let agent_id = validate_agent_id(agent_id)?;
-    let volume = canonical_volume(volume_host_path)?;
+    let volume = state.volumes.check(volume_host_path)?;
     let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume);
     Ok(NewSession {
         chat_id,

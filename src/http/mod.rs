@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Settings;
 use crate::controller::ControllerStatus;
+use crate::domain::volume::VolumePolicy;
 use crate::store::Store;
 
 pub use error::ApiError;
@@ -30,6 +31,8 @@ pub use error::ApiError;
 pub struct AppState {
     pub store: Store,
     pub settings: Arc<Settings>,
+    /// Which host directories clients may mount.
+    pub volumes: Arc<VolumePolicy>,
     /// Wakes the controller after a desired-state write.
     pub wake: Arc<Notify>,
     pub controller: Arc<ControllerStatus>,

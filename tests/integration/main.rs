@@ -2,6 +2,7 @@
 
 mod api;
 mod concurrency;
+mod hostile;
 mod lifecycle;
 mod restart;
 mod support;

@@ -117,7 +117,7 @@ impl TestApp {
         if std::env::var_os("TEST_LOG").is_some() {
             sandboxd::telemetry::init(&settings.logging);
         }
-        let app = Application::build(settings.clone())
+        let app = Application::build(settings.clone(), None)
             .await
             .expect("build app");
         let addr = app.local_addr().expect("addr");
