@@ -2,7 +2,10 @@
 
 mod api;
 mod concurrency;
+mod crash;
+mod faults;
 mod hostile;
 mod lifecycle;
+mod proxy;
 mod restart;
 mod support;

@@ -1,0 +1,98 @@
+//! The Docker engine itself is restarted under a running sandboxd. This is the only test in its
+//! binary, and cargo runs test binaries one after another, so no other test sees the engine go.
+
+#[path = "integration/support.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use support::*;
+
+/// Starts the engine again however the test ends.
+struct EngineBack;
+
+impl Drop for EngineBack {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh");
+        let ok = Command::new("bash")
+            .arg(script)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok || std::thread::panicking(),
+            "could not start the engine again"
+        );
+    }
+}
+
+fn stop_engine() {
+    let pid = std::fs::read_to_string("/var/run/docker.pid").expect("dockerd pid file");
+    let pid = pid.trim().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for _ in 0..600 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("dockerd {pid} did not stop within 60 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restart_converges_again_without_duplicates() {
+    let app = TestApp::spawn_with(|s| {
+        s.controller.backoff_initial_ms = 200;
+        s.controller.backoff_max_seconds = 2;
+    })
+    .await;
+    let chats: Vec<String> = (0..3).map(|_| new_chat()).collect();
+    let mut sessions = Vec::new();
+    for (i, chat) in chats.iter().enumerate() {
+        let (status, body) = app.create(chat, "a", &app.volume(&format!("v{i}"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sessions.push(body["session_id"].clone());
+    }
+
+    {
+        let _back = EngineBack;
+        tokio::task::spawn_blocking(stop_engine).await.unwrap();
+        // While the engine is gone the API still answers.
+        let (status, _) = app.get("/api/v1/sandboxes").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = app.get("/api/v1/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    } // engine started again here
+
+    wait_until(
+        Duration::from_secs(60),
+        "all three running on the restarted engine",
+        || async {
+            let cs = app.containers().await;
+            let running = cs
+                .iter()
+                .filter(|c| c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING))
+                .count();
+            let (_, list) = app.get("/api/v1/sandboxes?phase=running").await;
+            (cs.len() == 3 && running == 3 && list["items"].as_array()?.len() == 3).then_some(())
+        },
+    )
+    .await;
+    for (chat, session) in chats.iter().zip(&sessions) {
+        let (_, v) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+        assert_eq!(
+            &v["session_id"], session,
+            "same session after the engine restart"
+        );
+        let id = v["container_id"].as_str().unwrap();
+        let c = app.inspect(id).await;
+        assert_eq!(c.state.unwrap().running, Some(true));
+        let ip = v["endpoint"]["ip"].as_str().unwrap();
+        assert!(agent_answers(ip, 8000).await, "{chat} reachable at {ip}");
+    }
+}
