@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::views::{DeleteResponse, SessionResponse};
-use super::wait::{self, StartOutcome};
+use super::wait::{self, Gone, StartOutcome};
 use super::{ApiError, AppState};
 use crate::domain::request::{parse_chat_id, validate_agent_id};
 use crate::domain::{spec, ChatId, Phase};
@@ -129,8 +129,15 @@ pub async fn create(
         StartOutcome::Failed(row) => Err(ApiError::StartFailed(
             row.last_error.unwrap_or_else(|| "unknown error".into()),
         )),
-        StartOutcome::Gone => Err(ApiError::StartFailed(
-            "the session was deleted or replaced while starting".into(),
+        // Another request changed the desired state first: a conflict, not a server failure.
+        StartOutcome::Gone(Gone::Deleted) => Err(ApiError::Superseded(
+            "sandbox_deleted_while_starting: a delete for this chat was accepted before it ran",
+        )),
+        StartOutcome::Gone(Gone::Replaced) => Err(ApiError::Superseded(
+            "sandbox_replaced_while_starting: another request made a new session for this chat",
+        )),
+        StartOutcome::Gone(Gone::Expired) => Err(ApiError::StartFailed(
+            "the session's ttl ran out before it was running".into(),
         )),
         StartOutcome::Timeout(_) => Err(ApiError::Timeout(format!(
             "sandbox_start_timeout: not running after {}s; it keeps starting in the background",

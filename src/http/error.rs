@@ -21,6 +21,9 @@ pub enum ApiError {
     NotFound,
     #[error("sandbox_conflict")]
     Conflict,
+    /// A concurrent request changed the desired state before this one's outcome.
+    #[error("{0}")]
+    Superseded(&'static str),
     #[error("sandbox_start_failed: {0}")]
     StartFailed(String),
     #[error("{0}")]
@@ -74,7 +77,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest { status, .. } => *status,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::Conflict | ApiError::Superseded(_) => StatusCode::CONFLICT,
             ApiError::StartFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(e) => {

@@ -91,7 +91,7 @@ pub async fn apply(
                     SandboxView::from(&r)
                 }
                 wait::StartOutcome::Timeout(Some(r)) => SandboxView::from(&r),
-                wait::StartOutcome::Timeout(None) | wait::StartOutcome::Gone => {
+                wait::StartOutcome::Timeout(None) | wait::StartOutcome::Gone(_) => {
                     view_after_wait(&state, chat_id, &WaitQuery::default()).await?
                 }
             }

@@ -8,12 +8,23 @@ use tokio::time::Instant;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::store::{SandboxRow, Store, StoreError};
 
+/// Why a session stopped being the one to wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// A delete for the chat was accepted.
+    Deleted,
+    /// Another request made a new session for the chat.
+    Replaced,
+    /// Its TTL ran out before it ran.
+    Expired,
+}
+
 pub enum StartOutcome {
     Running(SandboxRow),
     /// An attempt after `baseline` failed; retries go on in the background.
     Failed(SandboxRow),
-    /// The session was replaced, deleted or expired while we waited.
-    Gone,
+    /// The session ended while we waited, for the given reason.
+    Gone(Gone),
     Timeout(Option<SandboxRow>),
 }
 
@@ -31,15 +42,14 @@ pub async fn for_start(
         changes.borrow_and_update();
         let row = store.get(chat_id).await?;
         match &row {
-            Some(r) if r.session_id != session_id || r.deleted_at.is_some() => {
-                return Ok(StartOutcome::Gone)
-            }
-            None => return Ok(StartOutcome::Gone),
+            None => return Ok(StartOutcome::Gone(Gone::Deleted)),
+            Some(r) if r.session_id != session_id => return Ok(StartOutcome::Gone(Gone::Replaced)),
+            Some(r) if r.deleted_at.is_some() => return Ok(StartOutcome::Gone(Gone::Deleted)),
             Some(r) if r.phase == Phase::Running => return Ok(StartOutcome::Running(r.clone())),
             Some(r) if r.phase == Phase::Failed && r.attempts > baseline => {
                 return Ok(StartOutcome::Failed(r.clone()))
             }
-            Some(r) if r.phase == Phase::Expired => return Ok(StartOutcome::Gone),
+            Some(r) if r.phase == Phase::Expired => return Ok(StartOutcome::Gone(Gone::Expired)),
             Some(_) => {}
         }
         if tokio::time::timeout_at(deadline, changes.changed())

@@ -73,69 +73,30 @@ async fn assert_converged(
     acks: &Acks,
     touched_after_ack: &HashSet<String>,
 ) -> Duration {
-    let started = Instant::now();
-    let store = sandboxd::store::Store::open(&settings.database.path, Duration::from_secs(5), 1)
-        .await
-        .unwrap();
-    loop {
-        let rows = store.all().await.unwrap();
-        let now = chrono::Utc::now();
-        let live: HashMap<String, String> = rows
-            .iter()
-            .filter(|r| r.is_live(now))
-            .map(|r| (r.chat_id.to_string(), r.session_id.to_string()))
-            .collect();
-        let containers = containers_of(docker, &settings.controller.instance).await;
-        let mut per_chat: HashMap<String, Vec<(String, bool)>> = HashMap::new();
-        for c in &containers {
-            let labels = c.labels.clone().unwrap_or_default();
-            let chat = labels.get("sandboxd.chat_id").cloned().unwrap_or_default();
-            let session = labels
-                .get("sandboxd.session_id")
-                .cloned()
-                .unwrap_or_default();
-            let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
-            per_chat.entry(chat).or_default().push((session, running));
+    let (took, rows) = wait_converged(settings, docker, Duration::from_secs(90)).await;
+    let now = chrono::Utc::now();
+    for (chat, session) in &acks.created {
+        if touched_after_ack.contains(chat) {
+            continue;
         }
-        let converged = live.iter().all(|(chat, session)| {
-            per_chat
-                .get(chat)
-                .is_some_and(|v| v.len() == 1 && v[0].0 == *session && v[0].1)
-        }) && per_chat.keys().all(|chat| live.contains_key(chat))
-            && rows
-                .iter()
-                .all(|r| r.phase == sandboxd::domain::Phase::Running || !r.is_live(now));
-        if converged {
-            // Nothing acknowledged was lost.
-            for (chat, session) in &acks.created {
-                if touched_after_ack.contains(chat) {
-                    continue;
-                }
-                let row = rows.iter().find(|r| r.chat_id.to_string() == *chat);
-                let row = row.unwrap_or_else(|| panic!("acknowledged create of {chat} lost"));
-                assert_eq!(
-                    row.session_id.to_string(),
-                    *session,
-                    "session of {chat} changed"
-                );
-            }
-            for chat in &acks.deleted {
-                if touched_after_ack.contains(chat) {
-                    continue;
-                }
-                assert!(
-                    !live.contains_key(chat),
-                    "acknowledged delete of {chat} undone"
-                );
-            }
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "not converged: live {live:?}, containers {per_chat:?}"
+        let row = rows.iter().find(|r| r.chat_id.to_string() == *chat);
+        let row = row.unwrap_or_else(|| panic!("acknowledged create of {chat} lost"));
+        assert_eq!(
+            row.session_id.to_string(),
+            *session,
+            "session of {chat} changed"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    for chat in &acks.deleted {
+        if touched_after_ack.contains(chat) {
+            continue;
+        }
+        let live = rows
+            .iter()
+            .any(|r| r.chat_id.to_string() == *chat && r.is_live(now));
+        assert!(!live, "acknowledged delete of {chat} undone");
+    }
+    took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

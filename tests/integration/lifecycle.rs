@@ -215,3 +215,42 @@ async fn a_stopped_container_is_replaced() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_container_for_a_live_session_is_removed() {
+    let app = TestApp::spawn().await;
+    let chat = new_chat();
+    let (status, first) = app.create(&chat, "agent", &app.volume("drift")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Same chat and session, but labels that do not match the row's spec: drift.
+    let labels: HashMap<String, String> = [
+        ("sandboxd.managed", "true"),
+        ("sandboxd.instance", app.instance()),
+        ("sandboxd.chat_id", chat.as_str()),
+        ("sandboxd.session_id", first["session_id"].as_str().unwrap()),
+        ("sandboxd.spec_hash", "tampered"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let drifted = make_container(&app, labels).await;
+    wait_until(
+        Duration::from_secs(15),
+        "drifted container removed",
+        || async {
+            app.docker
+                .inspect_container(&drifted, None)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let cs = app.containers().await;
+    assert_eq!(cs.len(), 1);
+    assert_eq!(
+        cs[0].id.as_deref(),
+        first["container_id"].as_str(),
+        "the healthy one stays"
+    );
+}

@@ -6,6 +6,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod lifecycle;
+mod load;
 mod proxy;
 mod restart;
 mod support;

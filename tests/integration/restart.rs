@@ -165,3 +165,52 @@ async fn graceful_stop_leaves_sandboxes_running_and_a_restart_is_a_no_op() {
     let (_, again) = app.create(&chat, "agent", &app.volume("g")).await;
     assert_eq!(again, first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = unique_instance();
+    let _guard = InstanceGuard(instance.clone());
+    let port = free_port();
+    let mut settings = test_settings(dir.path(), &instance);
+    settings.http.port = port;
+    let config = write_config(dir.path(), &settings);
+    let vol = dir.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let mut server = ServerProcess::start(&config, port).await;
+    let chat = new_chat();
+    let (status, body) = post(
+        server.addr,
+        "/api/v1/create",
+        &json!({"chat_id": chat, "agent_id": "a", "volume_host_path": vol}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let exited = wait_until(
+        Duration::from_secs(30),
+        "sandboxd to exit after SIGTERM",
+        || {
+            let status = server.child.try_wait().ok().flatten();
+            async move { status }
+        },
+    )
+    .await;
+    assert!(exited.success(), "exit status {exited}");
+    let c = docker()
+        .await
+        .inspect_container(body["container_id"].as_str().unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.state.unwrap().running,
+        Some(true),
+        "SIGTERM must not stop sandboxes"
+    );
+}

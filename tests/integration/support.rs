@@ -362,3 +362,53 @@ pub fn write_config(dir: &Path, settings: &Settings) -> PathBuf {
     std::fs::write(&path, settings.to_masked_yaml()).expect("write config");
     path
 }
+
+/// Waits until Docker matches the store exactly: every live row has exactly one running
+/// container of its session and is recorded as running, and no container lacks a live row.
+/// Returns how long that took and the rows it saw.
+pub async fn wait_converged(
+    settings: &Settings,
+    docker: &Docker,
+    timeout: Duration,
+) -> (Duration, Vec<sandboxd::store::SandboxRow>) {
+    let started = Instant::now();
+    let store = sandboxd::store::Store::open(&settings.database.path, Duration::from_secs(5), 1)
+        .await
+        .expect("open store");
+    loop {
+        let rows = store.all().await.expect("rows");
+        let now = chrono::Utc::now();
+        let live: HashMap<String, String> = rows
+            .iter()
+            .filter(|r| r.is_live(now))
+            .map(|r| (r.chat_id.to_string(), r.session_id.to_string()))
+            .collect();
+        let mut per_chat: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+        for c in containers_of(docker, &settings.controller.instance).await {
+            let labels = c.labels.clone().unwrap_or_default();
+            let chat = labels.get("sandboxd.chat_id").cloned().unwrap_or_default();
+            let session = labels
+                .get("sandboxd.session_id")
+                .cloned()
+                .unwrap_or_default();
+            let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+            per_chat.entry(chat).or_default().push((session, running));
+        }
+        let converged = live.iter().all(|(chat, session)| {
+            per_chat
+                .get(chat)
+                .is_some_and(|v| v.len() == 1 && v[0].0 == *session && v[0].1)
+        }) && per_chat.keys().all(|chat| live.contains_key(chat))
+            && rows
+                .iter()
+                .all(|r| r.phase == sandboxd::domain::Phase::Running || !r.is_live(now));
+        if converged {
+            return (started.elapsed(), rows);
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "not converged after {timeout:?}: live {live:?}, containers {per_chat:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
