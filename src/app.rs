@@ -17,6 +17,7 @@ use crate::config::Settings;
 use crate::controller::{Controller, ControllerStatus};
 use crate::domain::volume::VolumePolicy;
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct Application {
@@ -139,6 +140,7 @@ impl Application {
             volumes,
             wake: Arc::new(Notify::new()),
             controller: Arc::new(ControllerStatus::default()),
+            metrics: Arc::new(Metrics::new()),
         };
         Ok(Self { listener, state })
     }
@@ -158,13 +160,14 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let controller = Controller::new(
-            self.state.store.clone(),
-            self.state.settings.clone(),
-            self.state.volumes.clone(),
-            self.state.wake.clone(),
-            self.state.controller.clone(),
-        );
+        let controller = Controller {
+            store: self.state.store.clone(),
+            settings: self.state.settings.clone(),
+            volumes: self.state.volumes.clone(),
+            wake: self.state.wake.clone(),
+            status: self.state.controller.clone(),
+            metrics: self.state.metrics.clone(),
+        };
         let controller = tokio::spawn(controller.run(stop_rx.clone()));
         let mut http_stop = stop_rx;
         let app = http::router(self.state);

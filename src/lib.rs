@@ -7,6 +7,7 @@
 //! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`http`]: the thin axum API; writes desired state, reads status, never calls Docker.
+//! - [`metrics`]: Prometheus metrics served at `/metrics`.
 //! - [`config`]: typed settings from YAML and `APP_*` environment overrides.
 //! - [`app`]: wiring in one place; [`cli`]: the command line.
 
@@ -17,6 +18,7 @@ pub mod controller;
 pub mod docker;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod planner;
 pub mod store;
 pub mod telemetry;

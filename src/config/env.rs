@@ -65,6 +65,14 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_SIGNING_KEY", "security.signing_key"),
     ("APP_DATABASE_PATH", "database.path"),
     ("APP_DATABASE_BUSY_TIMEOUT_MS", "database.busy_timeout_ms"),
+    (
+        "APP_DATABASE_EVENT_RETENTION_DAYS",
+        "database.event_retention_days",
+    ),
+    (
+        "APP_DATABASE_EXPIRED_RETENTION_DAYS",
+        "database.expired_retention_days",
+    ),
     ("APP_CONTROLLER_INSTANCE", "controller.instance"),
     (
         "APP_CONTROLLER_MAX_CONCURRENT_ACTIONS",

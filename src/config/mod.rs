@@ -263,6 +263,10 @@ pub struct DatabaseSettings {
     pub path: PathBuf,
     pub busy_timeout_ms: u64,
     pub max_connections: u32,
+    /// Events older than this are deleted (checked hourly).
+    pub event_retention_days: u64,
+    /// Rows of expired sessions untouched for this long are deleted (the events stay).
+    pub expired_retention_days: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -271,6 +275,8 @@ impl Default for DatabaseSettings {
             path: "var/sandboxd.db".into(),
             busy_timeout_ms: 5_000,
             max_connections: 8,
+            event_retention_days: 30,
+            expired_retention_days: 7,
         }
     }
 }

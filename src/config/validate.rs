@@ -175,6 +175,19 @@ impl Settings {
         if self.database.path.as_os_str().is_empty() {
             return Err(invalid("database.path", "must not be empty"));
         }
+        positive("database.busy_timeout_ms", self.database.busy_timeout_ms)?;
+        within(
+            "database.event_retention_days",
+            self.database.event_retention_days,
+            1,
+            36_500,
+        )?;
+        within(
+            "database.expired_retention_days",
+            self.database.expired_retention_days,
+            1,
+            36_500,
+        )?;
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
@@ -214,6 +227,14 @@ fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
         Err(invalid(key, "must not be empty"))
     } else {
         Ok(())
+    }
+}
+
+fn within(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("must be between {min} and {max}")))
     }
 }
 

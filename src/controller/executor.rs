@@ -14,6 +14,7 @@ use crate::docker::{DockerRuntime, StartRequest};
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, SessionId};
+use crate::metrics::Metrics;
 use crate::planner::{Action, Key, RemoveReason};
 use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
 
@@ -28,16 +29,59 @@ pub enum ActionError {
     HostDir { path: String, reason: String },
 }
 
+/// How an action ended when it did not error.
+pub enum Outcome {
+    Done,
+    /// The row changed since the plan; nothing was done.
+    Skipped,
+    /// A start failed and was recorded in the row (retried via `next_attempt_at`).
+    StartFailed,
+}
+
 pub struct Executor {
     pub store: Store,
     pub runtime: DockerRuntime,
     pub backoff: BackoffPolicy,
     pub volumes: Arc<VolumePolicy>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Executor {
-    #[tracing::instrument(skip_all, fields(action = action.kind(), key = ?action.key()))]
+    /// Runs the action and counts its outcome.
     pub async fn run(&self, action: Action) -> Result<(), ActionError> {
+        let kind = action.kind();
+        let expiring = matches!(
+            &action,
+            Action::Remove {
+                reason: RemoveReason::Expire { .. },
+                ..
+            }
+        );
+        let result = self.run_inner(action).await;
+        let outcome = match &result {
+            Ok(Outcome::Done) => "ok",
+            Ok(Outcome::StartFailed) => "error",
+            Ok(Outcome::Skipped) => "skipped",
+            Err(_) => "error",
+        };
+        self.metrics.action(kind, outcome);
+        if expiring {
+            let counter = match &result {
+                Ok(_) => &self.metrics.cleanup_total,
+                Err(_) => &self.metrics.cleanup_errors_total,
+            };
+            counter.inc();
+        }
+        result.map(|_| ())
+    }
+
+    #[tracing::instrument(skip_all, fields(action = action.kind(), chat_id = tracing::field::Empty, session_id = tracing::field::Empty, container_id = tracing::field::Empty))]
+    async fn run_inner(&self, action: Action) -> Result<Outcome, ActionError> {
+        let span = tracing::Span::current();
+        match &action.key() {
+            Key::Chat(c) => span.record("chat_id", tracing::field::display(c)),
+            Key::Container(id) => span.record("container_id", id.as_str()),
+        };
         match action {
             Action::Start {
                 chat_id,
@@ -51,27 +95,40 @@ impl Executor {
                 ip,
                 stale,
             } => {
-                self.remove_all(&stale).await?;
                 let Some(row) = self.store.get(chat_id).await? else {
-                    return Ok(());
+                    return Ok(Outcome::Skipped);
                 };
+                span.record("session_id", tracing::field::display(session_id));
+                span.record("container_id", container_id.as_str());
                 let port = parse_spec(&row)?.agent_port;
                 let running = RunningContainer {
                     container_id: &container_id,
                     ip: &ip,
                     port,
                 };
+                // Record the healthy one first: a stale container that resists removal must
+                // not keep a working sandbox from being served.
                 self.store
                     .record_running(chat_id, session_id, &running, "adopt", Utc::now())
                     .await?;
                 info!(%chat_id, %session_id, %container_id, "adopted running container");
-                Ok(())
+                self.remove_all(&stale).await?;
+                Ok(Outcome::Done)
             }
             Action::Remove {
                 key,
                 containers,
                 reason,
             } => {
+                if let (Key::Chat(chat_id), RemoveReason::Expire { session_id }) = (&key, &reason) {
+                    // A renew may have landed since the plan: re-read before removing.
+                    let row = self.store.get(*chat_id).await?;
+                    let renewed =
+                        row.is_some_and(|r| r.session_id == *session_id && r.is_live(Utc::now()));
+                    if renewed {
+                        return Ok(Outcome::Skipped);
+                    }
+                }
                 self.remove_all(&containers).await?;
                 let now = Utc::now();
                 match (key, reason) {
@@ -105,7 +162,7 @@ impl Executor {
                         info!(?key, ?containers, action, "removed containers");
                     }
                 }
-                Ok(())
+                Ok(Outcome::Done)
             }
         }
     }
@@ -122,13 +179,14 @@ impl Executor {
         chat_id: ChatId,
         session_id: SessionId,
         stale: &[String],
-    ) -> Result<(), ActionError> {
+    ) -> Result<Outcome, ActionError> {
         let Some(row) = self.store.get(chat_id).await? else {
-            return Ok(());
+            return Ok(Outcome::Skipped);
         };
         if row.session_id != session_id || !row.is_live(Utc::now()) {
-            return Ok(()); // superseded since the plan; the next pass sees the new truth
+            return Ok(Outcome::Skipped); // superseded since the plan; the next pass sees the new truth
         }
+        tracing::Span::current().record("session_id", tracing::field::display(session_id));
         let result = async {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
@@ -163,8 +221,15 @@ impl Executor {
                         Utc::now(),
                     )
                     .await?;
+                if recorded {
+                    let waited = (Utc::now() - row.created_at).to_std().unwrap_or_default();
+                    self.metrics
+                        .time_to_running_seconds
+                        .observe(waited.as_secs_f64());
+                }
+                tracing::Span::current().record("container_id", started.container_id.as_str());
                 info!(%chat_id, %session_id, container_id = %started.container_id, ip = %started.ip, recorded, "sandbox running");
-                Ok(())
+                Ok(Outcome::Done)
             }
             Err(e) => {
                 let message = e.to_string();
@@ -181,7 +246,7 @@ impl Executor {
                     .await?;
                 warn!(%chat_id, %session_id, ?attempts, error = %message, "start failed; will retry with backoff");
                 // Recorded in the row; the row's next_attempt_at paces the retry.
-                Ok(())
+                Ok(Outcome::StartFailed)
             }
         }
     }

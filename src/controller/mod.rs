@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::docker::DockerRuntime;
 use crate::domain::volume::VolumePolicy;
+use crate::metrics::{Metrics, PhaseLabel, StateLabel};
 use crate::planner::{self, Key};
 use crate::store::Store;
 use backoff::BackoffPolicy;
@@ -50,12 +51,16 @@ impl ControllerStatus {
     }
 }
 
+/// What the loop works with; built once in `app.rs`.
 pub struct Controller {
-    store: Store,
-    settings: Arc<Settings>,
-    volumes: Arc<VolumePolicy>,
-    wake: Arc<Notify>,
-    status: Arc<ControllerStatus>,
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    pub volumes: Arc<VolumePolicy>,
+    /// Notified by API writes and Docker events.
+    pub wake: Arc<Notify>,
+    /// Shared with readiness.
+    pub status: Arc<ControllerStatus>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-key retry pacing for failures that are not recorded in a row (removals).
@@ -65,22 +70,6 @@ struct Retry {
 }
 
 impl Controller {
-    pub fn new(
-        store: Store,
-        settings: Arc<Settings>,
-        volumes: Arc<VolumePolicy>,
-        wake: Arc<Notify>,
-        status: Arc<ControllerStatus>,
-    ) -> Self {
-        Self {
-            store,
-            settings,
-            volumes,
-            wake,
-            status,
-        }
-    }
-
     fn backoff(&self) -> BackoffPolicy {
         let c = &self.settings.controller;
         BackoffPolicy {
@@ -103,10 +92,17 @@ impl Controller {
         let mut in_flight: HashSet<Key> = HashSet::new();
         let mut retries: HashMap<Key, Retry> = HashMap::new();
         let mut tasks: JoinSet<(Key, bool)> = JoinSet::new();
+        // Which key each task works on, so a panicked task still frees its chat.
+        let mut task_keys: HashMap<tokio::task::Id, Key> = HashMap::new();
+        let mut next_prune = Instant::now();
 
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if Instant::now() >= next_prune {
+                self.prune().await;
+                next_prune = Instant::now() + Duration::from_secs(3600);
             }
             // 1. An engine to talk to.
             if runtime.is_none() {
@@ -114,24 +110,32 @@ impl Controller {
                     Ok(rt) => {
                         info!("connected to the Docker engine");
                         connect_failures = 0;
-                        self.status.docker_connected.store(true, Ordering::Relaxed);
+                        self.set_connected(true);
                         if let Some(t) = events_task.take() {
                             t.abort();
                         }
-                        events_task =
-                            Some(tokio::spawn(watch_events(rt.clone(), self.wake.clone())));
+                        events_task = Some(tokio::spawn(watch_events(
+                            rt.clone(),
+                            self.wake.clone(),
+                            self.metrics.clone(),
+                        )));
                         runtime = Some(rt);
                     }
                     Err(e) => {
                         connect_failures += 1;
-                        self.status.docker_connected.store(false, Ordering::Relaxed);
+                        self.set_connected(false);
                         self.status.set_error(Some(e.clone()));
                         warn!(error = %e, attempt = connect_failures, "Docker engine unavailable");
                         self.fail_unattempted(&e, policy).await;
-                        let delay = policy.delay(connect_failures);
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = shutdown.changed() => {}
+                        // Wait out the backoff, but answer new desired state at once: a create
+                        // arriving now gets its 503 without waiting for the next reconnect.
+                        let until = Instant::now() + policy.delay(connect_failures);
+                        loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(until) => break,
+                                _ = self.wake.notified() => self.fail_unattempted(&e, policy).await,
+                                _ = shutdown.changed() => break,
+                            }
                         }
                         continue;
                     }
@@ -145,9 +149,9 @@ impl Controller {
                 Ok(plan) => {
                     pass_failures = 0;
                     self.status.set_error(None);
-                    self.status
-                        .last_pass_ms
-                        .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                    let now_ms = Utc::now().timestamp_millis();
+                    self.status.last_pass_ms.store(now_ms, Ordering::Relaxed);
+                    self.metrics.last_pass_timestamp.set(now_ms as f64 / 1000.0);
                     if let Some(t) = plan.next_wake {
                         let wait = (t - Utc::now()).to_std().unwrap_or_default();
                         next_deadline = next_deadline.min(Instant::now() + wait);
@@ -170,9 +174,11 @@ impl Controller {
                             runtime: rt.clone(),
                             backoff: policy,
                             volumes: self.volumes.clone(),
+                            metrics: self.metrics.clone(),
                         };
                         let permits = permits.clone();
-                        tasks.spawn(async move {
+                        let task_key = key.clone();
+                        let handle = tasks.spawn(async move {
                             let _permit = permits.acquire_owned().await;
                             let ok = match exec.run(action).await {
                                 Ok(()) => true,
@@ -183,36 +189,48 @@ impl Controller {
                             };
                             (key, ok)
                         });
+                        task_keys.insert(handle.id(), task_key);
                     }
                 }
                 Err(e) => {
                     pass_failures += 1;
+                    self.metrics.pass_errors_total.inc();
                     warn!(error = %e, attempt = pass_failures, "reconcile pass failed");
                     self.status.set_error(Some(e.to_string()));
                     if matches!(e, PassError::Docker(_)) {
                         // Reconnect (and renegotiate) before the next pass.
                         runtime = None;
-                        self.status.docker_connected.store(false, Ordering::Relaxed);
+                        self.set_connected(false);
                     }
                     next_deadline = Instant::now() + policy.delay(pass_failures);
                 }
             }
 
+            self.metrics.queue_depth.set(in_flight.len() as i64);
+
             // 3. Sleep until something may have changed.
             tokio::select! {
                 _ = self.wake.notified(), if pass_failures == 0 => {}
                 _ = tokio::time::sleep_until(next_deadline) => {}
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     let mut finished = vec![done];
-                    while let Some(more) = tasks.try_join_next() {
+                    while let Some(more) = tasks.try_join_next_with_id() {
                         finished.push(more);
                     }
                     for result in finished {
-                        let Ok((key, ok)) = result else { continue };
+                        let (id, ok) = match result {
+                            Ok((id, (_, ok))) => (id, ok),
+                            Err(e) => {
+                                warn!(error = %e, "action task panicked");
+                                (e.id(), false)
+                            }
+                        };
+                        let Some(key) = task_keys.remove(&id) else { continue };
                         in_flight.remove(&key);
                         if ok {
                             retries.remove(&key);
                         } else {
+                            self.metrics.retries_total.inc();
                             let r = retries.entry(key).or_insert(Retry { attempts: 0, not_before: Instant::now() });
                             r.attempts += 1;
                             r.not_before = Instant::now() + policy.delay(r.attempts);
@@ -237,11 +255,21 @@ impl Controller {
         }
     }
 
+    fn set_connected(&self, up: bool) {
+        self.status.docker_connected.store(up, Ordering::Relaxed);
+        self.metrics.docker_connected.set(i64::from(up));
+    }
+
     async fn connect(&self) -> Result<DockerRuntime, String> {
         let s = &self.settings;
-        let rt = DockerRuntime::connect(&s.docker, &s.controller.instance, &s.sandbox.network_name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let rt = DockerRuntime::connect(
+            &s.docker,
+            &s.controller.instance,
+            &s.sandbox.network_name,
+            self.metrics.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         rt.ensure_network().await.map_err(|e| e.to_string())?;
         Ok(rt)
     }
@@ -252,6 +280,7 @@ impl Controller {
         let observed = rt.list_managed().await?;
         let desired: Vec<_> = rows.iter().map(|r| r.desired()).collect();
         let plan = planner::plan(&desired, &observed, Utc::now());
+        self.record_world(&rows, &observed, started.elapsed());
         debug!(
             rows = rows.len(),
             containers = observed.len(),
@@ -260,6 +289,63 @@ impl Controller {
             "reconcile pass"
         );
         Ok(plan)
+    }
+
+    fn record_world(
+        &self,
+        rows: &[crate::store::SandboxRow],
+        observed: &[planner::Observed],
+        took: Duration,
+    ) {
+        let m = &self.metrics;
+        m.pass_seconds.observe(took.as_secs_f64());
+        for phase in crate::domain::Phase::ALL {
+            let n = rows.iter().filter(|r| r.phase == phase).count();
+            m.desired
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .set(n as i64);
+        }
+        let running = observed.iter().filter(|c| c.running).count();
+        m.observed
+            .get_or_create(&StateLabel { state: "running" })
+            .set(running as i64);
+        m.observed
+            .get_or_create(&StateLabel {
+                state: "not_running",
+            })
+            .set((observed.len() - running) as i64);
+        m.active.set(
+            rows.iter()
+                .filter(|r| r.phase == crate::domain::Phase::Running)
+                .count() as i64,
+        );
+    }
+
+    /// Enforces the retention settings (events, expired rows).
+    async fn prune(&self) {
+        let db = &self.settings.database;
+        // Bounded to 1..=36500 by config validation.
+        let days = |d: u64| chrono::Duration::days(i64::try_from(d).unwrap_or(36_500));
+        let now = Utc::now();
+        match self
+            .store
+            .prune(
+                now - days(db.event_retention_days),
+                now - days(db.expired_retention_days),
+            )
+            .await
+        {
+            Ok((events, rows)) if events + rows > 0 => {
+                info!(
+                    events,
+                    rows, "retention: deleted old events and expired rows"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention pass failed"),
+        }
     }
 
     /// With no engine, pending sessions that are due are failed at once (so a waiting create
@@ -302,9 +388,10 @@ enum PassError {
 
 /// Turns Docker events for this instance into wake-ups; reconnects with a delay when the
 /// stream ends. Purely an accelerator.
-async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>) {
+async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>, metrics: Arc<Metrics>) {
     loop {
         let mut events = Box::pin(rt.events());
+        metrics.events_connected.set(1);
         while let Some(item) = events.next().await {
             match item {
                 Ok(()) => wake.notify_one(),
@@ -314,6 +401,7 @@ async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>) {
                 }
             }
         }
+        metrics.events_connected.set(0);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

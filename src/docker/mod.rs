@@ -8,7 +8,8 @@
 pub mod labels;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bollard::errors::Error as BollardError;
 use bollard::models::{
@@ -25,6 +26,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use crate::config::{DockerSettings, PullPolicy};
 use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, SessionId};
+use crate::metrics::Metrics;
 use crate::planner::Observed;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,16 @@ pub enum DockerError {
 impl DockerError {
     fn api(op: &'static str) -> impl FnOnce(BollardError) -> DockerError {
         move |source| DockerError::Api { op, source }
+    }
+}
+
+/// A 404 from create names either the image or the network; only the message tells which.
+fn is_missing_network(e: &BollardError) -> bool {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => {
+            message.to_ascii_lowercase().contains("network")
+        }
+        _ => false,
     }
 }
 
@@ -85,6 +97,7 @@ pub struct DockerRuntime {
     instance: String,
     network: String,
     pull_policy: PullPolicy,
+    metrics: Arc<Metrics>,
 }
 
 impl DockerRuntime {
@@ -93,6 +106,7 @@ impl DockerRuntime {
         settings: &DockerSettings,
         instance: &str,
         network: &str,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, DockerError> {
         let url = settings.base_url.clone();
         let connect_err = |source| DockerError::Connect {
@@ -111,7 +125,26 @@ impl DockerRuntime {
             instance: instance.to_string(),
             network: network.to_string(),
             pull_policy: settings.pull_policy,
+            metrics,
         })
+    }
+
+    /// Runs one Docker call and records its duration and outcome; `benign` statuses (a 404 on
+    /// remove, a 304 on start) count as success.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        benign: &[u16],
+        fut: impl std::future::Future<Output = Result<T, BollardError>>,
+    ) -> Result<T, BollardError> {
+        let started = Instant::now();
+        let result = fut.await;
+        let ok = match &result {
+            Ok(_) => true,
+            Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
+        };
+        self.metrics.docker_call(operation, ok, started.elapsed());
+        result
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
@@ -124,7 +157,14 @@ impl DockerRuntime {
 
     /// Creates the sandbox network if it does not exist.
     pub async fn ensure_network(&self) -> Result<(), DockerError> {
-        match self.docker.inspect_network(&self.network, None).await {
+        match self
+            .call(
+                "inspect_network",
+                &[404],
+                self.docker.inspect_network(&self.network, None),
+            )
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if status_of(&e) == Some(404) => {}
             Err(e) => return Err(DockerError::api("inspect_network")(e)),
@@ -134,7 +174,14 @@ impl DockerRuntime {
             driver: Some("bridge".into()),
             ..Default::default()
         };
-        match self.docker.create_network(request).await {
+        match self
+            .call(
+                "create_network",
+                &[409],
+                self.docker.create_network(request),
+            )
+            .await
+        {
             Ok(_) => {
                 tracing::info!(network = %self.network, "created sandbox network");
                 Ok(())
@@ -153,8 +200,7 @@ impl DockerRuntime {
             .filters(&filters)
             .build();
         let list = self
-            .docker
-            .list_containers(Some(options))
+            .call("list", &[], self.docker.list_containers(Some(options)))
             .await
             .map_err(DockerError::api("list_containers"))?;
         Ok(list
@@ -190,22 +236,32 @@ impl DockerRuntime {
             {
                 // Created by an earlier attempt that crashed before recording it.
                 let existing = self
-                    .docker
-                    .inspect_container(&name, None::<InspectContainerOptions>)
+                    .call(
+                        "inspect",
+                        &[],
+                        self.docker
+                            .inspect_container(&name, None::<InspectContainerOptions>),
+                    )
                     .await
                     .map_err(DockerError::api("inspect_container"))?;
-                let ours = existing
+                let found = existing
                     .config
                     .as_ref()
-                    .and_then(|c| c.labels.as_ref())
-                    .map(labels::parse)
-                    .is_some_and(|p| {
-                        p.session_id == Some(req.session_id)
-                            && p.spec_hash.as_deref() == Some(req.spec_hash)
-                    });
+                    .and_then(|c| c.labels.clone())
+                    .unwrap_or_default();
+                let mine = found.get(labels::INSTANCE).map(String::as_str)
+                    == Some(self.instance.as_str())
+                    && found.get(labels::MANAGED).map(String::as_str) == Some("true");
+                let parsed = labels::parse(&found);
+                let same_session = parsed.session_id == Some(req.session_id)
+                    && parsed.spec_hash.as_deref() == Some(req.spec_hash);
                 let id = existing.id.unwrap_or(name.clone());
-                if !ours {
-                    // Same name, wrong labels: not usable; clear it so the next attempt works.
+                if !mine {
+                    // Someone else's container holds our name: never touch it.
+                    return Err(e);
+                }
+                if !same_session {
+                    // Ours, but stale labels: clear it so the next attempt works.
                     self.remove(&id).await?;
                     return Err(e);
                 }
@@ -232,11 +288,27 @@ impl DockerRuntime {
         let body = self.create_body(req);
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         match self
-            .docker
-            .create_container(Some(options.clone()), body.clone())
+            .call(
+                "create",
+                &[],
+                self.docker
+                    .create_container(Some(options.clone()), body.clone()),
+            )
             .await
         {
             Ok(r) => Ok(r.id),
+            Err(e) if status_of(&e) == Some(404) && is_missing_network(&e) => {
+                // The network was removed under us (e.g. `docker network prune`): recreate it.
+                self.ensure_network().await?;
+                self.call(
+                    "create",
+                    &[],
+                    self.docker.create_container(Some(options), body),
+                )
+                .await
+                .map(|r| r.id)
+                .map_err(DockerError::api("create_container"))
+            }
             Err(e) if status_of(&e) == Some(404) => {
                 if self.pull_policy == PullPolicy::Never {
                     return Err(DockerError::ImageMissing {
@@ -244,11 +316,14 @@ impl DockerRuntime {
                     });
                 }
                 self.pull(&req.spec.image).await?;
-                self.docker
-                    .create_container(Some(options), body)
-                    .await
-                    .map(|r| r.id)
-                    .map_err(DockerError::api("create_container"))
+                self.call(
+                    "create",
+                    &[],
+                    self.docker.create_container(Some(options), body),
+                )
+                .await
+                .map(|r| r.id)
+                .map_err(DockerError::api("create_container"))
             }
             Err(e) => Err(DockerError::api("create_container")(e)),
         }
@@ -256,24 +331,42 @@ impl DockerRuntime {
 
     async fn pull(&self, image: &str) -> Result<(), DockerError> {
         tracing::info!(image, "pulling image (pull policy if_not_present)");
-        let options = CreateImageOptionsBuilder::new().from_image(image).build();
-        self.docker
+        // Without a tag the engine would pull every tag of the repository.
+        let last = image.rsplit('/').next().unwrap_or(image);
+        let reference = if last.contains(':') || image.contains('@') {
+            image.to_string()
+        } else {
+            format!("{image}:latest")
+        };
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&reference)
+            .build();
+        let pull = self
+            .docker
             .create_image(Some(options), None, None)
-            .try_collect::<Vec<_>>()
+            .try_collect::<Vec<_>>();
+        self.call("pull", &[], pull)
             .await
             .map(|_| ())
             .map_err(DockerError::api("pull_image"))
     }
 
     async fn start_and_locate(&self, id: &str) -> Result<String, DockerError> {
-        match self.docker.start_container(id, None).await {
+        match self
+            .call("start", &[304], self.docker.start_container(id, None))
+            .await
+        {
             Ok(()) => {}
             Err(e) if status_of(&e) == Some(304) => {}
             Err(e) => return Err(DockerError::api("start_container")(e)),
         }
         let inspect = self
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
+            .call(
+                "inspect",
+                &[],
+                self.docker
+                    .inspect_container(id, None::<InspectContainerOptions>),
+            )
             .await
             .map_err(DockerError::api("inspect_container"))?;
         inspect
@@ -351,11 +444,17 @@ impl DockerRuntime {
             .force(true)
             .v(true)
             .build();
-        match self.docker.remove_container(id, Some(options)).await {
+        match self
+            .call(
+                "remove",
+                &[404],
+                self.docker.remove_container(id, Some(options)),
+            )
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
-            // "removal already in progress"
-            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            // 409 "removal already in progress": the container still exists; retried later.
             Err(e) => Err(DockerError::api("remove_container")(e)),
         }
     }

@@ -1,8 +1,9 @@
 //! Which host directories a client may have bind-mounted read-write into a sandbox.
 //!
 //! A request volume is resolved to its canonical path (symlinks and `..` gone) and then:
-//! - refused if it is, or lies under, a system location (`/etc`, `/proc`, `/sys`, `/dev`,
-//!   `/boot`, `/usr`, `/lib*`, `/bin`, `/sbin`, `/run`, `/var/run`, `/var/lib/docker`, `/root`);
+//! - refused if it is, lies under or contains a system location (`/etc`, `/proc`, `/sys`,
+//!   `/dev`, `/boot`, `/usr`, `/lib*`, `/bin`, `/sbin`, `/run`, `/var/run`, `/var/lib/docker`,
+//!   `/var/lib/containerd`, `/var/spool`, `/root`) — so `/var` and `/var/lib` are refused too;
 //! - refused if it is or contains a directory holding sandboxd's own state (its database and
 //!   config directories, the Docker socket's directory) — `/` and `/var` are refused this way;
 //! - refused if it is, contains or lies under a sandbox directory (the chats root, which holds
@@ -30,6 +31,8 @@ const SYSTEM_PREFIXES: &[&str] = &[
     "/run",
     "/var/run",
     "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/spool",
     "/root",
     "/snap",
 ];
@@ -86,7 +89,11 @@ impl VolumePolicy {
             .nth(1)
             .and_then(|c| c.as_os_str().to_str())
             .is_some_and(|first| first.starts_with("lib"));
-        if is_lib || SYSTEM_PREFIXES.iter().any(|p| canonical.starts_with(p)) {
+        // Under a system location, or above one (`/var` holds `/var/lib/docker`).
+        let system = SYSTEM_PREFIXES
+            .iter()
+            .any(|p| canonical.starts_with(p) || Path::new(p).starts_with(canonical));
+        if is_lib || system {
             return Err(InvalidInput::Volume("is a protected system location"));
         }
         if self.sensitive.iter().any(|p| p.starts_with(canonical)) {
@@ -148,10 +155,17 @@ mod tests {
             "/var/run/docker.sock",
             "/var/lib/docker/volumes",
             "/root",
+            "/var",
+            "/var/lib",
+            "/var/spool/cron",
         ] {
             assert!(open.check_canonical(Path::new(p)).is_err(), "{p} accepted");
         }
         assert!(open.check_canonical(Path::new("/home/user/work")).is_ok());
+        assert!(open
+            .check_canonical(Path::new("/var/lib/sandboxd/volumes"))
+            .is_ok());
+        assert!(open.check_canonical(Path::new("/srv")).is_ok());
         assert!(
             open.check_canonical(Path::new("/library")).is_err(),
             "/lib* is refused"

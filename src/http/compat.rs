@@ -58,6 +58,25 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text format; 404 when `metrics.enabled` is false.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    if !state.settings.metrics.enabled {
+        return ApiError::BadRequest {
+            status: StatusCode::NOT_FOUND,
+            detail: "metrics are disabled (metrics.enabled)".into(),
+        }
+        .into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
@@ -91,10 +110,27 @@ pub async fn create(
     State(state): State<AppState>,
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<Json<SessionResponse>, ApiError> {
+    let result = create_inner(&state, body).await;
+    state.metrics.create(match &result {
+        Ok(_) => "ok",
+        Err(ApiError::Conflict) => "conflict",
+        Err(ApiError::StartFailed(_)) => "start_failed",
+        Err(ApiError::Timeout(_)) => "timeout",
+        Err(ApiError::Superseded(_)) => "superseded",
+        Err(ApiError::Internal(_)) => "error",
+        Err(_) => "invalid",
+    });
+    result
+}
+
+async fn create_inner(
+    state: &AppState,
+    body: Result<Json<CreateRequest>, JsonRejection>,
+) -> Result<Json<SessionResponse>, ApiError> {
     let Json(req) = body?;
     let chat_id = parse_chat_id(&req.chat_id)?;
     let new = new_session(
-        &state,
+        state,
         chat_id,
         &req.agent_id,
         &req.volume_host_path,
@@ -156,7 +192,18 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
-    let chat_id = parse_chat_id(&raw)?;
+    let result = delete_inner(&state, &raw).await;
+    state.metrics.delete(match &result {
+        Ok(r) => r.result,
+        Err(ApiError::Timeout(_)) => "timeout",
+        Err(ApiError::Internal(_)) => "error",
+        Err(_) => "invalid",
+    });
+    result
+}
+
+async fn delete_inner(state: &AppState, raw: &str) -> Result<Json<DeleteResponse>, ApiError> {
+    let chat_id = parse_chat_id(raw)?;
     let now = Utc::now();
     let Some(before) = state.store.request_delete(chat_id, now).await? else {
         return Ok(Json(DeleteResponse {

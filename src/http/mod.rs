@@ -22,6 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::Settings;
 use crate::controller::ControllerStatus;
 use crate::domain::volume::VolumePolicy;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub use error::ApiError;
@@ -36,6 +37,7 @@ pub struct AppState {
     /// Wakes the controller after a desired-state write.
     pub wake: Arc<Notify>,
     pub controller: Arc<ControllerStatus>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -48,6 +50,7 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .route("/api/v1/health", get(compat::health))
         .route("/api/v1/ready", get(compat::ready))
+        .route("/metrics", get(compat::metrics))
         .route("/api/v1/create", post(compat::create))
         .route(
             "/api/v1/sandboxes/{chat_id}",

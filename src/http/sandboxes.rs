@@ -175,10 +175,16 @@ pub struct RenewRequest {
 pub async fn renew(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-    body: Option<Json<RenewRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<SandboxView>, ApiError> {
     let chat_id = parse_chat_id(&raw)?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+    // The body is optional: empty means "the configured TTL".
+    let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RenewRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::Invalid(format!("invalid request body: {e}")))?
+    };
     let ttl = match req.ttl_seconds {
         Some(t) => validate_ttl(t, MAX_TTL_SECONDS)?,
         None => state.settings.sandbox.ttl_seconds,
@@ -198,5 +204,5 @@ pub async fn events(
     Path(raw): Path<String>,
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
     let chat_id = parse_chat_id(&raw)?;
-    Ok(Json(state.store.events(chat_id, 100).await?))
+    Ok(Json(state.store.events(Some(chat_id), 100).await?))
 }

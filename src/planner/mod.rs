@@ -153,7 +153,9 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
             continue;
         }
 
-        if now >= row.expires_at {
+        // An `expired` phase is final for its session, even if a clock step or a late renew
+        // moved `expires_at` forward again: the session never comes back.
+        if now >= row.expires_at || row.phase == Phase::Expired {
             if !containers.is_empty() || row.phase != Phase::Expired {
                 out.actions.push(Action::Remove {
                     key: Key::Chat(row.chat_id),

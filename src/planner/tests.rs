@@ -156,6 +156,25 @@ fn expired_sessions_are_removed_and_recorded_once() {
 }
 
 #[test]
+fn an_expired_phase_is_final_even_if_expires_at_moved_forward() {
+    let mut r = row(1);
+    r.phase = Phase::Expired;
+    r.expires_at = t0() + Duration::seconds(600);
+    assert!(
+        plan(&[r.clone()], &[], t0()).actions.is_empty(),
+        "no start loop"
+    );
+    let p = plan(&[r], &[container(1)], t0());
+    assert!(matches!(
+        &p.actions[..],
+        [Action::Remove {
+            reason: RemoveReason::Expire { .. },
+            ..
+        }]
+    ));
+}
+
+#[test]
 fn deleted_rows_are_finalized_even_without_containers() {
     let mut r = running_row(1);
     r.deleted = true;

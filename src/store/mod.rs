@@ -15,7 +15,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, Transaction};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use crate::domain::{format_time, ChatId, Phase, SessionId};
 
@@ -33,6 +34,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no database at {path} (run `sandboxd migrate` or start the server first)")]
+    Missing { path: String },
     #[error("corrupt row for chat {chat_id}: {message}")]
     Corrupt { chat_id: String, message: String },
 }
@@ -48,6 +51,33 @@ pub struct NewSession {
     pub spec_json: String,
     pub spec_hash: String,
     pub ttl: chrono::Duration,
+}
+
+/// How many change notifications may queue up for a slow waiter before it must re-read.
+const CHANGE_FEED_CAPACITY: usize = 1024;
+
+/// Notifications of committed writes that may concern one chat.
+pub struct ChatChanges {
+    rx: broadcast::Receiver<Option<ChatId>>,
+    chat_id: ChatId,
+}
+
+impl ChatChanges {
+    /// Waits until a write that may concern the chat commits. False when `deadline` passes.
+    pub async fn changed(&mut self, deadline: Instant) -> bool {
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(c))) if c != self.chat_id => continue,
+                // This chat, any chat, or missed notifications: the caller re-reads.
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    tokio::time::sleep_until(deadline).await;
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// The outcome of `POST /api/v1/create` semantics on the store.
@@ -91,7 +121,7 @@ pub struct ListFilter {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-    changes: watch::Sender<u64>,
+    changes: broadcast::Sender<Option<ChatId>>,
 }
 
 impl Store {
@@ -116,7 +146,29 @@ impl Store {
             .await?;
         Ok(Self {
             pool,
-            changes: watch::channel(0).0,
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
+        })
+    }
+
+    /// Opens an existing database read-only (for the CLI): works while the server runs (WAL)
+    /// and never creates or changes anything.
+    pub async fn open_read_only(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.display().to_string(),
+            });
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
         })
     }
 
@@ -125,13 +177,18 @@ impl Store {
         Ok(())
     }
 
-    /// A receiver that changes after every committed write.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Change notifications for one chat (subscribe before reading, then re-read on each).
+    pub fn watch(&self, chat_id: ChatId) -> ChatChanges {
+        ChatChanges {
+            rx: self.changes.subscribe(),
+            chat_id,
+        }
     }
 
-    fn changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    /// Announces a committed write; `None` means "possibly any chat".
+    fn changed(&self, chat_id: Option<ChatId>) {
+        // No receiver is not an error: nobody is waiting.
+        let _ = self.changes.send(chat_id);
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
@@ -168,15 +225,20 @@ impl Store {
             .await?)
     }
 
-    pub async fn events(&self, chat_id: ChatId, limit: u32) -> Result<Vec<StoredEvent>> {
-        Ok(sqlx::query_as(
-            "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
-             FROM sandbox_events WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
-        )
-        .bind(chat_id.to_string())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
+    /// The newest events first, of one chat (by its index) or of all.
+    pub async fn events(&self, chat_id: Option<ChatId>, limit: u32) -> Result<Vec<StoredEvent>> {
+        let query = match chat_id {
+            Some(chat) => sqlx::query_as(
+                "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
+                 FROM sandbox_events WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .bind(chat.to_string()),
+            None => sqlx::query_as(
+                "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
+                 FROM sandbox_events ORDER BY id DESC LIMIT ?1",
+            ),
+        };
+        Ok(query.bind(i64::from(limit)).fetch_all(&self.pool).await?)
     }
 
     /// The old `create` contract: reuse a live matching session, refuse a live different one,
@@ -203,7 +265,7 @@ impl Store {
         }
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(new.chat_id));
         Ok(CreateOutcome::Created(row))
     }
 
@@ -228,7 +290,7 @@ impl Store {
         let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(new.chat_id));
         Ok(if replaced {
             ApplyOutcome::Replaced(row)
         } else {
@@ -274,7 +336,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(Some(cur))
     }
 
@@ -317,7 +379,7 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(Some(row))
     }
 
@@ -338,7 +400,7 @@ impl Store {
         .bind(format_time(now))
         .execute(&self.pool)
         .await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(())
     }
 
@@ -389,7 +451,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(done)
     }
 
@@ -448,11 +510,12 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(result)
     }
 
-    /// Records that the session expired and its containers are gone.
+    /// Records that the session expired and its containers are gone. Does nothing if the
+    /// session was renewed in the meantime (its `expires_at` is in the future again).
     pub async fn record_expired(
         &self,
         chat_id: ChatId,
@@ -465,7 +528,8 @@ impl Store {
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = 'expired', container_id = NULL, endpoint_ip = NULL, \
              endpoint_port = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
-             WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+             WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL \
+             AND (expires_at <= ?3 OR phase = 'expired')",
         )
         .bind(chat_id.to_string())
         .bind(session_id.to_string())
@@ -487,7 +551,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(())
     }
 
@@ -523,8 +587,48 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.changed();
+        self.changed(Some(chat_id));
         Ok(done)
+    }
+
+    /// Retention: deletes events older than `events_before` and rows of expired sessions (no
+    /// container) last touched before `expired_before`. Works in small batches, each its own
+    /// short transaction, so API writes never wait long behind it. Returns (events, rows).
+    pub async fn prune(
+        &self,
+        events_before: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
+    ) -> Result<(u64, u64)> {
+        const BATCH: i64 = 2_000;
+        let mut events = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM sandbox_events WHERE id IN \
+                 (SELECT id FROM sandbox_events WHERE at < ?1 ORDER BY id LIMIT ?2)",
+            )
+            .bind(format_time(events_before))
+            .bind(BATCH)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            events += n;
+            if n < BATCH as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let rows = sqlx::query(
+            "DELETE FROM sandboxes WHERE phase = 'expired' AND container_id IS NULL \
+             AND deleted_at IS NULL AND updated_at < ?1",
+        )
+        .bind(format_time(expired_before))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if rows > 0 {
+            self.changed(None);
+        }
+        Ok((events, rows))
     }
 
     /// Appends an event outside any status change (orphan removals, pass errors).

@@ -232,7 +232,7 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let store = sandboxd::store::Store::open(&settings.database.path, Duration::from_secs(5), 1)
         .await
         .unwrap();
-    let runtime = DockerRuntime::connect(&real, &instance, TEST_NETWORK)
+    let runtime = DockerRuntime::connect(&real, &instance, TEST_NETWORK, Default::default())
         .await
         .unwrap();
     let row0 = store.get(chats[0].parse().unwrap()).await.unwrap().unwrap();

@@ -1,0 +1,221 @@
+//! `sandboxd ls`, `show`, `events`: the database read-only, for operators. They work while the
+//! server runs and when it is down.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{format_time, ChatId, Phase};
+use crate::store::{ListFilter, SandboxRow, Store, StoredEvent};
+
+fn human(d: chrono::Duration) -> String {
+    let s = d.num_seconds();
+    let (sign, s) = if s < 0 { ("-", -s) } else { ("", s) };
+    match s {
+        0..60 => format!("{sign}{s}s"),
+        60..3600 => format!("{sign}{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{sign}{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{sign}{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        let mut out: String = one_line.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// Renders rows as aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let pad = w.saturating_sub(cell.chars().count());
+                let _ = write!(out, "{cell}{}  ", " ".repeat(pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn endpoint(row: &SandboxRow) -> String {
+    match (&row.endpoint_ip, row.endpoint_port) {
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        _ => "-".into(),
+    }
+}
+
+pub fn render_ls(rows: &[SandboxRow], now: DateTime<Utc>) -> String {
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let expires = if r.phase == Phase::Expired {
+                "expired".to_string()
+            } else {
+                human(r.expires_at - now)
+            };
+            vec![
+                r.chat_id.to_string(),
+                r.phase.to_string(),
+                clip(&r.agent_id, 20),
+                human(now - r.created_at),
+                expires,
+                endpoint(r),
+                r.attempts.to_string(),
+                clip(r.last_error.as_deref().unwrap_or("-"), 60),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CHAT_ID",
+            "PHASE",
+            "AGENT",
+            "AGE",
+            "EXPIRES_IN",
+            "ENDPOINT",
+            "ATTEMPTS",
+            "LAST_ERROR",
+        ],
+        &body,
+    )
+}
+
+pub fn render_events(events: &[StoredEvent]) -> String {
+    let body: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.clone(),
+                e.chat_id.clone(),
+                e.session_id.clone().unwrap_or_else(|| "-".into()),
+                e.container_id
+                    .as_deref()
+                    .map(|c| clip(c, 12))
+                    .unwrap_or_else(|| "-".into()),
+                e.action.clone(),
+                e.outcome.clone(),
+                clip(e.error.as_deref().unwrap_or("-"), 80),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AT",
+            "CHAT_ID",
+            "SESSION_ID",
+            "CONTAINER",
+            "ACTION",
+            "OUTCOME",
+            "ERROR",
+        ],
+        &body,
+    )
+}
+
+pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let fields = [
+        ("chat_id", row.chat_id.to_string()),
+        ("session_id", row.session_id.to_string()),
+        ("generation", row.generation.to_string()),
+        ("phase", row.phase.to_string()),
+        ("agent_id", row.agent_id.clone()),
+        ("volume_host_path", row.volume_host_path.clone()),
+        ("container_id", opt(row.container_id.clone())),
+        ("endpoint", endpoint(row)),
+        ("created_at", format_time(row.created_at)),
+        ("updated_at", format_time(row.updated_at)),
+        ("expires_at", format_time(row.expires_at)),
+        ("deleted_at", opt(row.deleted_at.map(format_time))),
+        ("running_since", opt(row.running_since.map(format_time))),
+        ("attempts", row.attempts.to_string()),
+        ("last_error", opt(row.last_error.clone())),
+        ("next_attempt_at", opt(row.next_attempt_at.map(format_time))),
+        ("spec_hash", row.spec_hash.clone()),
+        ("spec", row.spec_json.clone()),
+    ];
+    let mut out = String::new();
+    for (k, v) in fields {
+        let _ = writeln!(out, "{k:<17} {v}");
+    }
+    out.push_str("\nrecent events:\n");
+    out.push_str(&render_events(events));
+    out
+}
+
+pub async fn ls(
+    store: &Store,
+    phase: Option<Phase>,
+    agent: Option<String>,
+) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(&ListFilter {
+                phase,
+                agent_id: agent.clone(),
+                after,
+                limit: 1000,
+            })
+            .await?;
+        let full = page.len() == 1000;
+        after = page.last().map(|r| r.chat_id);
+        rows.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(render_ls(&rows, Utc::now()))
+}
+
+pub async fn show(store: &Store, chat_id: ChatId) -> anyhow::Result<String> {
+    let row = store
+        .get(chat_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no sandbox for chat {chat_id}"))?;
+    let events = store.events(Some(chat_id), 20).await?;
+    Ok(render_show(&row, &events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human(chrono::Duration::seconds(5)), "5s");
+        assert_eq!(human(chrono::Duration::seconds(125)), "2m5s");
+        assert_eq!(human(chrono::Duration::seconds(7260)), "2h1m");
+        assert_eq!(human(chrono::Duration::seconds(-90)), "-1m30s");
+        assert_eq!(human(chrono::Duration::seconds(90000)), "1d1h");
+    }
+
+    #[test]
+    fn columns_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
+}

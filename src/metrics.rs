@@ -1,0 +1,263 @@
+//! Prometheus metrics (`prometheus-client`), served at `GET /metrics`.
+//!
+//! The old service's signals keep their meaning under Prometheus names
+//! (`sandbox.create.total{result}` → `sandbox_create_total{result}`, …); controller signals are
+//! prefixed `sandboxd_`. Labels are fixed, small sets (results, operations, phases), never ids.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResultLabels {
+    pub operation: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub kind: &'static str,
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~32 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric sandboxd exports.
+pub struct Metrics {
+    registry: Registry,
+    pub create_total: Family<ResultLabel, Counter>,
+    pub delete_total: Family<ResultLabel, Counter>,
+    pub cleanup_total: Counter,
+    pub cleanup_errors_total: Counter,
+    pub active: Gauge,
+    pub docker_call_seconds: HistogramFamily<OpResultLabels>,
+    pub docker_errors_total: Family<OpLabel, Counter>,
+    pub desired: Family<PhaseLabel, Gauge>,
+    pub observed: Family<StateLabel, Gauge>,
+    pub pass_seconds: Histogram,
+    pub pass_errors_total: Counter,
+    pub actions_total: Family<ActionLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub retries_total: Counter,
+    pub time_to_running_seconds: Histogram,
+    pub events_connected: Gauge<i64>,
+    pub docker_connected: Gauge<i64>,
+    pub last_pass_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Self {
+            create_total: Family::default(),
+            delete_total: Family::default(),
+            cleanup_total: Counter::default(),
+            cleanup_errors_total: Counter::default(),
+            active: Gauge::default(),
+            docker_call_seconds: HistogramFamily::new_with_constructor(latency_histogram),
+            docker_errors_total: Family::default(),
+            desired: Family::default(),
+            observed: Family::default(),
+            pass_seconds: latency_histogram(),
+            pass_errors_total: Counter::default(),
+            actions_total: Family::default(),
+            queue_depth: Gauge::default(),
+            retries_total: Counter::default(),
+            time_to_running_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            events_connected: Gauge::default(),
+            docker_connected: Gauge::default(),
+            last_pass_timestamp: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "sandbox_create",
+            "POST /api/v1/create calls by result",
+            m.create_total.clone(),
+        );
+        r.register(
+            "sandbox_delete",
+            "DELETE /api/v1/sandboxes/{chat_id} calls by result",
+            m.delete_total.clone(),
+        );
+        r.register(
+            "sandbox_cleanup",
+            "Expired sandboxes removed",
+            m.cleanup_total.clone(),
+        );
+        r.register(
+            "sandbox_cleanup_errors",
+            "Failed removals of expired sandboxes",
+            m.cleanup_errors_total.clone(),
+        );
+        r.register(
+            "sandbox_active_count",
+            "Sandboxes recorded as running",
+            m.active.clone(),
+        );
+        r.register(
+            "sandbox_runtime_duration_seconds",
+            "Docker API call duration by operation and result",
+            m.docker_call_seconds.clone(),
+        );
+        r.register(
+            "sandbox_runtime_errors",
+            "Failed Docker API calls by operation",
+            m.docker_errors_total.clone(),
+        );
+        r.register(
+            "sandboxd_desired_sandboxes",
+            "Rows in the store by phase",
+            m.desired.clone(),
+        );
+        r.register(
+            "sandboxd_observed_containers",
+            "Containers of this instance by state",
+            m.observed.clone(),
+        );
+        r.register(
+            "sandboxd_reconcile_pass_duration_seconds",
+            "Duration of one reconcile pass (read, list, plan)",
+            m.pass_seconds.clone(),
+        );
+        r.register(
+            "sandboxd_reconcile_pass_errors",
+            "Reconcile passes that failed",
+            m.pass_errors_total.clone(),
+        );
+        r.register(
+            "sandboxd_actions",
+            "Controller actions by kind and outcome",
+            m.actions_total.clone(),
+        );
+        r.register(
+            "sandboxd_queue_depth",
+            "Actions in flight or waiting for a slot",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "sandboxd_retries",
+            "Actions that failed and were scheduled again with backoff",
+            m.retries_total.clone(),
+        );
+        r.register(
+            "sandboxd_time_to_running_seconds",
+            "From the desired-state write of a session to its container running",
+            m.time_to_running_seconds.clone(),
+        );
+        r.register(
+            "sandboxd_docker_events_connected",
+            "1 while the Docker event stream is connected",
+            m.events_connected.clone(),
+        );
+        r.register(
+            "sandboxd_docker_connected",
+            "1 while the Docker engine answers",
+            m.docker_connected.clone(),
+        );
+        r.register(
+            "sandboxd_last_pass_timestamp_seconds",
+            "Unix time of the last completed reconcile pass",
+            m.last_pass_timestamp.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn docker_call(&self, operation: &'static str, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.docker_call_seconds
+            .get_or_create(&OpResultLabels { operation, result })
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.docker_errors_total
+                .get_or_create(&OpLabel { operation })
+                .inc();
+        }
+    }
+
+    pub fn action(&self, kind: &'static str, outcome: &'static str) {
+        self.actions_total
+            .get_or_create(&ActionLabels { kind, outcome })
+            .inc();
+    }
+
+    pub fn create(&self, result: &'static str) {
+        self.create_total
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn delete(&self, result: &'static str) {
+        self.delete_total
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_old_names() {
+        let m = Metrics::new();
+        m.create("created");
+        m.delete("not_found");
+        m.docker_call("create", false, Duration::from_millis(3));
+        let text = m.encode();
+        for name in [
+            "sandbox_create_total{result=\"created\"} 1",
+            "sandbox_delete_total{result=\"not_found\"} 1",
+            "sandbox_runtime_errors_total{operation=\"create\"} 1",
+            "sandbox_active_count",
+            "sandboxd_reconcile_pass_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! What operators see: metrics, the CLI over the database, the event log, retention.
+
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::support::*;
+
+async fn metrics_text(app: &TestApp) -> String {
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap()
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_a_create_delete_cycle() {
+    let app = TestApp::spawn().await;
+    let chat = new_chat();
+    let (status, _) = app.create(&chat, "a", &app.volume("m")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.create(&chat, "a", &app.volume("m")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.delete(&chat).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = wait_until(
+        Duration::from_secs(10),
+        "a pass after the delete",
+        || async {
+            let t = metrics_text(&app).await;
+            (metric_value(&t, "sandboxd_desired_sandboxes{phase=\"running\"}") == Some(0.0))
+                .then_some(t)
+        },
+    )
+    .await;
+    for (series, at_least) in [
+        ("sandbox_create_total{result=\"ok\"}", 2.0),
+        ("sandbox_delete_total{result=\"deleted\"}", 1.0),
+        ("sandboxd_actions_total{kind=\"start\",outcome=\"ok\"}", 1.0),
+        (
+            "sandboxd_actions_total{kind=\"finalize\",outcome=\"ok\"}",
+            1.0,
+        ),
+        ("sandboxd_time_to_running_seconds_count", 1.0),
+        ("sandboxd_reconcile_pass_duration_seconds_count", 1.0),
+        (
+            "sandbox_runtime_duration_seconds_count{operation=\"create\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "sandbox_runtime_duration_seconds_count{operation=\"remove\",result=\"ok\"}",
+            1.0,
+        ),
+        ("sandboxd_docker_connected", 1.0),
+        ("sandboxd_docker_events_connected", 1.0),
+        ("sandboxd_last_pass_timestamp_seconds", 1.0),
+    ] {
+        let v =
+            metric_value(&text, series).unwrap_or_else(|| panic!("{series} missing in\n{text}"));
+        assert!(v >= at_least, "{series} = {v}\n{text}");
+    }
+    for name in [
+        "sandbox_active_count",
+        "sandbox_cleanup_total",
+        "sandbox_cleanup_errors_total",
+        "sandboxd_queue_depth",
+        "sandboxd_retries_total",
+        "sandboxd_observed_containers{state=\"running\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+}
+
+fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run sandboxd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_shows_in_ls_show_events_the_table_and_metrics() {
+    let app = TestApp::spawn_with(|s| s.sandbox.image = "sandboxd/no-such-image:0".into()).await;
+    let config = write_config(app.dir.path(), &app.settings);
+    let chat = new_chat();
+    let (status, _) = app.create(&chat, "agent-x", &app.volume("f")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The CLI reads the database while the server runs.
+    let (ok, ls) = cli(&config, &["ls"]);
+    assert!(ok, "{ls}");
+    let line = ls
+        .lines()
+        .find(|l| l.contains(&chat))
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert!(
+        line.contains("failed") && line.contains("agent-x") && line.contains("not present locally"),
+        "{line}"
+    );
+    let (ok, ls) = cli(&config, &["ls", "--phase", "running"]);
+    assert!(ok && !ls.contains(&chat), "{ls}");
+
+    let (ok, show) = cli(&config, &["show", &chat.to_uppercase()]);
+    assert!(ok, "{show}");
+    assert!(show.contains("phase             failed"), "{show}");
+    assert!(show.contains("sandboxd/no-such-image:0"), "{show}");
+    assert!(show.contains("session_created"), "{show}");
+
+    let (ok, events) = cli(&config, &["events", "--chat", &chat]);
+    assert!(ok, "{events}");
+    assert!(
+        events.lines().any(|l| l.contains("start")
+            && l.contains("error")
+            && l.contains("not present locally")),
+        "{events}"
+    );
+
+    let errors = app
+        .db_scalar("SELECT count(*) FROM sandbox_events WHERE action = 'start' AND outcome = 'error' AND error LIKE '%no-such-image%'")
+        .await;
+    assert!(errors >= 1);
+
+    let text = metrics_text(&app).await;
+    assert!(
+        metric_value(&text, "sandbox_create_total{result=\"start_failed\"}") >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "sandboxd_actions_total{kind=\"start\",outcome=\"error\"}"
+        ) >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "sandbox_runtime_errors_total{operation=\"create\"}") >= Some(1.0),
+        "{text}"
+    );
+
+    // Still works with the server gone.
+    let (_dir, _settings, _guard) = app.stop().await;
+    let (ok, ls) = cli(&config, &["ls"]);
+    assert!(ok && ls.contains(&chat), "{ls}");
+    let (ok, out) = cli(&config, &["show", "not-a-uuid"]);
+    assert!(!ok && out.contains("chat_id"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_masks_secrets_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "security: {api_token: very-secret}\nsandbox: {ttl_seconds: 9}\n",
+    )
+    .unwrap();
+    let (ok, out) = cli(&path, &["check-config"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ttl_seconds: 9") && out.contains("***") && !out.contains("very-secret"),
+        "{out}"
+    );
+    std::fs::write(&path, "sandbox: {ttl_secondz: 9}\n").unwrap();
+    let (ok, out) = cli(&path, &["check-config"]);
+    assert!(
+        !ok && out.contains("sandbox") && out.contains("ttl_secondz"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_events_and_old_expired_rows_only() {
+    use sandboxd::store::{NewSession, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("r.db"), Duration::from_secs(5), 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let now = chrono::Utc::now();
+    let old = now - chrono::Duration::days(40);
+    let session = |chat: sandboxd::domain::ChatId| NewSession {
+        chat_id: chat,
+        agent_id: "a".into(),
+        volume_host_path: "/data".into(),
+        spec_json: "{}".into(),
+        spec_hash: "h".into(),
+        ttl: chrono::Duration::seconds(1),
+    };
+    let old_chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
+    let new_chat_id: sandboxd::domain::ChatId = new_chat().parse().unwrap();
+    let live_chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
+    let r = match store
+        .create_or_reuse(&session(old_chat), old)
+        .await
+        .unwrap()
+    {
+        sandboxd::store::CreateOutcome::Created(r) => r,
+        other => panic!("{other:?}"),
+    };
+    store
+        .record_expired(
+            old_chat,
+            r.session_id,
+            &[],
+            old + chrono::Duration::seconds(2),
+        )
+        .await
+        .unwrap();
+    let r = match store
+        .create_or_reuse(&session(new_chat_id), now)
+        .await
+        .unwrap()
+    {
+        sandboxd::store::CreateOutcome::Created(r) => r,
+        other => panic!("{other:?}"),
+    };
+    store
+        .record_expired(
+            new_chat_id,
+            r.session_id,
+            &[],
+            now + chrono::Duration::seconds(2),
+        )
+        .await
+        .unwrap();
+    let mut live = session(live_chat);
+    live.ttl = chrono::Duration::days(100);
+    store.create_or_reuse(&live, old).await.unwrap();
+
+    let (events, rows) = store
+        .prune(
+            now - chrono::Duration::days(30),
+            now - chrono::Duration::days(7),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "only the old expired row");
+    assert_eq!(
+        events, 3,
+        "the old chat's two events and the live chat's old one"
+    );
+    assert!(store.get(old_chat).await.unwrap().is_none());
+    assert!(store.get(new_chat_id).await.unwrap().is_some());
+    assert!(
+        store.get(live_chat).await.unwrap().is_some(),
+        "live rows are never pruned"
+    );
+    assert_eq!(store.events(Some(new_chat_id), 10).await.unwrap().len(), 2);
+}
