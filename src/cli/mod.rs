@@ -34,6 +34,8 @@ pub enum Command {
     Migrate,
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig,
+    /// Print the OpenAPI document of the HTTP API.
+    Openapi,
     /// List sandboxes: phase, age, expiry, endpoint, last error (database read-only).
     Ls {
         /// Only this phase (pending, running, failed, expired, deleting).
@@ -71,6 +73,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "database {} is up to date",
                 settings.database.path.display()
             );
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", crate::http::openapi::document());
             Ok(())
         }
         Command::CheckConfig => {

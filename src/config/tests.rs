@@ -143,3 +143,46 @@ fn every_env_override_names_a_real_key() {
         );
     }
 }
+
+/// Dotted names of every leaf setting (`sandbox.env` is one map-valued setting).
+fn leaf_keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &serde_norway::Value, out: &mut Vec<String>) {
+        match v.as_mapping() {
+            Some(map) if !prefix.ends_with(".env") => {
+                for (k, v) in map {
+                    let k = k.as_str().unwrap_or_default();
+                    let name = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&name, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        "",
+        &serde_norway::to_value(Settings::default()).unwrap(),
+        &mut out,
+    );
+    out
+}
+
+#[test]
+fn readme_documents_every_setting_and_its_environment_variable() {
+    let readme = include_str!("../../README.md");
+    let keys = leaf_keys();
+    assert!(keys.len() > 40, "{keys:?}");
+    for key in keys {
+        assert!(
+            readme.contains(&format!("| `{key}` |")),
+            "README lacks a row for {key}"
+        );
+    }
+    for (var, _) in ENV_OVERRIDES {
+        assert!(readme.contains(&format!("`{var}`")), "README lacks {var}");
+    }
+}

@@ -47,7 +47,7 @@ uuid_text!(ChatId);
 uuid_text!(SessionId);
 
 /// Where a sandbox is in its life, as the controller last observed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Desired, no running container yet.
@@ -99,7 +99,7 @@ impl fmt::Display for Phase {
 }
 
 /// Where clients reach the agent: the container's IP on the sandbox network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     pub ip: String,
     pub port: u16,

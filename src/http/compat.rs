@@ -12,18 +12,27 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::views::{DeleteResponse, SessionResponse};
+use utoipa::ToSchema;
+
+use super::views::{DeleteResponse, ErrorBody, SessionResponse};
 use super::wait::{self, Gone, StartOutcome};
 use super::{ApiError, AppState};
 use crate::domain::request::{parse_chat_id, validate_agent_id};
 use crate::domain::{spec, ChatId, Phase};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
+/// Liveness: the process answers. Never needs a token.
+#[utoipa::path(get, path = "/api/v1/health", tag = "compat",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = serde_json::Value)))]
 pub async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// 200 only when the database answers, the engine is connected and a pass completed recently.
+#[utoipa::path(get, path = "/api/v1/ready", tag = "operations",
+    responses(
+        (status = 200, description = "database, engine and controller loop are fine", body = serde_json::Value),
+        (status = 503, description = "names each failed check", body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let db = state.store.ping().await.map_err(|e| e.to_string());
     let docker = state.controller.docker_connected.load(Ordering::Relaxed);
@@ -59,6 +68,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text format; 404 when `metrics.enabled` is false.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     if !state.settings.metrics.enabled {
         return ApiError::BadRequest {
@@ -77,9 +88,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
+    /// A UUID in any spelling; answered canonical.
     chat_id: String,
     agent_id: String,
     volume_host_path: String,
@@ -106,6 +118,16 @@ pub(super) fn new_session(
     })
 }
 
+/// The old contract: reuse the live session when agent and volume match, else start one.
+#[utoipa::path(post, path = "/api/v1/create", tag = "compat", request_body = CreateRequest,
+    responses(
+        (status = 200, description = "running", body = SessionResponse),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 409, description = "`sandbox_conflict`: a live session has another agent or volume; or a concurrent delete/replace won", body = ErrorBody),
+        (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
+        (status = 422, description = "invalid input, named in `detail`", body = ErrorBody),
+        (status = 503, description = "`sandbox_start_failed: <reason>`; retries continue in the background", body = ErrorBody),
+        (status = 504, description = "not running within `controller.create_wait_seconds`", body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     body: Result<Json<CreateRequest>, JsonRejection>,
@@ -188,6 +210,14 @@ fn respond_running(row: &SandboxRow) -> Result<Json<SessionResponse>, ApiError> 
         .ok_or_else(|| ApiError::StartFailed("running without an endpoint".into()))
 }
 
+/// The old contract: answered once the container is gone.
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{chat_id}", tag = "compat",
+    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, description = "`deleted` or `not_found`", body = DeleteResponse),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 422, description = "not a UUID", body = ErrorBody),
+        (status = 504, description = "not removed within `controller.delete_wait_seconds`", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(raw): Path<String>,

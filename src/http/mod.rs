@@ -5,6 +5,7 @@
 mod auth;
 mod compat;
 mod error;
+pub mod openapi;
 mod sandboxes;
 mod views;
 mod wait;
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/health", get(compat::health))
         .route("/api/v1/ready", get(compat::ready))
         .route("/metrics", get(compat::metrics))
+        .route("/api/v1/openapi.json", get(openapi::serve))
         .route("/api/v1/create", post(compat::create))
         .route(
             "/api/v1/sandboxes/{chat_id}",

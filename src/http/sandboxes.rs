@@ -9,7 +9,9 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use super::compat::new_session;
-use super::views::SandboxView;
+use utoipa::{IntoParams, ToSchema};
+
+use super::views::{ErrorBody, SandboxView};
 use super::{wait, ApiError, AppState};
 use crate::domain::request::{parse_chat_id, validate_ttl};
 use crate::domain::{ChatId, Phase};
@@ -18,7 +20,7 @@ use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
 /// Longest TTL a client may ask for (30 days).
 const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     /// Seconds to wait for the sandbox to settle (0 = answer at once).
@@ -33,17 +35,19 @@ impl WaitQuery {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
     agent_id: String,
     volume_host_path: String,
+    /// TTL of a new session (1 s to 30 days); default `sandbox.ttl_seconds`.
     ttl_seconds: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ApplyResponse {
     /// `created`, `replaced` or `unchanged`.
+    #[schema(value_type = String)]
     outcome: &'static str,
     sandbox: SandboxView,
 }
@@ -62,6 +66,13 @@ async fn view_after_wait(
         .ok_or(ApiError::NotFound)
 }
 
+/// Declare the sandbox of a chat; a changed spec replaces the session.
+#[utoipa::path(put, path = "/api/v1/sandboxes/{chat_id}", tag = "sandboxes",
+    params(("chat_id" = String, Path, description = "chat UUID, any spelling"), WaitQuery),
+    request_body = ApplyRequest,
+    responses(
+        (status = 200, description = "written; with `wait`, settled or timed out", body = ApplyResponse),
+        (status = 422, description = "invalid input", body = ErrorBody)))]
 pub async fn apply(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -101,6 +112,13 @@ pub async fn apply(
     Ok(Json(ApplyResponse { outcome, sandbox }))
 }
 
+/// Desired spec and observed status of one chat.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}", tag = "sandboxes",
+    params(("chat_id" = String, Path, description = "chat UUID, any spelling"), WaitQuery),
+    responses(
+        (status = 200, body = SandboxView),
+        (status = 404, description = "`sandbox_not_found`", body = ErrorBody),
+        (status = 422, description = "not a UUID", body = ErrorBody)))]
 pub async fn get_one(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -111,22 +129,30 @@ pub async fn get_one(
     view_after_wait(&state, chat_id, &q).await.map(Json)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only this phase.
     phase: Option<String>,
+    /// Only this agent.
     agent_id: Option<String>,
     /// Opaque cursor from the previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Page size, 1–1000 (default 100).
     limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ListResponse {
     items: Vec<SandboxView>,
     next_cursor: Option<String>,
 }
 
+/// Sandboxes ordered by chat id, filtered and paginated.
+#[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes", params(ListQuery),
+    responses(
+        (status = 200, body = ListResponse),
+        (status = 422, description = "invalid filter or cursor", body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -166,12 +192,21 @@ pub async fn list(
     }))
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
+    /// New TTL from now (1 s to 30 days); default `sandbox.ttl_seconds`.
     ttl_seconds: Option<u64>,
 }
 
+/// Extend the TTL of a live session; the container stays.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{chat_id}/renew", tag = "sandboxes",
+    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
+    request_body(content = Option<RenewRequest>, description = "optional"),
+    responses(
+        (status = 200, body = SandboxView),
+        (status = 404, description = "no live session", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ErrorBody)))]
 pub async fn renew(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -199,6 +234,12 @@ pub async fn renew(
     Ok(Json(SandboxView::from(&row)))
 }
 
+/// The chat's last 100 events, newest first.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/events", tag = "sandboxes",
+    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, body = Vec<StoredEvent>),
+        (status = 422, description = "not a UUID", body = ErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,
     Path(raw): Path<String>,

@@ -1,12 +1,13 @@
 //! Response bodies. The compatibility shapes match the old service field for field.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::domain::{format_time, Endpoint, Phase};
 use crate::store::SandboxRow;
 
 /// `POST /api/v1/create` success body (old contract).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SessionResponse {
     pub session_id: String,
     pub chat_id: String,
@@ -14,6 +15,8 @@ pub struct SessionResponse {
     pub volume_host_path: String,
     pub container_id: String,
     pub endpoint: Endpoint,
+    /// Always `running`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub expires_at: String,
 }
@@ -38,16 +41,25 @@ impl SessionResponse {
 }
 
 /// `DELETE /api/v1/sandboxes/{chat_id}` body (old contract).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeleteResponse {
+    /// The canonical chat id.
     pub chat_id: String,
+    /// `deleted` or `not_found`.
+    #[schema(value_type = String)]
     pub result: &'static str,
     pub session_id: Option<String>,
     pub container_id: Option<String>,
 }
 
+/// `{"detail": ...}`: every error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub detail: String,
+}
+
 /// The declarative view: desired spec and observed status together.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SandboxView {
     pub chat_id: String,
     pub session_id: String,

@@ -124,7 +124,7 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
 }
 
 /// One line of the append-only history.
-#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     pub id: i64,
     pub at: String,

@@ -262,3 +262,49 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
     );
     assert_eq!(store.events(Some(new_chat_id), 10).await.unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_openapi_document_matches_the_checked_in_copy() {
+    let app = TestApp::spawn().await;
+    let (status, served) = app.get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let checked_in: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
+    assert!(
+        served == checked_in,
+        "docs/openapi.json is stale: run `cargo run -- openapi > docs/openapi.json`"
+    );
+    // Every route the router serves is documented.
+    let paths = served["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/v1/create", "post"),
+        ("/api/v1/sandboxes/{chat_id}", "delete"),
+        ("/api/v1/sandboxes/{chat_id}", "put"),
+        ("/api/v1/sandboxes/{chat_id}", "get"),
+        ("/api/v1/sandboxes", "get"),
+        ("/api/v1/sandboxes/{chat_id}/renew", "post"),
+        ("/api/v1/health", "get"),
+        ("/api/v1/ready", "get"),
+    ] {
+        assert!(
+            paths[path][method].is_object(),
+            "{method} {path} undocumented"
+        );
+    }
+    let create = &served["components"]["schemas"]["SessionResponse"]["required"];
+    for field in [
+        "session_id",
+        "chat_id",
+        "agent_id",
+        "volume_host_path",
+        "container_id",
+        "endpoint",
+        "status",
+        "expires_at",
+    ] {
+        assert!(
+            create.as_array().unwrap().iter().any(|f| f == field),
+            "{field}"
+        );
+    }
+}
