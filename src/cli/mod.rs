@@ -36,6 +36,8 @@ pub enum Command {
     CheckConfig,
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+    /// Exit 0 when the configured server answers `GET /api/v1/health` (container healthcheck).
+    Probe,
     /// List sandboxes: phase, age, expiry, endpoint, last error (database read-only).
     Ls {
         /// Only this phase (pending, running, failed, expired, deleting).
@@ -75,6 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Probe => probe(&settings).await,
         Command::Openapi => {
             println!("{}", crate::http::openapi::document());
             Ok(())
@@ -103,4 +106,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A minimal HTTP/1.0 health request to the configured address, bounded to 3 s.
+async fn probe(settings: &crate::config::Settings) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = match settings.http.host.as_str() {
+        "0.0.0.0" => "127.0.0.1",
+        "::" => "::1",
+        h => h,
+    };
+    let addr = if host.contains(':') {
+        format!("[{host}]:{}", settings.http.port)
+    } else {
+        format!("{host}:{}", settings.http.port)
+    };
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(b"GET /api/v1/health HTTP/1.0\r\nHost: sandboxd\r\n\r\n")
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    let head = tokio::time::timeout(std::time::Duration::from_secs(3), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr}: no answer within 3 s"))??;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{addr}: unhealthy: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(())
 }

@@ -187,6 +187,17 @@ async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
+    let probe = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("probe")
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(probe(), "probe fails against a healthy server");
+
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -203,6 +214,7 @@ async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
     )
     .await;
     assert!(exited.success(), "exit status {exited}");
+    assert!(!probe(), "probe succeeds with the server gone");
     let c = docker()
         .await
         .inspect_container(body["container_id"].as_str().unwrap(), None)
