@@ -248,18 +248,18 @@ impl Store {
         new: &NewSession,
         now: DateTime<Utc>,
     ) -> Result<CreateOutcome> {
+        // Fast path without the write lock: a live session is answered from a plain read
+        // (a committed state, so the answer is as correct as one given inside a transaction).
+        if let Some(cur) = self.get(new.chat_id).await?.filter(|c| c.is_live(now)) {
+            return Ok(reuse_or_conflict(cur, new));
+        }
         let mut tx = self.begin_write().await?;
         let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
             .bind(new.chat_id.to_string())
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
-            let outcome =
-                if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
-                    CreateOutcome::Reused(cur.clone())
-                } else {
-                    CreateOutcome::Conflict(cur.clone())
-                };
+            let outcome = reuse_or_conflict(cur.clone(), new);
             tx.rollback().await?;
             return Ok(outcome);
         }
@@ -657,6 +657,15 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The old contract for a live session: same agent and volume → reuse, else conflict.
+fn reuse_or_conflict(cur: SandboxRow, new: &NewSession) -> CreateOutcome {
+    if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
+        CreateOutcome::Reused(cur)
+    } else {
+        CreateOutcome::Conflict(cur)
     }
 }
 
