@@ -274,6 +274,7 @@ impl Controller {
         Ok(rt)
     }
 
+    #[tracing::instrument(name = "reconcile_pass", skip_all, fields(rows, containers, actions))]
     async fn pass(&self, rt: &DockerRuntime) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
         let rows = self.store.all().await?;
@@ -281,6 +282,10 @@ impl Controller {
         let desired: Vec<_> = rows.iter().map(|r| r.desired()).collect();
         let plan = planner::plan(&desired, &observed, Utc::now());
         self.record_world(&rows, &observed, started.elapsed());
+        let span = tracing::Span::current();
+        span.record("rows", rows.len());
+        span.record("containers", observed.len());
+        span.record("actions", plan.actions.len());
         debug!(
             rows = rows.len(),
             containers = observed.len(),

@@ -4,7 +4,7 @@
 //! for this instance and the time, it returns what to do and when to look again. Everything the
 //! controller does is one of these actions, so the decisions are all tested here.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
@@ -117,7 +117,9 @@ pub struct Plan {
 
 /// Decides what to do. Actions come out ordered by key, at most one per key.
 pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> Plan {
-    let mut by_chat: BTreeMap<ChatId, Vec<&Observed>> = BTreeMap::new();
+    // Hash-grouped for speed (this runs on every pass over every sandbox); determinism comes
+    // from sorting each chat's containers and the final actions.
+    let mut by_chat: HashMap<ChatId, Vec<&Observed>> = HashMap::with_capacity(observed.len());
     let mut unparsable: Vec<&Observed> = Vec::new();
     for c in observed {
         match c.chat_id {
@@ -125,7 +127,7 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
             None => unparsable.push(c),
         }
     }
-    for list in by_chat.values_mut() {
+    for list in by_chat.values_mut().filter(|l| l.len() > 1) {
         list.sort_by(|a, b| a.container_id.cmp(&b.container_id));
     }
 
@@ -136,9 +138,7 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
         }
     };
 
-    let mut rows: Vec<&Desired> = desired.iter().collect();
-    rows.sort_by_key(|d| d.chat_id);
-    for row in rows {
+    for row in desired {
         let containers = by_chat.remove(&row.chat_id).unwrap_or_default();
         let ids = |cs: &[&Observed]| cs.iter().map(|c| c.container_id.clone()).collect();
 
