@@ -400,16 +400,28 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
     let chat = new_chat();
     let (mut to_create, mut to_start) = (Vec::new(), Vec::new());
     create(&client, app.addr, &chat, &app.vol).await;
+    let mut previous = String::new();
     for _ in 0..ROUNDS {
-        let v: Value = client
-            .get(format!("http://{}/api/v1/sandboxes/{chat}", app.addr))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
-        let victim = v["container_id"].as_str().expect("container").to_string();
+        // The row must name the running replacement of the previous round first.
+        let mut victim = String::new();
+        for _ in 0..300 {
+            let v: Value = client
+                .get(format!("http://{}/api/v1/sandboxes/{chat}", app.addr))
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            let id = v["container_id"].as_str().unwrap_or_default().to_string();
+            if v["phase"] == "running" && !id.is_empty() && id != previous {
+                victim = id;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!victim.is_empty(), "no running replacement recorded");
+        previous = victim.clone();
         docker
             .kill_container(&victim, None::<KillContainerOptions>)
             .await
@@ -441,8 +453,6 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
                 _ => {}
             }
         }
-        // Let the row settle on the replacement before the next round.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     to_create.sort();
     to_start.sort();

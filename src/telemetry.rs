@@ -1,8 +1,17 @@
-//! Logging setup from the `logging` section: level, text or JSON, stdout or stderr.
+//! Logs and traces: `logging` (level, text or JSON, stdout or stderr) and, when
+//! `otel.enabled`, OTLP/HTTP export of every span (HTTP requests, reconcile passes, actions).
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::LoggingSettings;
+use crate::config::{LoggingSettings, OtelSettings};
+
+/// Where spans go when `otel.traces_endpoint` is not set.
+pub const DEFAULT_TRACES_ENDPOINT: &str = "http://127.0.0.1:4318/v1/traces";
 
 /// Maps the old service's level names (`WARNING`, any case) to a tracing filter directive.
 pub fn parse_level(level: &str) -> Result<String, String> {
@@ -17,19 +26,82 @@ pub fn parse_level(level: &str) -> Result<String, String> {
     Ok(directive)
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over the config.
-pub fn init(settings: &LoggingSettings) {
-    let directive = parse_level(&settings.level).unwrap_or_else(|_| "info".into());
+/// Keeps the trace exporter alive; flushes and stops it when dropped.
+#[derive(Default)]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            // The exporter's blocking HTTP client must not be dropped on an async thread.
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+        }
+    }
+}
+
+type Filtered = Layered<EnvFilter, Registry>;
+type BoxedLayer = Box<dyn Layer<Filtered> + Send + Sync>;
+
+fn fmt_layer(settings: &LoggingSettings) -> BoxedLayer {
+    let to_stderr = settings.output == "stderr";
+    let layer = tracing_subscriber::fmt::layer();
+    match (settings.format.as_str(), to_stderr) {
+        ("json", true) => layer.json().with_writer(std::io::stderr).boxed(),
+        ("json", false) => layer.json().boxed(),
+        (_, true) => layer.with_writer(std::io::stderr).boxed(),
+        (_, false) => layer.boxed(),
+    }
+}
+
+/// Builds the OTLP/HTTP span exporter. Its blocking HTTP client is created on a plain thread:
+/// it may not be built inside the async runtime.
+fn tracer_provider(otel: &OtelSettings) -> anyhow::Result<SdkTracerProvider> {
+    let endpoint = otel
+        .traces_endpoint
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TRACES_ENDPOINT.to_string());
+    let service = otel
+        .service_name
+        .clone()
+        .unwrap_or_else(|| "sandboxd".to_string());
+    std::thread::spawn(move || {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .build()?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service)
+            .build();
+        anyhow::Ok(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("OTLP exporter setup panicked"))?
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over the config. A second call
+/// (tests) keeps the first subscriber.
+pub fn init(logging: &LoggingSettings, otel: &OtelSettings) -> anyhow::Result<TelemetryGuard> {
+    let directive = parse_level(&logging.level).unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{directive},sqlx=warn,hyper=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let to_stderr = settings.output == "stderr";
-    let result = match (settings.format.as_str(), to_stderr) {
-        ("json", true) => builder.json().with_writer(std::io::stderr).try_init(),
-        ("json", false) => builder.json().try_init(),
-        (_, true) => builder.with_writer(std::io::stderr).try_init(),
-        (_, false) => builder.try_init(),
-    };
-    // A second init (tests) is harmless.
-    let _ = result;
+    let mut layers: Vec<BoxedLayer> = vec![fmt_layer(logging)];
+    let mut guard = TelemetryGuard::default();
+    if otel.enabled {
+        let provider = tracer_provider(otel)?;
+        let tracer = provider.tracer("sandboxd");
+        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
+        guard.provider = Some(provider);
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init();
+    Ok(guard)
 }

@@ -64,12 +64,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = app::load_settings(path.as_deref())?;
     match cli.command {
         Command::Serve => {
-            crate::telemetry::init(&settings.logging);
+            // Dropped last: flushes exported spans after the server stopped.
+            let _telemetry = crate::telemetry::init(&settings.logging, &settings.otel)?;
             let app = Application::build(settings, path.as_deref()).await?;
             app.run_until_stopped(app::shutdown_signal()).await
         }
         Command::Migrate => {
-            crate::telemetry::init(&settings.logging);
+            let _telemetry = crate::telemetry::init(&settings.logging, &settings.otel)?;
             app::open_store(&settings).await?;
             println!(
                 "database {} is up to date",

@@ -92,7 +92,7 @@ impl Default for LoggingSettings {
     }
 }
 
-/// Accepted for compatibility with old configs; the Prometheus endpoint is not served yet.
+/// Whether `GET /metrics` serves Prometheus metrics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
@@ -105,7 +105,9 @@ impl Default for MetricsSettings {
     }
 }
 
-/// Accepted for compatibility with old configs; OTLP export is not implemented yet.
+/// OpenTelemetry. With `enabled`, spans are exported over OTLP/HTTP (protobuf) to
+/// `traces_endpoint` (default `http://127.0.0.1:4318/v1/traces`). The logs and metrics
+/// endpoints of old configs are accepted and unused (metrics: `/metrics`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtelSettings {

@@ -137,6 +137,15 @@ impl Settings {
         crate::telemetry::parse_level(&self.logging.level)
             .map_err(|m| invalid("logging.level", m))?;
 
+        if let Some(endpoint) = &self.otel.traces_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(invalid(
+                    "otel.traces_endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+
         let base = &self.docker.base_url;
         if !(base.starts_with("unix://")
             || base.starts_with("tcp://")

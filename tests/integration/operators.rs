@@ -308,3 +308,73 @@ async fn the_served_openapi_document_matches_the_checked_in_copy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_when_enabled() {
+    use std::sync::{Arc, Mutex};
+    // A stand-in collector on loopback that keeps what it is sent.
+    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let sink = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    sink.lock().unwrap().push((ct, body.to_vec()));
+                    ""
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let instance = unique_instance();
+    let _guard = InstanceGuard(instance.clone());
+    let port = free_port();
+    let mut settings = test_settings(dir.path(), &instance);
+    settings.http.port = port;
+    settings.otel.enabled = true;
+    settings.otel.service_name = Some("sandboxd-otlp-test".into());
+    settings.otel.traces_endpoint = Some(format!("http://{collector_addr}/v1/traces"));
+    let config = write_config(dir.path(), &settings);
+    let mut server = ServerProcess::start(&config, port).await;
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/sandboxes", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // SIGTERM: the exporter flushes on the way out.
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until(Duration::from_secs(30), "sandboxd to exit", || {
+        let done = server.child.try_wait().ok().flatten();
+        async move { done }
+    })
+    .await;
+    let got = received.lock().unwrap().clone();
+    assert!(!got.is_empty(), "no OTLP export arrived");
+    let (content_type, body) = &got[0];
+    assert_eq!(content_type, "application/x-protobuf");
+    let all: Vec<u8> = got.iter().flat_map(|(_, b)| b.clone()).collect();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("sandboxd-otlp-test"), "service name missing");
+    assert!(
+        text.contains("/api/v1/sandboxes") || text.contains("http"),
+        "no HTTP span in {} bytes",
+        body.len()
+    );
+}

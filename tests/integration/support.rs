@@ -115,7 +115,7 @@ impl TestApp {
     /// Starts (or restarts) an in-process sandboxd over `dir` with `settings`.
     pub async fn start(dir: TempDir, settings: Settings) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
-            sandboxd::telemetry::init(&settings.logging);
+            let _ = sandboxd::telemetry::init(&settings.logging, &Default::default());
         }
         let app = Application::build(settings.clone(), None)
             .await
