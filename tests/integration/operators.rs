@@ -313,7 +313,8 @@ async fn the_served_openapi_document_matches_the_checked_in_copy() {
 async fn spans_are_exported_over_otlp_when_enabled() {
     use std::sync::{Arc, Mutex};
     // A stand-in collector on loopback that keeps what it is sent.
-    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let received: Received = Arc::default();
     let sink = received.clone();
     let collector = axum::Router::new().route(
         "/v1/traces",
