@@ -393,13 +393,43 @@ enum PassError {
 
 /// Turns Docker events for this instance into wake-ups; reconnects with a delay when the
 /// stream ends. Purely an accelerator.
+///
+/// The engine emits `die` a moment before its container list shows the container as exited, so
+/// a pass run right on the event can still see it running. Each event therefore also schedules
+/// two follow-up wakes (50 ms and 250 ms later); coalesced by the `Notify`, they cost at most
+/// two cheap passes per burst of events.
 async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>, metrics: Arc<Metrics>) {
+    let followups = Arc::new(AtomicBool::new(false));
+    let mut since = None;
+    // Reconnects back off while the engine is away (no hot loop), and reset once events flow.
+    let reconnect = BackoffPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let mut failures = 0u32;
     loop {
-        let mut events = Box::pin(rt.events());
+        // The request times out with the client's timeout; `since` replays the gap.
+        let mut events = Box::pin(rt.events(since));
         metrics.events_connected.set(1);
+        let opened = Instant::now();
+        let mut received = false;
         while let Some(item) = events.next().await {
             match item {
-                Ok(()) => wake.notify_one(),
+                Ok(at) => {
+                    received = true;
+                    since = Some(at.max(since.unwrap_or(0)));
+                    wake.notify_one();
+                    if !followups.swap(true, Ordering::AcqRel) {
+                        let (wake, pending) = (wake.clone(), followups.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            wake.notify_one();
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            pending.store(false, Ordering::Release);
+                            wake.notify_one();
+                        });
+                    }
+                }
                 Err(e) => {
                     debug!(error = %e, "docker event stream error");
                     break;
@@ -407,6 +437,14 @@ async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>, metrics: Arc<Metrics
             }
         }
         metrics.events_connected.set(0);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        since = Some(since.unwrap_or_else(|| Utc::now().timestamp()));
+        // A stream that delivered or lived a while ended normally (the request timeout).
+        let healthy = received || opened.elapsed() > Duration::from_secs(5);
+        failures = if healthy {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
+        tokio::time::sleep(reconnect.delay(failures)).await;
     }
 }

@@ -461,14 +461,23 @@ impl DockerRuntime {
 
     /// Container events of this instance, as a stream of wake-ups. Ends on error; the caller
     /// reconnects. Correctness never depends on it.
-    pub fn events(&self) -> impl Stream<Item = Result<(), DockerError>> + Send + 'static {
+    /// `since` (unix seconds) replays what happened while the stream was down; each item is
+    /// the event's time in unix seconds.
+    pub fn events(
+        &self,
+        since: Option<i64>,
+    ) -> impl Stream<Item = Result<i64, DockerError>> + Send + 'static {
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
             ("label", labels::instance_filter(&self.instance)),
         ]);
-        let options = EventsOptionsBuilder::new().filters(&filters).build();
-        self.docker
-            .events(Some(options))
-            .map(|r| r.map(|_| ()).map_err(DockerError::api("events")))
+        let mut options = EventsOptionsBuilder::new().filters(&filters);
+        if let Some(since) = since {
+            options = options.since(&since.to_string());
+        }
+        self.docker.events(Some(options.build())).map(|r| {
+            r.map(|e| e.time.unwrap_or_default())
+                .map_err(DockerError::api("events"))
+        })
     }
 }
