@@ -21,6 +21,9 @@ use sandboxd::app::Application;
 use sandboxd::config::{PullPolicy, Settings};
 use serde_json::{json, Value};
 
+#[path = "support/world.rs"]
+mod world;
+
 const NETWORK: &str = "sandboxd-test";
 const IMAGE: &str = "sandboxd/agent-busybox:latest";
 
@@ -660,41 +663,11 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
 // ---- 7. plan() -----------------------------------------------------------------------------
 
 fn scenario_plan(out: &mut Report) {
-    use sandboxd::domain::{ChatId, Phase, SessionId};
-    use sandboxd::planner::{plan, Desired, Observed};
+    use sandboxd::planner::plan;
     let now = chrono::Utc::now();
-    let world = |n: usize| {
-        let mut d = Vec::with_capacity(n);
-        let mut o = Vec::with_capacity(n);
-        for i in 0..n {
-            let chat = ChatId(uuid::Uuid::from_u128(i as u128 + 1));
-            let session = SessionId(uuid::Uuid::from_u128((i as u128 + 1) << 64));
-            let id = format!("{i:064x}");
-            d.push(Desired {
-                chat_id: chat,
-                session_id: session,
-                spec_hash: "h".repeat(64),
-                expires_at: now + chrono::Duration::hours(1),
-                deleted: false,
-                phase: Phase::Running,
-                container_id: Some(id.clone()),
-                endpoint_ip: Some("10.0.0.1".into()),
-                next_attempt_at: None,
-            });
-            o.push(Observed {
-                container_id: id,
-                chat_id: Some(chat),
-                session_id: Some(session),
-                spec_hash: Some("h".repeat(64)),
-                running: true,
-                ip: Some("10.0.0.1".into()),
-            });
-        }
-        (d, o)
-    };
     let mut at_10k = Duration::ZERO;
     for n in [1_000usize, 5_000, 10_000] {
-        let (d, o) = world(n);
+        let (d, o) = world::converged(n);
         let mut times: Vec<Duration> = (0..30)
             .map(|_| {
                 let t = Instant::now();

@@ -3,45 +3,16 @@
 //! growing linearly. Run: `cargo bench --bench plan`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sandboxd::domain::{ChatId, Phase, SessionId};
-use sandboxd::planner::{plan, Desired, Observed};
+use sandboxd::planner::plan;
 
-fn world(n: usize) -> (Vec<Desired>, Vec<Observed>) {
-    let now = chrono::Utc::now();
-    let mut d = Vec::with_capacity(n);
-    let mut o = Vec::with_capacity(n);
-    for i in 0..n {
-        let chat = ChatId(uuid::Uuid::from_u128(i as u128 + 1));
-        let session = SessionId(uuid::Uuid::from_u128((i as u128 + 1) << 64));
-        let id = format!("{i:064x}");
-        d.push(Desired {
-            chat_id: chat,
-            session_id: session,
-            spec_hash: "h".repeat(64),
-            expires_at: now + chrono::Duration::hours(1),
-            deleted: false,
-            phase: Phase::Running,
-            container_id: Some(id.clone()),
-            endpoint_ip: Some("10.0.0.1".into()),
-            next_attempt_at: None,
-        });
-        o.push(Observed {
-            container_id: id,
-            chat_id: Some(chat),
-            session_id: Some(session),
-            spec_hash: Some("h".repeat(64)),
-            running: true,
-            ip: Some("10.0.0.1".into()),
-        });
-    }
-    (d, o)
-}
+#[path = "support/world.rs"]
+mod world;
 
 fn bench_plan(c: &mut Criterion) {
     let mut group = c.benchmark_group("plan_converged");
     let now = chrono::Utc::now();
     for n in [1_000usize, 5_000, 10_000] {
-        let (d, o) = world(n);
+        let (d, o) = world::converged(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| plan(std::hint::black_box(&d), std::hint::black_box(&o), now))
         });

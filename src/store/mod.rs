@@ -254,10 +254,7 @@ impl Store {
             return Ok(reuse_or_conflict(cur, new));
         }
         let mut tx = self.begin_write().await?;
-        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
-            .bind(new.chat_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
             let outcome = reuse_or_conflict(cur.clone(), new);
             tx.rollback().await?;
@@ -273,10 +270,7 @@ impl Store {
     /// session (as Kubernetes apply replaces a pod whose template changed).
     pub async fn apply(&self, new: &NewSession, now: DateTime<Utc>) -> Result<ApplyOutcome> {
         let mut tx = self.begin_write().await?;
-        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
-            .bind(new.chat_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
             if cur.agent_id == new.agent_id
                 && cur.volume_host_path == new.volume_host_path
@@ -305,10 +299,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Option<SandboxRow>> {
         let mut tx = self.begin_write().await?;
-        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
-            .bind(chat_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current = select_row(&mut tx, chat_id).await?;
         let Some(cur) = current else {
             tx.rollback().await?;
             return Ok(None);
@@ -323,17 +314,7 @@ impl Store {
             .bind(&at)
             .execute(&mut *tx)
             .await?;
-            insert_event(
-                &mut tx,
-                &at,
-                &cur.chat_id.to_string(),
-                Some(&cur.session_id.to_string()),
-                cur.container_id.as_deref(),
-                "delete_requested",
-                "ok",
-                None,
-            )
-            .await?;
+            row_event(&mut tx, &at, &cur, "delete_requested").await?;
         }
         tx.commit().await?;
         self.changed(Some(chat_id));
@@ -348,10 +329,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Option<SandboxRow>> {
         let mut tx = self.begin_write().await?;
-        let current: Option<SandboxRow> = sqlx::query_as(row::SELECT_ONE)
-            .bind(chat_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current = select_row(&mut tx, chat_id).await?;
         let Some(cur) = current.filter(|c| c.is_live(now)) else {
             tx.rollback().await?;
             return Ok(None);
@@ -363,17 +341,7 @@ impl Store {
             .bind(&at)
             .execute(&mut *tx)
             .await?;
-        insert_event(
-            &mut tx,
-            &at,
-            &cur.chat_id.to_string(),
-            Some(&cur.session_id.to_string()),
-            cur.container_id.as_deref(),
-            "renew",
-            "ok",
-            None,
-        )
-        .await?;
+        row_event(&mut tx, &at, &cur, "renew").await?;
         let row: SandboxRow = sqlx::query_as(row::SELECT_ONE)
             .bind(chat_id.to_string())
             .fetch_one(&mut *tx)
@@ -658,6 +626,38 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Reads a chat's row inside a write transaction.
+async fn select_row(
+    tx: &mut Transaction<'static, Sqlite>,
+    chat_id: ChatId,
+) -> Result<Option<SandboxRow>> {
+    Ok(sqlx::query_as(row::SELECT_ONE)
+        .bind(chat_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+/// Appends a successful event about a row's current session and container.
+async fn row_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    at: &str,
+    row: &SandboxRow,
+    action: &str,
+) -> Result<()> {
+    let (chat, session) = (row.chat_id.to_string(), row.session_id.to_string());
+    insert_event(
+        tx,
+        at,
+        &chat,
+        Some(&session),
+        row.container_id.as_deref(),
+        action,
+        "ok",
+        None,
+    )
+    .await
 }
 
 /// The old contract for a live session: same agent and volume → reuse, else conflict.
