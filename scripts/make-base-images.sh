@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes the two base images the Dockerfile needs, locally, without any registry:
-#   sandboxd/build-base:local   — Debian (debootstrap from the Debian package mirror) with gcc,
-#                                 this machine's Rust toolchain and its crate cache (offline build)
+#   sandboxd/build-toolchain:local — Debian (debootstrap from the Debian package mirror) with gcc
+#                                 and this machine's Rust toolchain (made once)
+#   sandboxd/build-base:local   — that plus this machine's current crate cache, so the build runs
+#                                 offline (refreshed on every run: Cargo.lock may have changed)
 #   sandboxd/runtime-base:local — only the shared libraries the sandboxd binary links against,
 #                                 taken from this machine, plus /etc/passwd with a non-root user
 # Then: docker build --build-arg BUILDER_IMAGE=sandboxd/build-base:local \
@@ -27,20 +29,27 @@ if ! docker image inspect sandboxd/runtime-base:local >/dev/null 2>&1; then
   tar -C "$root" -c . | docker import - sandboxd/runtime-base:local >/dev/null
 fi
 
-if ! docker image inspect sandboxd/build-base:local >/dev/null 2>&1; then
+if ! docker image inspect sandboxd/build-toolchain:local >/dev/null 2>&1; then
   command -v debootstrap >/dev/null || { apt-get update -qq; apt-get install -y -qq debootstrap >/dev/null; }
   log "build base: debootstrap bookworm (a few minutes)"
   root="$work/build"
   debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates bookworm "$root" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
     || { tail -n 20 "$work/debootstrap.log" >&2; exit 1; }
   toolchain="$(rustc --print sysroot)"
-  log "adding the Rust toolchain from $toolchain and the crate cache"
+  log "adding the Rust toolchain from $toolchain"
   mkdir -p "$root/usr/local/rust" "$root/usr/local/cargo"
   cp -a "$toolchain/." "$root/usr/local/rust/"
-  cp -a "${CARGO_HOME:-$HOME/.cargo}/registry" "$root/usr/local/cargo/"
   tar -C "$root" -c . | docker import \
     -c 'ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     -c 'ENV CARGO_HOME=/usr/local/cargo' \
-    - sandboxd/build-base:local >/dev/null
+    - sandboxd/build-toolchain:local >/dev/null
 fi
+
+log "build base: the toolchain image plus the current crate cache"
+(cd "$(dirname "$0")/.." && cargo fetch --locked >/dev/null)
+ctx="$work/crates"
+mkdir -p "$ctx"
+cp -a "${CARGO_HOME:-$HOME/.cargo}/registry" "$ctx/registry"
+printf 'FROM sandboxd/build-toolchain:local\nCOPY registry /usr/local/cargo/registry\n' >"$ctx/Dockerfile"
+docker build -q -t sandboxd/build-base:local "$ctx" >/dev/null
 log "ready: sandboxd/build-base:local, sandboxd/runtime-base:local"
