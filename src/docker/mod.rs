@@ -287,27 +287,20 @@ impl DockerRuntime {
     async fn create(&self, name: &str, req: &StartRequest<'_>) -> Result<String, DockerError> {
         let body = self.create_body(req);
         let options = CreateContainerOptionsBuilder::new().name(name).build();
-        match self
+        let first = self
             .call(
                 "create",
                 &[],
                 self.docker
                     .create_container(Some(options.clone()), body.clone()),
             )
-            .await
-        {
-            Ok(r) => Ok(r.id),
+            .await;
+        // A 404 names either the network or the image; repair that one, then try once more.
+        match first {
+            Ok(r) => return Ok(r.id),
             Err(e) if status_of(&e) == Some(404) && is_missing_network(&e) => {
                 // The network was removed under us (e.g. `docker network prune`): recreate it.
                 self.ensure_network().await?;
-                self.call(
-                    "create",
-                    &[],
-                    self.docker.create_container(Some(options), body),
-                )
-                .await
-                .map(|r| r.id)
-                .map_err(DockerError::api("create_container"))
             }
             Err(e) if status_of(&e) == Some(404) => {
                 if self.pull_policy == PullPolicy::Never {
@@ -316,17 +309,17 @@ impl DockerRuntime {
                     });
                 }
                 self.pull(&req.spec.image).await?;
-                self.call(
-                    "create",
-                    &[],
-                    self.docker.create_container(Some(options), body),
-                )
-                .await
-                .map(|r| r.id)
-                .map_err(DockerError::api("create_container"))
             }
-            Err(e) => Err(DockerError::api("create_container")(e)),
+            Err(e) => return Err(DockerError::api("create_container")(e)),
         }
+        self.call(
+            "create",
+            &[],
+            self.docker.create_container(Some(options), body),
+        )
+        .await
+        .map(|r| r.id)
+        .map_err(DockerError::api("create_container"))
     }
 
     async fn pull(&self, image: &str) -> Result<(), DockerError> {
