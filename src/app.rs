@@ -129,7 +129,11 @@ impl Application {
     /// `config_path` is the file the settings came from (its directory is protected).
     pub async fn build(mut settings: Settings, config_path: Option<&Path>) -> anyhow::Result<Self> {
         let volumes = Arc::new(prepare_host(&mut settings, config_path)?);
-        let store = open_store(&settings).await?;
+        let store = open_store(&settings)
+            .await?
+            .serve_reads_from_memory()
+            .await
+            .context("loading the sandboxes table")?;
         let addr = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&addr)
             .await

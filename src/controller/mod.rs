@@ -95,6 +95,7 @@ impl Controller {
         // Which key each task works on, so a panicked task still frees its chat.
         let mut task_keys: HashMap<tokio::task::Id, Key> = HashMap::new();
         let mut next_prune = Instant::now();
+        let mut next_reload = Instant::now() + resync;
 
         loop {
             if *shutdown.borrow() {
@@ -103,6 +104,14 @@ impl Controller {
             if Instant::now() >= next_prune {
                 self.prune().await;
                 next_prune = Instant::now() + Duration::from_secs(3600);
+            }
+            if Instant::now() >= next_reload {
+                // The store's in-memory rows are kept current by its own writes; this re-read
+                // bounds any divergence (a row edited by hand) to one resync period.
+                if let Err(e) = self.store.reload_mirror().await {
+                    warn!(error = %e, "re-reading the sandboxes table failed");
+                }
+                next_reload = Instant::now() + resync;
             }
             // 1. An engine to talk to.
             if runtime.is_none() {

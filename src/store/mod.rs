@@ -3,11 +3,14 @@
 //! Every read-modify-write runs in a `BEGIN IMMEDIATE` transaction, so concurrent requests for
 //! one chat serialise on the write lock instead of racing. Controller status writes are
 //! conditional on the session they are about, so a stale action can never overwrite a newer
-//! session. Every commit bumps a watch channel that waiting requests listen on.
+//! session. Every commit bumps a watch channel that waiting requests listen on. The server
+//! answers its reads from an in-memory mirror of the table (`mirror.rs`).
 
+mod mirror;
 mod row;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -38,6 +41,8 @@ pub enum StoreError {
     Missing { path: String },
     #[error("corrupt row for chat {chat_id}: {message}")]
     Corrupt { chat_id: String, message: String },
+    #[error("store write task failed: {0}")]
+    Task(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -122,7 +127,14 @@ pub struct ListFilter {
 pub struct Store {
     pool: SqlitePool,
     changes: broadcast::Sender<Option<ChatId>>,
+    /// Held by every write from `BEGIN` until its change is applied to the mirror, so changes
+    /// reach the mirror in commit order. (SQLite serialises writers anyway.)
+    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Set by `serve_reads_from_memory`; without it reads go to SQLite (the CLI, tests).
+    mirror: Option<Arc<mirror::Mirror>>,
 }
+
+type WriteGate = tokio::sync::OwnedMutexGuard<()>;
 
 impl Store {
     /// Opens (creating if needed) the database file with WAL and a busy timeout.
@@ -140,14 +152,14 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(busy_timeout)
             .foreign_keys(true);
+        // No ping before each acquire: a local file connection does not go stale, and the ping
+        // is one more round trip to the connection's worker thread on every query.
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(Self {
-            pool,
-            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
-        })
+        Ok(Self::with_pool(pool))
     }
 
     /// Opens an existing database read-only (for the CLI): works while the server runs (WAL)
@@ -166,10 +178,43 @@ impl Store {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        Ok(Self {
+        Ok(Self::with_pool(pool))
+    }
+
+    fn with_pool(pool: SqlitePool) -> Self {
+        Self {
             pool,
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
-        })
+            gate: Arc::default(),
+            mirror: None,
+        }
+    }
+
+    /// From now on rows are read from memory: loads the table once (after `migrate`). Only
+    /// for the process that does all the writing, the server.
+    pub async fn serve_reads_from_memory(mut self) -> Result<Self> {
+        self.mirror = Some(Arc::default());
+        self.reload_mirror().await?;
+        Ok(self)
+    }
+
+    /// Re-reads the whole table into the mirror (the controller calls it once per resync
+    /// period, so a row changed behind sandboxd's back shows within one period).
+    pub async fn reload_mirror(&self) -> Result<()> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(());
+        };
+        let _gate = self.gate.clone().lock_owned().await;
+        let rows = sqlx::query_as(row::SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?;
+        mirror.replace_all(rows);
+        Ok(())
+    }
+
+    /// Rows held in memory (`None` when reads go to SQLite).
+    pub fn mirrored_rows(&self) -> Option<usize> {
+        self.mirror.as_ref().map(|m| m.len())
     }
 
     pub async fn migrate(&self) -> Result<()> {
@@ -191,8 +236,52 @@ impl Store {
         let _ = self.changes.send(chat_id);
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_write(&self) -> Result<(Transaction<'static, Sqlite>, WriteGate)> {
+        let gate = self.gate.clone().lock_owned().await;
+        Ok((self.pool.begin_with("BEGIN IMMEDIATE").await?, gate))
+    }
+
+    /// Commits a write about one chat (see `commit_chats`).
+    async fn commit(
+        &self,
+        tx: Transaction<'static, Sqlite>,
+        gate: WriteGate,
+        chat_id: ChatId,
+    ) -> Result<()> {
+        self.commit_chats(tx, gate, vec![chat_id]).await
+    }
+
+    /// Commits a write, applies the chats' committed rows to the mirror and announces the
+    /// change. Runs to the end on its own task: a caller that goes away (a client hanging up)
+    /// cannot leave a commit done and the mirror not updated.
+    async fn commit_chats(
+        &self,
+        mut tx: Transaction<'static, Sqlite>,
+        gate: WriteGate,
+        chats: Vec<ChatId>,
+    ) -> Result<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut rows = Vec::with_capacity(chats.len());
+            if store.mirror.is_some() {
+                for chat in &chats {
+                    rows.push((*chat, select_row(&mut tx, *chat).await?));
+                }
+            }
+            tx.commit().await?;
+            if let Some(mirror) = &store.mirror {
+                for (chat, row) in rows {
+                    mirror.set(chat, row);
+                }
+            }
+            drop(gate);
+            for chat in chats {
+                store.changed(Some(chat));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Cheap liveness probe of the database (a read).
@@ -202,6 +291,9 @@ impl Store {
     }
 
     pub async fn get(&self, chat_id: ChatId) -> Result<Option<SandboxRow>> {
+        if let Some(mirror) = &self.mirror {
+            return Ok(mirror.get(chat_id));
+        }
         Ok(sqlx::query_as(row::SELECT_ONE)
             .bind(chat_id.to_string())
             .fetch_optional(&self.pool)
@@ -210,19 +302,31 @@ impl Store {
 
     /// Every row, for the controller's pass.
     pub async fn all(&self) -> Result<Vec<SandboxRow>> {
+        if let Some(mirror) = &self.mirror {
+            return Ok(mirror.all());
+        }
         Ok(sqlx::query_as(row::SELECT_ALL)
             .fetch_all(&self.pool)
             .await?)
     }
 
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SandboxRow>> {
-        Ok(sqlx::query_as(row::SELECT_FILTERED)
-            .bind(filter.phase.map(Phase::as_str))
-            .bind(filter.agent_id.as_deref())
-            .bind(filter.after.map(|c| c.to_string()).unwrap_or_default())
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?)
+        if let Some(mirror) = &self.mirror {
+            return Ok(mirror.list(filter));
+        }
+        let mut sql = sqlx::QueryBuilder::<Sqlite>::new(row::SELECT_FROM);
+        sql.push("WHERE chat_id > ")
+            .push_bind(filter.after.map(|c| c.to_string()).unwrap_or_default());
+        if let Some(phase) = filter.phase {
+            sql.push(" AND phase = ").push_bind(phase.as_str());
+        }
+        if let Some(agent_id) = &filter.agent_id {
+            sql.push(" AND agent_id = ").push_bind(agent_id.as_str());
+        }
+        // A literal (it is a u32): SQLite ≥ 3.47 plans with a bound LIMIT's value and so
+        // re-prepares the statement on every bind; each literal is prepared once and cached.
+        sql.push(format_args!(" ORDER BY chat_id LIMIT {}", filter.limit));
+        Ok(sql.build_query_as().fetch_all(&self.pool).await?)
     }
 
     /// The newest events first, of one chat (by its index) or of all.
@@ -253,7 +357,7 @@ impl Store {
         if let Some(cur) = self.get(new.chat_id).await?.filter(|c| c.is_live(now)) {
             return Ok(reuse_or_conflict(cur, new));
         }
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
             let outcome = reuse_or_conflict(cur.clone(), new);
@@ -261,15 +365,14 @@ impl Store {
             return Ok(outcome);
         }
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
-        tx.commit().await?;
-        self.changed(Some(new.chat_id));
+        self.commit(tx, gate, new.chat_id).await?;
         Ok(CreateOutcome::Created(row))
     }
 
     /// Declarative apply: an identical live spec is left alone, anything else gets a new
     /// session (as Kubernetes apply replaces a pod whose template changed).
     pub async fn apply(&self, new: &NewSession, now: DateTime<Utc>) -> Result<ApplyOutcome> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
             if cur.agent_id == new.agent_id
@@ -283,8 +386,7 @@ impl Store {
         }
         let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
-        tx.commit().await?;
-        self.changed(Some(new.chat_id));
+        self.commit(tx, gate, new.chat_id).await?;
         Ok(if replaced {
             ApplyOutcome::Replaced(row)
         } else {
@@ -298,7 +400,7 @@ impl Store {
         chat_id: ChatId,
         now: DateTime<Utc>,
     ) -> Result<Option<SandboxRow>> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, chat_id).await?;
         let Some(cur) = current else {
             tx.rollback().await?;
@@ -316,8 +418,7 @@ impl Store {
             .await?;
             row_event(&mut tx, &at, &cur, "delete_requested").await?;
         }
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(Some(cur))
     }
 
@@ -328,7 +429,7 @@ impl Store {
         ttl: chrono::Duration,
         now: DateTime<Utc>,
     ) -> Result<Option<SandboxRow>> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, chat_id).await?;
         let Some(cur) = current.filter(|c| c.is_live(now)) else {
             tx.rollback().await?;
@@ -346,8 +447,7 @@ impl Store {
             .bind(chat_id.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(Some(row))
     }
 
@@ -359,6 +459,7 @@ impl Store {
         session_id: SessionId,
         now: DateTime<Utc>,
     ) -> Result<()> {
+        let (mut tx, gate) = self.begin_write().await?;
         sqlx::query(
             "UPDATE sandboxes SET phase = 'pending', next_attempt_at = NULL, updated_at = ?3 \
              WHERE chat_id = ?1 AND session_id = ?2 AND phase = 'failed' AND deleted_at IS NULL",
@@ -366,10 +467,9 @@ impl Store {
         .bind(chat_id.to_string())
         .bind(session_id.to_string())
         .bind(format_time(now))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.changed(Some(chat_id));
-        Ok(())
+        self.commit(tx, gate, chat_id).await
     }
 
     // ---- controller writes: all conditional on the session they are about ------------------
@@ -388,7 +488,7 @@ impl Store {
             ip,
             port,
         } = *running;
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let at = format_time(now);
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = 'running', container_id = ?3, endpoint_ip = ?4, \
@@ -418,8 +518,7 @@ impl Store {
             None,
         )
         .await?;
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(done)
     }
 
@@ -433,7 +532,7 @@ impl Store {
         backoff: impl FnOnce(u32) -> Duration,
         now: DateTime<Utc>,
     ) -> Result<Option<u32>> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let attempts: Option<i64> = sqlx::query_scalar(
             "SELECT attempts FROM sandboxes WHERE chat_id = ?1 AND session_id = ?2 \
              AND deleted_at IS NULL",
@@ -477,8 +576,7 @@ impl Store {
             Some(error),
         )
         .await?;
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(result)
     }
 
@@ -491,7 +589,7 @@ impl Store {
         removed: &[String],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let at = format_time(now);
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = 'expired', container_id = NULL, endpoint_ip = NULL, \
@@ -518,8 +616,7 @@ impl Store {
             None,
         )
         .await?;
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(())
     }
 
@@ -531,7 +628,7 @@ impl Store {
         removed: &[String],
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, gate) = self.begin_write().await?;
         let done = sqlx::query(
             "DELETE FROM sandboxes WHERE chat_id = ?1 AND session_id = ?2 \
              AND deleted_at IS NOT NULL",
@@ -554,8 +651,7 @@ impl Store {
             None,
         )
         .await?;
-        tx.commit().await?;
-        self.changed(Some(chat_id));
+        self.commit(tx, gate, chat_id).await?;
         Ok(done)
     }
 
@@ -585,17 +681,17 @@ impl Store {
             }
             tokio::task::yield_now().await;
         }
-        let rows = sqlx::query(
+        let (mut tx, gate) = self.begin_write().await?;
+        let deleted: Vec<String> = sqlx::query_scalar(
             "DELETE FROM sandboxes WHERE phase = 'expired' AND container_id IS NULL \
-             AND deleted_at IS NULL AND updated_at < ?1",
+             AND deleted_at IS NULL AND updated_at < ?1 RETURNING chat_id",
         )
         .bind(format_time(expired_before))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if rows > 0 {
-            self.changed(None);
-        }
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = deleted.len() as u64;
+        let chats = deleted.iter().filter_map(|c| c.parse().ok()).collect();
+        self.commit_chats(tx, gate, chats).await?;
         Ok((events, rows))
     }
 
@@ -611,7 +707,7 @@ impl Store {
         error: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let (mut tx, _gate) = self.begin_write().await?;
         insert_event(
             &mut tx,
             &format_time(now),

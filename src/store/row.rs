@@ -20,10 +20,8 @@ macro_rules! select {
 
 pub(super) const SELECT_ONE: &str = select!("WHERE chat_id = ?1");
 pub(super) const SELECT_ALL: &str = select!("ORDER BY chat_id");
-pub(super) const SELECT_FILTERED: &str = select!(
-    "WHERE (?1 IS NULL OR phase = ?1) AND (?2 IS NULL OR agent_id = ?2) AND chat_id > ?3 \
-     ORDER BY chat_id LIMIT ?4"
-);
+/// The start of a filtered list; the store appends only the filters in use.
+pub(super) const SELECT_FROM: &str = select!("");
 
 /// One chat: desired spec plus observed status.
 #[derive(Debug, Clone, PartialEq)]

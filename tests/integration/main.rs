@@ -10,4 +10,5 @@ mod load;
 mod operators;
 mod proxy;
 mod restart;
+mod store_mirror;
 mod support;

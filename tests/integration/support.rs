@@ -24,6 +24,21 @@ use tempfile::TempDir;
 pub const TEST_NETWORK: &str = "sandboxd-test";
 pub const TEST_IMAGE: &str = "sandboxd/agent-busybox:latest";
 
+/// xorshift64*: a reproducible sequence without another dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 pub fn unique_instance() -> String {
     format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
