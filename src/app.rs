@@ -23,6 +23,38 @@ use crate::store::Store;
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Held while serving: see `lock_database`.
+    db_lock: std::fs::File,
+}
+
+/// Takes an exclusive lock on `<database>.lock` (released when the process exits, however it
+/// exits). A server answers reads from its in-memory copy of the table, so two servers on one
+/// database would each miss the other's writes.
+fn lock_database(db: &Path) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("database.path: cannot create {}", dir.display()))?;
+    }
+    let mut path = db.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another sandboxd is serving {} (it holds {})",
+            db.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Creates a configured directory if needed and returns its canonical absolute path (Docker
@@ -129,6 +161,7 @@ impl Application {
     /// `config_path` is the file the settings came from (its directory is protected).
     pub async fn build(mut settings: Settings, config_path: Option<&Path>) -> anyhow::Result<Self> {
         let volumes = Arc::new(prepare_host(&mut settings, config_path)?);
+        let db_lock = lock_database(&settings.database.path)?;
         let store = open_store(&settings)
             .await?
             .serve_reads_from_memory()
@@ -146,7 +179,11 @@ impl Application {
             controller: Arc::new(ControllerStatus::default()),
             metrics: Arc::new(Metrics::new()),
         };
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            db_lock,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -163,6 +200,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let _db_lock = self.db_lock;
         let (stop_tx, stop_rx) = watch::channel(false);
         let controller = Controller {
             store: self.state.store.clone(),

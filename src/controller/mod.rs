@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::docker::DockerRuntime;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::{Metrics, PhaseLabel, StateLabel};
-use crate::planner::{self, Key};
+use crate::planner::{self, Action, Key};
 use crate::store::Store;
 use backoff::BackoffPolicy;
 use executor::Executor;
@@ -89,11 +89,18 @@ impl Controller {
         let mut connect_failures = 0u32;
         let mut pass_failures = 0u32;
         let mut events_task: Option<tokio::task::JoinHandle<()>> = None;
-        let mut in_flight: HashSet<Key> = HashSet::new();
+        let mut in_flight: HashMap<Key, Action> = HashMap::new();
         let mut retries: HashMap<Key, Retry> = HashMap::new();
         let mut tasks: JoinSet<(Key, bool)> = JoinSet::new();
         // Which key each task works on, so a panicked task still frees its chat.
         let mut task_keys: HashMap<tokio::task::Id, Key> = HashMap::new();
+        // Keys for which a pass wanted something the action in flight does not settle: when
+        // that action finishes, the key needs a fresh pass. A success with nothing waiting
+        // needs none (its result is already recorded), which keeps a burst of starts from
+        // turning into a burst of container lists.
+        let mut deferred: HashSet<Key> = HashSet::new();
+        let mut pass_due = true;
+        let mut next_deadline = Instant::now();
         let mut next_prune = Instant::now();
         let mut next_reload = Instant::now() + resync;
 
@@ -119,6 +126,7 @@ impl Controller {
                     Ok(rt) => {
                         info!("connected to the Docker engine");
                         connect_failures = 0;
+                        pass_due = true;
                         self.set_connected(true);
                         if let Some(t) = events_task.take() {
                             t.abort();
@@ -153,9 +161,15 @@ impl Controller {
             let Some(rt) = runtime.clone() else { continue };
 
             // 2. One pass: read everything, plan, dispatch what is not already in flight.
-            let mut next_deadline = Instant::now() + resync;
-            match self.pass(&rt).await {
-                Ok(plan) => {
+            let pass = if pass_due {
+                next_deadline = Instant::now() + resync;
+                Some(self.pass(&rt).await)
+            } else {
+                None
+            };
+            match pass {
+                None => {}
+                Some(Ok(plan)) => {
                     pass_failures = 0;
                     self.status.set_error(None);
                     let now_ms = Utc::now().timestamp_millis();
@@ -166,9 +180,16 @@ impl Controller {
                         next_deadline = next_deadline.min(Instant::now() + wait);
                     }
                     let now = Instant::now();
+                    // Retry state of keys that need nothing any more (an orphan someone else
+                    // removed, say) would otherwise stay forever.
+                    let planned: HashSet<Key> = plan.actions.iter().map(Action::key).collect();
+                    retries.retain(|k, _| planned.contains(k) || in_flight.contains_key(k));
                     for action in plan.actions {
                         let key = action.key();
-                        if in_flight.contains(&key) {
+                        if let Some(running) = in_flight.get(&key) {
+                            if !running.settles(&action) {
+                                deferred.insert(key);
+                            }
                             continue;
                         }
                         if let Some(r) = retries.get(&key) {
@@ -177,7 +198,7 @@ impl Controller {
                                 continue;
                             }
                         }
-                        in_flight.insert(key.clone());
+                        in_flight.insert(key.clone(), action.clone());
                         let exec = Executor {
                             store: self.store.clone(),
                             runtime: rt.clone(),
@@ -201,7 +222,7 @@ impl Controller {
                         task_keys.insert(handle.id(), task_key);
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     pass_failures += 1;
                     self.metrics.pass_errors_total.inc();
                     warn!(error = %e, attempt = pass_failures, "reconcile pass failed");
@@ -217,7 +238,9 @@ impl Controller {
 
             self.metrics.queue_depth.set(in_flight.len() as i64);
 
-            // 3. Sleep until something may have changed.
+            // 3. Sleep until something may have changed. Anything but a clean finish with
+            // nothing waiting calls for a pass.
+            pass_due = true;
             tokio::select! {
                 _ = self.wake.notified(), if pass_failures == 0 => {}
                 _ = tokio::time::sleep_until(next_deadline) => {}
@@ -226,6 +249,7 @@ impl Controller {
                     while let Some(more) = tasks.try_join_next_with_id() {
                         finished.push(more);
                     }
+                    pass_due = false;
                     for result in finished {
                         let (id, ok) = match result {
                             Ok((id, (_, ok))) => (id, ok),
@@ -236,6 +260,7 @@ impl Controller {
                         };
                         let Some(key) = task_keys.remove(&id) else { continue };
                         in_flight.remove(&key);
+                        pass_due |= deferred.remove(&key) || !ok;
                         if ok {
                             retries.remove(&key);
                         } else {

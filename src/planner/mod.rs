@@ -92,6 +92,47 @@ impl Action {
         }
     }
 
+    /// Whether finishing `self`, already in flight, also settles `next`, a later plan's action
+    /// for the same key: a start or adopt of the same session settles another (mid-start the
+    /// planner may see the new container and say "adopt"), unless `next` found stale
+    /// containers `self` does not remove; a removal settles one of fewer containers.
+    pub fn settles(&self, next: &Action) -> bool {
+        let covers = |ours: &[String], theirs: &[String]| theirs.iter().all(|c| ours.contains(c));
+        match (self, next) {
+            (
+                Action::Start {
+                    session_id: a,
+                    stale: ours,
+                    ..
+                }
+                | Action::Adopt {
+                    session_id: a,
+                    stale: ours,
+                    ..
+                },
+                Action::Start {
+                    session_id: b,
+                    stale: theirs,
+                    ..
+                }
+                | Action::Adopt {
+                    session_id: b,
+                    stale: theirs,
+                    ..
+                },
+            ) => a == b && covers(ours, theirs),
+            (
+                Action::Remove {
+                    containers: ours, ..
+                },
+                Action::Remove {
+                    containers: theirs, ..
+                },
+            ) => covers(ours, theirs),
+            _ => false,
+        }
+    }
+
     /// A short name for logs, events and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -387,3 +387,34 @@ proptest! {
         prop_assert!(plan(&rows, &cs, t0()).actions.is_empty());
     }
 }
+
+#[test]
+fn an_action_in_flight_settles_the_same_goal_but_not_a_new_one() {
+    let start = |session: u8, stale: &[&str]| Action::Start {
+        chat_id: chat(1),
+        session_id: super::tests::session(session),
+        stale: stale.iter().map(|s| s.to_string()).collect(),
+    };
+    let adopt = |session: u8| Action::Adopt {
+        chat_id: chat(1),
+        session_id: super::tests::session(session),
+        container_id: "new".into(),
+        ip: "10.0.0.2".into(),
+        stale: vec![],
+    };
+    let remove = |containers: &[&str]| Action::Remove {
+        key: Key::Chat(chat(1)),
+        containers: containers.iter().map(|s| s.to_string()).collect(),
+        reason: RemoveReason::Stale,
+    };
+    // Mid-start the planner sees the new container and says "adopt": same goal.
+    assert!(start(1, &[]).settles(&adopt(1)));
+    assert!(start(1, &["old"]).settles(&start(1, &["old"])));
+    // A new session, or a stale container the running start does not remove: a new goal.
+    assert!(!start(1, &[]).settles(&start(2, &[])));
+    assert!(!start(1, &[]).settles(&start(1, &["old"])));
+    assert!(!start(1, &[]).settles(&remove(&["x"])));
+    assert!(remove(&["x", "y"]).settles(&remove(&["y"])));
+    assert!(!remove(&["x"]).settles(&remove(&["x", "y"])));
+    assert!(!remove(&["x"]).settles(&start(1, &[])));
+}

@@ -136,6 +136,14 @@ pub struct Store {
 
 type WriteGate = tokio::sync::OwnedMutexGuard<()>;
 
+/// What a write changed in `sandboxes`, for the mirror.
+enum Touched {
+    /// One chat's row: re-read inside the transaction.
+    Chat(ChatId),
+    /// Rows the transaction deleted.
+    Deleted(Vec<ChatId>),
+}
+
 impl Store {
     /// Opens (creating if needed) the database file with WAL and a busy timeout.
     pub async fn open(path: &Path, busy_timeout: Duration, max_connections: u32) -> Result<Self> {
@@ -209,6 +217,8 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         mirror.replace_all(rows);
+        // Waiters re-read, in case a row changed behind sandboxd's back.
+        self.changed(None);
         Ok(())
     }
 
@@ -241,42 +251,52 @@ impl Store {
         Ok((self.pool.begin_with("BEGIN IMMEDIATE").await?, gate))
     }
 
-    /// Commits a write about one chat (see `commit_chats`).
+    /// Commits a write about one chat (see `finish_write`).
     async fn commit(
         &self,
         tx: Transaction<'static, Sqlite>,
         gate: WriteGate,
         chat_id: ChatId,
     ) -> Result<()> {
-        self.commit_chats(tx, gate, vec![chat_id]).await
+        self.finish_write(tx, gate, Touched::Chat(chat_id)).await
     }
 
-    /// Commits a write, applies the chats' committed rows to the mirror and announces the
-    /// change. Runs to the end on its own task: a caller that goes away (a client hanging up)
-    /// cannot leave a commit done and the mirror not updated.
-    async fn commit_chats(
+    /// Commits a write, applies what it touched to the mirror and announces the change. Runs
+    /// to the end on its own task: a caller that goes away (a client hanging up) cannot leave
+    /// a commit done and the mirror not updated.
+    async fn finish_write(
         &self,
         mut tx: Transaction<'static, Sqlite>,
         gate: WriteGate,
-        chats: Vec<ChatId>,
+        touched: Touched,
     ) -> Result<()> {
         let store = self.clone();
         tokio::spawn(async move {
-            let mut rows = Vec::with_capacity(chats.len());
-            if store.mirror.is_some() {
-                for chat in &chats {
-                    rows.push((*chat, select_row(&mut tx, *chat).await?));
+            match touched {
+                Touched::Chat(chat_id) => {
+                    let row = match &store.mirror {
+                        Some(_) => select_row(&mut tx, chat_id).await?,
+                        None => None,
+                    };
+                    tx.commit().await?;
+                    if let Some(mirror) = &store.mirror {
+                        mirror.set(chat_id, row);
+                    }
+                    drop(gate);
+                    store.changed(Some(chat_id));
                 }
-            }
-            tx.commit().await?;
-            if let Some(mirror) = &store.mirror {
-                for (chat, row) in rows {
-                    mirror.set(chat, row);
+                Touched::Deleted(chats) => {
+                    tx.commit().await?;
+                    if let Some(mirror) = &store.mirror {
+                        for chat_id in &chats {
+                            mirror.set(*chat_id, None);
+                        }
+                    }
+                    drop(gate);
+                    if !chats.is_empty() {
+                        store.changed(None);
+                    }
                 }
-            }
-            drop(gate);
-            for chat in chats {
-                store.changed(Some(chat));
             }
             Ok(())
         })
@@ -681,17 +701,27 @@ impl Store {
             }
             tokio::task::yield_now().await;
         }
-        let (mut tx, gate) = self.begin_write().await?;
-        let deleted: Vec<String> = sqlx::query_scalar(
-            "DELETE FROM sandboxes WHERE phase = 'expired' AND container_id IS NULL \
-             AND deleted_at IS NULL AND updated_at < ?1 RETURNING chat_id",
-        )
-        .bind(format_time(expired_before))
-        .fetch_all(&mut *tx)
-        .await?;
-        let rows = deleted.len() as u64;
-        let chats = deleted.iter().filter_map(|c| c.parse().ok()).collect();
-        self.commit_chats(tx, gate, chats).await?;
+        let mut rows = 0;
+        loop {
+            let (mut tx, gate) = self.begin_write().await?;
+            let deleted: Vec<String> = sqlx::query_scalar(
+                "DELETE FROM sandboxes WHERE chat_id IN (SELECT chat_id FROM sandboxes \
+                 WHERE phase = 'expired' AND container_id IS NULL AND deleted_at IS NULL \
+                 AND updated_at < ?1 LIMIT ?2) RETURNING chat_id",
+            )
+            .bind(format_time(expired_before))
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            let n = deleted.len() as u64;
+            rows += n;
+            let chats = deleted.iter().filter_map(|c| c.parse().ok()).collect();
+            self.finish_write(tx, gate, Touched::Deleted(chats)).await?;
+            if n < BATCH as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         Ok((events, rows))
     }
 

@@ -226,3 +226,19 @@ async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
         "SIGTERM must not stop sandboxes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_database_is_refused_until_the_first_stops() {
+    let app = TestApp::spawn().await;
+    let mut second = app.settings.clone();
+    second.http.port = 0;
+    let refused = match sandboxd::app::Application::build(second.clone(), None).await {
+        Ok(_) => panic!("a second server started on the same database"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("another sandboxd is serving"), "{refused}");
+    let (_dir, _, _guard) = app.stop().await;
+    // Stopped: the database is free again.
+    let again = sandboxd::app::Application::build(second, None).await;
+    assert!(again.is_ok(), "{:?}", again.err());
+}
