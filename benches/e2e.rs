@@ -737,9 +737,20 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         let ours = (c1 - c0) / window.as_secs_f64() * 100.0;
         let engine = (d1 - d0) / window.as_secs_f64() * 100.0;
         let rss = Proc::rss_mib(pid);
+        // The same 300 containers with sandboxd gone: what the engine does anyway. The
+        // difference is the engine's work on sandboxd's behalf.
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let d2 = dpid.map(Proc::cpu_seconds).unwrap_or(0.0);
+        tokio::time::sleep(window).await;
+        let d3 = dpid.map(Proc::cpu_seconds).unwrap_or(0.0);
+        let engine_alone = (d3 - d2) / window.as_secs_f64() * 100.0;
+        let on_our_behalf = engine - engine_alone;
         out.line(format!(
-            "5 at rest with {SANDBOXES} for {}s: sandboxd {ours:.2}% of a core, dockerd {engine:.2}% (all its work, not only ours), sandboxd RSS {rss:.1} MiB  target ≤1% and ≤64 MiB [{}]",
-            window.as_secs(), verdict(ours + engine <= 1.0 && rss <= 64.0)
+            "5 at rest with {SANDBOXES} for {}s: sandboxd {ours:.2}% of a core + the engine on its behalf {on_our_behalf:+.2}% (dockerd {engine:.2}% with sandboxd, {engine_alone:.2}% without) = {:.2}%, sandboxd RSS {rss:.1} MiB  target ≤1% and ≤64 MiB [{}]",
+            window.as_secs(), ours + on_our_behalf.max(0.0),
+            verdict(ours + on_our_behalf.max(0.0) <= 1.0 && rss <= 64.0)
         ));
     }
     drop(server);

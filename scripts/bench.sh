@@ -8,4 +8,4 @@ if ! command -v wrk >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
 fi
-cargo bench --locked --bench e2e "$@"
+cargo bench --locked --bench e2e -- "$@"

@@ -7,6 +7,7 @@
 //! Missing a trigger delays convergence; it never breaks it.
 
 pub mod backoff;
+mod deaths;
 mod executor;
 
 use std::collections::{HashMap, HashSet};
@@ -102,6 +103,7 @@ impl Controller {
         let mut pass_due = true;
         let mut next_deadline = Instant::now();
         let mut next_prune = Instant::now();
+        let deaths = Arc::new(deaths::RecentDeaths::default());
         let mut next_reload = Instant::now() + resync;
 
         loop {
@@ -135,6 +137,7 @@ impl Controller {
                             rt.clone(),
                             self.wake.clone(),
                             self.metrics.clone(),
+                            deaths.clone(),
                         )));
                         runtime = Some(rt);
                     }
@@ -163,7 +166,7 @@ impl Controller {
             // 2. One pass: read everything, plan, dispatch what is not already in flight.
             let pass = if pass_due {
                 next_deadline = Instant::now() + resync;
-                Some(self.pass(&rt).await)
+                Some(self.pass(&rt, &deaths).await)
             } else {
                 None
             };
@@ -309,10 +312,15 @@ impl Controller {
     }
 
     #[tracing::instrument(name = "reconcile_pass", skip_all, fields(rows, containers, actions))]
-    async fn pass(&self, rt: &DockerRuntime) -> Result<planner::Plan, PassError> {
+    async fn pass(
+        &self,
+        rt: &DockerRuntime,
+        deaths: &deaths::RecentDeaths,
+    ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
         let rows = self.store.all().await?;
-        let observed = rt.list_managed().await?;
+        let mut observed = rt.list_managed().await?;
+        deaths.apply(&mut observed, Instant::now());
         let desired: Vec<_> = rows.iter().map(|r| r.desired()).collect();
         let plan = planner::plan(&desired, &observed, Utc::now());
         self.record_world(&rows, &observed, started.elapsed());
@@ -429,10 +437,16 @@ enum PassError {
 /// stream ends. Purely an accelerator.
 ///
 /// The engine emits `die` a moment before its container list shows the container as exited, so
-/// a pass run right on the event can still see it running. Each event therefore also schedules
-/// two follow-up wakes (50 ms and 250 ms later); coalesced by the `Notify`, they cost at most
-/// two cheap passes per burst of events.
-async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>, metrics: Arc<Metrics>) {
+/// a pass run right on the event can still see it running: `die`/`oom` are noted in `deaths`,
+/// which passes apply to what they list. Each event also schedules two follow-up wakes (50 ms
+/// and 250 ms later) for whatever else the list is late with; coalesced by the `Notify`, they
+/// cost at most two cheap passes per burst of events.
+async fn watch_events(
+    rt: DockerRuntime,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    deaths: Arc<deaths::RecentDeaths>,
+) {
     let followups = Arc::new(AtomicBool::new(false));
     let mut since = None;
     // Reconnects back off while the engine is away (no hot loop), and reset once events flow.
@@ -449,9 +463,12 @@ async fn watch_events(rt: DockerRuntime, wake: Arc<Notify>, metrics: Arc<Metrics
         let mut received = false;
         while let Some(item) = events.next().await {
             match item {
-                Ok(at) => {
+                Ok(event) => {
                     received = true;
-                    since = Some(at.max(since.unwrap_or(0)));
+                    since = Some(event.at.max(since.unwrap_or(0)));
+                    if matches!(event.action.as_str(), "die" | "oom") {
+                        deaths.record(event.container_id, Instant::now());
+                    }
                     wake.notify_one();
                     if !followups.swap(true, Ordering::AcqRel) {
                         let (wake, pending) = (wake.clone(), followups.clone());

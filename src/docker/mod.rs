@@ -81,6 +81,16 @@ pub struct Started {
     pub adopted: bool,
 }
 
+/// A container event of this instance.
+#[derive(Debug, Clone)]
+pub struct EngineEvent {
+    /// Unix seconds.
+    pub at: i64,
+    /// `die`, `destroy`, …
+    pub action: String,
+    pub container_id: String,
+}
+
 /// What a start needs besides the spec.
 #[derive(Debug, Clone)]
 pub struct StartRequest<'a> {
@@ -454,12 +464,11 @@ impl DockerRuntime {
 
     /// Container events of this instance that may need an answer, as a stream of wake-ups. Ends on error; the caller
     /// reconnects. Correctness never depends on it.
-    /// `since` (unix seconds) replays what happened while the stream was down; each item is
-    /// the event's time in unix seconds.
+    /// `since` (unix seconds) replays what happened while the stream was down.
     pub fn events(
         &self,
         since: Option<i64>,
-    ) -> impl Stream<Item = Result<i64, DockerError>> + Send + 'static {
+    ) -> impl Stream<Item = Result<EngineEvent, DockerError>> + Send + 'static {
         // Only changes sandboxd does not make itself: its own creates and starts would wake a
         // pass per call (a burst of 50 starts made ≈ 200 extra container lists).
         let changes = ["die", "destroy", "oom", "pause", "unpause", "rename"];
@@ -473,8 +482,12 @@ impl DockerRuntime {
             options = options.since(&since.to_string());
         }
         self.docker.events(Some(options.build())).map(|r| {
-            r.map(|e| e.time.unwrap_or_default())
-                .map_err(DockerError::api("events"))
+            r.map(|e| EngineEvent {
+                at: e.time.unwrap_or_default(),
+                action: e.action.unwrap_or_default(),
+                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
+            })
+            .map_err(DockerError::api("events"))
         })
     }
 }
