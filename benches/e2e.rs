@@ -145,6 +145,59 @@ async fn remove_instance(docker: &Docker, instance: &str) {
     .await;
 }
 
+/// A fresh instance label for one scenario (`bench-<tag>-<random>`).
+fn instance_name(tag: &str) -> String {
+    format!(
+        "bench-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    )
+}
+
+/// The built binary's working set: a temp database and config on a free port, a volume.
+struct BinarySetup {
+    dir: tempfile::TempDir,
+    instance: String,
+    config: std::path::PathBuf,
+    vol: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    base: String,
+}
+
+impl BinarySetup {
+    fn new(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = instance_name(tag);
+        let port = free_port();
+        let mut s = settings(dir.path(), &instance);
+        s.http.port = port;
+        tweak(&mut s);
+        let config = dir.path().join("sandboxd.yaml");
+        std::fs::write(&config, s.to_masked_yaml()).expect("config");
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).expect("vol");
+        Self {
+            dir,
+            instance,
+            config,
+            vol,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts the binary and waits until it answers health.
+    async fn spawn(&self, client: &reqwest::Client) -> Proc {
+        let server = Proc::spawn(&self.config);
+        wait_http(
+            client,
+            &format!("{}/api/v1/health", self.base),
+            Duration::from_secs(20),
+        )
+        .await;
+        server
+    }
+}
+
 /// An in-process sandboxd on a temp database.
 struct InProcess {
     addr: std::net::SocketAddr,
@@ -158,10 +211,7 @@ struct InProcess {
 impl InProcess {
     async fn start(tag: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let instance = format!(
-            "bench-{tag}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..6]
-        );
+        let instance = instance_name(tag);
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
         let app = Application::build(settings(dir.path(), &instance), None)
@@ -244,10 +294,7 @@ async fn scenario_create(docker: &Docker, out: &mut Report) {
 // ---- 2. burst of 50 ------------------------------------------------------------------------
 
 async fn raw_burst(docker: &Docker, burst: usize, conc: usize) -> Duration {
-    let raw_instance = format!(
-        "bench-rawburst-{conc}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
+    let raw_instance = instance_name(&format!("rawburst-{conc}"));
     let started = Instant::now();
     futures::stream::iter(0..burst)
         .for_each_concurrent(conc, |i| {
@@ -391,31 +438,21 @@ async fn scenario_api(docker: &Docker, out: &mut Report) {
     const CHATS: usize = 32;
     const CONNECTIONS: usize = 32;
     const SECONDS: u64 = 10;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let instance = format!(
-        "bench-api-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let port = free_port();
-    let mut s = settings(dir.path(), &instance);
-    s.http.port = port;
-    // Reuse must stay reuse for the whole run.
-    s.sandbox.ttl_seconds = 3600;
-    s.logging.level = "WARNING".into();
-    let config = dir.path().join("sandboxd.yaml");
-    std::fs::write(&config, s.to_masked_yaml()).expect("config");
-    let vol = dir.path().join("vol");
-    std::fs::create_dir_all(&vol).expect("vol");
-    let base = format!("http://127.0.0.1:{port}");
+    let setup = BinarySetup::new("api", |s| {
+        // Reuse must stay reuse for the whole run.
+        s.sandbox.ttl_seconds = 3600;
+        s.logging.level = "WARNING".into();
+    });
+    let BinarySetup {
+        dir,
+        instance,
+        vol,
+        base,
+        ..
+    } = &setup;
+    let addr = setup.addr;
     let client = reqwest::Client::new();
-    let server = Proc::spawn(&config);
-    wait_http(
-        &client,
-        &format!("{base}/api/v1/health"),
-        Duration::from_secs(20),
-    )
-    .await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let server = setup.spawn(&client).await;
     let chats: Vec<String> = (0..CHATS).map(|_| new_chat()).collect();
     futures::stream::iter(chats.iter())
         .for_each_concurrent(4, |c| {
@@ -430,17 +467,17 @@ async fn scenario_api(docker: &Docker, out: &mut Report) {
     std::fs::write(&chats_file, chats.join("\n")).expect("chats");
     let script = |mix: &str| {
         let path = dir.path().join(format!("{mix}.lua"));
-        std::fs::write(&path, wrk_script(&chats_file, &vol, mix)).expect("script");
+        std::fs::write(&path, wrk_script(&chats_file, vol, mix)).expect("script");
         path
     };
     // Warm-up (statement caches, allocator), not counted.
-    run_wrk(&script("mix"), &base, CONNECTIONS, 2);
+    run_wrk(&script("mix"), base, CONNECTIONS, 2);
     for (mix, name) in [
         ("create", "reuse create"),
         ("get", "GET one"),
         ("list", "list 20"),
     ] {
-        let r = run_wrk(&script(mix), &base, CONNECTIONS, SECONDS / 2);
+        let r = run_wrk(&script(mix), base, CONNECTIONS, SECONDS / 2);
         out.line(format!(
             "  {name:<13} alone: {:7.0} req/s  p50 {:5.2} ms  p99 {:5.2} ms  failed {}",
             r.rps, r.p50_ms, r.p99_ms, r.failed
@@ -448,7 +485,7 @@ async fn scenario_api(docker: &Docker, out: &mut Report) {
     }
     let pid = server.child.id();
     let cpu0 = Proc::cpu_seconds(pid);
-    let r = run_wrk(&script("mix"), &base, CONNECTIONS, SECONDS);
+    let r = run_wrk(&script("mix"), base, CONNECTIONS, SECONDS);
     let cores = (Proc::cpu_seconds(pid) - cpu0) / SECONDS as f64;
     out.line(format!(
         "3 desired-state path (⅓ reuse, ⅓ GET, ⅓ list) @{CONNECTIONS} for {SECONDS}s, wrk: {:7.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  failed {}  (sandboxd used {cores:.2} cores)  target ≥3000 req/s, p99 ≤10 ms [{}]",
@@ -456,7 +493,7 @@ async fn scenario_api(docker: &Docker, out: &mut Report) {
         verdict(r.failed == 0 && r.rps >= 3000.0 && r.p99_ms <= 10.0)
     ));
     drop(server);
-    remove_instance(docker, &instance).await;
+    remove_instance(docker, instance).await;
 }
 
 // ---- 4. a sandbox killed by hand -----------------------------------------------------------
@@ -626,31 +663,18 @@ fn dockerd_pid() -> Option<u32> {
 
 async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: bool, rest: bool) {
     const SANDBOXES: usize = 300;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let instance = format!(
-        "bench-300-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let port = free_port();
-    let mut s = settings(dir.path(), &instance);
-    s.http.port = port;
-    s.sandbox.hardening.memory_mb = 64;
-    let config = dir.path().join("sandboxd.yaml");
-    std::fs::write(&config, s.to_masked_yaml()).expect("config");
-    let vol = dir.path().join("vol");
-    std::fs::create_dir_all(&vol).expect("vol");
+    let setup = BinarySetup::new("300", |s| s.sandbox.hardening.memory_mb = 64);
+    let BinarySetup {
+        instance,
+        config,
+        vol,
+        base,
+        ..
+    } = &setup;
+    let addr = setup.addr;
     let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-
-    let mut server = Proc::spawn(&config);
-    wait_http(
-        &client,
-        &format!("{base}/api/v1/health"),
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut server = setup.spawn(&client).await;
     let started = Instant::now();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     futures::stream::iter(0..SANDBOXES)
         .for_each_concurrent(16, |_| {
             let client = client.clone();
@@ -668,7 +692,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
     if restart {
         let before: HashMap<String, Option<String>> = {
             let mut m = HashMap::new();
-            for c in instance_containers(docker, &instance).await {
+            for c in instance_containers(docker, instance).await {
                 let id = c.id.unwrap_or_default();
                 let st = docker
                     .inspect_container(&id, None::<InspectContainerOptions>)
@@ -682,7 +706,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         let _ = server.child.kill();
         let _ = server.child.wait();
         let t0 = Instant::now();
-        server = Proc::spawn(&config);
+        server = Proc::spawn(config);
         let serving = wait_http(
             &client,
             &format!("{base}/api/v1/health"),
@@ -697,7 +721,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         .await;
         let adopted = t0.elapsed();
         let mut restarted = 0;
-        let after = instance_containers(docker, &instance).await;
+        let after = instance_containers(docker, instance).await;
         for c in &after {
             let id = c.id.clone().unwrap_or_default();
             let st = docker
@@ -754,7 +778,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         ));
     }
     drop(server);
-    remove_instance(docker, &instance).await;
+    remove_instance(docker, instance).await;
 }
 
 // ---- 7. plan() -----------------------------------------------------------------------------

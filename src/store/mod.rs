@@ -140,6 +140,8 @@ type WriteGate = tokio::sync::OwnedMutexGuard<()>;
 enum Touched {
     /// One chat's row: re-read inside the transaction.
     Chat(ChatId),
+    /// One chat's row as the transaction already read it back after writing.
+    Row(Box<SandboxRow>),
     /// Rows the transaction deleted.
     Deleted(Vec<ChatId>),
 }
@@ -261,6 +263,17 @@ impl Store {
         self.finish_write(tx, gate, Touched::Chat(chat_id)).await
     }
 
+    /// Commits a write whose new row the caller has just read inside the transaction.
+    async fn commit_row(
+        &self,
+        tx: Transaction<'static, Sqlite>,
+        gate: WriteGate,
+        row: &SandboxRow,
+    ) -> Result<()> {
+        self.finish_write(tx, gate, Touched::Row(Box::new(row.clone())))
+            .await
+    }
+
     /// Commits a write, applies what it touched to the mirror and announces the change. Runs
     /// to the end on its own task: a caller that goes away (a client hanging up) cannot leave
     /// a commit done and the mirror not updated.
@@ -281,6 +294,15 @@ impl Store {
                     tx.commit().await?;
                     if let Some(mirror) = &store.mirror {
                         mirror.set(chat_id, row);
+                    }
+                    drop(gate);
+                    store.changed(Some(chat_id));
+                }
+                Touched::Row(row) => {
+                    let chat_id = row.chat_id;
+                    tx.commit().await?;
+                    if let Some(mirror) = &store.mirror {
+                        mirror.set(chat_id, Some(*row));
                     }
                     drop(gate);
                     store.changed(Some(chat_id));
@@ -385,7 +407,7 @@ impl Store {
             return Ok(outcome);
         }
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
-        self.commit(tx, gate, new.chat_id).await?;
+        self.commit_row(tx, gate, &row).await?;
         Ok(CreateOutcome::Created(row))
     }
 
@@ -406,7 +428,7 @@ impl Store {
         }
         let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
-        self.commit(tx, gate, new.chat_id).await?;
+        self.commit_row(tx, gate, &row).await?;
         Ok(if replaced {
             ApplyOutcome::Replaced(row)
         } else {
@@ -467,7 +489,7 @@ impl Store {
             .bind(chat_id.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        self.commit(tx, gate, chat_id).await?;
+        self.commit_row(tx, gate, &row).await?;
         Ok(Some(row))
     }
 

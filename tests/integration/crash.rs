@@ -96,18 +96,12 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap_or(0x5eed_cafe_u64);
     eprintln!("crash test: {rounds} rounds, seed {seed}");
     let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let instance = unique_instance();
-    let _guard = InstanceGuard(instance.clone());
-    let port = free_port();
-    let mut settings = test_settings(dir.path(), &instance);
-    settings.http.port = port;
-    settings.sandbox.cleanup_interval_seconds = 1;
-    settings.controller.create_wait_seconds = 30;
-    let config = write_config(dir.path(), &settings);
-    let vol = dir.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
-    let vol = vol.display().to_string();
+    let fx = ProcessFixture::new(|s| {
+        s.sandbox.cleanup_interval_seconds = 1;
+        s.controller.create_wait_seconds = 30;
+    });
+    let settings = &fx.settings;
+    let vol = fx.vol.display().to_string();
     let docker = docker().await;
     let pool: Vec<String> = (0..16).map(|_| new_chat()).collect();
     let client = reqwest::Client::new();
@@ -115,7 +109,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut worst = Duration::ZERO;
 
     for round in 0..rounds {
-        let mut server = ServerProcess::start(&config, port).await;
+        let mut server = fx.start().await;
         // Each chat gets one kind of op per round (several concurrent ones of that kind), so
         // an acknowledgement is never overtaken by an opposite op on the same chat.
         let deleting: Vec<bool> = pool.iter().map(|_| rng.below(10) < 3).collect();
@@ -179,8 +173,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             acks.deleted.remove(chat);
         }
 
-        let _server = ServerProcess::start(&config, port).await;
-        let took = assert_converged(&settings, &docker, &acks, &touched).await;
+        let _server = fx.start().await;
+        let took = assert_converged(settings, &docker, &acks, &touched).await;
         worst = worst.max(took);
         eprintln!("round {round}: killed after {kill_after:?}, converged {took:?} after restart");
     }

@@ -204,40 +204,22 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
     let old_chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
     let new_chat_id: sandboxd::domain::ChatId = new_chat().parse().unwrap();
     let live_chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
-    let r = match store
-        .create_or_reuse(&session(old_chat), old)
-        .await
-        .unwrap()
-    {
-        sandboxd::store::CreateOutcome::Created(r) => r,
-        other => panic!("{other:?}"),
+    // A session created at `at` that expired two seconds later.
+    let expired_at = |chat, at: chrono::DateTime<chrono::Utc>| {
+        let (store, new) = (&store, session(chat));
+        async move {
+            let r = match store.create_or_reuse(&new, at).await.unwrap() {
+                sandboxd::store::CreateOutcome::Created(r) => r,
+                other => panic!("{other:?}"),
+            };
+            store
+                .record_expired(chat, r.session_id, &[], at + chrono::Duration::seconds(2))
+                .await
+                .unwrap();
+        }
     };
-    store
-        .record_expired(
-            old_chat,
-            r.session_id,
-            &[],
-            old + chrono::Duration::seconds(2),
-        )
-        .await
-        .unwrap();
-    let r = match store
-        .create_or_reuse(&session(new_chat_id), now)
-        .await
-        .unwrap()
-    {
-        sandboxd::store::CreateOutcome::Created(r) => r,
-        other => panic!("{other:?}"),
-    };
-    store
-        .record_expired(
-            new_chat_id,
-            r.session_id,
-            &[],
-            now + chrono::Duration::seconds(2),
-        )
-        .await
-        .unwrap();
+    expired_at(old_chat, old).await;
+    expired_at(new_chat_id, now).await;
     let mut live = session(live_chat);
     live.ttl = chrono::Duration::days(100);
     store.create_or_reuse(&live, old).await.unwrap();
@@ -337,17 +319,12 @@ async fn spans_are_exported_over_otlp_when_enabled() {
     let collector_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
-    let dir = tempfile::tempdir().unwrap();
-    let instance = unique_instance();
-    let _guard = InstanceGuard(instance.clone());
-    let port = free_port();
-    let mut settings = test_settings(dir.path(), &instance);
-    settings.http.port = port;
-    settings.otel.enabled = true;
-    settings.otel.service_name = Some("sandboxd-otlp-test".into());
-    settings.otel.traces_endpoint = Some(format!("http://{collector_addr}/v1/traces"));
-    let config = write_config(dir.path(), &settings);
-    let mut server = ServerProcess::start(&config, port).await;
+    let fx = ProcessFixture::new(|s| {
+        s.otel.enabled = true;
+        s.otel.service_name = Some("sandboxd-otlp-test".into());
+        s.otel.traces_endpoint = Some(format!("http://{collector_addr}/v1/traces"));
+    });
+    let mut server = fx.start().await;
     let r = reqwest::Client::new()
         .get(format!("http://{}/api/v1/sandboxes", server.addr))
         .send()

@@ -20,18 +20,11 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> (StatusCo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_adopts_the_running_containers_untouched() {
-    let dir = tempfile::tempdir().unwrap();
-    let instance = unique_instance();
-    let _guard = InstanceGuard(instance.clone());
-    let port = free_port();
-    let mut settings = test_settings(dir.path(), &instance);
-    settings.http.port = port;
-    let config = write_config(dir.path(), &settings);
-    let vol = dir.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
+    let fx = ProcessFixture::new(|_| {});
+    let (settings, vol) = (&fx.settings, &fx.vol);
     let docker = docker().await;
 
-    let mut server = ServerProcess::start(&config, port).await;
+    let mut server = fx.start().await;
     let chats: Vec<String> = (0..3).map(|_| new_chat()).collect();
     let mut before = Vec::new();
     for chat in &chats {
@@ -68,7 +61,7 @@ async fn sigkill_and_restart_adopts_the_running_containers_untouched() {
         .await
         .unwrap();
 
-    let server = ServerProcess::start(&config, port).await;
+    let server = fx.start().await;
     let client = reqwest::Client::new();
     // The row still names the removed container until the first pass after the restart sees
     // it is gone and starts a replacement.
@@ -131,7 +124,7 @@ async fn sigkill_and_restart_adopts_the_running_containers_untouched() {
         Some(removed_id.as_str())
     );
 
-    let cs = containers_of(&docker, &instance).await;
+    let cs = containers_of(&docker, &settings.controller.instance).await;
     assert_eq!(cs.len(), 3, "exactly one container per chat");
     assert_eq!(
         db_scalar(&settings.database.path, "SELECT count(*) FROM sandboxes").await,
@@ -168,16 +161,9 @@ async fn graceful_stop_leaves_sandboxes_running_and_a_restart_is_a_no_op() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
-    let dir = tempfile::tempdir().unwrap();
-    let instance = unique_instance();
-    let _guard = InstanceGuard(instance.clone());
-    let port = free_port();
-    let mut settings = test_settings(dir.path(), &instance);
-    settings.http.port = port;
-    let config = write_config(dir.path(), &settings);
-    let vol = dir.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
-    let mut server = ServerProcess::start(&config, port).await;
+    let fx = ProcessFixture::new(|_| {});
+    let vol = &fx.vol;
+    let mut server = fx.start().await;
     let chat = new_chat();
     let (status, body) = post(
         server.addr,
@@ -190,7 +176,7 @@ async fn sigterm_exits_promptly_and_leaves_sandboxes_running() {
     let probe = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_sandboxd"))
             .arg("--config")
-            .arg(&config)
+            .arg(&fx.config)
             .arg("probe")
             .status()
             .unwrap()

@@ -372,6 +372,45 @@ pub fn free_port() -> u16 {
 }
 
 /// Writes the test settings as a YAML config for the binary.
+/// What a test of the built binary needs: a temp dir, an instance whose containers are removed
+/// at the end, settings on a free port written to a config file, and a volume directory.
+pub struct ProcessFixture {
+    // Dropped first: containers go before the directory their mounts come from.
+    pub guard: InstanceGuard,
+    pub settings: Settings,
+    pub config: PathBuf,
+    pub vol: PathBuf,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl ProcessFixture {
+    pub fn new(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = unique_instance();
+        let guard = InstanceGuard(instance.clone());
+        let port = free_port();
+        let mut settings = test_settings(dir.path(), &instance);
+        settings.http.port = port;
+        tweak(&mut settings);
+        let config = write_config(dir.path(), &settings);
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).expect("vol");
+        Self {
+            guard,
+            settings,
+            config,
+            vol,
+            port,
+            dir,
+        }
+    }
+
+    pub async fn start(&self) -> ServerProcess {
+        ServerProcess::start(&self.config, self.port).await
+    }
+}
+
 pub fn write_config(dir: &Path, settings: &Settings) -> PathBuf {
     let path = dir.join("sandboxd.yaml");
     std::fs::write(&path, settings.to_masked_yaml()).expect("write config");
