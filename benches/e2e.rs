@@ -172,7 +172,7 @@ impl BinarySetup {
         s.http.port = port;
         tweak(&mut s);
         let config = dir.path().join("sandboxd.yaml");
-        std::fs::write(&config, s.to_masked_yaml()).expect("config");
+        std::fs::write(&config, s.to_yaml()).expect("config");
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
         Self {

@@ -144,6 +144,22 @@ fn prepare_host(
     Ok(policy)
 }
 
+/// `security.token_required: false` is a migration aid; say so loudly every start.
+fn warn_if_token_not_required(settings: &Settings) {
+    let sec = &settings.security;
+    if sec.api_token.is_some() && !sec.token_required {
+        let exposed = !crate::config::is_loopback_host(&settings.http.host);
+        tracing::warn!(
+            host = %settings.http.host,
+            header = %sec.token_header,
+            "SECURITY: security.token_required is false: requests WITHOUT the API token are \
+             accepted{}; a wrong token is still refused. Set it back to true once every \
+             client sends the token",
+            if exposed { " on a NON-LOOPBACK address, so anyone who can reach it controls sandboxes" } else { "" }
+        );
+    }
+}
+
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let db = &settings.database;
     let store = Store::open(
@@ -161,6 +177,7 @@ impl Application {
     /// `config_path` is the file the settings came from (its directory is protected).
     pub async fn build(mut settings: Settings, config_path: Option<&Path>) -> anyhow::Result<Self> {
         let volumes = Arc::new(prepare_host(&mut settings, config_path)?);
+        warn_if_token_not_required(&settings);
         let db_lock = lock_database(&settings.database.path)?;
         let store = open_store(&settings)
             .await?

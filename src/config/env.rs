@@ -62,6 +62,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_SANDBOX_VOLUME_MOUNT_PATH", "sandbox.volume_mount_path"),
     ("APP_API_TOKEN_HEADER", "security.token_header"),
     ("APP_API_TOKEN", "security.api_token"),
+    ("APP_API_TOKEN_REQUIRED", "security.token_required"),
     ("APP_SIGNING_KEY", "security.signing_key"),
     ("APP_DATABASE_PATH", "database.path"),
     ("APP_DATABASE_BUSY_TIMEOUT_MS", "database.busy_timeout_ms"),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use env::ENV_OVERRIDES;
+pub use validate::{is_loopback_host, MAX_CONFIG_TTL_SECONDS};
 
 /// Everything wrong with a configuration, each message naming its key.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +235,10 @@ pub struct SecuritySettings {
     pub token_header: String,
     /// When set, every route but health requires it; when unset, only loopback is served.
     pub api_token: Option<String>,
+    /// With `false`, requests that carry no token are let through (a wrong token is still
+    /// refused): old deployments set `APP_API_TOKEN` but their clients never sent it, so they
+    /// can switch first and enforce later. Logged loudly at start.
+    pub token_required: bool,
     /// Accepted for compatibility with old configs; unused.
     pub signing_key: Option<String>,
 }
@@ -243,6 +248,7 @@ impl Default for SecuritySettings {
         Self {
             token_header: "X-API-Token".into(),
             api_token: None,
+            token_required: true,
             signing_key: None,
         }
     }
@@ -254,6 +260,7 @@ impl std::fmt::Debug for SecuritySettings {
         f.debug_struct("SecuritySettings")
             .field("token_header", &self.token_header)
             .field("api_token", &mask(&self.api_token))
+            .field("token_required", &self.token_required)
             .field("signing_key", &mask(&self.signing_key))
             .finish()
     }
@@ -362,6 +369,12 @@ impl Settings {
         })?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The effective settings as YAML, secrets included: for handing a config file to a
+    /// child process (tests, benches). Never print it.
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
     /// The effective settings as YAML with secrets masked (for `check-config`).

@@ -186,3 +186,40 @@ fn readme_documents_every_setting_and_its_environment_variable() {
         assert!(readme.contains(&format!("`{var}`")), "README lacks {var}");
     }
 }
+
+#[test]
+fn ttl_and_network_are_bounded_at_start_naming_the_key() {
+    for (yaml, key) in [
+        ("sandbox: {ttl_seconds: 0}", "sandbox.ttl_seconds"),
+        ("sandbox: {ttl_seconds: 31536001}", "sandbox.ttl_seconds"),
+        (
+            "sandbox: {ttl_seconds: 18446744073709551615}",
+            "sandbox.ttl_seconds",
+        ),
+        ("sandbox: {network_name: host}", "sandbox.network_name"),
+        ("sandbox: {network_name: none}", "sandbox.network_name"),
+        (
+            "sandbox: {network_name: 'container:abc'}",
+            "sandbox.network_name",
+        ),
+    ] {
+        let e = load(yaml, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{yaml}: {e}");
+    }
+    let e = load("", &[("APP_SANDBOX_TTL_SECONDS", "99999999999")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sandbox.ttl_seconds"), "{e}");
+    assert!(load("sandbox: {ttl_seconds: 31536000}", &[]).is_ok());
+}
+
+#[test]
+fn token_can_be_made_optional_for_old_clients() {
+    let s = load(
+        "http: {host: 0.0.0.0}\nsecurity: {api_token: t}",
+        &[("APP_API_TOKEN_REQUIRED", "false")],
+    )
+    .unwrap();
+    assert!(!s.security.token_required);
+    assert!(Settings::default().security.token_required);
+}

@@ -4,15 +4,31 @@ use std::net::IpAddr;
 
 use super::{invalid, ConfigError, Settings};
 
+/// The longest session a config may ask for: 365 days.
+pub const MAX_CONFIG_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
 impl Settings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
         non_empty("sandbox.network_name", &s.network_name)?;
+        if matches!(s.network_name.as_str(), "host" | "none")
+            || s.network_name.starts_with("container:")
+        {
+            return Err(invalid(
+                "sandbox.network_name",
+                "must be a Docker network sandboxes can join with their own address (not `host`, `none` or `container:…`)",
+            ));
+        }
         if s.agent_service_port == 0 {
             return Err(invalid("sandbox.agent_service_port", "must be 1..=65535"));
         }
-        positive("sandbox.ttl_seconds", s.ttl_seconds)?;
+        within(
+            "sandbox.ttl_seconds",
+            s.ttl_seconds,
+            1,
+            MAX_CONFIG_TTL_SECONDS,
+        )?;
         positive(
             "sandbox.cleanup_interval_seconds",
             s.cleanup_interval_seconds,

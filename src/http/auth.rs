@@ -1,5 +1,7 @@
 //! Token check: when `security.api_token` is set, every route except health needs it in
-//! `security.token_header`. Compared in constant time; never logged.
+//! `security.token_header`. Compared in constant time; never logged. With
+//! `security.token_required: false` a request *without* the header passes (a migration aid for
+//! old clients that never sent it); a wrong token is refused either way.
 
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use super::error::ApiError;
 pub struct TokenGuard {
     pub header: HeaderName,
     pub token: Arc<Vec<u8>>,
+    /// `security.token_required`: when false, a request without the header passes.
+    pub required: bool,
 }
 
 pub async fn require_token(
@@ -25,12 +29,14 @@ pub async fn require_token(
     if request.uri().path() == "/api/v1/health" {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(&guard.header)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if bool::from(presented.ct_eq(guard.token.as_slice())) {
+    let Some(presented) = request.headers().get(&guard.header) else {
+        return if guard.required {
+            ApiError::Unauthorized.into_response()
+        } else {
+            next.run(request).await
+        };
+    };
+    if bool::from(presented.as_bytes().ct_eq(guard.token.as_slice())) {
         next.run(request).await
     } else {
         ApiError::Unauthorized.into_response()

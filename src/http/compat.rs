@@ -4,8 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::{rejection::JsonRejection, Path, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
@@ -14,10 +15,12 @@ use serde_json::json;
 
 use utoipa::ToSchema;
 
-use super::views::{DeleteResponse, ErrorBody, SessionResponse};
+use super::error::ChatPath;
+use super::input::{self, Fields, Problems, Source};
+use super::views::{DeleteResponse, ErrorBody, SessionResponse, ValidationErrorBody};
 use super::wait::{self, Gone, StartOutcome};
 use super::{ApiError, AppState};
-use crate::domain::request::{parse_chat_id, validate_agent_id};
+use crate::domain::request::validate_agent_id;
 use crate::domain::{spec, ChatId, Phase};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
@@ -88,33 +91,86 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// `POST /api/v1/create` body. Read field by field (`input.rs`) so that every problem is
+/// reported in the old server's shape; this type documents it.
+// Documents the input for OpenAPI; `input.rs` reads it field by field.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     /// A UUID in any spelling; answered canonical.
-    chat_id: String,
-    agent_id: String,
-    volume_host_path: String,
+    #[schema(format = "uuid")]
+    pub chat_id: String,
+    /// Non-blank, at most 256 bytes, no control characters.
+    #[schema(min_length = 1, max_length = 256)]
+    pub agent_id: String,
+    /// An absolute host directory that exists and that the volume policy allows.
+    pub volume_host_path: String,
 }
 
-/// Validates a request into the session it asks for. Nothing is written here.
+/// Checks agent and volume into the session they ask for, recording each problem under its
+/// field. Nothing is written here.
 pub(super) fn new_session(
     state: &AppState,
-    chat_id: ChatId,
-    agent_id: &str,
-    volume_host_path: &str,
+    chat_id: Option<ChatId>,
+    agent_id: Option<&str>,
+    volume_host_path: Option<&str>,
     ttl_seconds: u64,
-) -> Result<NewSession, ApiError> {
-    let agent_id = validate_agent_id(agent_id)?;
-    let volume = state.volumes.check(volume_host_path)?;
+    problems: &mut Problems,
+) -> Option<NewSession> {
+    let agent_id = agent_id.and_then(|raw| {
+        validate_agent_id(raw)
+            .map_err(|e| problems.value_error(Source::Body, "agent_id", json!(raw), &e))
+            .ok()
+    });
+    let volume = volume_host_path.and_then(|raw| {
+        state
+            .volumes
+            .check(raw)
+            .map_err(|e| problems.value_error(Source::Body, "volume_host_path", json!(raw), &e))
+            .ok()
+    });
+    let (chat_id, agent_id, volume) = (chat_id?, agent_id?, volume?);
     let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume);
-    Ok(NewSession {
+    Some(NewSession {
         chat_id,
         agent_id: agent_id.to_string(),
         volume_host_path: volume.display().to_string(),
         spec_json: spec.to_json(),
         spec_hash: spec.hash(),
-        ttl: chrono::Duration::seconds(i64::try_from(ttl_seconds).unwrap_or(i64::MAX / 1000)),
+        // Bounded by validation (requests) and config validation (the default).
+        ttl: chrono::Duration::seconds(i64::try_from(ttl_seconds).unwrap_or(MAX_TTL)),
+    })
+}
+
+/// A year: the longest TTL anything may carry, far inside chrono's range.
+const MAX_TTL: i64 = crate::config::MAX_CONFIG_TTL_SECONDS as i64;
+
+/// Reads and checks a create body; every problem at once, in the old server's shape.
+fn read_create(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<NewSession, ApiError> {
+    let obj = input::object(input::json_body(headers, body, false)?.unwrap_or_default())?;
+    let mut f = Fields::new(&obj);
+    let chat_id = f.uuid("chat_id");
+    let agent_id = f.string("agent_id");
+    let volume = f.string("volume_host_path");
+    f.forbid_others(&["chat_id", "agent_id", "volume_host_path"]);
+    let mut problems = f.problems;
+    let new = new_session(
+        state,
+        chat_id,
+        agent_id,
+        volume,
+        state.settings.sandbox.ttl_seconds,
+        &mut problems,
+    );
+    problems.finish()?;
+    new.ok_or_else(|| ApiError::BadRequest {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        detail: "invalid request".into(),
     })
 }
 
@@ -123,54 +179,52 @@ pub(super) fn new_session(
     responses(
         (status = 200, description = "running", body = SessionResponse),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
-        (status = 409, description = "`sandbox_conflict`: a live session has another agent or volume; or a concurrent delete/replace won", body = ErrorBody),
+        (status = 409, description = "`sandbox_conflict`: a live session that has run has another agent or volume; or a concurrent delete/replace won", body = ErrorBody),
         (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
-        (status = 422, description = "invalid input, named in `detail`", body = ErrorBody),
+        (status = 422, description = "invalid input: the old server's list of `{type, loc, msg, input}`", body = ValidationErrorBody),
         (status = 503, description = "`sandbox_start_failed: <reason>`; retries continue in the background", body = ErrorBody),
         (status = 504, description = "not running within `controller.create_wait_seconds`", body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Json<CreateRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Json<SessionResponse>, ApiError> {
-    let result = create_inner(&state, body).await;
+    let result = create_inner(&state, &headers, &body).await;
     state.metrics.create(match &result {
-        Ok(_) => "ok",
+        Ok((_, how)) => how,
         Err(ApiError::Conflict) => "conflict",
-        Err(ApiError::StartFailed(_)) => "start_failed",
+        Err(ApiError::StartFailed(_) | ApiError::Internal(_)) => "error",
         Err(ApiError::Timeout(_)) => "timeout",
         Err(ApiError::Superseded(_)) => "superseded",
-        Err(ApiError::Internal(_)) => "error",
         Err(_) => "invalid",
     });
-    result
+    result.map(|(answer, _)| answer)
 }
 
+/// The answer and how it was reached: `created`, `reused` or `replaced` (the old counter's
+/// results: a new session where the chat had an expired, deleted or never-started one).
 async fn create_inner(
     state: &AppState,
-    body: Result<Json<CreateRequest>, JsonRejection>,
-) -> Result<Json<SessionResponse>, ApiError> {
-    let Json(req) = body?;
-    let chat_id = parse_chat_id(&req.chat_id)?;
-    let new = new_session(
-        state,
-        chat_id,
-        &req.agent_id,
-        &req.volume_host_path,
-        state.settings.sandbox.ttl_seconds,
-    )?;
-    let row = match state.store.create_or_reuse(&new, Utc::now()).await? {
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Json<SessionResponse>, &'static str), ApiError> {
+    let new = read_create(state, headers, body)?;
+    let chat_id = new.chat_id;
+    let (row, how) = match state.store.create_or_reuse(&new, Utc::now()).await? {
         CreateOutcome::Conflict(_) => return Err(ApiError::Conflict),
         CreateOutcome::Reused(row) if row.phase == Phase::Running => {
-            return respond_running(&row);
+            return Ok((respond_running(&row)?, "reused"));
         }
         CreateOutcome::Reused(row) if row.phase == Phase::Failed => {
             state
                 .store
                 .retry_now(chat_id, row.session_id, Utc::now())
                 .await?;
-            row
+            (row, "reused")
         }
-        CreateOutcome::Reused(row) | CreateOutcome::Created(row) => row,
+        CreateOutcome::Reused(row) => (row, "reused"),
+        CreateOutcome::Created(row) => (row, "created"),
+        CreateOutcome::Replaced(row) => (row, "replaced"),
     };
     state.wake.notify_one();
     let wait_for = Duration::from_secs(state.settings.controller.create_wait_seconds);
@@ -183,7 +237,7 @@ async fn create_inner(
     )
     .await?
     {
-        StartOutcome::Running(row) => respond_running(&row),
+        StartOutcome::Running(row) => Ok((respond_running(&row)?, how)),
         StartOutcome::Failed(row) => Err(ApiError::StartFailed(
             row.last_error.unwrap_or_else(|| "unknown error".into()),
         )),
@@ -216,13 +270,13 @@ fn respond_running(row: &SandboxRow) -> Result<Json<SessionResponse>, ApiError> 
     responses(
         (status = 200, description = "`deleted` or `not_found`", body = DeleteResponse),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
-        (status = 422, description = "not a UUID", body = ErrorBody),
+        (status = 422, description = "not a UUID", body = ValidationErrorBody),
         (status = 504, description = "not removed within `controller.delete_wait_seconds`", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    ChatPath(chat_id): ChatPath,
 ) -> Result<Json<DeleteResponse>, ApiError> {
-    let result = delete_inner(&state, &raw).await;
+    let result = delete_inner(&state, chat_id).await;
     state.metrics.delete(match &result {
         Ok(r) => r.result,
         Err(ApiError::Timeout(_)) => "timeout",
@@ -232,8 +286,7 @@ pub async fn delete(
     result
 }
 
-async fn delete_inner(state: &AppState, raw: &str) -> Result<Json<DeleteResponse>, ApiError> {
-    let chat_id = parse_chat_id(raw)?;
+async fn delete_inner(state: &AppState, chat_id: ChatId) -> Result<Json<DeleteResponse>, ApiError> {
     let now = Utc::now();
     let Some(before) = state.store.request_delete(chat_id, now).await? else {
         return Ok(Json(DeleteResponse {

@@ -1,18 +1,23 @@
-//! One API error type; every error leaves as `{"detail": "..."}` with the right status.
-//! Internal errors are logged with their cause and answered with a generic detail.
+//! One API error type. Domain outcomes leave as `{"detail": "..."}` with the right status;
+//! invalid input leaves as the old server's pydantic-style list (`input.rs`). Internal errors
+//! are logged with their cause and answered with a generic detail.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::domain::request::InvalidInput;
+use super::input::{self, FieldError, Source};
+use crate::domain::ChatId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{0}")]
-    Invalid(String),
+    /// Bad input: 422 with every problem, each naming its field.
+    #[error("invalid input: {}", summary(.0))]
+    Validation(Vec<FieldError>),
     #[error("{detail}")]
     BadRequest { status: StatusCode, detail: String },
     #[error("unauthorized")]
@@ -32,48 +37,31 @@ pub enum ApiError {
     Internal(#[from] crate::store::StoreError),
 }
 
-impl From<InvalidInput> for ApiError {
-    fn from(e: InvalidInput) -> Self {
-        ApiError::Invalid(e.to_string())
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        let status = r.status();
-        let detail = match &r {
-            JsonRejection::JsonDataError(e) => format!("invalid request body: {}", e.body_text()),
-            JsonRejection::JsonSyntaxError(e) => format!("malformed JSON: {}", e.body_text()),
-            JsonRejection::MissingJsonContentType(_) => {
-                "expected `Content-Type: application/json`".to_string()
-            }
-            other => format!("unreadable request body: {}", other.body_text()),
-        };
-        // FastAPI answered every body problem with 422; keep that for data and syntax errors.
-        let status = match status {
-            StatusCode::BAD_REQUEST => StatusCode::UNPROCESSABLE_ENTITY,
-            s => s,
-        };
-        ApiError::BadRequest { status, detail }
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(r: PathRejection) -> Self {
-        ApiError::Invalid(format!("invalid path: {}", r.body_text()))
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(r: QueryRejection) -> Self {
-        ApiError::Invalid(format!("invalid query: {}", r.body_text()))
-    }
+fn summary(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| {
+            let loc: Vec<String> = e
+                .loc
+                .iter()
+                .map(|l| l.as_str().map_or_else(|| l.to_string(), str::to_string))
+                .collect();
+            format!("{}: {}", loc.join("."), e.msg)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(errors) => {
+                return (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Json(json!({ "detail": errors })),
+                )
+                    .into_response()
+            }
             ApiError::BadRequest { status, .. } => *status,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
@@ -87,4 +75,28 @@ impl IntoResponse for ApiError {
         };
         (status, Json(json!({ "detail": self.to_string() }))).into_response()
     }
+}
+
+/// `{chat_id}` in the path, any UUID spelling; a bad one is a 422 naming `["path","chat_id"]`.
+pub struct ChatPath(pub ChatId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChatPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => input::path_chat_id(&raw).map(ChatPath),
+            Err(r) => Err(path_rejection(r)),
+        }
+    }
+}
+
+fn path_rejection(r: PathRejection) -> ApiError {
+    input::reject(
+        "path_invalid",
+        Source::Path,
+        "chat_id",
+        format!("Unreadable path parameter: {}", r.body_text()),
+        serde_json::Value::Null,
+    )
 }

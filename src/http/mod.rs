@@ -3,8 +3,10 @@
 //! old `create` and `delete`) wait on the store's change feed for the controller's result.
 
 mod auth;
+mod body;
 mod compat;
 mod error;
+mod input;
 pub mod openapi;
 mod sandboxes;
 mod views;
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let body_limit = state.settings.http.body_limit_bytes;
     let token = state.settings.security.api_token.clone();
+    let state_token_required = state.settings.security.token_required;
     let header = HeaderName::from_bytes(state.settings.security.token_header.as_bytes())
         .unwrap_or(HeaderName::from_static("x-api-token"));
 
@@ -63,25 +66,35 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sandboxes/{chat_id}/renew", post(sandboxes::renew))
         .route("/api/v1/sandboxes/{chat_id}/events", get(sandboxes::events))
         .route("/api/v1/sandboxes", get(sandboxes::list))
+        // The old server's words for an unknown route and a wrong method.
         .fallback(|| async {
             ApiError::BadRequest {
                 status: axum::http::StatusCode::NOT_FOUND,
-                detail: "not_found".into(),
+                detail: "Not Found".into(),
             }
         })
+        .layer(axum::middleware::map_response(
+            body::method_not_allowed_body,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state);
     if let Some(token) = token {
         let guard = auth::TokenGuard {
             header,
             token: Arc::new(token.into_bytes()),
+            required: state_token_required,
         };
         app = app.layer(axum::middleware::from_fn_with_state(
             guard,
             auth::require_token,
         ));
     }
-    app.layer(PropagateRequestIdLayer::new(request_id.clone()))
+    // Outermost but tracing: an oversized body is drained and answered 413 before anything else.
+    app.layer(axum::middleware::from_fn_with_state(
+        body_limit,
+        body::read_whole,
+    ))
+    .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 let id = req

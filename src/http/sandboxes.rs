@@ -3,45 +3,94 @@
 
 use std::time::Duration;
 
-use axum::extract::{rejection::JsonRejection, Path, Query, State};
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use super::compat::new_session;
 use utoipa::{IntoParams, ToSchema};
 
-use super::views::{ErrorBody, SandboxView};
+use super::error::ChatPath;
+use super::input::{self, Fields, Problems, QueryParams, Source};
+use super::views::{ErrorBody, SandboxView, ValidationErrorBody};
 use super::{wait, ApiError, AppState};
-use crate::domain::request::{parse_chat_id, validate_ttl};
 use crate::domain::{ChatId, Phase};
 use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
 
 /// Longest TTL a client may ask for (30 days).
-const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Longest `?wait=` accepted; the server also caps it at `controller.max_wait_seconds`.
+const MAX_WAIT_PARAM: u64 = 3600;
 
+/// `?wait=SECONDS`: read from the raw query (`input.rs`), documented by this type.
 #[derive(Debug, Deserialize, Default, IntoParams)]
-#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
-    /// Seconds to wait for the sandbox to settle (0 = answer at once).
-    #[serde(default)]
-    wait: u64,
+    /// Seconds to wait for the sandbox to settle (0 = answer at once; capped by
+    /// `controller.max_wait_seconds`).
+    #[param(minimum = 0, maximum = 3600)]
+    wait: Option<u64>,
 }
 
 impl WaitQuery {
+    fn read(raw: Option<&str>) -> Result<Self, ApiError> {
+        let params = QueryParams::parse(raw)?;
+        let mut problems = Problems::default();
+        let wait = params.int("wait", 0, MAX_WAIT_PARAM, &mut problems);
+        problems.finish()?;
+        Ok(Self { wait })
+    }
+
     fn duration(&self, state: &AppState) -> Option<Duration> {
-        (self.wait > 0)
-            .then(|| Duration::from_secs(self.wait.min(state.settings.controller.max_wait_seconds)))
+        self.wait
+            .filter(|w| *w > 0)
+            .map(|w| Duration::from_secs(w.min(state.settings.controller.max_wait_seconds)))
     }
 }
 
+// Documents the input for OpenAPI; `input.rs` reads it field by field.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
-    agent_id: String,
-    volume_host_path: String,
+    /// Non-blank, at most 256 bytes, no control characters.
+    #[schema(min_length = 1, max_length = 256)]
+    pub agent_id: String,
+    /// An absolute host directory that exists and that the volume policy allows.
+    pub volume_host_path: String,
     /// TTL of a new session (1 s to 30 days); default `sandbox.ttl_seconds`.
-    ttl_seconds: Option<u64>,
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Reads and checks a PUT body.
+fn read_apply(
+    state: &AppState,
+    chat_id: ChatId,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<crate::store::NewSession, ApiError> {
+    let obj = input::object(input::json_body(headers, body, false)?.unwrap_or_default())?;
+    let mut f = Fields::new(&obj);
+    let agent_id = f.string("agent_id");
+    let volume = f.string("volume_host_path");
+    let ttl = f.optional_int("ttl_seconds", 1, MAX_TTL_SECONDS);
+    f.forbid_others(&["agent_id", "volume_host_path", "ttl_seconds"]);
+    let mut problems = f.problems;
+    let ttl = ttl
+        .ok()
+        .flatten()
+        .unwrap_or(state.settings.sandbox.ttl_seconds);
+    let new = new_session(state, Some(chat_id), agent_id, volume, ttl, &mut problems);
+    problems.finish()?;
+    new.ok_or_else(|| ApiError::BadRequest {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        detail: "invalid request".into(),
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -68,25 +117,22 @@ async fn view_after_wait(
 
 /// Declare the sandbox of a chat; a changed spec replaces the session.
 #[utoipa::path(put, path = "/api/v1/sandboxes/{chat_id}", tag = "sandboxes",
-    params(("chat_id" = String, Path, description = "chat UUID, any spelling"), WaitQuery),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), WaitQuery),
     request_body = ApplyRequest,
     responses(
         (status = 200, description = "written; with `wait`, settled or timed out", body = ApplyResponse),
-        (status = 422, description = "invalid input", body = ErrorBody)))]
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn apply(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Json<ApplyRequest>, JsonRejection>,
+    ChatPath(chat_id): ChatPath,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Json<ApplyResponse>, ApiError> {
-    let chat_id = parse_chat_id(&raw)?;
-    let Query(q) = query?;
-    let Json(req) = body?;
-    let ttl = match req.ttl_seconds {
-        Some(t) => validate_ttl(t, MAX_TTL_SECONDS)?,
-        None => state.settings.sandbox.ttl_seconds,
-    };
-    let new = new_session(&state, chat_id, &req.agent_id, &req.volume_host_path, ttl)?;
+    let q = WaitQuery::read(query.as_deref())?;
+    let new = read_apply(&state, chat_id, &headers, &body)?;
     let (outcome, row) = match state.store.apply(&new, Utc::now()).await? {
         ApplyOutcome::Created(r) => ("created", r),
         ApplyOutcome::Replaced(r) => ("replaced", r),
@@ -114,32 +160,37 @@ pub async fn apply(
 
 /// Desired spec and observed status of one chat.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}", tag = "sandboxes",
-    params(("chat_id" = String, Path, description = "chat UUID, any spelling"), WaitQuery),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), WaitQuery),
     responses(
-        (status = 200, body = SandboxView),
+        (status = 200, description = "the sandbox", body = SandboxView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`", body = ErrorBody),
-        (status = 422, description = "not a UUID", body = ErrorBody)))]
+        (status = 422, description = "not a UUID, or a bad `wait`", body = ValidationErrorBody)))]
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    ChatPath(chat_id): ChatPath,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<SandboxView>, ApiError> {
-    let chat_id = parse_chat_id(&raw)?;
-    let Query(q) = query?;
+    let q = WaitQuery::read(query.as_deref())?;
     view_after_wait(&state, chat_id, &q).await.map(Json)
 }
 
+/// List filters: read from the raw query (`input.rs`), documented by this type.
+// Documents the input for OpenAPI; `input.rs` reads it field by field.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this phase.
-    phase: Option<String>,
+    pub phase: Option<Phase>,
     /// Only this agent.
-    agent_id: Option<String>,
+    pub agent_id: Option<String>,
     /// Opaque cursor from the previous page's `next_cursor`.
-    cursor: Option<String>,
+    #[param(format = "uuid")]
+    pub cursor: Option<String>,
     /// Page size, 1–1000 (default 100).
-    limit: Option<u32>,
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,34 +202,41 @@ pub struct ListResponse {
 /// Sandboxes ordered by chat id, filtered and paginated.
 #[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes", params(ListQuery),
     responses(
-        (status = 200, body = ListResponse),
-        (status = 422, description = "invalid filter or cursor", body = ErrorBody)))]
+        (status = 200, description = "one page, ordered by chat id", body = ListResponse),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 422, description = "invalid filter or cursor", body = ValidationErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<ListResponse>, ApiError> {
-    let Query(q) = query?;
-    let phase = q
-        .phase
-        .as_deref()
-        .map(str::parse::<Phase>)
-        .transpose()
-        .map_err(|e| ApiError::Invalid(format!("invalid phase: {e}")))?;
-    let after = q
-        .cursor
-        .as_deref()
-        .map(parse_chat_id)
-        .transpose()
-        .map_err(|_| ApiError::Invalid("invalid cursor".into()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::Invalid("invalid limit: must be 1..=1000".into()));
-    }
+    let params = QueryParams::parse(query.as_deref())?;
+    let mut problems = Problems::default();
+    let phase = params.get("phase").and_then(|raw| {
+        raw.parse::<Phase>()
+            .map_err(|_| {
+                let names: Vec<_> = Phase::ALL.iter().map(|p| format!("'{p}'")).collect();
+                problems.push(
+                    "enum",
+                    Source::Query,
+                    "phase",
+                    format!("Input should be {}", names.join(", ")),
+                    json!(raw),
+                )
+            })
+            .ok()
+    });
+    let after = params.get("cursor").and_then(|raw| {
+        input::chat_id(Source::Query, "cursor", raw)
+            .map_err(|e| problems.push(e.kind, Source::Query, "cursor", e.msg, e.input))
+            .ok()
+    });
+    let limit = params.int("limit", 1, 1000, &mut problems).unwrap_or(100) as u32;
+    problems.finish()?;
     let rows = state
         .store
         .list(&ListFilter {
             phase,
-            agent_id: q.agent_id,
+            agent_id: params.get("agent_id").map(str::to_string),
             after,
             limit,
         })
@@ -192,39 +250,47 @@ pub async fn list(
     }))
 }
 
+// Documents the input for OpenAPI; `input.rs` reads it field by field.
+#[allow(dead_code)]
 #[derive(Debug, Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// New TTL from now (1 s to 30 days); default `sandbox.ttl_seconds`.
-    ttl_seconds: Option<u64>,
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// Extend the TTL of a live session; the container stays.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{chat_id}/renew", tag = "sandboxes",
-    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
-    request_body(content = Option<RenewRequest>, description = "optional"),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    request_body(content = Option<RenewRequest>, description = "optional: empty, `null` or an object"),
     responses(
-        (status = 200, body = SandboxView),
+        (status = 200, description = "the renewed sandbox", body = SandboxView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "no live session", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ErrorBody)))]
+        (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn renew(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
-    body: axum::body::Bytes,
+    ChatPath(chat_id): ChatPath,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Json<SandboxView>, ApiError> {
-    let chat_id = parse_chat_id(&raw)?;
-    // The body is optional: empty means "the configured TTL".
-    let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        RenewRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::Invalid(format!("invalid request body: {e}")))?
+    // The body is optional: empty or `null` means "the configured TTL".
+    let ttl = match input::json_body(&headers, &body, true)? {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => {
+            let obj = input::object(value)?;
+            let mut f = Fields::new(&obj);
+            let ttl = f.optional_int("ttl_seconds", 1, MAX_TTL_SECONDS);
+            f.forbid_others(&["ttl_seconds"]);
+            f.problems.finish()?;
+            ttl.ok().flatten()
+        }
     };
-    let ttl = match req.ttl_seconds {
-        Some(t) => validate_ttl(t, MAX_TTL_SECONDS)?,
-        None => state.settings.sandbox.ttl_seconds,
-    };
-    let ttl = chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 1000));
+    let ttl = ttl.unwrap_or(state.settings.sandbox.ttl_seconds);
+    // Bounded above by validation: far inside chrono's range.
+    let ttl = chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::from(u32::MAX)));
     let row = state
         .store
         .renew(chat_id, ttl, Utc::now())
@@ -236,14 +302,14 @@ pub async fn renew(
 
 /// The chat's last 100 events, newest first.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/events", tag = "sandboxes",
-    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
     responses(
-        (status = 200, body = Vec<StoredEvent>),
-        (status = 422, description = "not a UUID", body = ErrorBody)))]
+        (status = 200, description = "newest first", body = Vec<StoredEvent>),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 422, description = "not a UUID", body = ValidationErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    ChatPath(chat_id): ChatPath,
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
-    let chat_id = parse_chat_id(&raw)?;
     Ok(Json(state.store.events(Some(chat_id), 100).await?))
 }

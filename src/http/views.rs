@@ -115,3 +115,24 @@ impl From<&SandboxRow> for SandboxView {
         }
     }
 }
+
+/// One problem with the input, as the old (FastAPI/pydantic) server reported it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidationProblem {
+    /// `missing`, `string_type`, `uuid_parsing`, `value_error`, `json_invalid`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where: `["body", "chat_id"]`, `["path", "chat_id"]`, `["query", "limit"]`, …
+    #[schema(value_type = Vec<serde_json::Value>)]
+    pub loc: Vec<serde_json::Value>,
+    pub msg: String,
+    /// The offending value (the whole body for a missing field).
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+}
+
+/// `422 {"detail": [...]}`: every problem with the request at once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidationErrorBody {
+    pub detail: Vec<ValidationProblem>,
+}

@@ -90,9 +90,11 @@ impl ChatChanges {
 pub enum CreateOutcome {
     /// A live session with the same agent and volume exists.
     Reused(SandboxRow),
-    /// A new session was written (first one, or the previous one expired or was deleted).
+    /// The chat's first session was written.
     Created(SandboxRow),
-    /// A live session with a different agent or volume exists; nothing was written.
+    /// A new session replaced one that had expired, was deleted, or never ran.
+    Replaced(SandboxRow),
+    /// A live session that has run has a different agent or volume; nothing was written.
     Conflict(SandboxRow),
 }
 
@@ -387,8 +389,11 @@ impl Store {
         Ok(query.bind(i64::from(limit)).fetch_all(&self.pool).await?)
     }
 
-    /// The old `create` contract: reuse a live matching session, refuse a live different one,
-    /// otherwise start a new session. One transaction; nothing is written on conflict.
+    /// The old `create` contract: reuse a live matching session; refuse a live different one
+    /// that has run (`Conflict`); otherwise write a new session. A session that never ran (its
+    /// start failed or is still pending, e.g. after a 503 or 504) does not block a different
+    /// request: the old service stored nothing for a failed start. One transaction; nothing
+    /// is written on conflict.
     pub async fn create_or_reuse(
         &self,
         new: &NewSession,
@@ -397,18 +402,25 @@ impl Store {
         // Fast path without the write lock: a live session is answered from a plain read
         // (a committed state, so the answer is as correct as one given inside a transaction).
         if let Some(cur) = self.get(new.chat_id).await?.filter(|c| c.is_live(now)) {
-            return Ok(reuse_or_conflict(cur, new));
+            if let Some(outcome) = reuse_or_conflict(cur, new) {
+                return Ok(outcome);
+            }
         }
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
-            let outcome = reuse_or_conflict(cur.clone(), new);
-            tx.rollback().await?;
-            return Ok(outcome);
+            if let Some(outcome) = reuse_or_conflict(cur.clone(), new) {
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
         }
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
         self.commit_row(tx, gate, &row).await?;
-        Ok(CreateOutcome::Created(row))
+        Ok(if current.is_some() {
+            CreateOutcome::Replaced(row)
+        } else {
+            CreateOutcome::Created(row)
+        })
     }
 
     /// Declarative apply: an identical live spec is left alone, anything else gets a new
@@ -808,12 +820,15 @@ async fn row_event(
     .await
 }
 
-/// The old contract for a live session: same agent and volume → reuse, else conflict.
-fn reuse_or_conflict(cur: SandboxRow, new: &NewSession) -> CreateOutcome {
+/// The old contract for a live session: same agent and volume → reuse; different → conflict
+/// if the session has run, else `None` (it may be replaced).
+fn reuse_or_conflict(cur: SandboxRow, new: &NewSession) -> Option<CreateOutcome> {
     if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
-        CreateOutcome::Reused(cur)
+        Some(CreateOutcome::Reused(cur))
+    } else if cur.has_run() {
+        Some(CreateOutcome::Conflict(cur))
     } else {
-        CreateOutcome::Conflict(cur)
+        None
     }
 }
 

@@ -54,6 +54,12 @@ impl SandboxRow {
         self.deleted_at.is_none() && self.phase != Phase::Expired && self.expires_at > now
     }
 
+    /// Whether this session's container ever ran (`record_running` sets
+    /// `observed_generation` to the session's generation; failures leave it).
+    pub fn has_run(&self) -> bool {
+        self.observed_generation == self.generation
+    }
+
     /// The planner's view of this row.
     pub fn desired(&self) -> crate::planner::Desired {
         crate::planner::Desired {

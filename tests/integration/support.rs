@@ -55,6 +55,35 @@ pub async fn docker() -> Docker {
         .expect("a Docker engine must answer (scripts/test.sh starts one)")
 }
 
+/// An error body's `detail` as text: a string as it is, the old server's validation list as
+/// `loc msg (type)` entries joined by `; `.
+pub fn detail_text(body: &Value) -> String {
+    match &body["detail"] {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|e| {
+                let loc: Vec<String> = e["loc"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{} {} ({})",
+                    loc.join("."),
+                    e["msg"].as_str().unwrap_or_default(),
+                    e["type"].as_str().unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::new(),
+    }
+}
+
 /// Test settings: temp paths, the shared network, the local image, pull policy `never`.
 pub fn test_settings(dir: &Path, instance: &str) -> Settings {
     let mut s = Settings::default();
@@ -413,7 +442,7 @@ impl ProcessFixture {
 
 pub fn write_config(dir: &Path, settings: &Settings) -> PathBuf {
     let path = dir.join("sandboxd.yaml");
-    std::fs::write(&path, settings.to_masked_yaml()).expect("write config");
+    std::fs::write(&path, settings.to_yaml()).expect("write config");
     path
 }
 

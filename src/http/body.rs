@@ -1,0 +1,116 @@
+//! Request bodies are read whole, up to `http.body_limit_bytes`, before routing. A larger body
+//! is answered 413 only after the rest of it was read and dropped (up to a bound): blocking
+//! clients (Python `requests`, `urllib`) write the whole body before they read the reply, and
+//! would see `Broken pipe` instead of the 413 if the server closed on them mid-upload.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+
+use super::ApiError;
+
+/// Most bytes read and dropped after the limit before giving up and closing.
+pub const DRAIN_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest time spent draining one oversized body.
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(15);
+
+pub async fn read_whole(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let too_large = || {
+        ApiError::BadRequest {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            detail: format!("request body over http.body_limit_bytes ({limit} bytes)"),
+        }
+        .into_response()
+    };
+    let mut stream = body.into_data_stream();
+    if declared.is_some_and(|n| n > limit as u64) {
+        // A client waiting for `100 Continue` has sent nothing yet: answer at once.
+        let expects_continue = parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            return close(too_large());
+        }
+        return drained_answer(stream, too_large()).await;
+    }
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) if buf.len() + c.len() > limit => {
+                return drained_answer(stream, too_large()).await
+            }
+            Ok(c) => buf.extend_from_slice(&c),
+            Err(e) => {
+                return ApiError::BadRequest {
+                    status: StatusCode::BAD_REQUEST,
+                    detail: format!("cannot read request body: {e}"),
+                }
+                .into_response()
+            }
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(Bytes::from(buf))))
+        .await
+}
+
+/// Reads and drops the rest of the body (bounded), then gives `answer`; closes the
+/// connection if the body could not be drained.
+async fn drained_answer<E>(
+    mut rest: impl Stream<Item = Result<Bytes, E>> + Unpin,
+    answer: Response,
+) -> Response {
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(chunk) = rest.next().await {
+            match chunk {
+                Ok(c) => seen += c.len() as u64,
+                Err(_) => return false,
+            }
+            if seen > DRAIN_MAX_BYTES {
+                return false;
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(DRAIN_MAX_TIME, drain).await {
+        Ok(true) => answer,
+        _ => close(answer),
+    }
+}
+
+fn close(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// 405 answers carry the old server's body, `{"detail": "Method Not Allowed"}`, and keep
+/// axum's `Allow` header.
+pub async fn method_not_allowed_body(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut out = (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(serde_json::json!({ "detail": "Method Not Allowed" })),
+    )
+        .into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
