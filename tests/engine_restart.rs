@@ -1,5 +1,9 @@
 //! The Docker engine itself is restarted under a running sandboxd. This is the only test in its
 //! binary, and cargo runs test binaries one after another, so no other test sees the engine go.
+//!
+//! It stops the host's dockerd, so a plain `cargo test` never runs it: it is `#[ignore]`d and
+//! refuses to run without `SANDBOXD_TEST_STOPS_ENGINE=1`. `scripts/test.sh` (and so CI) sets
+//! the variable and runs it with `--ignored`.
 
 #[path = "integration/support.rs"]
 mod support;
@@ -45,7 +49,13 @@ fn stop_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the host's dockerd: run by scripts/test.sh with SANDBOXD_TEST_STOPS_ENGINE=1"]
 async fn an_engine_restart_converges_again_without_duplicates() {
+    assert_eq!(
+        std::env::var("SANDBOXD_TEST_STOPS_ENGINE").as_deref(),
+        Ok("1"),
+        "this test stops the host's dockerd; set SANDBOXD_TEST_STOPS_ENGINE=1 to allow it"
+    );
     let app = TestApp::spawn_with(|s| {
         s.controller.backoff_initial_ms = 200;
         s.controller.backoff_max_seconds = 2;

@@ -30,6 +30,7 @@ pub fn converged(n: usize) -> (Vec<Desired>, Vec<Observed>) {
             spec_hash: Some("h".repeat(64)),
             running: true,
             ip: Some("10.0.0.1".into()),
+            legacy: false,
         });
     }
     (d, o)

@@ -58,6 +58,7 @@ mod tests {
             spec_hash: None,
             running: true,
             ip: None,
+            legacy: false,
         }
     }
 

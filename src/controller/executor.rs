@@ -199,6 +199,8 @@ impl Executor {
                     agent_id: &row.agent_id,
                     spec: &spec,
                     spec_hash: &row.spec_hash,
+                    volume_host_path: &row.volume_host_path,
+                    expires_at: row.expires_at,
                 })
                 .await?;
             Ok::<_, ActionError>((started, spec.agent_port))

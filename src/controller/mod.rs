@@ -9,6 +9,7 @@
 pub mod backoff;
 mod deaths;
 mod executor;
+mod takeover;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -139,6 +140,12 @@ impl Controller {
                             self.metrics.clone(),
                             deaths.clone(),
                         )));
+                        tokio::spawn(take_over_old_service(
+                            rt.clone(),
+                            self.store.clone(),
+                            self.settings.clone(),
+                            self.wake.clone(),
+                        ));
                         runtime = Some(rt);
                     }
                     Err(e) => {
@@ -320,6 +327,13 @@ impl Controller {
         let started = std::time::Instant::now();
         let rows = self.store.all().await?;
         let mut observed = rt.list_managed().await?;
+        // Sessions adopted from the old service: their containers carry no sandboxd labels.
+        let legacy: Vec<String> = rows
+            .iter()
+            .filter(|r| r.phase != crate::domain::Phase::Expired)
+            .filter_map(|r| r.legacy_container_id.clone())
+            .collect();
+        observed.extend(rt.observe_legacy(&legacy).await?);
         deaths.apply(&mut observed, Instant::now());
         let desired: Vec<_> = rows.iter().map(|r| r.desired()).collect();
         let plan = planner::plan(&desired, &observed, Utc::now());
@@ -422,6 +436,24 @@ impl Controller {
                 }
             }
         }
+    }
+}
+
+/// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
+/// not delayed; wakes the loop when it changed anything.
+async fn take_over_old_service(
+    rt: DockerRuntime,
+    store: Store,
+    settings: Arc<Settings>,
+    wake: Arc<Notify>,
+) {
+    match takeover::run(&rt, &store, &settings).await {
+        Ok(done) if done != takeover::Takeover::default() => {
+            info!(adopted = done.adopted, removed = done.removed, "took over the old service's containers");
+            wake.notify_one();
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "taking over the old service's containers failed; retried at the next connect"),
     }
 }
 

@@ -23,6 +23,8 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::{Stream, StreamExt, TryStreamExt};
 
+use chrono::{DateTime, Utc};
+
 use crate::config::{DockerSettings, PullPolicy};
 use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, SessionId};
@@ -99,6 +101,43 @@ pub struct StartRequest<'a> {
     pub agent_id: &'a str,
     pub spec: &'a ContainerSpec,
     pub spec_hash: &'a str,
+    /// For the old service's labels only.
+    pub volume_host_path: &'a str,
+    /// For the old service's labels only (the expiry at creation).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A container the old Python service started (its six labels, no sandboxd labels).
+#[derive(Debug, Clone)]
+pub struct LegacyContainer {
+    pub container_id: String,
+    pub session: labels::LegacySession,
+    pub running: bool,
+    /// The network it joined and its address there.
+    pub network: Option<String>,
+    pub ip: Option<String>,
+    /// When Docker created it.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// The container's address on the network it was created on (its `NetworkMode`, which
+/// sandboxd sets to the spec's network), else on `fallback`: a sandbox keeps its endpoint when
+/// `sandbox.network_name` changes after it was created.
+fn own_address(
+    networks: Option<HashMap<String, EndpointSettings>>,
+    network_mode: Option<&str>,
+    fallback: &str,
+) -> (Option<String>, Option<String>) {
+    let mut networks = networks.unwrap_or_default();
+    let name = network_mode
+        .filter(|m| networks.contains_key(*m))
+        .unwrap_or(fallback)
+        .to_string();
+    let ip = networks
+        .remove(&name)
+        .and_then(|e| e.ip_address)
+        .filter(|ip| !ip.is_empty());
+    (ip.is_some().then_some(name), ip)
 }
 
 #[derive(Clone)]
@@ -165,13 +204,18 @@ impl DockerRuntime {
             .map_err(DockerError::api("ping"))
     }
 
-    /// Creates the sandbox network if it does not exist.
+    /// Creates the configured sandbox network if it does not exist.
     pub async fn ensure_network(&self) -> Result<(), DockerError> {
+        self.ensure_named_network(&self.network).await
+    }
+
+    /// Creates a sandbox network if it does not exist.
+    async fn ensure_named_network(&self, network: &str) -> Result<(), DockerError> {
         match self
             .call(
                 "inspect_network",
                 &[404],
-                self.docker.inspect_network(&self.network, None),
+                self.docker.inspect_network(network, None),
             )
             .await
         {
@@ -180,7 +224,7 @@ impl DockerRuntime {
             Err(e) => return Err(DockerError::api("inspect_network")(e)),
         }
         let request = NetworkCreateRequest {
-            name: self.network.clone(),
+            name: network.to_string(),
             driver: Some("bridge".into()),
             ..Default::default()
         };
@@ -193,7 +237,7 @@ impl DockerRuntime {
             .await
         {
             Ok(_) => {
-                tracing::info!(network = %self.network, "created sandbox network");
+                tracing::info!(network, "created sandbox network");
                 Ok(())
             }
             // Someone else created it in between.
@@ -218,12 +262,9 @@ impl DockerRuntime {
             .filter_map(|c| {
                 let id = c.id?;
                 let parsed = labels::parse(&c.labels.unwrap_or_default());
-                let ip = c
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .and_then(|mut n| n.remove(&self.network))
-                    .and_then(|e| e.ip_address)
-                    .filter(|ip| !ip.is_empty());
+                let mode = c.host_config.and_then(|h| h.network_mode);
+                let networks = c.network_settings.and_then(|n| n.networks);
+                let (_, ip) = own_address(networks, mode.as_deref(), &self.network);
                 Some(Observed {
                     container_id: id,
                     chat_id: parsed.chat_id,
@@ -231,6 +272,71 @@ impl DockerRuntime {
                     spec_hash: parsed.spec_hash,
                     running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
                     ip,
+                    legacy: false,
+                })
+            })
+            .collect())
+    }
+
+    /// Every container the old Python service started: its six labels, no sandboxd labels.
+    pub async fn list_legacy(&self) -> Result<Vec<LegacyContainer>, DockerError> {
+        let filters = HashMap::from([(
+            "label",
+            labels::legacy::ALL.iter().map(|l| l.to_string()).collect(),
+        )]);
+        self.list_legacy_matching(filters).await
+    }
+
+    /// The old service's containers among `ids`, as the planner sees them: adopted ones are
+    /// watched this way until their session ends.
+    pub async fn observe_legacy(&self, ids: &[String]) -> Result<Vec<Observed>, DockerError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filters = HashMap::from([("id", ids.to_vec())]);
+        Ok(self
+            .list_legacy_matching(filters)
+            .await?
+            .into_iter()
+            .filter(|c| ids.contains(&c.container_id))
+            .map(|c| Observed {
+                container_id: c.container_id,
+                chat_id: Some(c.session.chat_id),
+                session_id: Some(c.session.session_id),
+                spec_hash: None,
+                running: c.running,
+                ip: c.ip,
+                legacy: true,
+            })
+            .collect())
+    }
+
+    async fn list_legacy_matching(
+        &self,
+        filters: HashMap<&str, Vec<String>>,
+    ) -> Result<Vec<LegacyContainer>, DockerError> {
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .call("list", &[], self.docker.list_containers(Some(options)))
+            .await
+            .map_err(DockerError::api("list_containers"))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let session = labels::parse_legacy(c.labels.as_ref()?)?;
+                let mode = c.host_config.and_then(|h| h.network_mode);
+                let networks = c.network_settings.and_then(|n| n.networks);
+                let (network, ip) = own_address(networks, mode.as_deref(), &self.network);
+                Some(LegacyContainer {
+                    container_id: c.id?,
+                    session,
+                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    network,
+                    ip,
+                    created_at: c.created.and_then(|t| DateTime::from_timestamp(t, 0)),
                 })
             })
             .collect())
@@ -279,7 +385,7 @@ impl DockerRuntime {
             }
             Err(e) => return Err(e),
         };
-        match self.start_and_locate(&id).await {
+        match self.start_and_locate(&id, &req.spec.network).await {
             Ok(ip) => Ok(Started {
                 container_id: id,
                 ip,
@@ -310,7 +416,7 @@ impl DockerRuntime {
             Ok(r) => return Ok(r.id),
             Err(e) if status_of(&e) == Some(404) && is_missing_network(&e) => {
                 // The network was removed under us (e.g. `docker network prune`): recreate it.
-                self.ensure_network().await?;
+                self.ensure_named_network(&req.spec.network).await?;
             }
             Err(e) if status_of(&e) == Some(404) => {
                 if self.pull_policy == PullPolicy::Never {
@@ -354,7 +460,8 @@ impl DockerRuntime {
             .map_err(DockerError::api("pull_image"))
     }
 
-    async fn start_and_locate(&self, id: &str) -> Result<String, DockerError> {
+    /// Starts the container and reads its address on `network`, the spec's network.
+    async fn start_and_locate(&self, id: &str, network: &str) -> Result<String, DockerError> {
         match self
             .call("start", &[304], self.docker.start_container(id, None))
             .await
@@ -375,12 +482,12 @@ impl DockerRuntime {
         inspect
             .network_settings
             .and_then(|n| n.networks)
-            .and_then(|mut n| n.remove(&self.network))
+            .and_then(|mut n| n.remove(network))
             .and_then(|e| e.ip_address)
             .filter(|ip| !ip.is_empty())
             .ok_or_else(|| DockerError::NoEndpoint {
                 container: id.to_string(),
-                network: self.network.clone(),
+                network: network.to_string(),
             })
     }
 
@@ -401,13 +508,16 @@ impl DockerRuntime {
         ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            labels: Some(labels::for_session(
-                &self.instance,
-                req.chat_id,
-                req.session_id,
-                req.spec_hash,
-                req.agent_id,
-            )),
+            labels: Some(labels::for_session(&labels::SessionLabels {
+                instance: &self.instance,
+                chat_id: req.chat_id,
+                session_id: req.session_id,
+                spec_hash: req.spec_hash,
+                agent_id: req.agent_id,
+                volume_host_path: req.volume_host_path,
+                endpoint_port: spec.agent_port,
+                expires_at: req.expires_at,
+            })),
             user: h.user.clone(),
             host_config: Some(HostConfig {
                 mounts: Some(mounts),

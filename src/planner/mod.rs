@@ -35,8 +35,11 @@ pub struct Observed {
     pub session_id: Option<SessionId>,
     pub spec_hash: Option<String>,
     pub running: bool,
-    /// The container's address on the sandbox network, if it has one.
+    /// The container's address on its network, if it has one.
     pub ip: Option<String>,
+    /// Started by the old Python service and adopted at takeover: it has no spec hash, and is
+    /// never replaced for drift (only when it stops running).
+    pub legacy: bool,
 }
 
 /// Why containers are removed; decides what is recorded afterwards.
@@ -213,7 +216,7 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
         let healthy = |c: &Observed| {
             c.running
                 && c.session_id == Some(row.session_id)
-                && c.spec_hash.as_deref() == Some(row.spec_hash.as_str())
+                && (c.legacy || c.spec_hash.as_deref() == Some(row.spec_hash.as_str()))
                 && c.ip.is_some()
         };
         // Prefer the container the row already points at; otherwise the lowest id.

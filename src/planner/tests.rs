@@ -48,6 +48,7 @@ fn container(n: u8) -> Observed {
         spec_hash: Some("h".into()),
         running: true,
         ip: Some(format!("10.0.0.{n}")),
+        legacy: false,
     }
 }
 
@@ -241,6 +242,7 @@ fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, nex
                     spec_hash: Some(row.spec_hash.clone()),
                     running: true,
                     ip: Some(ip.clone()),
+                    legacy: false,
                 });
                 row.phase = Phase::Running;
                 row.container_id = Some(id);
@@ -340,6 +342,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
                     spec_hash: Some(if hash_ok { "h".into() } else { "old".into() }),
                     running,
                     ip: has_ip.then(|| format!("10.0.0.{n}")),
+                    legacy: false,
                 },
             )
             .collect::<Vec<_>>()

@@ -115,6 +115,33 @@ pub struct RunningContainer<'a> {
     pub port: u16,
 }
 
+/// A running container of the old Python service, to be taken over as a session.
+#[derive(Debug, Clone)]
+pub struct LegacyImport<'a> {
+    pub chat_id: ChatId,
+    pub session_id: SessionId,
+    pub agent_id: &'a str,
+    pub volume_host_path: &'a str,
+    /// What sandboxd would start if the container stopped: resolved from the current config
+    /// with the container's own network and port.
+    pub spec_json: String,
+    pub spec_hash: String,
+    pub container: RunningContainer<'a>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What `import_legacy` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// Written as the chat's session.
+    Adopted,
+    /// This session is already the chat's (an earlier start imported it).
+    AlreadyKnown,
+    /// The chat has another live session: the old container is surplus.
+    Superseded,
+}
+
 /// Filters for listing.
 #[derive(Debug, Default, Clone)]
 pub struct ListFilter {
@@ -446,6 +473,72 @@ impl Store {
         } else {
             ApplyOutcome::Created(row)
         })
+    }
+
+    /// Takes over a running container of the old service as the chat's session, keeping its
+    /// session id, container, endpoint and expiry. Idempotent.
+    pub async fn import_legacy(
+        &self,
+        l: &LegacyImport<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<ImportOutcome> {
+        let (mut tx, gate) = self.begin_write().await?;
+        let current = select_row(&mut tx, l.chat_id).await?;
+        if let Some(cur) = &current {
+            let outcome = if cur.session_id == l.session_id {
+                Some(ImportOutcome::AlreadyKnown)
+            } else if cur.is_live(now) {
+                Some(ImportOutcome::Superseded)
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
+                tx.rollback().await?;
+                return Ok(outcome);
+            }
+        }
+        let generation = current.as_ref().map_or(1, |p| p.generation + 1);
+        let at = format_time(now);
+        sqlx::query(
+            "INSERT INTO sandboxes (chat_id, session_id, generation, agent_id, volume_host_path, \
+               spec_json, spec_hash, created_at, updated_at, expires_at, deleted_at, phase, \
+               container_id, endpoint_ip, endpoint_port, observed_generation, attempts, \
+               last_error, next_attempt_at, running_since, legacy_container_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, 'running', ?11, ?12, ?13, ?3, \
+               0, NULL, NULL, ?9, ?11) \
+             ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, \
+               generation = excluded.generation, agent_id = excluded.agent_id, \
+               volume_host_path = excluded.volume_host_path, spec_json = excluded.spec_json, \
+               spec_hash = excluded.spec_hash, created_at = excluded.created_at, \
+               updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
+               deleted_at = NULL, phase = 'running', container_id = excluded.container_id, \
+               endpoint_ip = excluded.endpoint_ip, endpoint_port = excluded.endpoint_port, \
+               observed_generation = excluded.generation, attempts = 0, last_error = NULL, \
+               next_attempt_at = NULL, running_since = excluded.running_since, \
+               legacy_container_id = excluded.legacy_container_id",
+        )
+        .bind(l.chat_id.to_string())
+        .bind(l.session_id.to_string())
+        .bind(generation)
+        .bind(l.agent_id)
+        .bind(l.volume_host_path)
+        .bind(&l.spec_json)
+        .bind(&l.spec_hash)
+        .bind(format_time(l.created_at))
+        .bind(&at)
+        .bind(format_time(l.expires_at))
+        .bind(l.container.container_id)
+        .bind(l.container.ip)
+        .bind(i64::from(l.container.port))
+        .execute(&mut *tx)
+        .await?;
+        let row: SandboxRow = sqlx::query_as(row::SELECT_ONE)
+            .bind(l.chat_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        row_event(&mut tx, &at, &row, "adopt_legacy").await?;
+        self.commit_row(tx, gate, &row).await?;
+        Ok(ImportOutcome::Adopted)
     }
 
     /// Marks a chat for deletion. Returns the row as it was (or `None` if there was none).
@@ -856,7 +949,7 @@ async fn write_new_session(
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = 'pending', container_id = NULL, endpoint_ip = NULL, \
            endpoint_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
-           running_since = NULL",
+           running_since = NULL, legacy_container_id = NULL",
     )
     .bind(new.chat_id.to_string())
     .bind(session_id.to_string())

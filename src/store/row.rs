@@ -12,7 +12,7 @@ macro_rules! select {
             "SELECT chat_id, session_id, generation, agent_id, volume_host_path, spec_json, \
              spec_hash, created_at, updated_at, expires_at, deleted_at, phase, container_id, \
              endpoint_ip, endpoint_port, observed_generation, attempts, last_error, \
-             next_attempt_at, running_since FROM sandboxes ",
+             next_attempt_at, running_since, legacy_container_id FROM sandboxes ",
             $tail
         )
     };
@@ -46,6 +46,8 @@ pub struct SandboxRow {
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub running_since: Option<DateTime<Utc>>,
+    /// The old service's container this session was adopted from (see migration 0003).
+    pub legacy_container_id: Option<String>,
 }
 
 impl SandboxRow {
@@ -123,6 +125,7 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
             last_error: row.try_get("last_error")?,
             next_attempt_at: opt_time(row, "next_attempt_at")?,
             running_since: opt_time(row, "running_since")?,
+            legacy_container_id: row.try_get("legacy_container_id")?,
         })
     }
 }

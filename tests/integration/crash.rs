@@ -224,6 +224,8 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
             agent_id: &row0.agent_id,
             spec: &spec0,
             spec_hash: &row0.spec_hash,
+            volume_host_path: &row0.volume_host_path,
+            expires_at: row0.expires_at,
         })
         .await
         .unwrap();
@@ -233,11 +235,16 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let body = bollard::models::ContainerCreateBody {
         image: Some(TEST_IMAGE.into()),
         labels: Some(sandboxd::docker::labels::for_session(
-            &instance,
-            row1.chat_id,
-            row1.session_id,
-            &row1.spec_hash,
-            "a",
+            &sandboxd::docker::labels::SessionLabels {
+                instance: &instance,
+                chat_id: row1.chat_id,
+                session_id: row1.session_id,
+                spec_hash: &row1.spec_hash,
+                agent_id: "a",
+                volume_host_path: &row1.volume_host_path,
+                endpoint_port: 8000,
+                expires_at: row1.expires_at,
+            },
         )),
         ..Default::default()
     };

@@ -1,0 +1,98 @@
+//! Taking over from the old Python service. At every connect to the engine, the containers it
+//! started (its six labels, no sandboxd labels) are looked at once: a running one becomes the
+//! session of its chat, keeping its session id, container, endpoint and expiry, and is never
+//! restarted; a stopped one (left by the old cleanup, which only stopped them) is removed.
+//! Idempotent: a container already adopted is recognised by its session id.
+
+use std::path::Path;
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::docker::{DockerError, DockerRuntime, LegacyContainer};
+use crate::domain::spec;
+use crate::store::{ImportOutcome, LegacyImport, RunningContainer, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one takeover did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Takeover {
+    pub adopted: usize,
+    pub removed: usize,
+}
+
+pub async fn run(
+    rt: &DockerRuntime,
+    store: &Store,
+    settings: &Settings,
+) -> Result<Takeover, TakeoverError> {
+    let mut done = Takeover::default();
+    for c in rt.list_legacy().await? {
+        let now = Utc::now();
+        let (chat, session) = (c.session.chat_id.to_string(), c.session.session_id.to_string());
+        let why = match (&c.running, &c.ip) {
+            (false, _) => Some("stopped by the old service"),
+            (true, None) => {
+                warn!(container_id = %c.container_id, chat_id = %chat, "old service's container has no address on its network; left alone");
+                continue;
+            }
+            (true, Some(ip)) => match store.import_legacy(&import(&c, ip, settings), now).await? {
+                ImportOutcome::Adopted => {
+                    info!(container_id = %c.container_id, chat_id = %chat, session_id = %session, "adopted the old service's sandbox");
+                    done.adopted += 1;
+                    None
+                }
+                ImportOutcome::AlreadyKnown => None,
+                ImportOutcome::Superseded => Some("the chat has a newer session"),
+            },
+        };
+        if let Some(why) = why {
+            rt.remove(&c.container_id).await?;
+            store
+                .event(&chat, Some(&session), Some(&c.container_id), "remove_legacy", "ok", Some(why), now)
+                .await?;
+            info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");
+            done.removed += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// The session row for a running old container. Its spec is what sandboxd would start if
+/// the container stopped: the current config, with the container's own network and port.
+fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> LegacyImport<'a> {
+    let s = &c.session;
+    let mut spec = spec::resolve(
+        &settings.sandbox,
+        s.chat_id,
+        &s.agent_id,
+        Path::new(&s.volume_host_path),
+    );
+    if let Some(network) = &c.network {
+        spec.network = network.clone();
+    }
+    spec.agent_port = s.endpoint_port;
+    LegacyImport {
+        chat_id: s.chat_id,
+        session_id: s.session_id,
+        agent_id: &s.agent_id,
+        volume_host_path: &s.volume_host_path,
+        spec_json: spec.to_json(),
+        spec_hash: spec.hash(),
+        container: RunningContainer {
+            container_id: &c.container_id,
+            ip,
+            port: s.endpoint_port,
+        },
+        created_at: c.created_at.unwrap_or_else(Utc::now),
+        expires_at: s.expires_at,
+    }
+}
