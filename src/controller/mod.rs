@@ -449,11 +449,17 @@ async fn take_over_old_service(
 ) {
     match takeover::run(&rt, &store, &settings).await {
         Ok(done) if done != takeover::Takeover::default() => {
-            info!(adopted = done.adopted, removed = done.removed, "took over the old service's containers");
+            info!(
+                adopted = done.adopted,
+                removed = done.removed,
+                "took over the old service's containers"
+            );
             wake.notify_one();
         }
         Ok(_) => {}
-        Err(e) => warn!(error = %e, "taking over the old service's containers failed; retried at the next connect"),
+        Err(e) => {
+            warn!(error = %e, "taking over the old service's containers failed; retried at the next connect")
+        }
     }
 }
 

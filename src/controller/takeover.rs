@@ -37,7 +37,10 @@ pub async fn run(
     let mut done = Takeover::default();
     for c in rt.list_legacy().await? {
         let now = Utc::now();
-        let (chat, session) = (c.session.chat_id.to_string(), c.session.session_id.to_string());
+        let (chat, session) = (
+            c.session.chat_id.to_string(),
+            c.session.session_id.to_string(),
+        );
         let why = match (&c.running, &c.ip) {
             (false, _) => Some("stopped by the old service"),
             (true, None) => {
@@ -57,7 +60,15 @@ pub async fn run(
         if let Some(why) = why {
             rt.remove(&c.container_id).await?;
             store
-                .event(&chat, Some(&session), Some(&c.container_id), "remove_legacy", "ok", Some(why), now)
+                .event(
+                    &chat,
+                    Some(&session),
+                    Some(&c.container_id),
+                    "remove_legacy",
+                    "ok",
+                    Some(why),
+                    now,
+                )
                 .await?;
             info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");
             done.removed += 1;

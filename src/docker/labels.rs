@@ -66,7 +66,10 @@ pub fn for_session(s: &SessionLabels<'_>) -> HashMap<String, String> {
             legacy::VOLUME_HOST_PATH.to_string(),
             s.volume_host_path.to_string(),
         ),
-        (legacy::ENDPOINT_PORT.to_string(), s.endpoint_port.to_string()),
+        (
+            legacy::ENDPOINT_PORT.to_string(),
+            s.endpoint_port.to_string(),
+        ),
     ])
 }
 
@@ -174,9 +177,18 @@ mod tests {
     #[test]
     fn old_service_labels_parse_like_it_did() {
         let mut l: HashMap<String, String> = HashMap::from([
-            ("session_id".into(), "aaaaaaaa-2222-3333-4444-555555555555".into()),
-            ("chat_id".into(), "11111111-2222-3333-4444-555555555555".into()),
-            ("expires_at".into(), "2026-04-02T12:05:00.123456+00:00".into()),
+            (
+                "session_id".into(),
+                "aaaaaaaa-2222-3333-4444-555555555555".into(),
+            ),
+            (
+                "chat_id".into(),
+                "11111111-2222-3333-4444-555555555555".into(),
+            ),
+            (
+                "expires_at".into(),
+                "2026-04-02T12:05:00.123456+00:00".into(),
+            ),
             ("agent_id".into(), "agent-1".into()),
             ("volume_host_path".into(), "/srv/v".into()),
             ("endpoint_port".into(), "8000".into()),

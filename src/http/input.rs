@@ -157,18 +157,21 @@ pub fn json_body(
     serde_json::from_slice::<Value>(body)
         .map(Some)
         .map_err(|e| {
-            // pydantic's `loc` for a decode error is the character position.
+            // pydantic's `loc` for a decode error is the character position (the end of the
+            // input for a truncated document).
             let line_start: usize = body
                 .split(|b| *b == b'\n')
                 .take(e.line().saturating_sub(1))
                 .map(|l| l.len() + 1)
                 .sum();
+            let at = if e.is_eof() {
+                body.len()
+            } else {
+                line_start + e.column().saturating_sub(1)
+            };
             ApiError::Validation(vec![FieldError {
                 kind: "json_invalid",
-                loc: vec![
-                    json!("body"),
-                    json!(line_start + e.column().saturating_sub(1)),
-                ],
+                loc: vec![json!("body"), json!(at)],
                 msg: "JSON decode error".into(),
                 input: json!({}),
                 ctx: Some(json!({ "error": e.to_string() })),

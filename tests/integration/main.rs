@@ -7,6 +7,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod load;
+mod old_clients;
 mod operators;
 mod proxy;
 mod restart;
