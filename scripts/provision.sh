@@ -6,6 +6,8 @@ set -euo pipefail
 
 IMAGE="${SANDBOXD_IMAGE:-sandboxd/agent-busybox:latest}"
 TEST_NETWORK="${SANDBOXD_TEST_NETWORK:-sandboxd-test}"
+# A second shared network, for the test that renames sandbox.network_name under live sandboxes.
+TEST_NETWORK_ALT="${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/sandboxd-dockerd.log}"
 
 log() { printf '[provision] %s\n' "$*" >&2; }
@@ -56,6 +58,8 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 if [ "${SANDBOXD_PROVISION_TEST_NETWORK:-0}" = "1" ]; then
-  docker network inspect "$TEST_NETWORK" >/dev/null 2>&1 || docker network create "$TEST_NETWORK" >/dev/null
+  for net in "$TEST_NETWORK" "$TEST_NETWORK_ALT"; do
+    docker network inspect "$net" >/dev/null 2>&1 || docker network create "$net" >/dev/null
+  done
 fi
 log "ready: engine $(docker version --format '{{.Server.Version}}'), image $IMAGE"

@@ -87,6 +87,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "APP_CONTROLLER_DELETE_WAIT_SECONDS",
         "controller.delete_wait_seconds",
     ),
+    (
+        "APP_CONTROLLER_TAKE_OVER_OLD_SERVICE",
+        "controller.take_over_old_service",
+    ),
 ];
 
 /// Keys whose values stay text whatever they look like.

@@ -307,6 +307,10 @@ pub struct ControllerSettings {
     pub backoff_initial_ms: u64,
     /// Cap of the per-sandbox retry delay.
     pub backoff_max_seconds: u64,
+    /// At every connect, adopt the running containers the old Python service started and
+    /// remove its stopped ones. They belong to no instance: on an engine shared by several
+    /// instances, leave this on for exactly one of them.
+    pub take_over_old_service: bool,
 }
 
 impl Default for ControllerSettings {
@@ -319,6 +323,7 @@ impl Default for ControllerSettings {
             max_wait_seconds: 300,
             backoff_initial_ms: 500,
             backoff_max_seconds: 60,
+            take_over_old_service: true,
         }
     }
 }

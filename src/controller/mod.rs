@@ -140,12 +140,14 @@ impl Controller {
                             self.metrics.clone(),
                             deaths.clone(),
                         )));
-                        tokio::spawn(take_over_old_service(
-                            rt.clone(),
-                            self.store.clone(),
-                            self.settings.clone(),
-                            self.wake.clone(),
-                        ));
+                        if self.settings.controller.take_over_old_service {
+                            tokio::spawn(take_over_old_service(
+                                rt.clone(),
+                                self.store.clone(),
+                                self.settings.clone(),
+                                self.wake.clone(),
+                            ));
+                        }
                         runtime = Some(rt);
                     }
                     Err(e) => {

@@ -421,3 +421,47 @@ fn an_action_in_flight_settles_the_same_goal_but_not_a_new_one() {
     assert!(!remove(&["x"]).settles(&remove(&["x", "y"])));
     assert!(!remove(&["x"]).settles(&start(1, &[])));
 }
+
+#[test]
+fn an_adopted_old_service_container_is_kept_despite_its_spec_until_it_stops() {
+    // The old service's containers carry no spec hash: never replaced for drift.
+    let legacy = Observed {
+        spec_hash: None,
+        legacy: true,
+        ..container(1)
+    };
+    let p = plan(&[running_row(1)], std::slice::from_ref(&legacy), t0());
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    // The same container without the legacy mark is drift.
+    let drifted = Observed {
+        spec_hash: None,
+        ..container(1)
+    };
+    assert!(matches!(
+        plan(&[running_row(1)], &[drifted], t0()).actions[..],
+        [Action::Start { .. }]
+    ));
+    // Stopped: replaced by a container of sandboxd's own, for the same session.
+    let stopped = Observed {
+        running: false,
+        ..legacy.clone()
+    };
+    match &plan(&[running_row(1)], &[stopped], t0()).actions[..] {
+        [Action::Start {
+            session_id, stale, ..
+        }] => {
+            assert_eq!(*session_id, session(1));
+            assert_eq!(stale, &vec!["c1".to_string()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Expired: removed like any other.
+    let later = t0() + Duration::seconds(301);
+    assert!(matches!(
+        plan(&[running_row(1)], &[legacy], later).actions[..],
+        [Action::Remove {
+            reason: RemoveReason::Expire { .. },
+            ..
+        }]
+    ));
+}

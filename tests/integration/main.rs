@@ -13,3 +13,4 @@ mod proxy;
 mod restart;
 mod store_mirror;
 mod support;
+mod takeover;

@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 pub const TEST_NETWORK: &str = "sandboxd-test";
+/// A second shared network (scripts/provision.sh), for renaming `sandbox.network_name`.
+pub const TEST_NETWORK_ALT: &str = "sandboxd-test-alt";
 pub const TEST_IMAGE: &str = "sandboxd/agent-busybox:latest";
 
 /// xorshift64*: a reproducible sequence without another dependency.
@@ -101,6 +103,8 @@ pub fn test_settings(dir: &Path, instance: &str) -> Settings {
     s.controller.instance = instance.into();
     s.controller.backoff_initial_ms = 200;
     s.controller.backoff_max_seconds = 2;
+    // Tests share one engine: only the takeover test may adopt old-service containers.
+    s.controller.take_over_old_service = false;
     s
 }
 
