@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
+/// Checks an answer's body; says what is wrong.
+type Check = Box<dyn Fn(&Value) -> Result<(), String>>;
+
 /// One request of an old client and what the old service answered.
 struct Case {
     name: &'static str,
@@ -19,10 +22,10 @@ struct Case {
     body: Option<String>,
     status: StatusCode,
     /// Checks the body; says what is wrong.
-    check: Box<dyn Fn(&Value) -> Result<(), String>>,
+    check: Check,
 }
 
-fn problem(kind: &'static str, loc: Value) -> Box<dyn Fn(&Value) -> Result<(), String>> {
+fn problem(kind: &'static str, loc: Value) -> Check {
     Box::new(move |v: &Value| {
         let first = &v["detail"][0];
         let ok = first["type"] == kind
@@ -34,7 +37,7 @@ fn problem(kind: &'static str, loc: Value) -> Box<dyn Fn(&Value) -> Result<(), S
     })
 }
 
-fn exactly(want: Value) -> Box<dyn Fn(&Value) -> Result<(), String>> {
+fn exactly(want: Value) -> Check {
     Box::new(move |v: &Value| {
         (*v == want)
             .then_some(())
@@ -53,7 +56,7 @@ const SESSION_KEYS: [&str; 8] = [
     "expires_at",
 ];
 
-fn session_shape(chat: String) -> Box<dyn Fn(&Value) -> Result<(), String>> {
+fn session_shape(chat: String) -> Check {
     Box::new(move |v: &Value| {
         let keys: Vec<&str> = v
             .as_object()
