@@ -211,6 +211,56 @@ async fn hostile_create_requests_are_refused_with_a_named_reason_and_nothing_wri
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // A TTL beyond any range was an overflow panic; now a 422 naming the field.
+    for ttl in [
+        json!(u64::MAX),
+        json!(2_592_001),
+        json!(-1),
+        json!(1.5),
+        json!("60"),
+    ] {
+        let r = app
+            .client
+            .put(app.url(&format!("/api/v1/sandboxes/{chat}")))
+            .json(&json!({"agent_id": "a", "volume_host_path": ok_vol, "ttl_seconds": ttl}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "PUT ttl {ttl}"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert!(detail_text(&v).contains("body.ttl_seconds"), "{v}");
+        let r = app
+            .client
+            .post(app.url(&format!("/api/v1/sandboxes/{chat}/renew")))
+            .json(&json!({ "ttl_seconds": ttl }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "renew ttl {ttl}"
+        );
+    }
+    // The renew body its schema allows: empty or `null` (404 here: no live session).
+    for body in ["", "null"] {
+        let r = app
+            .client
+            .post(app.url(&format!("/api/v1/sandboxes/{chat}/renew")))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "renew body {body:?}");
+    }
+    let (status, v) = app.get(&format!("/api/v1/sandboxes/{chat}?wait=abc")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail_text(&v).contains("query.wait"), "{v}");
 
     nothing_written(&app).await;
 }

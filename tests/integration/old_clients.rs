@@ -530,3 +530,87 @@ async fn containers_carry_the_old_labels() {
         body["container_id"].as_str().unwrap()
     );
 }
+
+/// The exact conflict rule, on a real SQLite store: a live session conflicts with a create of
+/// another agent or volume only once it has run. A session still pending (a create answered
+/// 504) or whose start failed (503) is replaced instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_session_that_has_run_conflicts() {
+    use sandboxd::store::{CreateOutcome, NewSession, RunningContainer, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db"), Duration::from_secs(5), 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
+    let ask = |agent: &str| NewSession {
+        chat_id: chat,
+        agent_id: agent.into(),
+        volume_host_path: "/data".into(),
+        spec_json: "{}".into(),
+        spec_hash: "h".into(),
+        ttl: chrono::Duration::seconds(300),
+    };
+    let now = chrono::Utc::now;
+    let pending = match store.create_or_reuse(&ask("a"), now()).await.unwrap() {
+        CreateOutcome::Created(r) => r,
+        other => panic!("{other:?}"),
+    };
+    // Pending, never ran (the 504 case): another agent replaces it.
+    let failed = match store.create_or_reuse(&ask("b"), now()).await.unwrap() {
+        CreateOutcome::Replaced(r) => r,
+        other => panic!("pending session should be replaced: {other:?}"),
+    };
+    assert_ne!(failed.session_id, pending.session_id);
+    // Failed, never ran (the 503 case): replaced too.
+    store
+        .record_failure(
+            chat,
+            failed.session_id,
+            "start",
+            "boom",
+            |_| Duration::from_secs(60),
+            now(),
+        )
+        .await
+        .unwrap();
+    let ran = match store.create_or_reuse(&ask("c"), now()).await.unwrap() {
+        CreateOutcome::Replaced(r) => r,
+        other => panic!("failed session should be replaced: {other:?}"),
+    };
+    let running = RunningContainer {
+        container_id: "x",
+        ip: "10.0.0.2",
+        port: 8000,
+    };
+    assert!(store
+        .record_running(chat, ran.session_id, &running, "start", now())
+        .await
+        .unwrap());
+    // Has run: conflict, and nothing written; still a conflict after a later failed restart.
+    assert!(matches!(
+        store.create_or_reuse(&ask("d"), now()).await.unwrap(),
+        CreateOutcome::Conflict(_)
+    ));
+    store
+        .record_failure(
+            chat,
+            ran.session_id,
+            "start",
+            "crashed",
+            |_| Duration::from_secs(60),
+            now(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_or_reuse(&ask("d"), now()).await.unwrap(),
+        CreateOutcome::Conflict(_)
+    ));
+    assert_eq!(store.get(chat).await.unwrap().unwrap().agent_id, "c");
+    // The same agent and volume reuse it.
+    assert!(matches!(
+        store.create_or_reuse(&ask("c"), now()).await.unwrap(),
+        CreateOutcome::Reused(_)
+    ));
+}
