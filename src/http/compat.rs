@@ -25,7 +25,7 @@ use crate::domain::{spec, ChatId, Phase};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
 /// Liveness: the process answers. Never needs a token.
-#[utoipa::path(get, path = "/api/v1/health", tag = "compat",
+#[utoipa::path(get, path = "/api/v1/health", tag = "compat", security(()),
     responses((status = 200, description = "`{\"status\":\"ok\"}`", body = serde_json::Value)))]
 pub async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
@@ -35,6 +35,7 @@ pub async fn health() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/api/v1/ready", tag = "operations",
     responses(
         (status = 200, description = "database, engine and controller loop are fine", body = serde_json::Value),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 503, description = "names each failed check", body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let db = state.store.ping().await.map_err(|e| e.to_string());
@@ -72,7 +73,10 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 
 /// Prometheus text format; 404 when `metrics.enabled` is false.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+    responses(
+        (status = 200, description = "Prometheus text exposition format", content_type = "text/plain"),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`metrics.enabled` is false", body = ErrorBody)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     if !state.settings.metrics.enabled {
         return ApiError::BadRequest {
@@ -266,7 +270,7 @@ fn respond_running(row: &SandboxRow) -> Result<Json<SessionResponse>, ApiError> 
 
 /// The old contract: answered once the container is gone.
 #[utoipa::path(delete, path = "/api/v1/sandboxes/{chat_id}", tag = "compat",
-    params(("chat_id" = String, Path, description = "chat UUID, any spelling")),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
     responses(
         (status = 200, description = "`deleted` or `not_found`", body = DeleteResponse),
         (status = 401, description = "token missing or wrong", body = ErrorBody),

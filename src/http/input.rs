@@ -271,11 +271,13 @@ impl<'a> Fields<'a> {
     pub fn optional_int(&mut self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ()> {
         match self.obj.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64().filter(|n| (min..=max).contains(n)) {
+            // A whole float (`60.0`) is an integer, as in JSON Schema and pydantic's lax mode.
+            Some(v) => match whole(v).filter(|n| (min..=max).contains(n)) {
                 Some(n) => Ok(Some(n)),
-                None if v.is_i64() || v.is_u64() => {
+                None if v.is_i64() || v.is_u64() || whole_f64(v).is_some() => {
                     let msg = format!("Input should be between {min} and {max}");
-                    let kind = if v.as_i64().is_some_and(|n| n < min as i64) {
+                    let below = whole_f64(v).is_some_and(|n| n < min as f64);
+                    let kind = if below {
                         "greater_than_equal"
                     } else {
                         "less_than_equal"
@@ -311,6 +313,20 @@ impl<'a> Fields<'a> {
             }
         }
     }
+}
+
+/// A JSON number with no fractional part, as a float.
+fn whole_f64(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|f| f.is_finite() && f.fract() == 0.0)
+}
+
+/// A non-negative whole JSON number (`60` or `60.0`) that fits a `u64`.
+fn whole(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        whole_f64(v)
+            .filter(|f| *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    })
 }
 
 /// Query parameters as given; unknown ones are ignored, as FastAPI did.
@@ -449,14 +465,25 @@ mod tests {
 
     #[test]
     fn integers_are_bounded() {
-        let obj = object(json!({"a": 0, "b": 5, "c": "x", "d": null, "e": 99})).unwrap();
+        let obj = object(json!({"a": 0, "b": 5, "c": "x", "d": null, "e": 99, "f": 7.0, "g": 1.5}))
+            .unwrap();
         let mut f = Fields::new(&obj);
         assert!(f.optional_int("a", 1, 10).is_err());
         assert_eq!(f.optional_int("b", 1, 10), Ok(Some(5)));
         assert!(f.optional_int("c", 1, 10).is_err());
         assert_eq!(f.optional_int("d", 1, 10), Ok(None));
         assert!(f.optional_int("e", 1, 10).is_err());
+        assert_eq!(f.optional_int("f", 1, 10), Ok(Some(7)));
+        assert!(f.optional_int("g", 1, 10).is_err());
         let kinds: Vec<_> = f.problems.0.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, ["greater_than_equal", "int_type", "less_than_equal"]);
+        assert_eq!(
+            kinds,
+            [
+                "greater_than_equal",
+                "int_type",
+                "less_than_equal",
+                "int_type"
+            ]
+        );
     }
 }

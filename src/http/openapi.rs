@@ -29,6 +29,8 @@ use super::{compat, sandboxes, views};
         sandboxes::events,
     ),
     components(schemas(views::ErrorBody)),
+    // Every route needs the token when one is configured; health says `security(())`.
+    security(("api_token" = [])),
     modifiers(&TokenScheme),
     tags(
         (name = "compat", description = "The old service's contract, unchanged for its clients"),

@@ -126,8 +126,7 @@ pub struct ValidationProblem {
     #[schema(value_type = Vec<serde_json::Value>)]
     pub loc: Vec<serde_json::Value>,
     pub msg: String,
-    /// The offending value (the whole body for a missing field).
-    #[schema(value_type = Object)]
+    /// The offending value, any JSON (the whole body for a missing field).
     pub input: serde_json::Value,
 }
 

@@ -41,7 +41,8 @@ async fn metrics_cover_a_create_delete_cycle() {
     )
     .await;
     for (series, at_least) in [
-        ("sandbox_create_total{result=\"ok\"}", 2.0),
+        ("sandbox_create_total{result=\"created\"}", 1.0),
+        ("sandbox_create_total{result=\"reused\"}", 1.0),
         ("sandbox_delete_total{result=\"deleted\"}", 1.0),
         ("sandboxd_actions_total{kind=\"start\",outcome=\"ok\"}", 1.0),
         (
@@ -137,7 +138,7 @@ async fn a_failed_start_shows_in_ls_show_events_the_table_and_metrics() {
 
     let text = metrics_text(&app).await;
     assert!(
-        metric_value(&text, "sandbox_create_total{result=\"start_failed\"}") >= Some(1.0),
+        metric_value(&text, "sandbox_create_total{result=\"error\"}") >= Some(1.0),
         "{text}"
     );
     assert!(
