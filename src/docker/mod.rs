@@ -249,15 +249,9 @@ impl DockerRuntime {
     /// Every container (running or not) labelled for this instance.
     pub async fn list_managed(&self) -> Result<Vec<Observed>, DockerError> {
         let filters = HashMap::from([("label", labels::instance_filter(&self.instance))]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .call("list", &[], self.docker.list_containers(Some(options)))
-            .await
-            .map_err(DockerError::api("list_containers"))?;
-        Ok(list
+        Ok(self
+            .list(filters)
+            .await?
             .into_iter()
             .filter_map(|c| {
                 let id = c.id?;
@@ -276,6 +270,20 @@ impl DockerRuntime {
                 })
             })
             .collect())
+    }
+
+    /// Containers in any state matching `filters`.
+    async fn list(
+        &self,
+        filters: HashMap<&str, Vec<String>>,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        self.call("list", &[], self.docker.list_containers(Some(options)))
+            .await
+            .map_err(DockerError::api("list_containers"))
     }
 
     /// Every container the old Python service started: its six labels, no sandboxd labels.
@@ -315,15 +323,9 @@ impl DockerRuntime {
         &self,
         filters: HashMap<&str, Vec<String>>,
     ) -> Result<Vec<LegacyContainer>, DockerError> {
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let list = self
-            .call("list", &[], self.docker.list_containers(Some(options)))
-            .await
-            .map_err(DockerError::api("list_containers"))?;
-        Ok(list
+        Ok(self
+            .list(filters)
+            .await?
             .into_iter()
             .filter_map(|c| {
                 let session = labels::parse_legacy(c.labels.as_ref()?)?;

@@ -371,23 +371,9 @@ async fn a_failed_start_does_not_block_another_agent_and_results_are_counted() {
         );
     }
     // The second agent's request replaced the failed session instead of conflicting with it.
-    let view: Value = client
-        .get(url(&format!("/api/v1/sandboxes/{chat}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = get_json(&client, &url(&format!("/api/v1/sandboxes/{chat}"))).await;
     assert_eq!(view["agent_id"], "agent-2", "{view}");
-    let metrics = client
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client, &url("/metrics")).await;
     assert_eq!(create_total(&metrics, "error"), 3, "{metrics}");
     assert_eq!(create_total(&metrics, "conflict"), 0, "{metrics}");
 }
@@ -430,14 +416,7 @@ async fn create_results_are_counted_like_the_old_service() {
     })
     .await;
     assert_eq!(create(&b, "z").await.unwrap().status(), StatusCode::OK);
-    let metrics = client
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client, &url("/metrics")).await;
     for (result, n) in [
         ("created", 1),
         ("reused", 1),

@@ -113,26 +113,54 @@ pub struct InstanceGuard(pub String);
 
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
-        let filter = format!("label=sandboxd.instance={}", self.0);
-        if let Ok(out) = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .arg("rm")
-                    .arg("-f")
-                    .args(&ids)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
+        remove_containers_matching(&format!("label=sandboxd.instance={}", self.0));
+    }
+}
+
+/// `docker rm -f` of every container matching a `docker ps --filter`; best effort (drops).
+pub fn remove_containers_matching(filter: &str) {
+    if let Ok(out) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", filter])
+        .output()
+    {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(&ids)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
+}
+
+/// GET, expecting JSON.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON body")
+}
+
+/// GET, expecting text (`/metrics`).
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text body")
 }
 
 pub struct TestApp {

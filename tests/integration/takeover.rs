@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
@@ -20,25 +19,7 @@ struct ChatGuard(Vec<String>);
 impl Drop for ChatGuard {
     fn drop(&mut self) {
         for chat in &self.0 {
-            let filter = format!("label=chat_id={chat}");
-            if let Ok(out) = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &filter])
-                .output()
-            {
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker")
-                        .arg("rm")
-                        .arg("-f")
-                        .args(&ids)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
+            remove_containers_matching(&format!("label=chat_id={chat}"));
         }
     }
 }
@@ -240,14 +221,7 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
     let server = fx.start().await;
     let base = format!("http://{}", server.addr);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let v: Value = client
-        .get(format!("{base}/api/v1/sandboxes/{a}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&client, &format!("{base}/api/v1/sandboxes/{a}")).await;
     assert_eq!(
         (v["phase"].as_str(), v["container_id"].as_str()),
         (Some("running"), Some(old_a.as_str())),
@@ -258,14 +232,7 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
         a_started,
         "never restarted"
     );
-    let events: Value = client
-        .get(format!("{base}/api/v1/sandboxes/{a}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = get_json(&client, &format!("{base}/api/v1/sandboxes/{a}/events")).await;
     let adoptions = events
         .as_array()
         .unwrap()
