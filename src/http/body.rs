@@ -18,6 +18,11 @@ use super::ApiError;
 pub const DRAIN_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest time spent draining one oversized body.
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(15);
+/// Longest time a client may take to send a body within the limit (a slow client cannot
+/// hold a connection and its buffer for ever).
+const READ_MAX_TIME: Duration = Duration::from_secs(30);
+/// Buffer reserved up front, whatever `Content-Length` claims.
+const PREALLOCATE_MAX: usize = 64 * 1024;
 
 pub async fn read_whole(State(limit): State<usize>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
@@ -40,27 +45,46 @@ pub async fn read_whole(State(limit): State<usize>, request: Request, next: Next
             .headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue {
+        // Waiting for `100 Continue`, the client has sent nothing yet; a body too large to
+        // drain would be read in vain: answer at once and close.
+        if expects_continue || declared.is_some_and(|n| n > DRAIN_MAX_BYTES) {
             return close(too_large());
         }
         return drained_answer(stream, too_large()).await;
     }
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(c) if buf.len() + c.len() > limit => {
-                return drained_answer(stream, too_large()).await
-            }
-            Ok(c) => buf.extend_from_slice(&c),
-            Err(e) => {
-                return ApiError::BadRequest {
-                    status: StatusCode::BAD_REQUEST,
-                    detail: format!("cannot read request body: {e}"),
-                }
-                .into_response()
+    let read = async {
+        let capacity = declared.map_or(0, |n| (n as usize).min(PREALLOCATE_MAX));
+        let mut buf = Vec::with_capacity(capacity);
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) if buf.len() + c.len() > limit => return Err(true),
+                Ok(c) => buf.extend_from_slice(&c),
+                Err(_) => return Err(false),
             }
         }
-    }
+        Ok(buf)
+    };
+    let buf = match tokio::time::timeout(READ_MAX_TIME, read).await {
+        Ok(Ok(buf)) => buf,
+        Ok(Err(true)) => return drained_answer(stream, too_large()).await,
+        Ok(Err(false)) => {
+            let e = ApiError::BadRequest {
+                status: StatusCode::BAD_REQUEST,
+                detail: "the request body could not be read to its end".into(),
+            };
+            return close(e.into_response());
+        }
+        Err(_) => {
+            let e = ApiError::BadRequest {
+                status: StatusCode::REQUEST_TIMEOUT,
+                detail: format!(
+                    "request body not received within {}s",
+                    READ_MAX_TIME.as_secs()
+                ),
+            };
+            return close(e.into_response());
+        }
+    };
     next.run(Request::from_parts(parts, Body::from(Bytes::from(buf))))
         .await
 }

@@ -151,8 +151,18 @@ pub fn json_body(
             }]));
         }
     }
-    if optional && body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        if optional {
+            return Ok(None);
+        }
+        // FastAPI: a required body that is absent.
+        return Err(ApiError::Validation(vec![FieldError {
+            kind: "missing",
+            loc: vec![json!("body")],
+            msg: "Field required".into(),
+            input: Value::Null,
+            ctx: None,
+        }]));
     }
     serde_json::from_slice::<Value>(body)
         .map(Some)
@@ -360,11 +370,16 @@ impl QueryParams {
     /// An optional integer parameter in `min..=max`.
     pub fn int(&self, name: &str, min: u64, max: u64, problems: &mut Problems) -> Option<u64> {
         let raw = self.get(name)?;
-        match raw.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Some(n),
-            Ok(_) => {
+        match raw.trim().parse::<i128>() {
+            Ok(n) if (i128::from(min)..=i128::from(max)).contains(&n) => u64::try_from(n).ok(),
+            Ok(n) => {
+                let kind = if n < i128::from(min) {
+                    "greater_than_equal"
+                } else {
+                    "less_than_equal"
+                };
                 problems.push(
-                    "less_than_equal",
+                    kind,
                     Source::Query,
                     name,
                     format!("Input should be between {min} and {max}"),
