@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
 use super::backoff::BackoffPolicy;
@@ -34,8 +34,11 @@ pub enum Outcome {
     Done,
     /// The row changed since the plan; nothing was done.
     Skipped,
-    /// A start failed and was recorded in the row (retried via `next_attempt_at`).
-    StartFailed,
+    /// A start failed and was recorded in the row; it is due again at `retry_at` (the row's
+    /// `next_attempt_at`), `None` when the session changed meanwhile.
+    StartFailed {
+        retry_at: Option<DateTime<Utc>>,
+    },
 }
 
 pub struct Executor {
@@ -48,7 +51,7 @@ pub struct Executor {
 
 impl Executor {
     /// Runs the action and counts its outcome.
-    pub async fn run(&self, action: Action) -> Result<(), ActionError> {
+    pub async fn run(&self, action: Action) -> Result<Outcome, ActionError> {
         let kind = action.kind();
         let expiring = matches!(
             &action,
@@ -60,7 +63,7 @@ impl Executor {
         let result = self.run_inner(action).await;
         let outcome = match &result {
             Ok(Outcome::Done) => "ok",
-            Ok(Outcome::StartFailed) => "error",
+            Ok(Outcome::StartFailed { .. }) => "error",
             Ok(Outcome::Skipped) => "skipped",
             Err(_) => "error",
         };
@@ -72,7 +75,7 @@ impl Executor {
             };
             counter.inc();
         }
-        result.map(|_| ())
+        result
     }
 
     #[tracing::instrument(skip_all, fields(action = action.kind(), chat_id = tracing::field::Empty, session_id = tracing::field::Empty, container_id = tracing::field::Empty))]
@@ -248,7 +251,9 @@ impl Executor {
                     .await?;
                 warn!(%chat_id, %session_id, ?attempts, error = %message, "start failed; will retry with backoff");
                 // Recorded in the row; the row's next_attempt_at paces the retry.
-                Ok(Outcome::StartFailed)
+                Ok(Outcome::StartFailed {
+                    retry_at: attempts.map(|(_, at)| at),
+                })
             }
         }
     }

@@ -669,7 +669,8 @@ impl Store {
         Ok(done)
     }
 
-    /// Records a failed attempt; returns the attempt count, or `None` if the session changed.
+    /// Records a failed attempt; returns the attempt count and when the next attempt is due,
+    /// or `None` if the session changed.
     pub async fn record_failure(
         &self,
         chat_id: ChatId,
@@ -678,7 +679,7 @@ impl Store {
         error: &str,
         backoff: impl FnOnce(u32) -> Duration,
         now: DateTime<Utc>,
-    ) -> Result<Option<u32>> {
+    ) -> Result<Option<(u32, DateTime<Utc>)>> {
         let (mut tx, gate) = self.begin_write().await?;
         let attempts: Option<i64> = sqlx::query_scalar(
             "SELECT attempts FROM sandboxes WHERE chat_id = ?1 AND session_id = ?2 \
@@ -694,6 +695,7 @@ impl Store {
                 let attempts = u32::try_from(previous).unwrap_or(0).saturating_add(1);
                 let delay = chrono::Duration::from_std(backoff(attempts))
                     .unwrap_or(chrono::Duration::seconds(60));
+                let next_attempt_at = now + delay;
                 sqlx::query(
                     "UPDATE sandboxes SET phase = 'failed', attempts = ?3, last_error = ?4, \
                      next_attempt_at = ?5, container_id = NULL, endpoint_ip = NULL, \
@@ -704,11 +706,11 @@ impl Store {
                 .bind(session_id.to_string())
                 .bind(i64::from(attempts))
                 .bind(error)
-                .bind(format_time(now + delay))
+                .bind(format_time(next_attempt_at))
                 .bind(&at)
                 .execute(&mut *tx)
                 .await?;
-                Some(attempts)
+                Some((attempts, next_attempt_at))
             }
             None => None,
         };

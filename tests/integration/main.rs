@@ -11,6 +11,7 @@ mod old_clients;
 mod operators;
 mod proxy;
 mod restart;
+mod retries;
 mod store_mirror;
 mod support;
 mod takeover;

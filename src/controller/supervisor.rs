@@ -1,0 +1,232 @@
+//! The engine connection, kept apart from the loop: connects (negotiating the API version and
+//! making sure the sandbox network exists) with capped exponential backoff, runs the event
+//! stream while connected, and reconnects when the loop reports a failed call. The loop only
+//! reads the current state; it never waits on a connect.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::backoff::BackoffPolicy;
+use super::deaths::RecentDeaths;
+use super::{takeover, ControllerStatus};
+use crate::config::Settings;
+use crate::docker::DockerRuntime;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// The connection as the loop sees it.
+#[derive(Clone)]
+pub enum Engine {
+    /// A connect is under way (at start, or after a failed call): wait for it.
+    Connecting,
+    /// The last connect failed, with this error: sessions due now fail fast with it.
+    Down(String),
+    Up(DockerRuntime),
+}
+
+/// What the supervisor needs; built by the controller.
+pub struct Parts {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub status: Arc<ControllerStatus>,
+    pub metrics: Arc<Metrics>,
+    /// Engine events wake the loop through it.
+    pub wake: Arc<Notify>,
+    pub deaths: Arc<RecentDeaths>,
+    pub backoff: BackoffPolicy,
+}
+
+/// The loop's handle: the current state, and a way to say the connection failed.
+pub struct Supervisor {
+    pub state: watch::Receiver<Engine>,
+    failed: Arc<Notify>,
+}
+
+impl Supervisor {
+    pub fn spawn(parts: Parts, shutdown: watch::Receiver<bool>) -> Self {
+        let (tx, state) = watch::channel(Engine::Connecting);
+        let failed = Arc::new(Notify::new());
+        tokio::spawn(supervise(parts, tx, failed.clone(), shutdown));
+        Self { state, failed }
+    }
+
+    pub fn current(&self) -> Engine {
+        self.state.borrow().clone()
+    }
+
+    /// A call failed in a way that may mean a broken connection: reconnect (and renegotiate).
+    pub fn connection_failed(&self) {
+        self.failed.notify_one();
+    }
+}
+
+async fn supervise(
+    p: Parts,
+    tx: watch::Sender<Engine>,
+    failed: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match connect(&p.settings, &p.metrics).await {
+            Ok(rt) => {
+                info!("connected to the Docker engine");
+                failures = 0;
+                set_connected(&p, true);
+                p.status.set_error(None);
+                let events = tokio::spawn(watch_events(
+                    rt.clone(),
+                    p.wake.clone(),
+                    p.metrics.clone(),
+                    p.deaths.clone(),
+                ));
+                if p.settings.controller.take_over_old_service {
+                    tokio::spawn(take_over_old_service(
+                        rt.clone(),
+                        p.store.clone(),
+                        p.settings.clone(),
+                        p.wake.clone(),
+                    ));
+                }
+                tx.send_replace(Engine::Up(rt));
+                tokio::select! {
+                    _ = failed.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                events.abort();
+                set_connected(&p, false);
+                tx.send_replace(Engine::Connecting);
+            }
+            Err(e) => {
+                failures += 1;
+                set_connected(&p, false);
+                p.status.set_error(Some(e.clone()));
+                warn!(error = %e, attempt = failures, "Docker engine unavailable");
+                tx.send_replace(Engine::Down(e));
+                tokio::select! {
+                    _ = tokio::time::sleep(p.backoff.delay(failures)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+fn set_connected(p: &Parts, up: bool) {
+    p.status.docker_connected.store(up, Ordering::Relaxed);
+    p.metrics.docker_connected.set(i64::from(up));
+}
+
+async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<DockerRuntime, String> {
+    let rt = DockerRuntime::connect(
+        &settings.docker,
+        &settings.controller.instance,
+        &settings.sandbox.network_name,
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    rt.ensure_network().await.map_err(|e| e.to_string())?;
+    Ok(rt)
+}
+
+/// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
+/// not delayed; wakes the loop when it changed anything.
+async fn take_over_old_service(
+    rt: DockerRuntime,
+    store: Store,
+    settings: Arc<Settings>,
+    wake: Arc<Notify>,
+) {
+    match takeover::run(&rt, &store, &settings).await {
+        Ok(done) if done != takeover::Takeover::default() => {
+            info!(
+                adopted = done.adopted,
+                removed = done.removed,
+                "took over the old service's containers"
+            );
+            wake.notify_one();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "taking over the old service's containers failed; retried at the next connect")
+        }
+    }
+}
+
+/// Turns Docker events for this instance into wake-ups; reconnects with a delay when the
+/// stream ends. Purely an accelerator.
+///
+/// The engine emits `die` a moment before its container list shows the container as exited, so
+/// a pass run right on the event can still see it running: `die`/`oom` are noted in `deaths`,
+/// which passes apply to what they list. Each event also schedules two follow-up wakes (50 ms
+/// and 250 ms later) for whatever else the list is late with; coalesced by the `Notify`, they
+/// cost at most two cheap passes per burst of events.
+async fn watch_events(
+    rt: DockerRuntime,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    deaths: Arc<RecentDeaths>,
+) {
+    let followups = Arc::new(AtomicBool::new(false));
+    let mut since = None;
+    // Reconnects back off while the engine is away (no hot loop), and reset once events flow.
+    let reconnect = BackoffPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let mut failures = 0u32;
+    loop {
+        // The request times out with the client's timeout; `since` replays the gap.
+        let mut events = Box::pin(rt.events(since));
+        metrics.events_connected.set(1);
+        let opened = Instant::now();
+        let mut received = false;
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(event) => {
+                    received = true;
+                    since = Some(event.at.max(since.unwrap_or(0)));
+                    if matches!(event.action.as_str(), "die" | "oom") {
+                        deaths.record(event.container_id, Instant::now());
+                    }
+                    wake.notify_one();
+                    if !followups.swap(true, Ordering::AcqRel) {
+                        let (wake, pending) = (wake.clone(), followups.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            wake.notify_one();
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            pending.store(false, Ordering::Release);
+                            wake.notify_one();
+                        });
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "docker event stream error");
+                    break;
+                }
+            }
+        }
+        metrics.events_connected.set(0);
+        since = Some(since.unwrap_or_else(|| Utc::now().timestamp()));
+        // A stream that delivered or lived a while ended normally (the request timeout).
+        let healthy = received || opened.elapsed() > Duration::from_secs(5);
+        failures = if healthy {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
+        tokio::time::sleep(reconnect.delay(failures)).await;
+    }
+}
