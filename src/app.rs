@@ -188,12 +188,15 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
+        let status = Arc::new(ControllerStatus::new(
+            settings.controller.take_over_old_service,
+        ));
         let state = AppState {
             store,
             settings: Arc::new(settings),
             volumes,
             wake: Arc::new(Notify::new()),
-            controller: Arc::new(ControllerStatus::default()),
+            controller: status,
             metrics: Arc::new(Metrics::new()),
         };
         Ok(Self {

@@ -42,15 +42,34 @@ use scheduler::{Reason, Scheduler, Target};
 use supervisor::{Engine, Supervisor};
 
 /// What the controller tells the rest of the process (readiness, status pages).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ControllerStatus {
     pub docker_connected: AtomicBool,
     /// Unix millis of the last completed pass; 0 before the first.
     pub last_pass_ms: AtomicI64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// True once the old service's containers were taken over (or when that is off): writes
+    /// for a chat wait for it (bounded), so a create in the first moments after start-up is
+    /// given the old container instead of racing it.
+    pub takeover_done: watch::Sender<bool>,
 }
 
 impl ControllerStatus {
+    pub fn new(take_over_old_service: bool) -> Self {
+        Self {
+            docker_connected: AtomicBool::new(false),
+            last_pass_ms: AtomicI64::new(0),
+            last_error: std::sync::Mutex::new(None),
+            takeover_done: watch::channel(!take_over_old_service).0,
+        }
+    }
+
+    /// Waits (at most `limit`) until the old service's containers were taken over.
+    pub async fn takeover_settled(&self, limit: Duration) {
+        let mut done = self.takeover_done.subscribe();
+        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+    }
+
     fn set_error(&self, e: Option<String>) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;

@@ -74,6 +74,7 @@ async fn supervise(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
+    let mut takeover = None;
     loop {
         if *shutdown.borrow() {
             return;
@@ -91,12 +92,13 @@ async fn supervise(
                     p.deaths.clone(),
                 ));
                 if p.settings.controller.take_over_old_service {
-                    tokio::spawn(take_over_old_service(
+                    takeover = Some(tokio::spawn(take_over_old_service(
                         rt.clone(),
                         p.store.clone(),
                         p.settings.clone(),
                         p.wake.clone(),
-                    ));
+                        p.status.clone(),
+                    )));
                 }
                 tx.send_replace(Engine::Up(rt));
                 tokio::select! {
@@ -104,6 +106,9 @@ async fn supervise(
                     _ = shutdown.changed() => {}
                 }
                 events.abort();
+                if let Some(t) = takeover.take() {
+                    t.abort();
+                }
                 set_connected(&p, false);
                 tx.send_replace(Engine::Connecting);
             }
@@ -141,26 +146,40 @@ async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<DockerRu
 }
 
 /// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
-/// not delayed; wakes the loop when it changed anything.
+/// not delayed; wakes the loop when it changed anything, and marks the takeover done after
+/// its first complete look (writes wait for that). Containers that failed are tried again
+/// every 30 s until none is left (the connection may stay up for days).
 async fn take_over_old_service(
     rt: DockerRuntime,
     store: Store,
     settings: Arc<Settings>,
     wake: Arc<Notify>,
+    status: Arc<ControllerStatus>,
 ) {
-    match takeover::run(&rt, &store, &settings).await {
-        Ok(done) if done != takeover::Takeover::default() => {
-            info!(
-                adopted = done.adopted,
-                removed = done.removed,
-                "took over the old service's containers"
-            );
-            wake.notify_one();
+    loop {
+        let failed = match takeover::run(&rt, &store, &settings).await {
+            Ok(done) => {
+                if done.adopted + done.removed > 0 {
+                    info!(
+                        adopted = done.adopted,
+                        removed = done.removed,
+                        failed = done.failed,
+                        "took over the old service's containers"
+                    );
+                    wake.notify_one();
+                }
+                status.takeover_done.send_replace(true);
+                done.failed > 0
+            }
+            Err(e) => {
+                warn!(error = %e, "listing the old service's containers failed; trying again in 30 s");
+                true
+            }
+        };
+        if !failed {
+            return;
         }
-        Ok(_) => {}
-        Err(e) => {
-            warn!(error = %e, "taking over the old service's containers failed; retried at the next connect")
-        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }
 

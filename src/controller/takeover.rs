@@ -27,8 +27,12 @@ pub enum TakeoverError {
 pub struct Takeover {
     pub adopted: usize,
     pub removed: usize,
+    /// Containers whose adoption or removal failed; a later run tries them again.
+    pub failed: usize,
 }
 
+/// One look at the old service's containers. A failure with one container is logged and
+/// counted, and the others are still handled.
 pub async fn run(
     rt: &DockerRuntime,
     store: &Store,
@@ -36,45 +40,64 @@ pub async fn run(
 ) -> Result<Takeover, TakeoverError> {
     let mut done = Takeover::default();
     for c in rt.list_legacy().await? {
-        let now = Utc::now();
-        let (chat, session) = (
-            c.session.chat_id.to_string(),
-            c.session.session_id.to_string(),
-        );
-        let why = match (&c.running, &c.ip) {
-            (false, _) => Some("stopped by the old service"),
-            (true, None) => {
-                warn!(container_id = %c.container_id, chat_id = %chat, "old service's container has no address on its network; left alone");
-                continue;
+        match take_over(rt, store, settings, &c).await {
+            Ok(Some(Taken::Adopted)) => done.adopted += 1,
+            Ok(Some(Taken::Removed)) => done.removed += 1,
+            Ok(None) => {}
+            Err(e) => {
+                warn!(container_id = %c.container_id, error = %e, "taking over an old container failed");
+                done.failed += 1;
             }
-            (true, Some(ip)) => match store.import_legacy(&import(&c, ip, settings), now).await? {
-                ImportOutcome::Adopted => {
-                    info!(container_id = %c.container_id, chat_id = %chat, session_id = %session, "adopted the old service's sandbox");
-                    done.adopted += 1;
-                    None
-                }
-                ImportOutcome::AlreadyKnown => None,
-                ImportOutcome::Superseded => Some("the chat has a newer session"),
-            },
-        };
-        if let Some(why) = why {
-            rt.remove(&c.container_id).await?;
-            store
-                .event(
-                    &chat,
-                    Some(&session),
-                    Some(&c.container_id),
-                    "remove_legacy",
-                    "ok",
-                    Some(why),
-                    now,
-                )
-                .await?;
-            info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");
-            done.removed += 1;
         }
     }
     Ok(done)
+}
+
+enum Taken {
+    Adopted,
+    Removed,
+}
+
+async fn take_over(
+    rt: &DockerRuntime,
+    store: &Store,
+    settings: &Settings,
+    c: &LegacyContainer,
+) -> Result<Option<Taken>, TakeoverError> {
+    let now = Utc::now();
+    let (chat, session) = (
+        c.session.chat_id.to_string(),
+        c.session.session_id.to_string(),
+    );
+    let why = match (&c.running, &c.ip) {
+        (false, _) => "stopped by the old service",
+        (true, None) => {
+            warn!(container_id = %c.container_id, chat_id = %chat, "old service's container has no address on its network; left alone");
+            return Ok(None);
+        }
+        (true, Some(ip)) => match store.import_legacy(&import(c, ip, settings), now).await? {
+            ImportOutcome::Adopted => {
+                info!(container_id = %c.container_id, chat_id = %chat, session_id = %session, "adopted the old service's sandbox");
+                return Ok(Some(Taken::Adopted));
+            }
+            ImportOutcome::AlreadyKnown => return Ok(None),
+            ImportOutcome::Superseded => "the chat has another session",
+        },
+    };
+    rt.remove(&c.container_id).await?;
+    store
+        .event(
+            &chat,
+            Some(&session),
+            Some(&c.container_id),
+            "remove_legacy",
+            "ok",
+            Some(why),
+            now,
+        )
+        .await?;
+    info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");
+    Ok(Some(Taken::Removed))
 }
 
 /// The session row for a running old container. Its spec is what sandboxd would start if

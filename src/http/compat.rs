@@ -147,6 +147,10 @@ pub(super) fn new_session(
     })
 }
 
+/// How long a write waits, right after start-up, for the old service's containers to be
+/// taken over (`controller.take_over_old_service`); then it goes ahead (the engine may be down).
+pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
 /// A year: the longest TTL anything may carry, far inside chrono's range.
 const MAX_TTL: i64 = crate::config::MAX_CONFIG_TTL_SECONDS as i64;
 
@@ -214,7 +218,17 @@ async fn create_inner(
 ) -> Result<(Json<SessionResponse>, &'static str), ApiError> {
     let new = read_create(state, headers, body)?;
     let chat_id = new.chat_id;
-    let (row, how) = match state.store.create_or_reuse(&new, Utc::now()).await? {
+    state.controller.takeover_settled(TAKEOVER_WAIT).await;
+    // A session whose first start is still under way (its create may be waiting) is not
+    // taken from under it: that create's wait is the window.
+    let first_start = chrono::Duration::seconds(
+        i64::try_from(state.settings.controller.create_wait_seconds).unwrap_or(i64::from(u32::MAX)),
+    );
+    let (row, how) = match state
+        .store
+        .create_or_reuse(&new, Utc::now(), first_start)
+        .await?
+    {
         CreateOutcome::Conflict(_) => return Err(ApiError::Conflict),
         CreateOutcome::Reused(row) if row.phase == Phase::Running => {
             return Ok((respond_running(&row)?, "reused"));
@@ -291,6 +305,7 @@ pub async fn delete(
 }
 
 async fn delete_inner(state: &AppState, chat_id: ChatId) -> Result<Json<DeleteResponse>, ApiError> {
+    state.controller.takeover_settled(TAKEOVER_WAIT).await;
     let now = Utc::now();
     let Some(before) = state.store.request_delete(chat_id, now).await? else {
         return Ok(Json(DeleteResponse {

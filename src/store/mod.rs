@@ -92,7 +92,7 @@ pub enum CreateOutcome {
     Reused(SandboxRow),
     /// The chat's first session was written.
     Created(SandboxRow),
-    /// A new session replaced one that had expired, was deleted, or never ran.
+    /// A new session replaced one that had expired, was still being deleted, or never ran.
     Replaced(SandboxRow),
     /// A live session that has run has a different agent or volume; nothing was written.
     Conflict(SandboxRow),
@@ -138,7 +138,8 @@ pub enum ImportOutcome {
     Adopted,
     /// This session is already the chat's (an earlier start imported it).
     AlreadyKnown,
-    /// The chat has another live session: the old container is surplus.
+    /// The chat has another live session, or this session was adopted before and has since
+    /// been replaced, expired or deleted: the old container is surplus.
     Superseded,
 }
 
@@ -416,27 +417,30 @@ impl Store {
         Ok(query.bind(i64::from(limit)).fetch_all(&self.pool).await?)
     }
 
-    /// The old `create` contract: reuse a live matching session; refuse a live different one
-    /// that has run (`Conflict`); otherwise write a new session. A session that never ran (its
-    /// start failed or is still pending, e.g. after a 503 or 504) does not block a different
-    /// request: the old service stored nothing for a failed start. One transaction; nothing
-    /// is written on conflict.
+    /// The old `create` contract: reuse a live matching session; refuse (`Conflict`) a live
+    /// different one that has run, or whose first start is still under way (created less than
+    /// `first_start` ago, no attempt failed yet); otherwise write a new session. So a session
+    /// whose start failed (the create answered 503) or outlived its create's wait (504) does
+    /// not block a different request: the old service stored nothing for a failed start. One
+    /// transaction; nothing is written on conflict.
     pub async fn create_or_reuse(
         &self,
         new: &NewSession,
         now: DateTime<Utc>,
+        first_start: chrono::Duration,
     ) -> Result<CreateOutcome> {
+        let decide = |cur: SandboxRow| reuse_or_conflict(cur, new, now, first_start);
         // Fast path without the write lock: a live session is answered from a plain read
         // (a committed state, so the answer is as correct as one given inside a transaction).
         if let Some(cur) = self.get(new.chat_id).await?.filter(|c| c.is_live(now)) {
-            if let Some(outcome) = reuse_or_conflict(cur, new) {
+            if let Some(outcome) = decide(cur) {
                 return Ok(outcome);
             }
         }
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
-            if let Some(outcome) = reuse_or_conflict(cur.clone(), new) {
+            if let Some(outcome) = decide(cur.clone()) {
                 tx.rollback().await?;
                 return Ok(outcome);
             }
@@ -484,18 +488,31 @@ impl Store {
     ) -> Result<ImportOutcome> {
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, l.chat_id).await?;
-        if let Some(cur) = &current {
-            let outcome = if cur.session_id == l.session_id {
-                Some(ImportOutcome::AlreadyKnown)
-            } else if cur.is_live(now) {
-                Some(ImportOutcome::Superseded)
-            } else {
-                None
-            };
-            if let Some(outcome) = outcome {
-                tx.rollback().await?;
-                return Ok(outcome);
-            }
+        let adopted_before: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM legacy_adoptions WHERE session_id = ?1")
+                .bind(l.session_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let is_current = current
+            .as_ref()
+            .is_some_and(|c| c.session_id == l.session_id);
+        // A running old session wins over a live one that never ran: that one was written in
+        // the moment between start-up and this takeover.
+        let outcome = if is_current {
+            Some(ImportOutcome::AlreadyKnown)
+        } else if adopted_before.is_some() {
+            Some(ImportOutcome::Superseded)
+        } else if current
+            .as_ref()
+            .is_some_and(|c| c.is_live(now) && c.has_run())
+        {
+            Some(ImportOutcome::Superseded)
+        } else {
+            None
+        };
+        if let Some(outcome) = outcome {
+            tx.rollback().await?;
+            return Ok(outcome);
         }
         let generation = current.as_ref().map_or(1, |p| p.generation + 1);
         let at = format_time(now);
@@ -536,6 +553,16 @@ impl Store {
             .bind(l.chat_id.to_string())
             .fetch_one(&mut *tx)
             .await?;
+        sqlx::query(
+            "INSERT INTO legacy_adoptions (session_id, chat_id, container_id, adopted_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(l.session_id.to_string())
+        .bind(l.chat_id.to_string())
+        .bind(l.container.container_id)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
         row_event(&mut tx, &at, &row, "adopt_legacy").await?;
         self.commit_row(tx, gate, &row).await?;
         Ok(ImportOutcome::Adopted)
@@ -916,11 +943,18 @@ async fn row_event(
 }
 
 /// The old contract for a live session: same agent and volume → reuse; different → conflict
-/// if the session has run, else `None` (it may be replaced).
-fn reuse_or_conflict(cur: SandboxRow, new: &NewSession) -> Option<CreateOutcome> {
+/// if the session has run or its first start is still under way, else `None` (it may be
+/// replaced).
+fn reuse_or_conflict(
+    cur: SandboxRow,
+    new: &NewSession,
+    now: DateTime<Utc>,
+    first_start: chrono::Duration,
+) -> Option<CreateOutcome> {
+    let starting = cur.attempts == 0 && now < cur.created_at + first_start;
     if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
         Some(CreateOutcome::Reused(cur))
-    } else if cur.has_run() {
+    } else if cur.has_run() || starting {
         Some(CreateOutcome::Conflict(cur))
     } else {
         None
@@ -951,7 +985,7 @@ async fn write_new_session(
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = 'pending', container_id = NULL, endpoint_ip = NULL, \
            endpoint_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
-           running_since = NULL, legacy_container_id = NULL",
+           running_since = NULL",
     )
     .bind(new.chat_id.to_string())
     .bind(session_id.to_string())

@@ -46,7 +46,9 @@ pub struct SandboxRow {
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub running_since: Option<DateTime<Utc>>,
-    /// The old service's container this session was adopted from (see migration 0003).
+    /// The old service's container this chat's session was adopted from (migration 0003).
+    /// Kept when a later session replaces it, so passes go on watching that container (and
+    /// remove it as stale) until it is gone.
     pub legacy_container_id: Option<String>,
 }
 

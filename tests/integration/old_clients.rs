@@ -511,10 +511,11 @@ async fn containers_carry_the_old_labels() {
 }
 
 /// The exact conflict rule, on a real SQLite store: a live session conflicts with a create of
-/// another agent or volume only once it has run. A session still pending (a create answered
-/// 504) or whose start failed (503) is replaced instead.
+/// another agent or volume once it has run, or while its first start is under way (its
+/// create may still be waiting). A session whose create timed out (504) or whose start
+/// failed (503) is replaced instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_a_session_that_has_run_conflicts() {
+async fn only_a_session_that_has_run_or_is_starting_conflicts() {
     use sandboxd::store::{CreateOutcome, NewSession, RunningContainer, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("c.db"), Duration::from_secs(5), 2)
@@ -530,32 +531,43 @@ async fn only_a_session_that_has_run_conflicts() {
         spec_hash: "h".into(),
         ttl: chrono::Duration::seconds(300),
     };
-    let now = chrono::Utc::now;
-    let pending = match store.create_or_reuse(&ask("a"), now()).await.unwrap() {
+    let wait = chrono::Duration::seconds(60);
+    let t0 = chrono::Utc::now();
+    let at = |s: i64| t0 + chrono::Duration::seconds(s);
+    let create = |agent: &'static str, t| {
+        let (store, new) = (&store, ask(agent));
+        async move { store.create_or_reuse(&new, t, wait).await.unwrap() }
+    };
+    let first = match create("a", at(0)).await {
         CreateOutcome::Created(r) => r,
         other => panic!("{other:?}"),
     };
-    // Pending, never ran (the 504 case): another agent replaces it.
-    let failed = match store.create_or_reuse(&ask("b"), now()).await.unwrap() {
+    // Its first start is under way: the first asker keeps it.
+    assert!(matches!(
+        create("b", at(1)).await,
+        CreateOutcome::Conflict(_)
+    ));
+    // Its create has given up (504): another agent replaces it.
+    let timed_out = match create("b", at(61)).await {
         CreateOutcome::Replaced(r) => r,
-        other => panic!("pending session should be replaced: {other:?}"),
+        other => panic!("a session past its create's wait should be replaced: {other:?}"),
     };
-    assert_ne!(failed.session_id, pending.session_id);
-    // Failed, never ran (the 503 case): replaced too.
+    assert_ne!(timed_out.session_id, first.session_id);
+    // Its start failed (503): replaced too, at once.
     store
         .record_failure(
             chat,
-            failed.session_id,
+            timed_out.session_id,
             "start",
             "boom",
             |_| Duration::from_secs(60),
-            now(),
+            at(62),
         )
         .await
         .unwrap();
-    let ran = match store.create_or_reuse(&ask("c"), now()).await.unwrap() {
+    let ran = match create("c", at(63)).await {
         CreateOutcome::Replaced(r) => r,
-        other => panic!("failed session should be replaced: {other:?}"),
+        other => panic!("a failed session should be replaced: {other:?}"),
     };
     let running = RunningContainer {
         container_id: "x",
@@ -563,12 +575,12 @@ async fn only_a_session_that_has_run_conflicts() {
         port: 8000,
     };
     assert!(store
-        .record_running(chat, ran.session_id, &running, "start", now())
+        .record_running(chat, ran.session_id, &running, "start", at(64))
         .await
         .unwrap());
-    // Has run: conflict, and nothing written; still a conflict after a later failed restart.
+    // Has run: a conflict, nothing written; still one after a later failed restart.
     assert!(matches!(
-        store.create_or_reuse(&ask("d"), now()).await.unwrap(),
+        create("d", at(65)).await,
         CreateOutcome::Conflict(_)
     ));
     store
@@ -578,18 +590,18 @@ async fn only_a_session_that_has_run_conflicts() {
             "start",
             "crashed",
             |_| Duration::from_secs(60),
-            now(),
+            at(66),
         )
         .await
         .unwrap();
     assert!(matches!(
-        store.create_or_reuse(&ask("d"), now()).await.unwrap(),
+        create("d", at(200)).await,
         CreateOutcome::Conflict(_)
     ));
     assert_eq!(store.get(chat).await.unwrap().unwrap().agent_id, "c");
     // The same agent and volume reuse it.
     assert!(matches!(
-        store.create_or_reuse(&ask("c"), now()).await.unwrap(),
+        create("c", at(201)).await,
         CreateOutcome::Reused(_)
     ));
 }

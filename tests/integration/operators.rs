@@ -209,7 +209,11 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
     let expired_at = |chat, at: chrono::DateTime<chrono::Utc>| {
         let (store, new) = (&store, session(chat));
         async move {
-            let r = match store.create_or_reuse(&new, at).await.unwrap() {
+            let r = match store
+                .create_or_reuse(&new, at, chrono::Duration::zero())
+                .await
+                .unwrap()
+            {
                 sandboxd::store::CreateOutcome::Created(r) => r,
                 other => panic!("{other:?}"),
             };
@@ -223,7 +227,10 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
     expired_at(new_chat_id, now).await;
     let mut live = session(live_chat);
     live.ttl = chrono::Duration::days(100);
-    store.create_or_reuse(&live, old).await.unwrap();
+    store
+        .create_or_reuse(&live, old, chrono::Duration::zero())
+        .await
+        .unwrap();
 
     let (events, rows) = store
         .prune(

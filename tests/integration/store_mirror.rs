@@ -72,7 +72,11 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
     let current = store.get(chat).await.unwrap();
     let session_id = current.as_ref().map(|r| r.session_id);
     match (rng.below(10), session_id) {
-        (0, _) => drop(store.create_or_reuse(&session(chat, &mut rng), now).await),
+        (0, _) => drop(
+            store
+                .create_or_reuse(&session(chat, &mut rng), now, chrono::Duration::zero())
+                .await,
+        ),
         (1, _) => drop(store.apply(&session(chat, &mut rng), now).await),
         (2, _) => drop(store.request_delete(chat, now).await),
         (3, _) => drop(store.renew(chat, chrono::Duration::seconds(60), now).await),

@@ -114,8 +114,8 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
         s.controller.take_over_old_service = true;
     });
     let docker = docker().await;
-    let (a, b, c) = (new_chat(), new_chat(), new_chat());
-    let _chats = ChatGuard(vec![a.clone(), b.clone(), c.clone()]);
+    let (a, b, c, d) = (new_chat(), new_chat(), new_chat(), new_chat());
+    let _chats = ChatGuard(vec![a.clone(), b.clone(), c.clone(), d.clone()]);
     let vol = fx.vol.canonicalize().unwrap();
     let hour = chrono::Duration::hours(1);
     let (old_a, session_a) =
@@ -129,6 +129,8 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
         chrono::Duration::seconds(4),
     )
     .await;
+    let (old_d, _) =
+        start_like_the_old_service(&docker, &fx.settings, &d, "agent-old", &vol, hour).await;
     // The old cleanup only stopped expired containers; they were left behind.
     let (old_c, _) =
         start_like_the_old_service(&docker, &fx.settings, &c, "agent-old", &vol, hour).await;
@@ -162,13 +164,28 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
                 .ok()
         }
     };
-    let adopted = wait_until(Duration::from_secs(20), "old container adopted", || {
-        let view = view(a.clone());
-        async move { view.await.filter(|v| v["phase"] == "running") }
-    })
-    .await;
-    assert_eq!(adopted["container_id"], old_a.as_str(), "{adopted}");
-    assert_eq!(adopted["session_id"], session_a.as_str(), "{adopted}");
+    // The very first request after start-up, a matching create, is given the old sandbox:
+    // writes wait for the takeover instead of racing it. Another agent conflicts with it.
+    let create = |agent: &str| {
+        client
+            .post(format!("{base}/api/v1/create"))
+            .json(&json!({"chat_id": a, "agent_id": agent, "volume_host_path": vol}))
+            .send()
+    };
+    let r = create("agent-old").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["container_id"].as_str(), body["session_id"].as_str()),
+        (Some(old_a.as_str()), Some(session_a.as_str())),
+        "{body}"
+    );
+    assert_eq!(
+        create("agent-new").await.unwrap().status(),
+        StatusCode::CONFLICT
+    );
+    let adopted = view(a.clone()).await.unwrap();
+    assert_eq!(adopted["phase"], "running", "{adopted}");
     assert_eq!(
         adopted["endpoint"],
         json!({"ip": a_ip, "port": 8000}),
@@ -185,24 +202,27 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
     )
     .await;
 
-    // A matching create is given the old sandbox; another agent conflicts with it.
-    let create = |agent: &str| {
-        client
-            .post(format!("{base}/api/v1/create"))
-            .json(&json!({"chat_id": a, "agent_id": agent, "volume_host_path": vol}))
-            .send()
-    };
-    let r = create("agent-old").await.unwrap();
+    // A PUT with another agent replaces an adopted session: the old container goes too.
+    let r = client
+        .put(format!("{base}/api/v1/sandboxes/{d}?wait=30"))
+        .json(&json!({"agent_id": "agent-new", "volume_host_path": vol}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(
-        (body["container_id"].as_str(), body["session_id"].as_str()),
-        (Some(old_a.as_str()), Some(session_a.as_str()))
-    );
-    assert_eq!(
-        create("agent-new").await.unwrap().status(),
-        StatusCode::CONFLICT
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "old container of a replaced session removed",
+        || {
+            let (docker, id, view) = (docker.clone(), old_d.clone(), view(d.clone()));
+            async move {
+                let v = view.await?;
+                let replaced = v["phase"] == "running" && v["container_id"] != id.as_str();
+                (replaced && gone(&docker, &id).await).then_some(())
+            }
+        },
+    )
+    .await;
 
     // The one whose label says it expires soon is removed at expiry.
     wait_until(Duration::from_secs(20), "old container expired", || {
@@ -220,7 +240,14 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
     server.kill9();
     let server = fx.start().await;
     let base = format!("http://{}", server.addr);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A create waits for the takeover, so the adoptions below are counted after it ran.
+    let r = client
+        .post(format!("{base}/api/v1/create"))
+        .json(&json!({"chat_id": a, "agent_id": "agent-old", "volume_host_path": vol}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let v = get_json(&client, &format!("{base}/api/v1/sandboxes/{a}")).await;
     assert_eq!(
         (v["phase"].as_str(), v["container_id"].as_str()),
@@ -274,8 +301,22 @@ async fn renaming_the_network_keeps_live_sandboxes_on_theirs() {
     let app = TestApp::start(dir, settings).await;
 
     // Passes run every second: a sandbox looked up on the new network would be restarted or
-    // fail in a loop. It keeps its container and the endpoint on its own network.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // fail in a loop. After three more passes it keeps its container and the endpoint on its
+    // own network.
+    let restarted = chrono::Utc::now().timestamp() as f64;
+    wait_until(
+        Duration::from_secs(20),
+        "three passes after the restart",
+        || async {
+            let text = get_text(&app.client, &app.url("/metrics")).await;
+            let last = text
+                .lines()
+                .find_map(|l| l.strip_prefix("sandboxd_last_pass_timestamp_seconds "))
+                .and_then(|v| v.trim().parse::<f64>().ok())?;
+            (last >= restarted + 3.0).then_some(())
+        },
+    )
+    .await;
     let (status, v) = app.get(&format!("/api/v1/sandboxes/{before}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
