@@ -82,6 +82,7 @@ pub fn render_ls(rows: &[SandboxRow], now: DateTime<Utc>) -> String {
                 expires,
                 endpoint(r),
                 r.attempts.to_string(),
+                r.restarts.to_string(),
                 clip(r.last_error.as_deref().unwrap_or("-"), 60),
             ]
         })
@@ -95,6 +96,7 @@ pub fn render_ls(rows: &[SandboxRow], now: DateTime<Utc>) -> String {
             "EXPIRES_IN",
             "ENDPOINT",
             "ATTEMPTS",
+            "RESTARTS",
             "LAST_ERROR",
         ],
         &body,
@@ -150,6 +152,7 @@ pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
         ("deleted_at", opt(row.deleted_at.map(format_time))),
         ("running_since", opt(row.running_since.map(format_time))),
         ("attempts", row.attempts.to_string()),
+        ("restarts", row.restarts.to_string()),
         ("last_error", opt(row.last_error.clone())),
         ("next_attempt_at", opt(row.next_attempt_at.map(format_time))),
         ("spec_hash", row.spec_hash.clone()),

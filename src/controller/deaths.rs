@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use crate::planner::Observed;
@@ -18,18 +19,40 @@ use crate::planner::Observed;
 /// restarts by hand is not mistaken for dead for long.
 const WINDOW: Duration = Duration::from_secs(2);
 
+/// One reported death: when, and the exit code the event carried.
+#[derive(Debug, Clone, Copy)]
+struct Death {
+    at: Instant,
+    wall: DateTime<Utc>,
+    exit_code: Option<i64>,
+}
+
 #[derive(Default)]
-pub(super) struct RecentDeaths(Mutex<HashMap<String, Instant>>);
+pub(super) struct RecentDeaths(Mutex<HashMap<String, Death>>);
 
 impl RecentDeaths {
-    pub(super) fn record(&self, container_id: String, now: Instant) {
-        self.lock().insert(container_id, now);
+    pub(super) fn record(&self, container_id: String, now: Instant, exit_code: Option<i64>) {
+        let death = Death {
+            at: now,
+            wall: Utc::now(),
+            exit_code,
+        };
+        self.lock().insert(container_id, death);
+    }
+
+    /// The exit code and time of a death reported within the window.
+    pub(super) fn exit(&self, container_id: &str, now: Instant) -> Option<(i64, DateTime<Utc>)> {
+        let deaths = self.lock();
+        let d = deaths.get(container_id)?;
+        (now.duration_since(d.at) < WINDOW)
+            .then_some(())
+            .and(d.exit_code.map(|code| (code, d.wall)))
     }
 
     /// Marks containers reported dead within the window as not running; forgets older reports.
     pub(super) fn apply(&self, observed: &mut [Observed], now: Instant) {
         let mut deaths = self.lock();
-        deaths.retain(|_, at| now.duration_since(*at) < WINDOW);
+        deaths.retain(|_, d| now.duration_since(d.at) < WINDOW);
         if deaths.is_empty() {
             return;
         }
@@ -41,7 +64,7 @@ impl RecentDeaths {
     }
 
     // Each change is one insert or retain: a panic elsewhere cannot leave it half-done.
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Death>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -66,7 +89,8 @@ mod tests {
     fn a_reported_death_counts_within_the_window_only() {
         let deaths = RecentDeaths::default();
         let t0 = Instant::now();
-        deaths.record("dead".into(), t0);
+        deaths.record("dead".into(), t0, Some(1));
+        assert_eq!(deaths.exit("dead", t0).map(|(c, _)| c), Some(1));
         let mut seen = vec![running("dead"), running("alive")];
         deaths.apply(&mut seen, t0 + Duration::from_millis(100));
         assert!(!seen[0].running && seen[1].running);
@@ -78,5 +102,6 @@ mod tests {
             "an old report no longer overrides the list"
         );
         assert!(deaths.lock().is_empty(), "and is forgotten");
+        assert_eq!(deaths.exit("dead", t0 + WINDOW), None);
     }
 }

@@ -10,10 +10,11 @@ use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
 use super::backoff::BackoffPolicy;
+use super::deaths::RecentDeaths;
 use crate::docker::{DockerRuntime, StartRequest};
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
-use crate::domain::{ChatId, SessionId};
+use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::{Action, Key, RemoveReason};
 use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
@@ -47,6 +48,15 @@ pub struct Executor {
     pub backoff: BackoffPolicy,
     pub volumes: Arc<VolumePolicy>,
     pub metrics: Arc<Metrics>,
+    /// Deaths the engine reported, with exit codes: tells a crash from a removal or drift.
+    pub deaths: Arc<RecentDeaths>,
+}
+
+/// A session's container that stopped on its own.
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    code: i64,
+    ran_for: chrono::Duration,
 }
 
 impl Executor {
@@ -190,6 +200,15 @@ impl Executor {
             return Ok(Outcome::Skipped); // superseded since the plan; the next pass sees the new truth
         }
         tracing::Span::current().record("session_id", tracing::field::display(session_id));
+        if let Some(exit) = self.exit_of(&row).await {
+            if let Some(retry_at) = self.crashed(&row, exit).await? {
+                // The dead container goes now; the restart waits for the backoff.
+                self.remove_all(stale).await?;
+                return Ok(Outcome::StartFailed {
+                    retry_at: Some(retry_at),
+                });
+            }
+        }
         let result = async {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
@@ -256,6 +275,62 @@ impl Executor {
                 })
             }
         }
+    }
+}
+
+impl Executor {
+    /// How the session's recorded container ended, when it stopped on its own: the row says
+    /// it was running and the engine says it exited (the `die` event's exit code, or an
+    /// inspect). `None` when it was removed (by hand: recreated at once) or still runs (drift).
+    async fn exit_of(&self, row: &SandboxRow) -> Option<Exit> {
+        if row.phase != Phase::Running {
+            return None;
+        }
+        let id = row.container_id.as_deref()?;
+        let since = row.running_since?;
+        let (code, finished) = match self.deaths.exit(id, tokio::time::Instant::now()) {
+            Some(exit) => exit,
+            None => self.runtime.exit_state(id).await.ok()??,
+        };
+        Some(Exit {
+            code,
+            ran_for: (finished - since).max(chrono::Duration::zero()),
+        })
+    }
+
+    /// Counts an exit into the session's crash loop. The first exit in a row is restarted at
+    /// once; each further quick exit waits the backoff for its count (returned). An exit
+    /// after a run longer than the backoff cap starts a new count.
+    async fn crashed(
+        &self,
+        row: &SandboxRow,
+        exit: Exit,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let stable = chrono::Duration::from_std(self.backoff.max).unwrap_or(chrono::Duration::MAX);
+        let restarts = if exit.ran_for >= stable {
+            1
+        } else {
+            row.restarts.saturating_add(1)
+        };
+        let secs = exit.ran_for.num_milliseconds() as f64 / 1000.0;
+        let message = format!("exited with code {} after {secs:.1} s", exit.code);
+        let now = Utc::now();
+        let retry_at = (restarts > 1).then(|| {
+            now + chrono::Duration::from_std(self.backoff.delay(restarts - 1))
+                .unwrap_or(chrono::Duration::seconds(60))
+        });
+        self.store
+            .record_exit(
+                row.chat_id,
+                row.session_id,
+                &message,
+                restarts,
+                retry_at,
+                now,
+            )
+            .await?;
+        warn!(chat_id = %row.chat_id, session_id = %row.session_id, restarts, ?retry_at, "{message}");
+        Ok(retry_at)
     }
 }
 

@@ -211,7 +211,7 @@ impl Controller {
                     for action in plan.actions {
                         let key = action.key();
                         if let Offer::Held(at) =
-                            runner.offer(action, self.executor(&rt, policy), now)
+                            runner.offer(action, self.executor(&rt, policy, &deaths), now)
                         {
                             scheduler.schedule(Target::Key(key), at, Reason::Retry);
                         }
@@ -248,13 +248,19 @@ impl Controller {
         }
     }
 
-    fn executor(&self, rt: &DockerRuntime, policy: BackoffPolicy) -> Executor {
+    fn executor(
+        &self,
+        rt: &DockerRuntime,
+        policy: BackoffPolicy,
+        deaths: &Arc<deaths::RecentDeaths>,
+    ) -> Executor {
         Executor {
             store: self.store.clone(),
             runtime: rt.clone(),
             backoff: policy,
             volumes: self.volumes.clone(),
             metrics: self.metrics.clone(),
+            deaths: deaths.clone(),
         }
     }
 

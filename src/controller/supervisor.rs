@@ -217,7 +217,7 @@ async fn watch_events(
                     received = true;
                     since = Some(event.at.max(since.unwrap_or(0)));
                     if matches!(event.action.as_str(), "die" | "oom") {
-                        deaths.record(event.container_id, Instant::now());
+                        deaths.record(event.container_id, Instant::now(), event.exit_code);
                     }
                     wake.notify_one();
                     if !followups.swap(true, Ordering::AcqRel) {

@@ -91,6 +91,8 @@ pub struct EngineEvent {
     /// `die`, `destroy`, …
     pub action: String,
     pub container_id: String,
+    /// The process's exit code, on `die`.
+    pub exit_code: Option<i64>,
 }
 
 /// What a start needs besides the spec.
@@ -553,6 +555,34 @@ impl DockerRuntime {
         }
     }
 
+    /// How a container ended: its exit code and when it finished; `None` while it runs or
+    /// when it is gone.
+    pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>, DockerError> {
+        let inspect = match self
+            .call(
+                "inspect",
+                &[404],
+                self.docker
+                    .inspect_container(id, None::<InspectContainerOptions>),
+            )
+            .await
+        {
+            Ok(i) => i,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(DockerError::api("inspect_container")(e)),
+        };
+        let Some(state) = inspect.state.filter(|s| s.running == Some(false)) else {
+            return Ok(None);
+        };
+        let finished = state
+            .finished_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .filter(|t| t.timestamp() > 0);
+        Ok(finished.map(|t| (state.exit_code.unwrap_or_default(), t)))
+    }
+
     /// Force-removes a container; one that is already gone counts as removed.
     pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
         let options = RemoveContainerOptionsBuilder::new()
@@ -594,10 +624,19 @@ impl DockerRuntime {
             options = options.since(&since.to_string());
         }
         self.docker.events(Some(options.build())).map(|r| {
-            r.map(|e| EngineEvent {
-                at: e.time.unwrap_or_default(),
-                action: e.action.unwrap_or_default(),
-                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
+            r.map(|e| {
+                let actor = e.actor.unwrap_or_default();
+                let exit_code = actor
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get("exitCode"))
+                    .and_then(|c| c.parse().ok());
+                EngineEvent {
+                    at: e.time.unwrap_or_default(),
+                    action: e.action.unwrap_or_default(),
+                    container_id: actor.id.unwrap_or_default(),
+                    exit_code,
+                }
             })
             .map_err(DockerError::api("events"))
         })

@@ -73,7 +73,10 @@ pub struct SandboxView {
     pub updated_at: String,
     pub expires_at: String,
     pub deleted_at: Option<String>,
+    /// Failures in a row: failed starts, or quick exits of a crash-looping container.
     pub attempts: u32,
+    /// Quick exits in a row of the session's container; restarts wait a growing backoff.
+    pub restarts: u32,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<String>,
     pub running_since: Option<String>,
@@ -105,6 +108,7 @@ impl From<&SandboxRow> for SandboxView {
             expires_at: format_time(r.expires_at),
             deleted_at: r.deleted_at.map(format_time),
             attempts: r.attempts,
+            restarts: r.restarts,
             last_error: r.last_error.clone(),
             next_attempt_at: r.next_attempt_at.map(format_time),
             running_since: r.running_since.map(format_time),

@@ -756,6 +756,64 @@ impl Store {
         Ok(result)
     }
 
+    /// Records that the session's container exited on its own (`message` says how), as
+    /// exit number `restarts` of a crash loop. With `retry_at` the restart waits until then:
+    /// phase `failed`, `attempts` = `restarts`, `last_error` = `message`. Without, only the
+    /// count and an event are written (the restart follows at once). Returns false if the
+    /// session changed.
+    pub async fn record_exit(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        message: &str,
+        restarts: u32,
+        retry_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let (mut tx, gate) = self.begin_write().await?;
+        let at = format_time(now);
+        let query = match retry_at {
+            Some(retry_at) => sqlx::query(
+                "UPDATE sandboxes SET restarts = ?3, phase = 'failed', attempts = ?3, \
+                 last_error = ?4, next_attempt_at = ?5, container_id = NULL, \
+                 endpoint_ip = NULL, endpoint_port = NULL, running_since = NULL, updated_at = ?6 \
+                 WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+            )
+            .bind(chat_id.to_string())
+            .bind(session_id.to_string())
+            .bind(i64::from(restarts))
+            .bind(message)
+            .bind(format_time(retry_at))
+            .bind(&at),
+            None => sqlx::query(
+                "UPDATE sandboxes SET restarts = ?3, updated_at = ?4 \
+                 WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+            )
+            .bind(chat_id.to_string())
+            .bind(session_id.to_string())
+            .bind(i64::from(restarts))
+            .bind(&at),
+        };
+        let done = query.execute(&mut *tx).await?.rows_affected() == 1;
+        insert_event(
+            &mut tx,
+            &at,
+            &chat_id.to_string(),
+            Some(&session_id.to_string()),
+            None,
+            "exit",
+            if retry_at.is_some() {
+                "backoff"
+            } else {
+                "restart"
+            },
+            Some(message),
+        )
+        .await?;
+        self.commit(tx, gate, chat_id).await?;
+        Ok(done)
+    }
+
     /// Records that the session expired and its containers are gone. Does nothing if the
     /// session was renewed in the meantime (its `expires_at` is in the future again).
     pub async fn record_expired(
@@ -985,7 +1043,7 @@ async fn write_new_session(
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = 'pending', container_id = NULL, endpoint_ip = NULL, \
            endpoint_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
-           running_since = NULL",
+           running_since = NULL, restarts = 0",
     )
     .bind(new.chat_id.to_string())
     .bind(session_id.to_string())

@@ -12,7 +12,7 @@ macro_rules! select {
             "SELECT chat_id, session_id, generation, agent_id, volume_host_path, spec_json, \
              spec_hash, created_at, updated_at, expires_at, deleted_at, phase, container_id, \
              endpoint_ip, endpoint_port, observed_generation, attempts, last_error, \
-             next_attempt_at, running_since, legacy_container_id FROM sandboxes ",
+             next_attempt_at, running_since, legacy_container_id, restarts FROM sandboxes ",
             $tail
         )
     };
@@ -50,6 +50,8 @@ pub struct SandboxRow {
     /// Kept when a later session replaces it, so passes go on watching that container (and
     /// remove it as stale) until it is gone.
     pub legacy_container_id: Option<String>,
+    /// Quick exits in a row of this session's container (migration 0004): paces restarts.
+    pub restarts: u32,
 }
 
 impl SandboxRow {
@@ -128,6 +130,10 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
             next_attempt_at: opt_time(row, "next_attempt_at")?,
             running_since: opt_time(row, "running_since")?,
             legacy_container_id: row.try_get("legacy_container_id")?,
+            restarts: decode(
+                "restarts",
+                u32::try_from(row.try_get::<i64, _>("restarts")?),
+            )?,
         })
     }
 }

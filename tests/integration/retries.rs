@@ -68,3 +68,109 @@ async fn a_failed_start_is_retried_at_its_backoff_not_at_the_resync() {
     .await;
     eprintln!("running {:?} after the image appeared", appeared.elapsed());
 }
+
+/// An image whose agent exits with code 1 a second after it starts: the test image with
+/// another command (`docker commit --change`), removed again when dropped.
+struct CrashingImage(String);
+
+impl CrashingImage {
+    fn build(name: &str) -> Self {
+        let out = std::process::Command::new("docker")
+            .args(["create", TEST_IMAGE])
+            .output()
+            .expect("docker create");
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(out.status.success(), "docker create: {out:?}");
+        let commit = std::process::Command::new("docker")
+            .args([
+                "commit",
+                "--change",
+                r#"CMD ["/bin/sh","-c","sleep 1; exit 1"]"#,
+                &id,
+                name,
+            ])
+            .output()
+            .expect("docker commit");
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &id])
+            .output();
+        assert!(commit.status.success(), "docker commit: {commit:?}");
+        Self(name.to_string())
+    }
+}
+
+impl Drop for CrashingImage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rmi", "-f", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_sandbox_is_restarted_at_growing_intervals() {
+    use futures::StreamExt;
+    let image = format!("sandboxd/crashloop-{}:1", unique_instance());
+    let _image = CrashingImage::build(&image);
+    let app = TestApp::spawn_with(|s| {
+        s.sandbox.image = image.clone();
+        s.controller.backoff_initial_ms = 500;
+        s.controller.backoff_max_seconds = 8;
+    })
+    .await;
+    let filters = std::collections::HashMap::from([
+        ("type", vec!["container".to_string()]),
+        ("event", vec!["start".to_string()]),
+        (
+            "label",
+            vec![format!("sandboxd.instance={}", app.instance())],
+        ),
+    ]);
+    let mut starts = Box::pin(
+        app.docker.events(Some(
+            bollard::query_parameters::EventsOptionsBuilder::new()
+                .filters(&filters)
+                .build(),
+        )),
+    );
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "a", &app.volume("c")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Count the starts the engine reports over 20 s.
+    let mut at = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, starts.next()).await {
+        at.push(Instant::now());
+    }
+    let intervals: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("{} starts in 20 s, intervals {intervals:?}", at.len());
+    // Without backoff it was restarted every ≈ 1.3 s: about 15 starts in 20 s.
+    assert!(
+        (3..=9).contains(&at.len()),
+        "{} starts in 20 s, intervals {intervals:?}",
+        at.len()
+    );
+    // Each wait is at least the previous one (doubling, jitter within the doubling), so the
+    // intervals grow; allow the engine 300 ms of noise per start.
+    for w in intervals.windows(2) {
+        assert!(
+            w[1] + Duration::from_millis(300) >= w[0],
+            "intervals must grow: {intervals:?}"
+        );
+    }
+    assert!(
+        intervals.last()
+            > intervals
+                .first()
+                .map(|f| *f + Duration::from_secs(2))
+                .as_ref(),
+        "intervals must grow: {intervals:?}"
+    );
+    // The loop is visible in the database and the API.
+    let (_, v) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+    assert!(v["restarts"].as_u64() >= Some(3), "{v}");
+    let exits = app
+        .db_scalar("SELECT count(*) FROM sandbox_events WHERE action = 'exit' AND error LIKE 'exited with code 1 after %'")
+        .await;
+    assert!(exits >= 3, "{exits} exits recorded");
+}
