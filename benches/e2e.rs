@@ -519,12 +519,15 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
     ]);
     let mut events =
         Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
-    let chat = new_chat();
+    // A different sandbox each round: one killed again and again within a minute is a crash
+    // loop, whose restarts are backed off on purpose.
+    let chats: Vec<String> = (0..ROUNDS).map(|_| new_chat()).collect();
+    for chat in &chats {
+        create(&client, app.addr, chat, &app.vol).await;
+    }
     let (mut to_create, mut to_start) = (Vec::new(), Vec::new());
-    create(&client, app.addr, &chat, &app.vol).await;
-    let mut previous = String::new();
-    for _ in 0..ROUNDS {
-        // The row must name the running replacement of the previous round first.
+    let previous = String::new();
+    for chat in &chats {
         let mut victim = String::new();
         for _ in 0..300 {
             let v: Value = client
@@ -542,8 +545,7 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(!victim.is_empty(), "no running replacement recorded");
-        previous = victim.clone();
+        assert!(!victim.is_empty(), "no running sandbox recorded");
         docker
             .kill_container(&victim, None::<KillContainerOptions>)
             .await
