@@ -336,7 +336,7 @@ impl Executor {
 
 /// The frozen spec of a row; a row that cannot be read is reported, never guessed at.
 fn parse_spec(row: &SandboxRow) -> Result<ContainerSpec, StoreError> {
-    serde_json::from_str(&row.spec_json).map_err(|e| StoreError::Corrupt {
+    ContainerSpec::from_json(&row.spec_json).map_err(|e| StoreError::Corrupt {
         chat_id: row.chat_id.to_string(),
         message: format!("spec_json: {e}"),
     })

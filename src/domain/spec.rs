@@ -1,5 +1,10 @@
 //! The container spec of a session: resolved once from the config when the session is created,
 //! stored in its row, and never recomputed, so a config change only affects new sessions.
+//!
+//! The stored form is owned here, not by `config`, and versioned: a config key can be renamed
+//! or added without making stored rows unreadable. Reading tolerates unknown fields and fills
+//! missing ones with defaults; a spec from a newer sandboxd is refused by name.
+//! `tests/fixtures/spec-v1.json` is a spec exactly as release 1 wrote it; a unit test reads it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +14,22 @@ use sha2::{Digest, Sha256};
 
 use super::ChatId;
 use crate::config::{HardeningSettings, SandboxSettings};
+
+/// The version this sandboxd writes. Release 1 wrote no version field: a missing one is 1.
+pub const SPEC_VERSION: u32 = 1;
+
+fn version_one() -> u32 {
+    1
+}
+
+/// A stored spec that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("unreadable spec: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("spec version {0} is newer than this sandboxd understands ({SPEC_VERSION})")]
+    TooNew(u32),
+}
 
 /// What a bind mount is for; decides how its host side is prepared and checked at create time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,18 +51,67 @@ pub struct MountSpec {
     pub read_only: bool,
 }
 
+/// Container hardening as stored with a session (the config's `sandbox.hardening` at the
+/// time). Missing fields read as the strict defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hardening {
+    pub cap_add: Vec<String>,
+    pub no_new_privileges: bool,
+    pub pids_limit: i64,
+    pub memory_mb: u64,
+    pub cpu_millis: u64,
+    pub read_only_rootfs: bool,
+    pub tmpfs_tmp_mb: u64,
+    pub user: Option<String>,
+}
+
+impl Default for Hardening {
+    fn default() -> Self {
+        Self::from(&HardeningSettings::default())
+    }
+}
+
+impl From<&HardeningSettings> for Hardening {
+    fn from(h: &HardeningSettings) -> Self {
+        Self {
+            cap_add: h.cap_add.clone(),
+            no_new_privileges: h.no_new_privileges,
+            pids_limit: h.pids_limit,
+            memory_mb: h.memory_mb,
+            cpu_millis: h.cpu_millis,
+            read_only_rootfs: h.read_only_rootfs,
+            tmpfs_tmp_mb: h.tmpfs_tmp_mb,
+            user: h.user.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSpec {
+    /// The stored form's version ([`SPEC_VERSION`]).
+    #[serde(default = "version_one")]
+    pub version: u32,
     pub image: String,
     pub network: String,
     pub agent_port: u16,
     /// Sorted, so the JSON (and hash) is stable.
     pub env: BTreeMap<String, String>,
     pub mounts: Vec<MountSpec>,
-    pub hardening: HardeningSettings,
+    #[serde(default)]
+    pub hardening: Hardening,
 }
 
 impl ContainerSpec {
+    /// Reads a stored spec: any version up to [`SPEC_VERSION`], unknown fields ignored.
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let spec: Self = serde_json::from_str(text)?;
+        if spec.version > SPEC_VERSION {
+            return Err(SpecError::TooNew(spec.version));
+        }
+        Ok(spec)
+    }
+
     /// Canonical JSON: field order is fixed by the struct, maps are sorted.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
@@ -71,6 +141,7 @@ pub fn resolve(
     env.insert("AGENT_ID".into(), agent_id.to_string());
     let path = |p: &Path| p.display().to_string();
     ContainerSpec {
+        version: SPEC_VERSION,
         image: settings.image.clone(),
         network: settings.network_name.clone(),
         agent_port: settings.agent_service_port,
@@ -101,13 +172,54 @@ pub fn resolve(
                 read_only: true,
             },
         ],
-        hardening: settings.hardening.clone(),
+        hardening: Hardening::from(&settings.hardening),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A spec as release 1 stored it (no version field, hardening as the config had it) must
+    /// stay readable, whatever the config types become.
+    #[test]
+    fn a_spec_stored_by_release_1_is_read() {
+        let text = include_str!("../../tests/fixtures/spec-v1.json");
+        let spec = ContainerSpec::from_json(text).expect("release 1 spec");
+        assert_eq!(spec.version, 1);
+        assert_eq!(spec.image, "sandboxd/agent-busybox:latest");
+        assert_eq!(spec.agent_port, 8000);
+        assert_eq!(spec.env["AGENT_ID"], "agent-1");
+        assert_eq!(spec.mounts.len(), 4);
+        assert_eq!(spec.mounts[1].kind, MountKind::Volume);
+        assert_eq!(spec.hardening.cap_add, ["NET_BIND_SERVICE"]);
+        assert_eq!(spec.hardening.pids_limit, 512);
+        // Written again, it keeps every value (now with its version).
+        let again = ContainerSpec::from_json(&spec.to_json()).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn unknown_fields_are_tolerated_and_newer_versions_refused() {
+        let text = include_str!("../../tests/fixtures/spec-v1.json");
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v["hardening"]["renamed_key"] = serde_json::json!(true);
+        v["hardening"]
+            .as_object_mut()
+            .unwrap()
+            .remove("tmpfs_tmp_mb");
+        v["future_field"] = serde_json::json!({"x": 1});
+        let spec = ContainerSpec::from_json(&v.to_string()).expect("tolerant");
+        assert_eq!(
+            spec.hardening.tmpfs_tmp_mb,
+            Hardening::default().tmpfs_tmp_mb
+        );
+        v["version"] = serde_json::json!(SPEC_VERSION + 1);
+        assert!(matches!(
+            ContainerSpec::from_json(&v.to_string()),
+            Err(SpecError::TooNew(_))
+        ));
+    }
 
     #[test]
     fn spec_has_four_mounts_and_agent_env_and_a_stable_hash() {

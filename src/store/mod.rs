@@ -500,11 +500,10 @@ impl Store {
         // the moment between start-up and this takeover.
         let outcome = if is_current {
             Some(ImportOutcome::AlreadyKnown)
-        } else if adopted_before.is_some() {
-            Some(ImportOutcome::Superseded)
-        } else if current
-            .as_ref()
-            .is_some_and(|c| c.is_live(now) && c.has_run())
+        } else if adopted_before.is_some()
+            || current
+                .as_ref()
+                .is_some_and(|c| c.is_live(now) && c.has_run())
         {
             Some(ImportOutcome::Superseded)
         } else {
