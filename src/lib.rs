@@ -4,6 +4,7 @@
 //! - [`domain`]: identifiers, phases, the frozen container spec, input validation.
 //! - [`planner`]: the pure core, `plan(desired, observed, now) -> actions`. No I/O.
 //! - [`store`]: SQLite adapter: desired state, observed status, event log.
+//! - [`runtime`]: the seam between the controller and a container backend.
 //! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`http`]: the thin axum API; writes desired state, reads status, never calls Docker.
@@ -20,5 +21,6 @@ pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod planner;
+pub mod runtime;
 pub mod store;
 pub mod telemetry;

@@ -11,19 +11,19 @@ use tracing::{info, warn};
 
 use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
-use crate::docker::{DockerRuntime, StartRequest};
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::{Action, Key, RemoveReason};
+use crate::runtime::{Runtime, StartRequest};
 use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
 
 /// Why an action did not complete; the controller retries it with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     #[error(transparent)]
-    Docker(#[from] crate::docker::DockerError),
+    Runtime(#[from] crate::runtime::RuntimeError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("host directory {path}: {reason}")]
@@ -44,7 +44,7 @@ pub enum Outcome {
 
 pub struct Executor {
     pub store: Store,
-    pub runtime: DockerRuntime,
+    pub runtime: Runtime,
     pub backoff: BackoffPolicy,
     pub volumes: Arc<VolumePolicy>,
     pub metrics: Arc<Metrics>,
@@ -214,8 +214,7 @@ impl Executor {
             let spec = parse_spec(&row)?;
             prepare_host(&spec, &self.volumes)?;
             let started = self
-                .runtime
-                .start(&StartRequest {
+                .create_and_start(&StartRequest {
                     chat_id,
                     session_id,
                     agent_id: &row.agent_id,
@@ -278,7 +277,55 @@ impl Executor {
     }
 }
 
+/// A container started (or adopted after a name conflict) for a session.
+struct Started {
+    container_id: String,
+    ip: String,
+    /// An earlier attempt had created it (and crashed before recording it).
+    adopted: bool,
+}
+
 impl Executor {
+    /// Creates and starts the session's container. A taken name means an earlier attempt
+    /// created it and crashed before recording it: a container of this instance for this
+    /// session and spec is adopted; one of ours with stale labels is removed (the next attempt
+    /// works); anyone else's is never touched. A container that fails after creation is
+    /// removed before the error is returned.
+    async fn create_and_start(&self, req: &StartRequest<'_>) -> Result<Started, ActionError> {
+        let rt = &self.runtime;
+        let (id, adopted) = match rt.create_container(req).await {
+            Ok(id) => (id, false),
+            Err(taken) if taken.name_taken() => {
+                let name = rt.container_name(req.chat_id, req.session_id);
+                let holder = rt.name_holder(&name).await?;
+                let same = holder.session_id == Some(req.session_id)
+                    && holder.spec_hash.as_deref() == Some(req.spec_hash);
+                if !holder.ours {
+                    return Err(taken.into());
+                }
+                if !same {
+                    rt.remove(&holder.container_id).await?;
+                    return Err(taken.into());
+                }
+                (holder.container_id, true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match rt.start_container(&id, &req.spec.network).await {
+            Ok(ip) => Ok(Started {
+                container_id: id,
+                ip,
+                adopted,
+            }),
+            Err(e) => {
+                if let Err(cleanup) = rt.remove(&id).await {
+                    warn!(container_id = %id, error = %cleanup, "rollback of a failed start failed; the next pass removes it");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// How the session's recorded container ended, when it stopped on its own: the row says
     /// it was running and the engine says it exited (the `die` event's exit code, or an
     /// inspect). `None` when it was removed (by hand: recreated at once) or still runs (drift).

@@ -30,10 +30,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
-use crate::docker::DockerRuntime;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::{Metrics, PhaseLabel, StateLabel};
 use crate::planner::{self, Action, Key};
+use crate::runtime::Runtime;
 use crate::store::Store;
 use backoff::BackoffPolicy;
 use executor::Executor;
@@ -222,7 +222,7 @@ impl Controller {
                     self.metrics.pass_errors_total.inc();
                     warn!(error = %e, attempt = pass_failures, "reconcile pass failed");
                     self.status.set_error(Some(e.to_string()));
-                    if matches!(e, PassError::Docker(_)) {
+                    if matches!(e, PassError::Runtime(_)) {
                         engine.connection_failed();
                     }
                     passes_not_before = Instant::now() + policy.delay(pass_failures);
@@ -250,7 +250,7 @@ impl Controller {
 
     fn executor(
         &self,
-        rt: &DockerRuntime,
+        rt: &Runtime,
         policy: BackoffPolicy,
         deaths: &Arc<deaths::RecentDeaths>,
     ) -> Executor {
@@ -275,12 +275,12 @@ impl Controller {
     #[tracing::instrument(name = "reconcile_pass", skip_all, fields(rows, containers, actions))]
     async fn pass(
         &self,
-        rt: &DockerRuntime,
+        rt: &Runtime,
         deaths: &deaths::RecentDeaths,
     ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
         let rows = self.store.all().await?;
-        let mut observed = rt.list_managed().await?;
+        let mut observed = rt.list().await?;
         // Sessions adopted from the old service: their containers carry no sandboxd labels.
         let legacy: Vec<String> = rows
             .iter()
@@ -398,5 +398,5 @@ enum PassError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
-    Docker(#[from] crate::docker::DockerError),
+    Runtime(#[from] crate::runtime::RuntimeError),
 }

@@ -17,8 +17,8 @@ use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
 use super::{takeover, ControllerStatus};
 use crate::config::Settings;
-use crate::docker::DockerRuntime;
 use crate::metrics::Metrics;
+use crate::runtime::Runtime;
 use crate::store::Store;
 
 /// The connection as the loop sees it.
@@ -28,7 +28,7 @@ pub enum Engine {
     Connecting,
     /// The last connect failed, with this error: sessions due now fail fast with it.
     Down(String),
-    Up(DockerRuntime),
+    Up(Runtime),
 }
 
 /// What the supervisor needs; built by the controller.
@@ -132,17 +132,10 @@ fn set_connected(p: &Parts, up: bool) {
     p.metrics.docker_connected.set(i64::from(up));
 }
 
-async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<DockerRuntime, String> {
-    let rt = DockerRuntime::connect(
-        &settings.docker,
-        &settings.controller.instance,
-        &settings.sandbox.network_name,
-        metrics.clone(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    rt.ensure_network().await.map_err(|e| e.to_string())?;
-    Ok(rt)
+async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Runtime, String> {
+    Runtime::connect(settings, metrics.clone())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
@@ -150,7 +143,7 @@ async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<DockerRu
 /// its first complete look (writes wait for that). Containers that failed are tried again
 /// every 30 s until none is left (the connection may stay up for days).
 async fn take_over_old_service(
-    rt: DockerRuntime,
+    rt: Runtime,
     store: Store,
     settings: Arc<Settings>,
     wake: Arc<Notify>,
@@ -192,7 +185,7 @@ async fn take_over_old_service(
 /// and 250 ms later) for whatever else the list is late with; coalesced by the `Notify`, they
 /// cost at most two cheap passes per burst of events.
 async fn watch_events(
-    rt: DockerRuntime,
+    rt: Runtime,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     deaths: Arc<RecentDeaths>,

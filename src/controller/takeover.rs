@@ -10,14 +10,14 @@ use chrono::Utc;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::docker::{DockerError, DockerRuntime, LegacyContainer};
 use crate::domain::spec;
+use crate::runtime::{LegacyContainer, Runtime, RuntimeError};
 use crate::store::{ImportOutcome, LegacyImport, RunningContainer, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -34,7 +34,7 @@ pub struct Takeover {
 /// One look at the old service's containers. A failure with one container is logged and
 /// counted, and the others are still handled.
 pub async fn run(
-    rt: &DockerRuntime,
+    rt: &Runtime,
     store: &Store,
     settings: &Settings,
 ) -> Result<Takeover, TakeoverError> {
@@ -59,7 +59,7 @@ enum Taken {
 }
 
 async fn take_over(
-    rt: &DockerRuntime,
+    rt: &Runtime,
     store: &Store,
     settings: &Settings,
     c: &LegacyContainer,

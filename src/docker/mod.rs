@@ -1,9 +1,8 @@
 //! Docker adapter (bollard): one narrow type, one method per operation we need. bollard types
-//! stay inside this module; the rest of sandboxd sees [`Observed`] containers and [`Started`].
+//! stay inside this module; the rest of sandboxd sees it through the [`crate::runtime`] seam.
 //!
-//! Every step is idempotent: a 404 on remove is success, a name conflict on create means the
-//! container for this session already exists (a crash between create and the status write) and
-//! is adopted, a 304 on start means it already runs.
+//! Every step is idempotent: a 404 on remove is success, a 304 on start means it already runs.
+//! A name conflict on create is reported (`NameTaken`); the executor decides what it means.
 
 pub mod labels;
 
@@ -26,10 +25,10 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use chrono::{DateTime, Utc};
 
 use crate::config::{DockerSettings, PullPolicy};
-use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::Observed;
+pub use crate::runtime::{EngineEvent, LegacyContainer, NameHolder, StartRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -49,6 +48,8 @@ pub enum DockerError {
     ImageMissing { image: String },
     #[error("container {container} has no IP address on network `{network}`")]
     NoEndpoint { container: String, network: String },
+    #[error("the container name {name} is taken")]
+    NameTaken { name: String },
 }
 
 impl DockerError {
@@ -72,54 +73,6 @@ fn status_of(e: &BollardError) -> Option<u16> {
         BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
-}
-
-/// A container that was started (or adopted after a name conflict) for a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Started {
-    pub container_id: String,
-    pub ip: String,
-    /// True when an existing container of this session was found and used.
-    pub adopted: bool,
-}
-
-/// A container event of this instance.
-#[derive(Debug, Clone)]
-pub struct EngineEvent {
-    /// Unix seconds.
-    pub at: i64,
-    /// `die`, `destroy`, …
-    pub action: String,
-    pub container_id: String,
-    /// The process's exit code, on `die`.
-    pub exit_code: Option<i64>,
-}
-
-/// What a start needs besides the spec.
-#[derive(Debug, Clone)]
-pub struct StartRequest<'a> {
-    pub chat_id: ChatId,
-    pub session_id: SessionId,
-    pub agent_id: &'a str,
-    pub spec: &'a ContainerSpec,
-    pub spec_hash: &'a str,
-    /// For the old service's labels only.
-    pub volume_host_path: &'a str,
-    /// For the old service's labels only (the expiry at creation).
-    pub expires_at: DateTime<Utc>,
-}
-
-/// A container the old Python service started (its six labels, no sandboxd labels).
-#[derive(Debug, Clone)]
-pub struct LegacyContainer {
-    pub container_id: String,
-    pub session: labels::LegacySession,
-    pub running: bool,
-    /// The network it joined and its address there.
-    pub network: Option<String>,
-    pub ip: Option<String>,
-    /// When Docker created it.
-    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// The container's address on the network it was created on (its `NetworkMode`, which
@@ -346,62 +299,56 @@ impl DockerRuntime {
             .collect())
     }
 
-    /// Creates, starts and inspects the session's container. A container that fails after
-    /// creation is removed before the error is returned.
-    pub async fn start(&self, req: &StartRequest<'_>) -> Result<Started, DockerError> {
-        let name = labels::container_name(&self.instance, req.chat_id, req.session_id);
-        let (id, adopted) = match self.create(&name, req).await {
-            Ok(id) => (id, false),
-            Err(e) if matches!(&e, DockerError::Api { source, .. } if status_of(source) == Some(409)) =>
-            {
-                // Created by an earlier attempt that crashed before recording it.
-                let existing = self
-                    .call(
-                        "inspect",
-                        &[],
-                        self.docker
-                            .inspect_container(&name, None::<InspectContainerOptions>),
-                    )
-                    .await
-                    .map_err(DockerError::api("inspect_container"))?;
-                let found = existing
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.labels.clone())
-                    .unwrap_or_default();
-                let mine = found.get(labels::INSTANCE).map(String::as_str)
-                    == Some(self.instance.as_str())
-                    && found.get(labels::MANAGED).map(String::as_str) == Some("true");
-                let parsed = labels::parse(&found);
-                let same_session = parsed.session_id == Some(req.session_id)
-                    && parsed.spec_hash.as_deref() == Some(req.spec_hash);
-                let id = existing.id.unwrap_or(name.clone());
-                if !mine {
-                    // Someone else's container holds our name: never touch it.
-                    return Err(e);
-                }
-                if !same_session {
-                    // Ours, but stale labels: clear it so the next attempt works.
-                    self.remove(&id).await?;
-                    return Err(e);
-                }
-                (id, true)
+    /// The session's container name: deterministic, so a start retried after a crash
+    /// collides with the container the first attempt made (`DockerError::NameTaken`).
+    pub fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
+        labels::container_name(&self.instance, chat_id, session_id)
+    }
+
+    /// Creates the session's container under its name. A name already taken is
+    /// `DockerError::NameTaken`: what to do about it is the executor's policy.
+    pub async fn create_container(&self, req: &StartRequest<'_>) -> Result<String, DockerError> {
+        let name = self.container_name(req.chat_id, req.session_id);
+        match self.create(&name, req).await {
+            Err(DockerError::Api { source, .. }) if status_of(&source) == Some(409) => {
+                Err(DockerError::NameTaken { name })
             }
-            Err(e) => return Err(e),
-        };
-        match self.start_and_locate(&id, &req.spec.network).await {
-            Ok(ip) => Ok(Started {
-                container_id: id,
-                ip,
-                adopted,
-            }),
-            Err(e) => {
-                if let Err(cleanup) = self.remove(&id).await {
-                    tracing::warn!(container_id = %id, error = %cleanup, "rollback of a failed start failed; the next pass removes it");
-                }
-                Err(e)
-            }
+            other => other,
         }
+    }
+
+    /// Who holds a container name: its id, and whether it is this instance's and for which
+    /// session and spec.
+    pub async fn name_holder(&self, name: &str) -> Result<NameHolder, DockerError> {
+        let existing = self
+            .call(
+                "inspect",
+                &[],
+                self.docker
+                    .inspect_container(name, None::<InspectContainerOptions>),
+            )
+            .await
+            .map_err(DockerError::api("inspect_container"))?;
+        let found = existing
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let ours = found.get(labels::INSTANCE).map(String::as_str) == Some(self.instance.as_str())
+            && found.get(labels::MANAGED).map(String::as_str) == Some("true");
+        let parsed = labels::parse(&found);
+        Ok(NameHolder {
+            container_id: existing.id.unwrap_or_else(|| name.to_string()),
+            ours,
+            session_id: parsed.session_id,
+            spec_hash: parsed.spec_hash,
+        })
+    }
+
+    /// Starts a created container and reads its address on `network` (the spec's network).
+    /// A 304 (already running) is success.
+    pub async fn start_container(&self, id: &str, network: &str) -> Result<String, DockerError> {
+        self.start_and_locate(id, network).await
     }
 
     async fn create(&self, name: &str, req: &StartRequest<'_>) -> Result<String, DockerError> {

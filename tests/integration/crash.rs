@@ -217,8 +217,8 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let row0 = store.get(chats[0].parse().unwrap()).await.unwrap().unwrap();
     let spec0 = serde_json::from_str(&row0.spec_json).unwrap();
     std::fs::create_dir_all(settings.sandbox.chats_root.join(&chats[0])).unwrap();
-    let started = runtime
-        .start(&StartRequest {
+    let id0 = runtime
+        .create_container(&StartRequest {
             chat_id: row0.chat_id,
             session_id: row0.session_id,
             agent_id: &row0.agent_id,
@@ -229,7 +229,8 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
         })
         .await
         .unwrap();
-    let started_at = app_docker_started_at(&started.container_id).await;
+    runtime.start_container(&id0, TEST_NETWORK).await.unwrap();
+    let started_at = app_docker_started_at(&id0).await;
     let row1 = store.get(chats[1].parse().unwrap()).await.unwrap().unwrap();
     let name1 = sandboxd::docker::labels::container_name(&instance, row1.chat_id, row1.session_id);
     let body = bollard::models::ContainerCreateBody {
@@ -271,11 +272,11 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let (_, a) = app.get(&format!("/api/v1/sandboxes/{}", chats[0])).await;
     assert_eq!(
         a["container_id"].as_str(),
-        Some(started.container_id.as_str()),
+        Some(id0.as_str()),
         "adopted, not replaced"
     );
     assert_eq!(
-        app_docker_started_at(&started.container_id).await,
+        app_docker_started_at(&id0).await,
         started_at,
         "adopted, not restarted"
     );
