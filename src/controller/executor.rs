@@ -17,7 +17,9 @@ use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::{Action, Key, RemoveReason};
 use crate::runtime::{Runtime, StartRequest};
-use crate::store::{RunningContainer, SandboxRow, Store, StoreError};
+use crate::store::{
+    EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, Store, StoreError,
+};
 
 /// Why an action did not complete; the controller retries it with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +124,13 @@ impl Executor {
                 // Record the healthy one first: a stale container that resists removal must
                 // not keep a working sandbox from being served.
                 self.store
-                    .record_running(chat_id, session_id, &running, "adopt", Utc::now())
+                    .record_running(
+                        chat_id,
+                        session_id,
+                        &running,
+                        EventAction::Adopt,
+                        Utc::now(),
+                    )
                     .await?;
                 info!(%chat_id, %session_id, %container_id, "adopted running container");
                 self.remove_all(&stale).await?;
@@ -163,16 +171,27 @@ impl Executor {
                             Key::Container(_) => "-".to_string(),
                         };
                         let action = if reason == RemoveReason::Orphan {
-                            "remove_orphan"
+                            EventAction::RemoveOrphan
                         } else {
-                            "remove_stale"
+                            EventAction::RemoveStale
                         };
                         for id in &containers {
-                            self.store
-                                .event(&chat, None, Some(id), action, "ok", None, now)
-                                .await?;
+                            let event = NewEvent {
+                                chat_id: &chat,
+                                session_id: None,
+                                container_id: Some(id),
+                                action,
+                                outcome: EventOutcome::Ok,
+                                error: None,
+                            };
+                            self.store.event(&event, now).await?;
                         }
-                        info!(?key, ?containers, action, "removed containers");
+                        info!(
+                            ?key,
+                            ?containers,
+                            action = action.as_str(),
+                            "removed containers"
+                        );
                     }
                 }
                 Ok(Outcome::Done)
@@ -229,7 +248,11 @@ impl Executor {
         .await;
         match result {
             Ok((started, port)) => {
-                let action = if started.adopted { "adopt" } else { "start" };
+                let action = if started.adopted {
+                    EventAction::Adopt
+                } else {
+                    EventAction::Start
+                };
                 let recorded = self
                     .store
                     .record_running(
@@ -261,7 +284,7 @@ impl Executor {
                     .record_failure(
                         chat_id,
                         session_id,
-                        "start",
+                        EventAction::Start,
                         &message,
                         |n| self.backoff.delay(n),
                         Utc::now(),

@@ -379,7 +379,7 @@ impl Controller {
                     .record_failure(
                         row.chat_id,
                         row.session_id,
-                        "start",
+                        crate::store::EventAction::Start,
                         &message,
                         |n| policy.delay(n),
                         now,

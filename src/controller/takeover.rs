@@ -12,7 +12,10 @@ use tracing::{info, warn};
 use crate::config::Settings;
 use crate::domain::spec;
 use crate::runtime::{LegacyContainer, Runtime, RuntimeError};
-use crate::store::{ImportOutcome, LegacyImport, RunningContainer, Store, StoreError};
+use crate::store::{
+    EventAction, EventOutcome, ImportOutcome, LegacyImport, NewEvent, RunningContainer, Store,
+    StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -85,17 +88,15 @@ async fn take_over(
         },
     };
     rt.remove(&c.container_id).await?;
-    store
-        .event(
-            &chat,
-            Some(&session),
-            Some(&c.container_id),
-            "remove_legacy",
-            "ok",
-            Some(why),
-            now,
-        )
-        .await?;
+    let event = NewEvent {
+        chat_id: &chat,
+        session_id: Some(&session),
+        container_id: Some(&c.container_id),
+        action: EventAction::RemoveLegacy,
+        outcome: EventOutcome::Ok,
+        error: Some(why),
+    };
+    store.event(&event, now).await?;
     info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");
     Ok(Some(Taken::Removed))
 }

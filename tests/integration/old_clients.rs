@@ -558,7 +558,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         .record_failure(
             chat,
             timed_out.session_id,
-            "start",
+            sandboxd::store::EventAction::Start,
             "boom",
             |_| Duration::from_secs(60),
             at(62),
@@ -575,7 +575,13 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         port: 8000,
     };
     assert!(store
-        .record_running(chat, ran.session_id, &running, "start", at(64))
+        .record_running(
+            chat,
+            ran.session_id,
+            &running,
+            sandboxd::store::EventAction::Start,
+            at(64)
+        )
         .await
         .unwrap());
     // Has run: a conflict, nothing written; still one after a later failed restart.
@@ -587,7 +593,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         .record_failure(
             chat,
             ran.session_id,
-            "start",
+            sandboxd::store::EventAction::Start,
             "crashed",
             |_| Duration::from_secs(60),
             at(66),

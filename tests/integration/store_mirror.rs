@@ -87,11 +87,22 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
                 ip: "10.0.0.2",
                 port: 8000,
             };
-            drop(store.record_running(chat, s, &running, "start", now).await);
+            drop(
+                store
+                    .record_running(chat, s, &running, sandboxd::store::EventAction::Start, now)
+                    .await,
+            );
         }
         (6, Some(s)) => drop(
             store
-                .record_failure(chat, s, "start", "boom", |_| Duration::from_secs(1), now)
+                .record_failure(
+                    chat,
+                    s,
+                    sandboxd::store::EventAction::Start,
+                    "boom",
+                    |_| Duration::from_secs(1),
+                    now,
+                )
                 .await,
         ),
         (7, Some(s)) => drop(store.record_expired(chat, s, &[], now).await),
@@ -134,10 +145,15 @@ async fn a_write_abandoned_by_its_caller_still_reaches_memory_if_it_commits() {
         .await;
         // A commit handed to its own task may still be finishing; it holds the write gate,
         // so any later write waits for it. Make one that changes nothing.
-        served
-            .event("-", None, None, "barrier", "ok", None, Utc::now())
-            .await
-            .unwrap();
+        let barrier = sandboxd::store::NewEvent {
+            chat_id: "-",
+            session_id: None,
+            container_id: None,
+            action: sandboxd::store::EventAction::RemoveOrphan,
+            outcome: sandboxd::store::EventOutcome::Ok,
+            error: Some("barrier"),
+        };
+        served.event(&barrier, Utc::now()).await.unwrap();
         assert_same(&served, &disk, &format!("round {round}")).await;
     }
 }
