@@ -27,6 +27,11 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The backend did not answer: the connection may be gone (the supervisor reconnects).
+    pub fn unavailable(&self) -> bool {
+        matches!(self, RuntimeError::Docker(e) if e.unavailable())
+    }
+
     /// The session's container name is held by another container.
     pub fn name_taken(&self) -> bool {
         matches!(self, RuntimeError::Docker(DockerError::NameTaken { .. }))
@@ -164,6 +169,14 @@ impl Runtime {
     pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>> {
         match self {
             Runtime::Docker(d) => Ok(d.exit_state(id).await?),
+        }
+    }
+
+    /// Names of images that appeared on the engine (an accelerator for missing-image retries).
+    pub fn image_events(&self) -> impl Stream<Item = Result<String>> + Send + 'static {
+        use futures::StreamExt;
+        match self {
+            Runtime::Docker(d) => d.image_events().map(|r| r.map_err(RuntimeError::from)),
         }
     }
 

@@ -11,11 +11,12 @@ use tracing::{info, warn};
 
 use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
+use super::observed::ObservedCache;
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
-use crate::planner::{Action, Key, RemoveReason};
+use crate::planner::{Action, Key, Observed, RemoveReason};
 use crate::runtime::{Runtime, StartRequest};
 use crate::store::{
     EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, Store, StoreError,
@@ -52,6 +53,10 @@ pub struct Executor {
     pub metrics: Arc<Metrics>,
     /// Deaths the engine reported, with exit codes: tells a crash from a removal or drift.
     pub deaths: Arc<RecentDeaths>,
+    /// The loop's copy of the engine: what this action changes is written into it.
+    pub observed: Arc<ObservedCache>,
+    /// Tells the supervisor the engine stopped answering (it reconnects).
+    pub connection_failed: Arc<tokio::sync::Notify>,
 }
 
 /// A session's container that stopped on its own.
@@ -73,6 +78,9 @@ impl Executor {
             }
         );
         let result = self.run_inner(action).await;
+        if let Err(ActionError::Runtime(e)) = &result {
+            self.engine_unanswered(e);
+        }
         let outcome = match &result {
             Ok(Outcome::Done) => "ok",
             Ok(Outcome::StartFailed { .. }) => "error",
@@ -201,8 +209,13 @@ impl Executor {
 
     async fn remove_all(&self, ids: &[String]) -> Result<(), ActionError> {
         for id in ids {
-            self.runtime.remove(id).await?;
+            if let Err(e) = self.runtime.remove(id).await {
+                // Unknown state now: the next pass lists.
+                self.observed.invalidate();
+                return Err(e.into());
+            }
         }
+        self.observed.removed(ids);
         Ok(())
     }
 
@@ -248,6 +261,15 @@ impl Executor {
         .await;
         match result {
             Ok((started, port)) => {
+                self.observed.started(Observed {
+                    container_id: started.container_id.clone(),
+                    chat_id: Some(chat_id),
+                    session_id: Some(session_id),
+                    spec_hash: Some(row.spec_hash.clone()),
+                    running: true,
+                    ip: Some(started.ip.clone()),
+                    legacy: false,
+                });
                 let action = if started.adopted {
                     EventAction::Adopt
                 } else {
@@ -278,6 +300,9 @@ impl Executor {
                 Ok(Outcome::Done)
             }
             Err(e) => {
+                if let ActionError::Runtime(e) = &e {
+                    self.engine_unanswered(e);
+                }
                 let message = e.to_string();
                 let attempts = self
                     .store
@@ -327,7 +352,8 @@ impl Executor {
                     return Err(taken.into());
                 }
                 if !same {
-                    rt.remove(&holder.container_id).await?;
+                    self.remove_all(std::slice::from_ref(&holder.container_id))
+                        .await?;
                     return Err(taken.into());
                 }
                 (holder.container_id, true)
@@ -346,6 +372,15 @@ impl Executor {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    /// After a failed call: if the engine did not answer at all, what the loop knows of it is
+    /// doubtful (it lists again) and the connection may be gone (the supervisor reconnects).
+    fn engine_unanswered(&self, e: &crate::runtime::RuntimeError) {
+        if e.unavailable() {
+            self.observed.invalidate();
+            self.connection_failed.notify_one();
         }
     }
 

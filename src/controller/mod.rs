@@ -14,6 +14,8 @@
 pub mod backoff;
 mod deaths;
 mod executor;
+mod images;
+mod observed;
 mod runner;
 mod scheduler;
 mod supervisor;
@@ -37,6 +39,7 @@ use crate::runtime::Runtime;
 use crate::store::Store;
 use backoff::BackoffPolicy;
 use executor::Executor;
+use observed::ObservedCache;
 use runner::{Offer, Runner};
 use scheduler::{Reason, Scheduler, Target};
 use supervisor::{Engine, Supervisor};
@@ -143,7 +146,13 @@ impl Controller {
         let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
         let policy = self.backoff();
         let deaths = Arc::new(deaths::RecentDeaths::default());
-        let mut engine = Supervisor::spawn(self.supervisor_parts(&deaths), shutdown.clone());
+        let observed = Arc::new(ObservedCache::default());
+        let images = Arc::new(images::AppearedImages::default());
+        let engine_changed = Arc::new(Notify::new());
+        let mut engine = Supervisor::spawn(
+            self.supervisor_parts(&deaths, &engine_changed, &images),
+            shutdown.clone(),
+        );
         let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);
         let mut scheduler = Scheduler::default();
         let mut upkeep = Upkeep::new(resync);
@@ -161,6 +170,9 @@ impl Controller {
                 _ = shutdown.changed() => break,
                 _ = self.wake.notified() => {
                     scheduler.schedule(Target::All, Instant::now(), Reason::Changed);
+                }
+                _ = engine_changed.notified() => {
+                    scheduler.schedule(Target::All, Instant::now(), Reason::EngineChanged);
                 }
                 Ok(()) = engine.state.changed() => {
                     scheduler.schedule(Target::All, Instant::now(), Reason::Connected);
@@ -197,7 +209,8 @@ impl Controller {
                     continue;
                 }
             };
-            match self.pass(&rt, &deaths).await {
+            let list = due.iter().any(|(_, why)| why.needs_list());
+            match self.pass(&rt, &deaths, &observed, &images, list).await {
                 Ok(plan) => {
                     pass_failures = 0;
                     self.passed();
@@ -210,9 +223,11 @@ impl Controller {
                     runner.retain_holds(&planned);
                     for action in plan.actions {
                         let key = action.key();
-                        if let Offer::Held(at) =
-                            runner.offer(action, self.executor(&rt, policy, &deaths), now)
-                        {
+                        if let Offer::Held(at) = runner.offer(
+                            action,
+                            self.executor(&rt, policy, &deaths, &observed, &engine),
+                            now,
+                        ) {
                             scheduler.schedule(Target::Key(key), at, Reason::Retry);
                         }
                     }
@@ -236,14 +251,20 @@ impl Controller {
         runner.drain(Duration::from_secs(10)).await;
     }
 
-    fn supervisor_parts(&self, deaths: &Arc<deaths::RecentDeaths>) -> supervisor::Parts {
+    fn supervisor_parts(
+        &self,
+        deaths: &Arc<deaths::RecentDeaths>,
+        engine_changed: &Arc<Notify>,
+        images: &Arc<images::AppearedImages>,
+    ) -> supervisor::Parts {
         supervisor::Parts {
             settings: self.settings.clone(),
             store: self.store.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
-            wake: self.wake.clone(),
+            engine_changed: engine_changed.clone(),
             deaths: deaths.clone(),
+            images: images.clone(),
             backoff: self.backoff(),
         }
     }
@@ -253,6 +274,8 @@ impl Controller {
         rt: &Runtime,
         policy: BackoffPolicy,
         deaths: &Arc<deaths::RecentDeaths>,
+        observed: &Arc<ObservedCache>,
+        engine: &Supervisor,
     ) -> Executor {
         Executor {
             store: self.store.clone(),
@@ -261,6 +284,8 @@ impl Controller {
             volumes: self.volumes.clone(),
             metrics: self.metrics.clone(),
             deaths: deaths.clone(),
+            observed: observed.clone(),
+            connection_failed: engine.failure_signal(),
         }
     }
 
@@ -273,23 +298,48 @@ impl Controller {
     }
 
     #[tracing::instrument(name = "reconcile_pass", skip_all, fields(rows, containers, actions))]
+    /// One pass: every row, every container (listed when `list` or when the copy is not
+    /// valid, else from `cache`), the plan.
     async fn pass(
         &self,
         rt: &Runtime,
         deaths: &deaths::RecentDeaths,
+        cache: &ObservedCache,
+        images: &images::AppearedImages,
+        list: bool,
     ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
         let rows = self.store.all().await?;
-        let mut observed = rt.list().await?;
-        // Sessions adopted from the old service: their containers carry no sandboxd labels.
-        let legacy: Vec<String> = rows
-            .iter()
-            .filter(|r| r.phase != crate::domain::Phase::Expired)
-            .filter_map(|r| r.legacy_container_id.clone())
-            .collect();
-        observed.extend(rt.observe_legacy(&legacy).await?);
+        let cached = if list { None } else { cache.snapshot() };
+        let mut observed = match cached {
+            Some(observed) => observed,
+            None => {
+                cache.listing();
+                let mut listed = rt.list().await?;
+                // Sessions adopted from the old service: their containers carry no sandboxd
+                // labels, so they are watched by id.
+                let legacy: Vec<String> = rows
+                    .iter()
+                    .filter(|r| r.phase != crate::domain::Phase::Expired)
+                    .filter_map(|r| r.legacy_container_id.clone())
+                    .collect();
+                listed.extend(rt.observe_legacy(&legacy).await?);
+                cache.replace(&listed);
+                listed
+            }
+        };
         deaths.apply(&mut observed, Instant::now());
-        let desired: Vec<_> = rows.iter().map(|r| r.desired()).collect();
+        let desired: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let mut d = r.desired();
+                // Its missing image has appeared: no need to wait out the backoff.
+                if images.unblocks(r) {
+                    d.next_attempt_at = None;
+                }
+                d
+            })
+            .collect();
         let plan = planner::plan(&desired, &observed, Utc::now());
         self.record_world(&rows, &observed, started.elapsed());
         let span = tracing::Span::current();

@@ -27,8 +27,10 @@ pub enum Reason {
     Connected,
     /// The periodic resync (`sandbox.cleanup_interval_seconds`).
     Resync,
-    /// A desired-state write or an engine event.
+    /// A desired-state write (sandboxd's own change: the engine is as last seen).
     Changed,
+    /// An engine event, or the old service's containers taken over: the engine changed.
+    EngineChanged,
     /// The plan's next deadline: an expiry or a `next_attempt_at`.
     Deadline,
     /// An action finished and left something to look at again (it failed, or a pass wanted
@@ -41,11 +43,21 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Whether the engine may have changed in ways sandboxd did not make: the pass lists
+    /// every container instead of planning from its copy (`observed.rs`).
+    pub fn needs_list(self) -> bool {
+        matches!(
+            self,
+            Reason::Connected | Reason::Resync | Reason::EngineChanged | Reason::PassFailed
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Connected => "connected",
             Reason::Resync => "resync",
             Reason::Changed => "changed",
+            Reason::EngineChanged => "engine_changed",
             Reason::Deadline => "deadline",
             Reason::ActionDone => "action_done",
             Reason::Retry => "retry",

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
+use super::images::AppearedImages;
 use super::{takeover, ControllerStatus};
 use crate::config::Settings;
 use crate::metrics::Metrics;
@@ -37,9 +38,11 @@ pub struct Parts {
     pub store: Store,
     pub status: Arc<ControllerStatus>,
     pub metrics: Arc<Metrics>,
-    /// Engine events wake the loop through it.
-    pub wake: Arc<Notify>,
+    /// Engine events (and the takeover) say "the engine changed" through it.
+    pub engine_changed: Arc<Notify>,
     pub deaths: Arc<RecentDeaths>,
+    /// Images the engine reports appearing (`images.rs`).
+    pub images: Arc<AppearedImages>,
     pub backoff: BackoffPolicy,
 }
 
@@ -65,6 +68,11 @@ impl Supervisor {
     pub fn connection_failed(&self) {
         self.failed.notify_one();
     }
+
+    /// The same signal, for actions running on their own tasks.
+    pub fn failure_signal(&self) -> Arc<Notify> {
+        self.failed.clone()
+    }
 }
 
 async fn supervise(
@@ -87,16 +95,21 @@ async fn supervise(
                 p.status.set_error(None);
                 let events = tokio::spawn(watch_events(
                     rt.clone(),
-                    p.wake.clone(),
+                    p.engine_changed.clone(),
                     p.metrics.clone(),
                     p.deaths.clone(),
+                ));
+                let images = tokio::spawn(watch_images(
+                    rt.clone(),
+                    p.engine_changed.clone(),
+                    p.images.clone(),
                 ));
                 if p.settings.controller.take_over_old_service {
                     takeover = Some(tokio::spawn(take_over_old_service(
                         rt.clone(),
                         p.store.clone(),
                         p.settings.clone(),
-                        p.wake.clone(),
+                        p.engine_changed.clone(),
                         p.status.clone(),
                     )));
                 }
@@ -106,6 +119,7 @@ async fn supervise(
                     _ = shutdown.changed() => {}
                 }
                 events.abort();
+                images.abort();
                 if let Some(t) = takeover.take() {
                     t.abort();
                 }
@@ -173,6 +187,30 @@ async fn take_over_old_service(
             return;
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+/// Notes images as they appear and wakes the loop (`images.rs`); reconnects with a delay
+/// when the stream ends.
+async fn watch_images(rt: Runtime, wake: Arc<Notify>, images: Arc<AppearedImages>) {
+    let reconnect = BackoffPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let mut failures = 0u32;
+    loop {
+        let mut stream = Box::pin(rt.image_events());
+        let opened = Instant::now();
+        while let Some(Ok(name)) = stream.next().await {
+            images.record(name, Utc::now());
+            wake.notify_one();
+        }
+        failures = if opened.elapsed() > Duration::from_secs(5) {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
+        tokio::time::sleep(reconnect.delay(failures)).await;
     }
 }
 

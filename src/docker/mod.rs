@@ -50,11 +50,32 @@ pub enum DockerError {
     NoEndpoint { container: String, network: String },
     #[error("the container name {name} is taken")]
     NameTaken { name: String },
+    /// The engine did not answer (transport failure, timeout): not an answer about the call.
+    #[error("docker engine unavailable: {op} failed: {source}")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: BollardError,
+    },
 }
 
 impl DockerError {
+    /// An answer from the engine is `Api`; no answer at all is `Unavailable`.
     fn api(op: &'static str) -> impl FnOnce(BollardError) -> DockerError {
-        move |source| DockerError::Api { op, source }
+        move |source| match source {
+            BollardError::DockerResponseServerError { .. }
+            | BollardError::JsonDataError { .. }
+            | BollardError::JsonSerdeError { .. } => DockerError::Api { op, source },
+            other => DockerError::Unavailable { op, source: other },
+        }
+    }
+
+    /// The engine did not answer: the connection may be gone.
+    pub fn unavailable(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Unavailable { .. } | DockerError::Connect { .. }
+        )
     }
 }
 
@@ -442,7 +463,9 @@ impl DockerRuntime {
             })
     }
 
-    fn create_body(&self, req: &StartRequest<'_>) -> ContainerCreateBody {
+    /// The exact container body sandboxd sends for a session (public for the bench, whose
+    /// raw baseline creates the very same container).
+    pub fn create_body(&self, req: &StartRequest<'_>) -> ContainerCreateBody {
         let spec = req.spec;
         let h = &spec.hardening;
         let mounts = spec
@@ -549,6 +572,31 @@ impl DockerRuntime {
             // 409 "removal already in progress": the container still exists; retried later.
             Err(e) => Err(DockerError::api("remove_container")(e)),
         }
+    }
+
+    /// Names of images that appeared (tagged, pulled, loaded, imported), as they happen. Ends
+    /// on error; the caller reconnects. Only an accelerator: a start that failed for a missing
+    /// image is retried at once instead of at its backoff.
+    pub fn image_events(&self) -> impl Stream<Item = Result<String, DockerError>> + Send + 'static {
+        let filters = HashMap::from([
+            ("type", vec!["image".to_string()]),
+            (
+                "event",
+                ["tag", "pull", "load", "import"].map(String::from).to_vec(),
+            ),
+        ]);
+        let options = EventsOptionsBuilder::new().filters(&filters).build();
+        self.docker.events(Some(options)).map(|r| {
+            r.map(|e| {
+                let actor = e.actor.unwrap_or_default();
+                actor
+                    .attributes
+                    .and_then(|mut a| a.remove("name"))
+                    .or(actor.id)
+                    .unwrap_or_default()
+            })
+            .map_err(DockerError::api("events"))
+        })
     }
 
     /// Container events of this instance that may need an answer, as a stream of wake-ups. Ends on error; the caller

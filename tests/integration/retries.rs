@@ -174,3 +174,32 @@ async fn a_crash_looping_sandbox_is_restarted_at_growing_intervals() {
         .await;
     assert!(exits >= 3, "{exits} exits recorded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_used_as_soon_as_it_appears() {
+    let image = format!("sandboxd/appears-{}:1", unique_instance());
+    let app = TestApp::spawn_with(|s| {
+        s.sandbox.image = image.clone();
+        s.sandbox.cleanup_interval_seconds = 60;
+        // The first retry would come after 30 s and the resync after 60 s: only the engine's
+        // report that the image appeared can start it sooner.
+        s.controller.backoff_initial_ms = 30_000;
+        s.controller.backoff_max_seconds = 60;
+    })
+    .await;
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "a", &app.volume("i")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let _image = TaggedImage::tag(&app.docker, &image).await;
+    let appeared = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "running once the image appeared",
+        || async {
+            let (_, v) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+            (v["phase"] == "running").then_some(())
+        },
+    )
+    .await;
+    eprintln!("running {:?} after the image appeared", appeared.elapsed());
+}
