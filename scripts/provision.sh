@@ -27,16 +27,29 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
-if ! docker info >/dev/null 2>&1; then
+engine_answers() { timeout 20 docker info >/dev/null 2>&1; }
+
+# An engine that is running but no longer answers (seen once here: dockerd 20.10 deadlocked in
+# libnetwork under a benchmark's burst of removals) is stopped, so a fresh one can start.
+if ! engine_answers && [ -f /var/run/docker.pid ] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+  pid="$(cat /var/run/docker.pid)"
+  log "dockerd ($pid) does not answer; restarting it"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  sleep 1
+fi
+
+if ! engine_answers; then
   log "no Docker engine answers; starting dockerd (registry traffic goes to a closed loopback port)"
   # Anything that tries to pull is sent to 127.0.0.1:9, where nothing listens.
   HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
     nohup dockerd >"$DOCKERD_LOG" 2>&1 &
   for _ in $(seq 1 60); do
-    docker info >/dev/null 2>&1 && break
+    engine_answers && break
     sleep 0.5
   done
-  docker info >/dev/null 2>&1 || { log "dockerd did not come up; see $DOCKERD_LOG"; tail -n 30 "$DOCKERD_LOG" >&2; exit 1; }
+  engine_answers || { log "dockerd did not come up; see $DOCKERD_LOG"; tail -n 30 "$DOCKERD_LOG" >&2; exit 1; }
 fi
 
 if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
