@@ -193,24 +193,50 @@ async fn take_over_old_service(
 /// Notes images as they appear and wakes the loop (`images.rs`); reconnects with a delay
 /// when the stream ends.
 async fn watch_images(rt: Runtime, wake: Arc<Notify>, images: Arc<AppearedImages>) {
-    let reconnect = BackoffPolicy {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(10),
-    };
-    let mut failures = 0u32;
+    let mut reconnects = Reconnects::default();
     loop {
         let mut stream = Box::pin(rt.image_events());
         let opened = Instant::now();
+        let mut received = false;
         while let Some(Ok(name)) = stream.next().await {
+            received = true;
             images.record(name, Utc::now());
             wake.notify_one();
         }
-        failures = if opened.elapsed() > Duration::from_secs(5) {
+        tokio::time::sleep(reconnects.after(received, opened)).await;
+    }
+}
+
+/// Pacing of an event stream's reconnects: they back off while the engine is away (no hot
+/// loop), and start over once a stream delivered or lived a while (it ended normally, at the
+/// request timeout).
+struct Reconnects {
+    policy: BackoffPolicy,
+    failures: u32,
+}
+
+impl Default for Reconnects {
+    fn default() -> Self {
+        Self {
+            policy: BackoffPolicy {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(10),
+            },
+            failures: 0,
+        }
+    }
+}
+
+impl Reconnects {
+    /// The wait before reconnecting a stream opened at `opened`.
+    fn after(&mut self, received: bool, opened: Instant) -> Duration {
+        let healthy = received || opened.elapsed() > Duration::from_secs(5);
+        self.failures = if healthy {
             1
         } else {
-            failures.saturating_add(1)
+            self.failures.saturating_add(1)
         };
-        tokio::time::sleep(reconnect.delay(failures)).await;
+        self.policy.delay(self.failures)
     }
 }
 
@@ -230,12 +256,7 @@ async fn watch_events(
 ) {
     let followups = Arc::new(AtomicBool::new(false));
     let mut since = None;
-    // Reconnects back off while the engine is away (no hot loop), and reset once events flow.
-    let reconnect = BackoffPolicy {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(10),
-    };
-    let mut failures = 0u32;
+    let mut reconnects = Reconnects::default();
     loop {
         // The request times out with the client's timeout; `since` replays the gap.
         let mut events = Box::pin(rt.events(since));
@@ -270,13 +291,6 @@ async fn watch_events(
         }
         metrics.events_connected.set(0);
         since = Some(since.unwrap_or_else(|| Utc::now().timestamp()));
-        // A stream that delivered or lived a while ended normally (the request timeout).
-        let healthy = received || opened.elapsed() > Duration::from_secs(5);
-        failures = if healthy {
-            1
-        } else {
-            failures.saturating_add(1)
-        };
-        tokio::time::sleep(reconnect.delay(failures)).await;
+        tokio::time::sleep(reconnects.after(received, opened)).await;
     }
 }

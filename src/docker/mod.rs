@@ -342,12 +342,7 @@ impl DockerRuntime {
     /// session and spec.
     pub async fn name_holder(&self, name: &str) -> Result<NameHolder, DockerError> {
         let existing = self
-            .call(
-                "inspect",
-                &[],
-                self.docker
-                    .inspect_container(name, None::<InspectContainerOptions>),
-            )
+            .inspect(name, &[])
             .await
             .map_err(DockerError::api("inspect_container"))?;
         let found = existing
@@ -443,12 +438,7 @@ impl DockerRuntime {
             Err(e) => return Err(DockerError::api("start_container")(e)),
         }
         let inspect = self
-            .call(
-                "inspect",
-                &[],
-                self.docker
-                    .inspect_container(id, None::<InspectContainerOptions>),
-            )
+            .inspect(id, &[])
             .await
             .map_err(DockerError::api("inspect_container"))?;
         inspect
@@ -525,18 +515,25 @@ impl DockerRuntime {
         }
     }
 
+    /// Inspects a container (by id or name); `benign` statuses count as success in metrics.
+    async fn inspect(
+        &self,
+        id: &str,
+        benign: &[u16],
+    ) -> Result<bollard::models::ContainerInspectResponse, BollardError> {
+        let options = None::<InspectContainerOptions>;
+        self.call(
+            "inspect",
+            benign,
+            self.docker.inspect_container(id, options),
+        )
+        .await
+    }
+
     /// How a container ended: its exit code and when it finished; `None` while it runs or
     /// when it is gone.
     pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>, DockerError> {
-        let inspect = match self
-            .call(
-                "inspect",
-                &[404],
-                self.docker
-                    .inspect_container(id, None::<InspectContainerOptions>),
-            )
-            .await
-        {
+        let inspect = match self.inspect(id, &[404]).await {
             Ok(i) => i,
             Err(e) if status_of(&e) == Some(404) => return Ok(None),
             Err(e) => return Err(DockerError::api("inspect_container")(e)),

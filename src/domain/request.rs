@@ -16,8 +16,6 @@ pub enum InvalidInput {
     AgentIdMalformed,
     #[error("invalid volume_host_path: {0}")]
     Volume(&'static str),
-    #[error("invalid ttl_seconds: must be between 1 and {0}")]
-    Ttl(u64),
 }
 
 pub fn parse_chat_id(raw: &str) -> Result<ChatId, InvalidInput> {
@@ -33,15 +31,6 @@ pub fn validate_agent_id(raw: &str) -> Result<&str, InvalidInput> {
         return Err(InvalidInput::AgentIdMalformed);
     }
     Ok(raw)
-}
-
-/// A client-chosen TTL, bounded so a typo cannot pin a sandbox for years.
-pub fn validate_ttl(ttl: u64, max: u64) -> Result<u64, InvalidInput> {
-    if ttl == 0 || ttl > max {
-        Err(InvalidInput::Ttl(max))
-    } else {
-        Ok(ttl)
-    }
 }
 
 #[cfg(test)]

@@ -112,16 +112,16 @@ pub struct CreateRequest {
     pub volume_host_path: String,
 }
 
-/// Checks agent and volume into the session they ask for, recording each problem under its
-/// field. Nothing is written here.
+/// Checks agent and volume into the session they ask for, adding each problem under its
+/// field to those the body already had; a 422 with all of them if any. Nothing is written.
 pub(super) fn new_session(
     state: &AppState,
     chat_id: Option<ChatId>,
     agent_id: Option<&str>,
     volume_host_path: Option<&str>,
     ttl_seconds: u64,
-    problems: &mut Problems,
-) -> Option<NewSession> {
+    mut problems: Problems,
+) -> Result<NewSession, ApiError> {
     let agent_id = agent_id.and_then(|raw| {
         validate_agent_id(raw)
             .map_err(|e| problems.value_error(Source::Body, "agent_id", json!(raw), &e))
@@ -134,9 +134,16 @@ pub(super) fn new_session(
             .map_err(|e| problems.value_error(Source::Body, "volume_host_path", json!(raw), &e))
             .ok()
     });
-    let (chat_id, agent_id, volume) = (chat_id?, agent_id?, volume?);
+    problems.finish()?;
+    // Without a problem every field is there.
+    let (Some(chat_id), Some(agent_id), Some(volume)) = (chat_id, agent_id, volume) else {
+        return Err(ApiError::BadRequest {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            detail: "invalid request".into(),
+        });
+    };
     let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume);
-    Some(NewSession {
+    Ok(NewSession {
         chat_id,
         agent_id: agent_id.to_string(),
         volume_host_path: volume.display().to_string(),
@@ -160,26 +167,14 @@ fn read_create(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<NewSession, ApiError> {
-    let obj = input::object(input::json_body(headers, body, false)?.unwrap_or_default())?;
+    let obj = input::json_object(headers, body)?;
     let mut f = Fields::new(&obj);
     let chat_id = f.uuid("chat_id");
     let agent_id = f.string("agent_id");
     let volume = f.string("volume_host_path");
     f.forbid_others(&["chat_id", "agent_id", "volume_host_path"]);
-    let mut problems = f.problems;
-    let new = new_session(
-        state,
-        chat_id,
-        agent_id,
-        volume,
-        state.settings.sandbox.ttl_seconds,
-        &mut problems,
-    );
-    problems.finish()?;
-    new.ok_or_else(|| ApiError::BadRequest {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        detail: "invalid request".into(),
-    })
+    let ttl = state.settings.sandbox.ttl_seconds;
+    new_session(state, chat_id, agent_id, volume, ttl, f.problems)
 }
 
 /// The old contract: reuse the live session when agent and volume match, else start one.

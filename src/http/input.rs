@@ -189,6 +189,11 @@ pub fn json_body(
         })
 }
 
+/// A required JSON body that must be an object (create, PUT).
+pub fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    object(json_body(headers, body, false)?.unwrap_or_default())
+}
+
 /// A JSON object body, or the 422 an array / scalar gets.
 pub fn object(value: Value) -> Result<Map<String, Value>, ApiError> {
     match value {

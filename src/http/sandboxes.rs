@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -74,23 +74,17 @@ fn read_apply(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<crate::store::NewSession, ApiError> {
-    let obj = input::object(input::json_body(headers, body, false)?.unwrap_or_default())?;
+    let obj = input::json_object(headers, body)?;
     let mut f = Fields::new(&obj);
     let agent_id = f.string("agent_id");
     let volume = f.string("volume_host_path");
     let ttl = f.optional_int("ttl_seconds", 1, MAX_TTL_SECONDS);
     f.forbid_others(&["agent_id", "volume_host_path", "ttl_seconds"]);
-    let mut problems = f.problems;
     let ttl = ttl
         .ok()
         .flatten()
         .unwrap_or(state.settings.sandbox.ttl_seconds);
-    let new = new_session(state, Some(chat_id), agent_id, volume, ttl, &mut problems);
-    problems.finish()?;
-    new.ok_or_else(|| ApiError::BadRequest {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        detail: "invalid request".into(),
-    })
+    new_session(state, Some(chat_id), agent_id, volume, ttl, f.problems)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

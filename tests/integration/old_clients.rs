@@ -45,17 +45,6 @@ fn exactly(want: Value) -> Check {
     })
 }
 
-const SESSION_KEYS: [&str; 8] = [
-    "session_id",
-    "chat_id",
-    "agent_id",
-    "volume_host_path",
-    "container_id",
-    "endpoint",
-    "status",
-    "expires_at",
-];
-
 fn session_shape(chat: String) -> Check {
     Box::new(move |v: &Value| {
         let keys: Vec<&str> = v

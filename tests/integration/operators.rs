@@ -282,16 +282,7 @@ async fn the_served_openapi_document_matches_the_checked_in_copy() {
         );
     }
     let create = &served["components"]["schemas"]["SessionResponse"]["required"];
-    for field in [
-        "session_id",
-        "chat_id",
-        "agent_id",
-        "volume_host_path",
-        "container_id",
-        "endpoint",
-        "status",
-        "expires_at",
-    ] {
+    for field in SESSION_KEYS {
         assert!(
             create.as_array().unwrap().iter().any(|f| f == field),
             "{field}"

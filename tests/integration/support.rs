@@ -57,6 +57,18 @@ pub async fn docker() -> Docker {
         .expect("a Docker engine must answer (scripts/test.sh starts one)")
 }
 
+/// The keys of the old service's session body (`POST /api/v1/create`).
+pub const SESSION_KEYS: [&str; 8] = [
+    "session_id",
+    "chat_id",
+    "agent_id",
+    "volume_host_path",
+    "container_id",
+    "endpoint",
+    "status",
+    "expires_at",
+];
+
 /// An error body's `detail` as text: a string as it is, the old server's validation list as
 /// `loc msg (type)` entries joined by `; `.
 pub fn detail_text(body: &Value) -> String {
