@@ -372,8 +372,23 @@ where
     }
 }
 
-/// Opens a TCP connection and sends a GET; true when the agent answers HTTP.
+/// True when the agent answers HTTP within 10 s. A container is running before its process
+/// listens: under a loaded engine the first tries may be refused.
 pub async fn agent_answers(ip: &str, port: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if agent_answers_once(ip, port).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Opens a TCP connection and sends a GET; true when the agent answers HTTP.
+async fn agent_answers_once(ip: &str, port: u64) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(Ok(mut s)) = tokio::time::timeout(
         Duration::from_secs(2),
