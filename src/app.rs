@@ -15,6 +15,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Settings;
 use crate::controller::{Controller, ControllerStatus};
+use crate::dataplane::watch::WatchFeed;
+use crate::dataplane::DataPlane;
 use crate::domain::volume::VolumePolicy;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -23,6 +25,8 @@ use crate::store::Store;
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Turned true to stop the controller, the server and the watch feed.
+    stop: (watch::Sender<bool>, watch::Receiver<bool>),
     /// Held while serving: see `lock_database`.
     db_lock: std::fs::File,
 }
@@ -191,9 +195,20 @@ impl Application {
         let status = Arc::new(ControllerStatus::new(
             settings.controller.take_over_old_service,
         ));
+        let stop = watch::channel(false);
+        let settings = Arc::new(settings);
+        let feed = WatchFeed::start(
+            store.clone(),
+            settings.data_plane.watch_buffer_events,
+            stop.1.clone(),
+        )
+        .await
+        .context("starting the watch feed")?;
         let state = AppState {
+            data_plane: DataPlane::new(store.clone(), settings.clone()),
+            watch: feed,
             store,
-            settings: Arc::new(settings),
+            settings,
             volumes,
             wake: Arc::new(Notify::new()),
             controller: status,
@@ -202,6 +217,7 @@ impl Application {
         Ok(Self {
             listener,
             state,
+            stop,
             db_lock,
         })
     }
@@ -221,7 +237,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let _db_lock = self.db_lock;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = self.stop;
         let controller = Controller {
             store: self.state.store.clone(),
             settings: self.state.settings.clone(),
@@ -234,6 +250,8 @@ impl Application {
         let mut http_stop = stop_rx;
         let app = http::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "sandboxd listening");
+        // The peer address is recorded in the audit log of data-plane calls.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
             let _ = http_stop.wait_for(|v| *v).await;
         });

@@ -7,7 +7,10 @@
 //! - [`runtime`]: the seam between the controller and a container backend.
 //! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
-//! - [`http`]: the thin axum API; writes desired state, reads status, never calls Docker.
+//! - [`dataplane`]: exec, files and watch on running sandboxes, beside the loop: finds the
+//!   container in the store and talks to the engine (`docker::sandbox_io`).
+//! - [`http`]: the thin axum API; its desired-state routes write desired state and read
+//!   status and never call Docker; its data-plane routes call [`dataplane`].
 //! - [`metrics`]: Prometheus metrics served at `/metrics`.
 //! - [`config`]: typed settings from YAML and `APP_*` environment overrides.
 //! - [`app`]: wiring in one place; [`cli`]: the command line.
@@ -16,6 +19,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod dataplane;
 pub mod docker;
 pub mod domain;
 pub mod http;

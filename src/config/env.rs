@@ -30,6 +30,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_DOCKER_BASE_URL", "docker.base_url"),
     ("APP_DOCKER_PULL_POLICY", "docker.pull_policy"),
     ("APP_DOCKER_TIMEOUT_SECONDS", "docker.timeout_seconds"),
+    ("APP_DOCKER_BUILD_CONTEXT", "docker.build_context"),
     ("APP_SANDBOX_IMAGE", "sandbox.image"),
     ("APP_SANDBOX_NETWORK_NAME", "sandbox.network_name"),
     (
@@ -104,6 +105,7 @@ const TEXT_KEYS: &[&str] = &[
     "otel.metrics_endpoint",
     "otel.traces_endpoint",
     "docker.base_url",
+    "docker.build_context",
     "sandbox.image",
     "sandbox.network_name",
     "sandbox.chats_root",

@@ -51,6 +51,7 @@ pub struct Settings {
     pub security: SecuritySettings,
     pub database: DatabaseSettings,
     pub controller: ControllerSettings,
+    pub data_plane: DataPlaneSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +128,9 @@ pub enum PullPolicy {
     Never,
     /// Pull only when the image is not present locally.
     IfNotPresent,
+    /// Build the image from `docker.build_context` (a directory with a Dockerfile) when it
+    /// is not present locally; never contact a registry for the sandbox image itself.
+    Build,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +141,8 @@ pub struct DockerSettings {
     pub pull_policy: PullPolicy,
     /// Per-request timeout for Docker API calls.
     pub timeout_seconds: u64,
+    /// With `pull_policy: build`: the directory holding the Dockerfile (and what it copies).
+    pub build_context: Option<PathBuf>,
 }
 
 impl Default for DockerSettings {
@@ -145,6 +151,7 @@ impl Default for DockerSettings {
             base_url: "unix:///var/run/docker.sock".into(),
             pull_policy: PullPolicy::IfNotPresent,
             timeout_seconds: 60,
+            build_context: None,
         }
     }
 }
@@ -171,6 +178,11 @@ pub struct SandboxSettings {
     /// is not a protected location is accepted, and a warning is logged at start.
     pub allowed_volume_roots: Option<Vec<PathBuf>>,
     pub hardening: HardeningSettings,
+    /// Publish the agent port on `publish_host_ip` at an ephemeral host port (shown in the
+    /// declarative view as `host_port`). Off by default: the sandbox network is enough for
+    /// clients on the same host.
+    pub publish_agent_port: bool,
+    pub publish_host_ip: String,
 }
 
 /// Container hardening. The defaults are strict; loosen them here when an agent needs it.
@@ -225,6 +237,8 @@ impl Default for SandboxSettings {
             env: BTreeMap::new(),
             allowed_volume_roots: None,
             hardening: HardeningSettings::default(),
+            publish_agent_port: false,
+            publish_host_ip: "127.0.0.1".into(),
         }
     }
 }
@@ -324,6 +338,51 @@ impl Default for ControllerSettings {
             backoff_initial_ms: 500,
             backoff_max_seconds: 60,
             take_over_old_service: true,
+        }
+    }
+}
+
+/// The data plane: exec, files and watch on running sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneSettings {
+    /// Timeout of an exec that names none.
+    pub exec_default_timeout_seconds: u64,
+    /// Largest `timeout_seconds` an exec may ask for.
+    pub exec_max_timeout_seconds: u64,
+    /// Output kept per stream (stdout, stderr) of a buffered exec; the rest is read and
+    /// dropped, and the answer says `truncated`. A streamed exec stops sending there too.
+    pub exec_output_limit_bytes: usize,
+    /// Longest command (all argv bytes, or the shell string).
+    pub exec_max_command_bytes: usize,
+    /// Data-plane calls (exec, file read/write/list) in flight at once, over all sandboxes;
+    /// over it the answer is 429 with `Retry-After`.
+    pub max_concurrent: usize,
+    /// The same, per sandbox.
+    pub max_concurrent_per_sandbox: usize,
+    /// Largest file a write may carry (413 above).
+    pub file_write_limit_bytes: usize,
+    /// Largest file a read may return (413 above).
+    pub file_read_limit_bytes: u64,
+    /// Most entries a directory listing returns (the answer says `truncated`).
+    pub list_max_entries: usize,
+    /// Events a watch client may fall behind before it is cut off with a `resync` event.
+    pub watch_buffer_events: usize,
+}
+
+impl Default for DataPlaneSettings {
+    fn default() -> Self {
+        Self {
+            exec_default_timeout_seconds: 60,
+            exec_max_timeout_seconds: 3600,
+            exec_output_limit_bytes: 1024 * 1024,
+            exec_max_command_bytes: 32 * 1024,
+            max_concurrent: 64,
+            max_concurrent_per_sandbox: 8,
+            file_write_limit_bytes: 16 * 1024 * 1024,
+            file_read_limit_bytes: 64 * 1024 * 1024,
+            list_max_entries: 10_000,
+            watch_buffer_events: 1024,
         }
     }
 }

@@ -8,9 +8,65 @@ use super::{invalid, ConfigError, Settings};
 pub const MAX_CONFIG_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
 impl Settings {
+    fn validate_data_plane(&self) -> Result<(), ConfigError> {
+        let d = &self.data_plane;
+        within(
+            "data_plane.exec_max_timeout_seconds",
+            d.exec_max_timeout_seconds,
+            1,
+            24 * 3600,
+        )?;
+        within(
+            "data_plane.exec_default_timeout_seconds",
+            d.exec_default_timeout_seconds,
+            1,
+            d.exec_max_timeout_seconds,
+        )?;
+        for (key, v) in [
+            ("data_plane.exec_output_limit_bytes", d.exec_output_limit_bytes),
+            ("data_plane.exec_max_command_bytes", d.exec_max_command_bytes),
+            ("data_plane.max_concurrent", d.max_concurrent),
+            (
+                "data_plane.max_concurrent_per_sandbox",
+                d.max_concurrent_per_sandbox,
+            ),
+            ("data_plane.file_write_limit_bytes", d.file_write_limit_bytes),
+            ("data_plane.list_max_entries", d.list_max_entries),
+            ("data_plane.watch_buffer_events", d.watch_buffer_events),
+        ] {
+            positive(key, v as u64)?;
+        }
+        positive("data_plane.file_read_limit_bytes", d.file_read_limit_bytes)?;
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_data_plane()?;
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
+        if s.publish_host_ip.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                "sandbox.publish_host_ip",
+                "must be an IP address (e.g. 127.0.0.1)",
+            ));
+        }
+        if self.docker.pull_policy == super::PullPolicy::Build {
+            match &self.docker.build_context {
+                Some(dir) if dir.join("Dockerfile").is_file() => {}
+                Some(dir) => {
+                    return Err(invalid(
+                        "docker.build_context",
+                        format!("{} holds no Dockerfile", dir.display()),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        "docker.build_context",
+                        "is required with docker.pull_policy: build",
+                    ))
+                }
+            }
+        }
         non_empty("sandbox.network_name", &s.network_name)?;
         if matches!(s.network_name.as_str(), "host" | "none")
             || s.network_name.starts_with("container:")

@@ -191,6 +191,8 @@ impl Executor {
                                 action,
                                 outcome: EventOutcome::Ok,
                                 error: None,
+                                actor: None,
+                                detail: None,
                             };
                             self.store.event(&event, now).await?;
                         }

@@ -95,6 +95,8 @@ async fn take_over(
         action: EventAction::RemoveLegacy,
         outcome: EventOutcome::Ok,
         error: Some(why),
+        actor: None,
+        detail: None,
     };
     store.event(&event, now).await?;
     info!(container_id = %c.container_id, chat_id = %chat, why, "removed the old service's container");

@@ -5,6 +5,7 @@
 //! A name conflict on create is reported (`NameTaken`); the executor decides what it means.
 
 pub mod labels;
+pub mod sandbox_io;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +57,16 @@ pub enum DockerError {
         op: &'static str,
         #[source]
         source: BollardError,
+    },
+    /// The engine answered in a way the API does not describe.
+    #[error("docker {op}: {message}")]
+    Unexpected { op: &'static str, message: String },
+    /// `docker.pull_policy: build` and the build failed.
+    #[error("building image `{image}` from {context} failed: {message}")]
+    BuildFailed {
+        image: String,
+        context: String,
+        message: String,
     },
 }
 

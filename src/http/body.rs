@@ -24,8 +24,27 @@ const READ_MAX_TIME: Duration = Duration::from_secs(30);
 /// Buffer reserved up front, whatever `Content-Length` claims.
 const PREALLOCATE_MAX: usize = 64 * 1024;
 
-pub async fn read_whole(State(limit): State<usize>, request: Request, next: Next) -> Response {
+/// Body limits: `http.body_limit_bytes` for every route but a file write, which has
+/// `data_plane.file_write_limit_bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub default: usize,
+    pub file_write: usize,
+}
+
+impl Limits {
+    fn of(&self, method: &axum::http::Method, path: &str) -> (usize, &'static str) {
+        if method == axum::http::Method::PUT && path.ends_with("/files") {
+            (self.file_write, "data_plane.file_write_limit_bytes")
+        } else {
+            (self.default, "http.body_limit_bytes")
+        }
+    }
+}
+
+pub async fn read_whole(State(limits): State<Limits>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    let (limit, key) = limits.of(&parts.method, parts.uri.path());
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -34,7 +53,7 @@ pub async fn read_whole(State(limit): State<usize>, request: Request, next: Next
     let too_large = || {
         ApiError::BadRequest {
             status: StatusCode::PAYLOAD_TOO_LARGE,
-            detail: format!("request body over http.body_limit_bytes ({limit} bytes)"),
+            detail: format!("request body over {key} ({limit} bytes)"),
         }
         .into_response()
     };

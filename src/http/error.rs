@@ -35,6 +35,9 @@ pub enum ApiError {
     Timeout(String),
     #[error("internal error")]
     Internal(#[from] crate::store::StoreError),
+    /// A data-plane call failed (`dataplane.rs` maps each kind to its status).
+    #[error("{0}")]
+    DataPlane(crate::dataplane::DataPlaneError),
 }
 
 fn summary(errors: &[FieldError]) -> String {
@@ -62,6 +65,7 @@ impl IntoResponse for ApiError {
                 )
                     .into_response()
             }
+            ApiError::DataPlane(e) => return super::dataplane::respond(e),
             ApiError::BadRequest { status, .. } => *status,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,

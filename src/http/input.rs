@@ -78,6 +78,11 @@ impl Problems {
         );
     }
 
+    /// Adds another collection's problems after these.
+    pub fn extend(&mut self, other: Problems) {
+        self.0.extend(other.0);
+    }
+
     /// `Ok(())` when nothing was wrong, else the 422 with every problem.
     pub fn finish(self) -> Result<(), ApiError> {
         if self.0.is_empty() {

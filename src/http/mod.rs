@@ -5,12 +5,14 @@
 mod auth;
 mod body;
 mod compat;
+mod dataplane;
 mod error;
 mod input;
 pub mod openapi;
 mod sandboxes;
 mod views;
 mod wait;
+mod watch;
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::Settings;
 use crate::controller::ControllerStatus;
+use crate::dataplane::watch::WatchFeed;
+use crate::dataplane::DataPlane;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -41,11 +45,18 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     pub controller: Arc<ControllerStatus>,
     pub metrics: Arc<Metrics>,
+    /// Exec and files on running sandboxes (talks to the engine; only data-plane routes use it).
+    pub data_plane: DataPlane,
+    /// The change stream behind `?watch=true`.
+    pub watch: WatchFeed,
 }
 
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    let body_limit = state.settings.http.body_limit_bytes;
+    let body_limit = body::Limits {
+        default: state.settings.http.body_limit_bytes,
+        file_write: state.settings.data_plane.file_write_limit_bytes,
+    };
     let token = state.settings.security.api_token.clone();
     let state_token_required = state.settings.security.token_required;
     let header = HeaderName::from_bytes(state.settings.security.token_header.as_bytes())
@@ -65,6 +76,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/sandboxes/{chat_id}/renew", post(sandboxes::renew))
         .route("/api/v1/sandboxes/{chat_id}/events", get(sandboxes::events))
+        .route("/api/v1/sandboxes/{chat_id}/exec", post(dataplane::exec))
+        .route(
+            "/api/v1/sandboxes/{chat_id}/files",
+            get(dataplane::read_file).put(dataplane::write_file),
+        )
+        .route("/api/v1/sandboxes/{chat_id}/dir", get(dataplane::list_dir))
         .route("/api/v1/sandboxes", get(sandboxes::list))
         // The old server's words for an unknown route and a wrong method.
         .fallback(|| async {
@@ -76,7 +93,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(
             body::method_not_allowed_body,
         ))
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(body_limit.default.max(body_limit.file_write)))
         .with_state(state);
     if let Some(token) = token {
         let guard = auth::TokenGuard {

@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{compat, sandboxes, views};
+use super::{compat, dataplane, sandboxes, views};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,14 +27,19 @@ use super::{compat, sandboxes, views};
         sandboxes::list,
         sandboxes::renew,
         sandboxes::events,
+        dataplane::exec,
+        dataplane::write_file,
+        dataplane::read_file,
+        dataplane::list_dir,
     ),
-    components(schemas(views::ErrorBody)),
+    components(schemas(views::ErrorBody, crate::dataplane::watch::Change)),
     // Every route needs the token when one is configured; health says `security(())`.
     security(("api_token" = [])),
     modifiers(&TokenScheme),
     tags(
         (name = "compat", description = "The old service's contract, unchanged for its clients"),
         (name = "sandboxes", description = "Declarative desired state"),
+        (name = "data plane", description = "Exec and files on a running sandbox (these talk to the engine)"),
         (name = "operations", description = "Readiness and metrics"),
     )
 )]

@@ -17,7 +17,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ChatPath;
 use super::input::{self, Fields, Problems, QueryParams, Source};
 use super::views::{ErrorBody, SandboxView, ValidationErrorBody};
-use super::{wait, ApiError, AppState};
+use super::{wait, watch, ApiError, AppState};
+use axum::response::{IntoResponse, Response};
 use crate::domain::{ChatId, Phase};
 use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
 
@@ -155,19 +156,38 @@ pub async fn apply(
 
 /// Desired spec and observed status of one chat.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}", tag = "sandboxes",
-    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), WaitQuery),
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), WaitQuery, WatchQuery),
     responses(
-        (status = 200, description = "the sandbox", body = SandboxView),
+        (status = 200, description = "the sandbox; with `watch=true` a `text/event-stream` of its \
+            changes (`event: change`, `id` = event-log id, data = a `Change`; a final \
+            `event: resync` when the client fell behind)", body = SandboxView),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`", body = ErrorBody),
         (status = 422, description = "not a UUID, or a bad `wait`", body = ValidationErrorBody)))]
 pub async fn get_one(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Result<Json<SandboxView>, ApiError> {
+) -> Result<Response, ApiError> {
+    let params = QueryParams::parse(query.as_deref())?;
+    if watch::wanted(&params)? {
+        return watch::stream(&state, &headers, &params, Some(chat_id));
+    }
     let q = WaitQuery::read(query.as_deref())?;
-    view_after_wait(&state, chat_id, &q).await.map(Json)
+    Ok(Json(view_after_wait(&state, chat_id, &q).await?).into_response())
+}
+
+/// `?watch=true`: a Server-Sent Events stream of changes instead of one answer.
+#[allow(dead_code)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// Stream changes (SSE) instead of answering once.
+    watch: Option<bool>,
+    /// Resume after this event id (as the `Last-Event-ID` header does).
+    #[param(minimum = 0)]
+    last_event_id: Option<i64>,
 }
 
 /// List filters: read from the raw query (`input.rs`), documented by this type.
@@ -195,16 +215,21 @@ pub struct ListResponse {
 }
 
 /// Sandboxes ordered by chat id, filtered and paginated.
-#[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes", params(ListQuery),
+#[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes", params(ListQuery, WatchQuery),
     responses(
-        (status = 200, description = "one page, ordered by chat id", body = ListResponse),
+        (status = 200, description = "one page, ordered by chat id; with `watch=true` a \
+            `text/event-stream` of every sandbox's changes (see the one-sandbox route)", body = ListResponse),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 422, description = "invalid filter or cursor", body = ValidationErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
-) -> Result<Json<ListResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let params = QueryParams::parse(query.as_deref())?;
+    if watch::wanted(&params)? {
+        return watch::stream(&state, &headers, &params, None);
+    }
     let mut problems = Problems::default();
     let phase = params.get("phase").and_then(|raw| {
         raw.parse::<Phase>()
@@ -242,7 +267,8 @@ pub async fn list(
     Ok(Json(ListResponse {
         items: rows.iter().map(SandboxView::from).collect(),
         next_cursor,
-    }))
+    })
+    .into_response())
 }
 
 // Documents the input for OpenAPI; `input.rs` reads it field by field.

@@ -7,18 +7,46 @@ use super::row::{SandboxRow, StoredEvent};
 use super::{Result, Store};
 use crate::domain::{format_time, ChatId};
 
+macro_rules! event_columns {
+    () => {
+        "SELECT id, at, chat_id, session_id, container_id, action, outcome, error, phase, \
+         actor, detail FROM sandbox_events "
+    };
+}
+
 impl Store {
+    /// Events after `after_id`, oldest first (the watch stream's backfill and tail).
+    pub async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<StoredEvent>> {
+        Ok(
+            sqlx::query_as(concat!(event_columns!(), "WHERE id > ?1 ORDER BY id LIMIT ?2"))
+                .bind(after_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The newest event's id (0 for an empty log).
+    pub async fn last_event_id(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM sandbox_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// The newest events first, of one chat (by its index) or of all.
     pub async fn events(&self, chat_id: Option<ChatId>, limit: u32) -> Result<Vec<StoredEvent>> {
         let query = match chat_id {
             Some(chat) => sqlx::query_as(
-                "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
-                 FROM sandbox_events WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
+                concat!(
+                    event_columns!(),
+                    "WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2"
+                ),
             )
             .bind(chat.to_string()),
             None => sqlx::query_as(
-                "SELECT id, at, chat_id, session_id, container_id, action, outcome, error \
-                 FROM sandbox_events ORDER BY id DESC LIMIT ?1",
+                concat!(event_columns!(), "ORDER BY id DESC LIMIT ?1"),
             ),
         };
         Ok(query.bind(i64::from(limit)).fetch_all(&self.pool).await?)
@@ -30,6 +58,7 @@ impl Store {
         let (mut tx, _gate) = self.begin_write().await?;
         insert_event(&mut tx, &format_time(now), event).await?;
         tx.commit().await?;
+        self.appended.notify_one();
         Ok(())
     }
 }
@@ -49,6 +78,12 @@ pub enum EventAction {
     Exit,
     Expire,
     Purge,
+    /// A data-plane exec (audit).
+    Exec,
+    /// A data-plane file write (audit).
+    FileWrite,
+    /// The sandbox image was built (`docker.pull_policy: build`).
+    ImageBuild,
 }
 
 impl EventAction {
@@ -66,6 +101,9 @@ impl EventAction {
             EventAction::Exit => "exit",
             EventAction::Expire => "expire",
             EventAction::Purge => "purge",
+            EventAction::Exec => "exec",
+            EventAction::FileWrite => "file_write",
+            EventAction::ImageBuild => "image_build",
         }
     }
 }
@@ -81,6 +119,8 @@ pub enum EventOutcome {
     Backoff,
     /// An exit restarted at once.
     Restart,
+    /// An exec killed at its timeout.
+    Timeout,
 }
 
 impl EventOutcome {
@@ -91,6 +131,7 @@ impl EventOutcome {
             EventOutcome::Superseded => "superseded",
             EventOutcome::Backoff => "backoff",
             EventOutcome::Restart => "restart",
+            EventOutcome::Timeout => "timeout",
         }
     }
 
@@ -114,6 +155,17 @@ pub struct NewEvent<'a> {
     pub action: EventAction,
     pub outcome: EventOutcome,
     pub error: Option<&'a str>,
+    /// Who asked (data-plane calls).
+    pub actor: Option<&'a str>,
+    /// JSON about the call (data-plane calls, builds).
+    pub detail: Option<&'a str>,
+}
+
+impl EventAction {
+    /// Data-plane audit lines: not changes of a sandbox, so not in the watch stream.
+    pub fn is_audit(action: &str) -> bool {
+        action == EventAction::Exec.as_str() || action == EventAction::FileWrite.as_str()
+    }
 }
 
 /// Appends a successful event about a row's current session and container.
@@ -131,6 +183,8 @@ pub(super) async fn row_event(
         action,
         outcome: EventOutcome::Ok,
         error: None,
+        actor: None,
+        detail: None,
     };
     insert_event(tx, at, &event).await
 }
@@ -141,8 +195,9 @@ pub(super) async fn insert_event(
     e: &NewEvent<'_>,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO sandbox_events (at, chat_id, session_id, container_id, action, outcome, error) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO sandbox_events (at, chat_id, session_id, container_id, action, outcome, error, \
+         actor, detail, phase) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+         (SELECT phase FROM sandboxes WHERE chat_id = ?2))",
     )
     .bind(at)
     .bind(e.chat_id)
@@ -151,6 +206,8 @@ pub(super) async fn insert_event(
     .bind(e.action.as_str())
     .bind(e.outcome.as_str())
     .bind(e.error)
+    .bind(e.actor)
+    .bind(e.detail)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -115,6 +115,8 @@ pub struct Store {
     gate: Arc<tokio::sync::Mutex<()>>,
     /// Set by `serve_reads_from_memory`; without it reads go to SQLite (the CLI, tests).
     mirror: Option<Arc<mirror::Mirror>>,
+    /// Poked after every commit that may have appended events (the watch feed's tailer).
+    appended: Arc<tokio::sync::Notify>,
 }
 
 type WriteGate = tokio::sync::OwnedMutexGuard<()>;
@@ -180,6 +182,7 @@ impl Store {
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             gate: Arc::default(),
             mirror: None,
+            appended: Arc::default(),
         }
     }
 
@@ -229,6 +232,12 @@ impl Store {
     fn changed(&self, chat_id: Option<ChatId>) {
         // No receiver is not an error: nobody is waiting.
         let _ = self.changes.send(chat_id);
+        self.appended.notify_one();
+    }
+
+    /// Resolves after a commit that may have appended events (one waiter: the watch feed).
+    pub async fn events_appended(&self) {
+        self.appended.notified().await
     }
 
     async fn begin_write(&self) -> Result<(Transaction<'static, Sqlite>, WriteGate)> {

@@ -12,7 +12,7 @@ macro_rules! select {
             "SELECT chat_id, session_id, generation, agent_id, volume_host_path, spec_json, \
              spec_hash, created_at, updated_at, expires_at, deleted_at, phase, container_id, \
              endpoint_ip, endpoint_port, observed_generation, attempts, last_error, \
-             next_attempt_at, running_since, legacy_container_id, restarts FROM sandboxes ",
+             next_attempt_at, running_since, legacy_container_id, restarts, host_port FROM sandboxes ",
             $tail
         )
     };
@@ -52,6 +52,8 @@ pub struct SandboxRow {
     pub legacy_container_id: Option<String>,
     /// Quick exits in a row of this session's container (migration 0004): paces restarts.
     pub restarts: u32,
+    /// The agent port's published host port, when `sandbox.publish_agent_port` is on.
+    pub host_port: Option<u16>,
 }
 
 impl SandboxRow {
@@ -134,6 +136,10 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
                 "restarts",
                 u32::try_from(row.try_get::<i64, _>("restarts")?),
             )?,
+            host_port: row
+                .try_get::<Option<i64>, _>("host_port")?
+                .map(|p| decode("host_port", u16::try_from(p)))
+                .transpose()?,
         })
     }
 }
@@ -149,4 +155,11 @@ pub struct StoredEvent {
     pub action: String,
     pub outcome: String,
     pub error: Option<String>,
+    /// The chat's phase right after the event; `None` when its row is gone (or for events
+    /// about no chat).
+    pub phase: Option<String>,
+    /// Who asked, for data-plane calls (`token@address` or `anonymous@address`).
+    pub actor: Option<String>,
+    /// JSON: what a data-plane call carried (command, exit code, path, bytes), or a build log.
+    pub detail: Option<String>,
 }

@@ -361,6 +361,8 @@ async fn write_new_session(
             action: EventAction::SessionCreated,
             outcome: EventOutcome::Ok,
             error: None,
+            actor: None,
+            detail: None,
         },
     )
     .await?;

@@ -62,6 +62,8 @@ impl Store {
                 action,
                 outcome,
                 error: None,
+                actor: None,
+                detail: None,
             },
         )
         .await?;
@@ -125,6 +127,8 @@ impl Store {
                 action,
                 outcome: EventOutcome::Error,
                 error: Some(error),
+                actor: None,
+                detail: None,
             },
         )
         .await?;
@@ -190,6 +194,8 @@ impl Store {
                     EventOutcome::Restart
                 },
                 error: Some(message),
+                actor: None,
+                detail: None,
             },
         )
         .await?;
@@ -233,6 +239,8 @@ impl Store {
                 action: EventAction::Expire,
                 outcome,
                 error: None,
+                actor: None,
+                detail: None,
             },
         )
         .await?;
@@ -270,6 +278,8 @@ impl Store {
                 action: EventAction::Purge,
                 outcome,
                 error: None,
+                actor: None,
+                detail: None,
             },
         )
         .await?;

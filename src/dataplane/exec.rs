@@ -1,0 +1,295 @@
+//! Exec: runs a command in a running sandbox with a deadline. Every process the command
+//! starts inherits a per-exec marker variable; at the deadline (or when a streaming client
+//! goes away) every process carrying it is killed with SIGKILL from inside the container,
+//! so a child that detached or ignores SIGTERM dies too. Abandoning the attach stream alone
+//! would leave them running. A timed-out exec answers exit code 124, like `timeout(1)`.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::output::Capture;
+use super::{Caller, DataPlane, DataPlaneError, Result, Target};
+use crate::docker::sandbox_io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
+use crate::domain::ChatId;
+use crate::store::{EventAction, EventOutcome};
+
+/// The exit code of a command killed at its timeout.
+pub const TIMEOUT_EXIT_CODE: i64 = 124;
+/// How long the kill of a timed-out exec may take.
+const KILL_WITHIN: Duration = Duration::from_secs(10);
+/// After the kill, how long to wait for the output stream to close.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(3);
+/// Longest command text kept in the audit log.
+const AUDIT_COMMAND_BYTES: usize = 1024;
+
+/// A checked exec request.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// The argv; a string command arrives as `["sh", "-c", text]`.
+    pub argv: Vec<String>,
+    /// `NAME=value` (the marker is added here, not by the client).
+    pub env: Vec<String>,
+    /// A client path (relative to the chat mount, or absolute on a mount).
+    pub workdir: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone)]
+pub struct ExecEnd {
+    pub exit_code: i64,
+    pub timed_out: bool,
+    pub duration: Duration,
+    /// The client went away before the end (streaming): the command was killed.
+    pub abandoned: bool,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+/// A buffered exec's answer.
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub end: ExecEnd,
+    pub stdout: Capture,
+    pub stderr: Capture,
+}
+
+/// What a streamed exec sends.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Chunk(ExecChunk),
+    End(ExecEnd),
+    Failed(DataPlaneError),
+}
+
+impl DataPlane {
+    /// Runs a command to its end (or timeout), keeping output up to the configured cap.
+    pub async fn exec(
+        &self,
+        chat_id: ChatId,
+        req: ExecRequest,
+        caller: &Caller,
+    ) -> Result<ExecOutput> {
+        let (target, _slot) = self.target(chat_id).await?;
+        let limit = self.settings.data_plane.exec_output_limit_bytes;
+        let (mut stdout, mut stderr) = (Capture::new(limit), Capture::new(limit));
+        let end = self
+            .run(&target, &req, caller, |chunk| {
+                match chunk {
+                    ExecChunk::Stdout(b) => stdout.push(&b),
+                    ExecChunk::Stderr(b) => stderr.push(&b),
+                }
+                std::future::ready(true)
+            })
+            .await?;
+        Ok(ExecOutput {
+            end,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Runs a command and sends its output as it comes, then its end. A receiver that goes
+    /// away kills the command. Errors before the start are returned, not sent.
+    pub async fn exec_stream(
+        &self,
+        chat_id: ChatId,
+        req: ExecRequest,
+        caller: Caller,
+    ) -> Result<mpsc::Receiver<ExecEvent>> {
+        let (target, slot) = self.target(chat_id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let limit = this.settings.data_plane.exec_output_limit_bytes as u64;
+            let mut sent = 0u64;
+            let sink_tx = tx.clone();
+            let result = this
+                .run(&target, &req, &caller, move |chunk| {
+                    // Past the cap the output is dropped (the end still comes).
+                    let len = match &chunk {
+                        ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len() as u64,
+                    };
+                    let keep = sent < limit.saturating_mul(2);
+                    sent += len;
+                    let tx = sink_tx.clone();
+                    // A slow client slows the command (through its pipe); the deadline holds.
+                    async move {
+                        if keep {
+                            tx.send(ExecEvent::Chunk(chunk)).await.is_ok()
+                        } else {
+                            !tx.is_closed()
+                        }
+                    }
+                })
+                .await;
+            let last = match result {
+                Ok(end) => ExecEvent::End(end),
+                Err(e) => ExecEvent::Failed(e),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(rx)
+    }
+
+    /// The common core: start, feed stdin, pump output into `sink` until the stream ends or
+    /// the deadline passes; kill on timeout or when `sink` says its consumer is gone.
+    async fn run<F>(
+        &self,
+        t: &Target,
+        req: &ExecRequest,
+        caller: &Caller,
+        mut sink: impl FnMut(ExecChunk) -> F + Send,
+    ) -> Result<ExecEnd>
+    where
+        F: std::future::Future<Output = bool> + Send,
+    {
+        let workdir = t.mounts.resolve(
+            req.workdir.as_deref().unwrap_or(t.mounts.workdir()),
+            None,
+        )?;
+        let marker = format!("{EXEC_MARKER_VAR}={}", uuid::Uuid::new_v4().simple());
+        let mut env = req.env.clone();
+        env.push(marker.clone());
+        let started = Instant::now();
+        let deadline = started + req.timeout;
+        let spec = ExecSpec {
+            cmd: req.argv.clone(),
+            env,
+            workdir: workdir.absolute,
+            stdin: req.stdin.is_some(),
+        };
+        let mut exec = self
+            .io
+            .start_exec(&t.container_id, spec)
+            .await
+            .map_err(|e| DataPlaneError::engine(e, None))?;
+        if let (Some(mut input), Some(data)) = (exec.input.take(), req.stdin.clone()) {
+            tokio::spawn(async move {
+                // A command that exits without reading its stdin closes the pipe: not an error.
+                let _ = input.write_all(&data).await;
+                let _ = input.shutdown().await;
+            });
+        }
+        let (mut stdout_bytes, mut stderr_bytes) = (0u64, 0u64);
+        let mut count = |c: &ExecChunk| match c {
+            ExecChunk::Stdout(b) => stdout_bytes += b.len() as u64,
+            ExecChunk::Stderr(b) => stderr_bytes += b.len() as u64,
+        };
+        let (mut timed_out, mut abandoned) = (false, false);
+        loop {
+            tokio::select! {
+                item = exec.output.next() => match item {
+                    Some(Ok(chunk)) => {
+                        count(&chunk);
+                        match tokio::time::timeout_at(deadline, sink(chunk)).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                abandoned = true;
+                                break;
+                            }
+                            Err(_) => {
+                                timed_out = true;
+                                break;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => return Err(DataPlaneError::engine(e, None)),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        if timed_out || abandoned {
+            match self
+                .io
+                .kill_marked(&t.container_id, &marker, KILL_WITHIN)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop"),
+                Err(e) => tracing::warn!(chat_id = %t.chat_id, error = %e, "exec kill failed"),
+            }
+            // What the command wrote before it died still counts.
+            let drain = async {
+                while let Some(Ok(chunk)) = exec.output.next().await {
+                    count(&chunk);
+                    if !abandoned && !sink(chunk).await {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_AFTER_KILL, drain).await;
+        }
+        let exit_code = if timed_out || abandoned {
+            TIMEOUT_EXIT_CODE
+        } else {
+            self.exit_code(&exec.id).await?
+        };
+        let end = ExecEnd {
+            exit_code,
+            timed_out,
+            duration: started.elapsed(),
+            abandoned,
+            stdout_bytes,
+            stderr_bytes,
+        };
+        self.audit_exec(t, caller, req, &end).await;
+        Ok(end)
+    }
+
+    /// The exit code once the engine has it (it may lag the stream's end by a moment).
+    async fn exit_code(&self, exec_id: &str) -> Result<i64> {
+        for attempt in 0..100u32 {
+            match self.io.exec_exit_code(exec_id).await {
+                Ok(Some(code)) => return Ok(code),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await,
+                Err(e) => return Err(DataPlaneError::engine(e, None)),
+            }
+        }
+        Err(DataPlaneError::Engine(
+            "the exec's output ended but the engine still reports it running".into(),
+        ))
+    }
+
+    async fn audit_exec(&self, t: &Target, caller: &Caller, req: &ExecRequest, end: &ExecEnd) {
+        let mut command = serde_json::to_string(&req.argv).unwrap_or_default();
+        if command.len() > AUDIT_COMMAND_BYTES {
+            let mut cut = AUDIT_COMMAND_BYTES;
+            while !command.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            command.truncate(cut);
+            command.push('…');
+        }
+        let outcome = if end.timed_out {
+            EventOutcome::Timeout
+        } else if end.abandoned {
+            EventOutcome::Error
+        } else {
+            EventOutcome::Ok
+        };
+        let detail = json!({
+            "command": command,
+            "exit_code": end.exit_code,
+            "timed_out": end.timed_out,
+            "abandoned": end.abandoned,
+            "duration_ms": end.duration.as_millis() as u64,
+            "stdout_bytes": end.stdout_bytes,
+            "stderr_bytes": end.stderr_bytes,
+            "stdin_bytes": req.stdin.as_ref().map_or(0, Vec::len),
+        });
+        self.audit(t, caller, EventAction::Exec, outcome, detail)
+            .await;
+    }
+}

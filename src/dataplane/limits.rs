@@ -1,0 +1,101 @@
+//! Concurrency limits of the data plane: calls in flight overall and per sandbox. A call over
+//! either limit is refused at once (429 with `Retry-After`), never queued: a queue would hold
+//! the caller's connection and hide the overload.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::domain::ChatId;
+
+/// Which limit refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    Overall(usize),
+    Sandbox(usize),
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_chat: HashMap<ChatId, usize>,
+}
+
+/// The counters; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    overall: usize,
+    per_sandbox: usize,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// Held while a call runs; frees its slot when dropped (however the call ends).
+#[derive(Debug)]
+pub struct Slot {
+    chat_id: ChatId,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Slots {
+    pub fn new(overall: usize, per_sandbox: usize) -> Self {
+        Self {
+            overall,
+            per_sandbox,
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn try_take(&self, chat_id: ChatId) -> Result<Slot, Busy> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.total >= self.overall {
+            return Err(Busy::Overall(self.overall));
+        }
+        let mine = c.per_chat.entry(chat_id).or_insert(0);
+        if *mine >= self.per_sandbox {
+            return Err(Busy::Sandbox(self.per_sandbox));
+        }
+        *mine += 1;
+        c.total += 1;
+        Ok(Slot {
+            chat_id,
+            counts: self.counts.clone(),
+        })
+    }
+
+    /// Calls in flight (for metrics and tests).
+    pub fn in_flight(&self) -> usize {
+        self.counts.lock().map(|c| c.total).unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_chat.get_mut(&self.chat_id) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_chat.remove(&self.chat_id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_apply_per_sandbox_and_overall_and_free_on_drop() {
+        let slots = Slots::new(3, 2);
+        let (a, b) = (ChatId(uuid::Uuid::new_v4()), ChatId(uuid::Uuid::new_v4()));
+        let a1 = slots.try_take(a).unwrap();
+        let _a2 = slots.try_take(a).unwrap();
+        assert_eq!(slots.try_take(a).unwrap_err(), Busy::Sandbox(2));
+        let _b1 = slots.try_take(b).unwrap();
+        assert_eq!(slots.try_take(b).unwrap_err(), Busy::Overall(3));
+        drop(a1);
+        assert_eq!(slots.in_flight(), 2);
+        let _b2 = slots.try_take(b).unwrap();
+        assert_eq!(slots.in_flight(), 3);
+    }
+}

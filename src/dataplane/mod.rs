@@ -1,0 +1,241 @@
+//! The data plane: exec, files and watch on running sandboxes, beside the control loop. It
+//! finds a sandbox's container in the store (never in Docker: the store is the truth about
+//! what should run) and talks to the engine directly (`docker::sandbox_io`). The
+//! desired-state API never comes here.
+//!
+//! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding) are
+//! pure; `exec.rs` and `files.rs` run calls; `watch.rs` is the change stream.
+
+pub mod exec;
+pub mod files;
+pub mod limits;
+pub mod output;
+pub mod paths;
+pub mod watch;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use crate::config::Settings;
+use crate::docker::sandbox_io::SandboxIo;
+use crate::docker::DockerError;
+use crate::domain::spec::ContainerSpec;
+use crate::domain::{ChatId, Phase, SessionId};
+use crate::store::{EventAction, EventOutcome, NewEvent, Store, StoreError};
+
+use limits::{Busy, Slot, Slots};
+use paths::{Mounts, PathError};
+
+/// Why a data-plane call failed; the HTTP edge maps each to its status.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("sandbox_not_found")]
+    NotFound,
+    #[error("sandbox_not_running: the sandbox is {0}")]
+    NotRunning(String),
+    #[error("too many data-plane calls in flight ({0})")]
+    Busy(String),
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("no such file or directory: {0}")]
+    NoSuchPath(String),
+    #[error("{path} is a directory")]
+    IsDirectory { path: String },
+    #[error("{path} is not a directory")]
+    NotDirectory { path: String },
+    #[error("{0}")]
+    TooLarge(String),
+    /// The engine refused a file operation (e.g. a read-only file system).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The engine refused the request as malformed.
+    #[error("{0}")]
+    Refused(String),
+    #[error("docker engine unavailable: {0}")]
+    EngineDown(String),
+    #[error("docker engine error: {0}")]
+    Engine(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("unreadable sandbox spec: {0}")]
+    Spec(String),
+}
+
+type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
+
+impl DataPlaneError {
+    /// An engine failure as the client should see it.
+    fn engine(e: DockerError, path: Option<&str>) -> Self {
+        if e.unavailable() {
+            return DataPlaneError::EngineDown(e.to_string());
+        }
+        let (status, message) = match &e {
+            DockerError::Api { source, .. } => match source {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code,
+                    message,
+                } => (*status_code, message.clone()),
+                other => (0, other.to_string()),
+            },
+            other => (0, other.to_string()),
+        };
+        let lower = message.to_ascii_lowercase();
+        match status {
+            404 if path.is_some() && !lower.contains("no such container") => {
+                DataPlaneError::NoSuchPath(path.unwrap_or_default().to_string())
+            }
+            404 => DataPlaneError::NotRunning("gone (its container was removed)".into()),
+            409 => DataPlaneError::NotRunning(format!("not running ({message})")),
+            403 => DataPlaneError::Forbidden(message),
+            400 => DataPlaneError::Refused(message),
+            // "mounted volume is marked read-only", "read-only file system".
+            _ if lower.contains("read-only") => DataPlaneError::Forbidden(message),
+            _ => DataPlaneError::Engine(e.to_string()),
+        }
+    }
+}
+
+/// The running container of a chat, and what its spec says about paths and users.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub chat_id: ChatId,
+    pub session_id: SessionId,
+    pub container_id: String,
+    pub mounts: Mounts,
+    /// Owner for written files: the spec's user when it is numeric (`uid[:gid]`).
+    pub owner: (u64, u64),
+}
+
+/// Who asked, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `token@address` or `anonymous@address`.
+    pub actor: String,
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct DataPlane {
+    store: Store,
+    io: SandboxIo,
+    slots: Slots,
+    settings: Arc<Settings>,
+}
+
+impl DataPlane {
+    pub fn new(store: Store, settings: Arc<Settings>) -> Self {
+        let d = &settings.data_plane;
+        Self {
+            io: SandboxIo::new(&settings.docker),
+            slots: Slots::new(d.max_concurrent, d.max_concurrent_per_sandbox),
+            store,
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.slots.in_flight()
+    }
+
+    /// The chat's running container, and a slot for one call on it.
+    async fn target(&self, chat_id: ChatId) -> Result<(Target, Slot)> {
+        let row = self
+            .store
+            .get(chat_id)
+            .await?
+            .ok_or(DataPlaneError::NotFound)?;
+        let phase = if row.deleted_at.is_some() {
+            Phase::Deleting
+        } else {
+            row.phase
+        };
+        let container_id = match (&row.container_id, phase, row.is_live(Utc::now())) {
+            (Some(c), Phase::Running, true) => c.clone(),
+            (_, Phase::Running, false) => return Err(DataPlaneError::NotRunning("expired".into())),
+            _ => return Err(DataPlaneError::NotRunning(phase.as_str().into())),
+        };
+        let spec = ContainerSpec::from_json(&row.spec_json)
+            .map_err(|e| DataPlaneError::Spec(e.to_string()))?;
+        let slot = self.slots.try_take(chat_id).map_err(|b| {
+            DataPlaneError::Busy(match b {
+                Busy::Overall(n) => format!("data_plane.max_concurrent is {n}"),
+                Busy::Sandbox(n) => {
+                    format!("data_plane.max_concurrent_per_sandbox is {n}")
+                }
+            })
+        })?;
+        Ok((
+            Target {
+                chat_id,
+                session_id: row.session_id,
+                container_id,
+                mounts: Mounts::of(&spec),
+                owner: numeric_owner(spec.hardening.user.as_deref()),
+            },
+            slot,
+        ))
+    }
+
+    /// Appends an audit line; a failure to write it is logged, not returned (the call
+    /// itself already happened).
+    async fn audit(
+        &self,
+        t: &Target,
+        caller: &Caller,
+        action: EventAction,
+        outcome: EventOutcome,
+        detail: serde_json::Value,
+    ) {
+        let mut detail = detail;
+        if let (Some(id), Some(obj)) = (&caller.request_id, detail.as_object_mut()) {
+            obj.insert("request_id".into(), id.clone().into());
+        }
+        let (chat, session) = (t.chat_id.to_string(), t.session_id.to_string());
+        let detail = detail.to_string();
+        let event = NewEvent {
+            chat_id: &chat,
+            session_id: Some(&session),
+            container_id: Some(&t.container_id),
+            action,
+            outcome,
+            error: None,
+            actor: Some(&caller.actor),
+            detail: Some(&detail),
+        };
+        if let Err(e) = self.store.event(&event, Utc::now()).await {
+            tracing::error!(error = %e, chat_id = %chat, action = action.as_str(), "cannot write the audit event");
+        }
+    }
+}
+
+/// `uid[:gid]` when numeric, else root (the engine's default for archive entries).
+fn numeric_owner(user: Option<&str>) -> (u64, u64) {
+    let Some(user) = user else { return (0, 0) };
+    let mut parts = user.splitn(2, ':');
+    let uid = parts.next().and_then(|u| u.parse().ok());
+    let gid = parts.next().and_then(|g| g.parse().ok());
+    match (uid, gid) {
+        (Some(u), Some(g)) => (u, g),
+        (Some(u), None) => (u, u),
+        _ => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numeric_owner;
+
+    #[test]
+    fn owners_come_from_numeric_users_only() {
+        assert_eq!(numeric_owner(None), (0, 0));
+        assert_eq!(numeric_owner(Some("1000")), (1000, 1000));
+        assert_eq!(numeric_owner(Some("1000:50")), (1000, 50));
+        assert_eq!(numeric_owner(Some("agent")), (0, 0));
+    }
+}
