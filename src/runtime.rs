@@ -151,10 +151,23 @@ impl Runtime {
         }
     }
 
-    /// Starts a created container; its address on `network`.
-    pub async fn start_container(&self, id: &str, network: &str) -> Result<String> {
+    /// Starts a created container; its address on `network`, and the host port `port` is
+    /// published on (when the spec publishes it).
+    pub async fn start_container(
+        &self,
+        id: &str,
+        network: &str,
+        port: u16,
+    ) -> Result<(String, Option<u16>)> {
         match self {
-            Runtime::Docker(d) => Ok(d.start_container(id, network).await?),
+            Runtime::Docker(d) => Ok(d.start_container(id, network, port).await?),
+        }
+    }
+
+    /// The host port a running container publishes `port` on, if any (for adoption).
+    pub async fn published_port(&self, id: &str, port: u16) -> Result<Option<u16>> {
+        match self {
+            Runtime::Docker(d) => Ok(d.published_port(id, port).await?),
         }
     }
 
@@ -169,6 +182,13 @@ impl Runtime {
     pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>> {
         match self {
             Runtime::Docker(d) => Ok(d.exit_state(id).await?),
+        }
+    }
+
+    /// Image builds done since the last call (`docker.pull_policy: build`), for the event log.
+    pub fn take_build_reports(&self) -> Vec<crate::docker::BuildReport> {
+        match self {
+            Runtime::Docker(d) => d.take_build_reports(),
         }
     }
 

@@ -123,11 +123,18 @@ impl Executor {
                 };
                 span.record("session_id", tracing::field::display(session_id));
                 span.record("container_id", container_id.as_str());
-                let port = parse_spec(&row)?.agent_port;
+                let spec = parse_spec(&row)?;
+                let port = spec.agent_port;
+                // Published ports are only known to the engine: ask it for this container.
+                let host_port = match &spec.publish_host_ip {
+                    Some(_) => self.runtime.published_port(&container_id, port).await?,
+                    None => None,
+                };
                 let running = RunningContainer {
                     container_id: &container_id,
                     ip: &ip,
                     port,
+                    host_port,
                 };
                 // Record the healthy one first: a stale container that resists removal must
                 // not keep a working sandbox from being served.
@@ -261,6 +268,7 @@ impl Executor {
             Ok::<_, ActionError>((started, spec.agent_port))
         }
         .await;
+        self.record_builds(chat_id, session_id).await;
         match result {
             Ok((started, port)) => {
                 self.observed.started(Observed {
@@ -286,6 +294,7 @@ impl Executor {
                             container_id: &started.container_id,
                             ip: &started.ip,
                             port,
+                            host_port: started.host_port,
                         },
                         action,
                         Utc::now(),
@@ -331,6 +340,7 @@ impl Executor {
 struct Started {
     container_id: String,
     ip: String,
+    host_port: Option<u16>,
     /// An earlier attempt had created it (and crashed before recording it).
     adopted: bool,
 }
@@ -362,10 +372,14 @@ impl Executor {
             }
             Err(e) => return Err(e.into()),
         };
-        match rt.start_container(&id, &req.spec.network).await {
-            Ok(ip) => Ok(Started {
+        match rt
+            .start_container(&id, &req.spec.network, req.spec.agent_port)
+            .await
+        {
+            Ok((ip, host_port)) => Ok(Started {
                 container_id: id,
                 ip,
+                host_port,
                 adopted,
             }),
             Err(e) => {
@@ -373,6 +387,37 @@ impl Executor {
                     warn!(container_id = %id, error = %cleanup, "rollback of a failed start failed; the next pass removes it");
                 }
                 Err(e.into())
+            }
+        }
+    }
+
+    /// Writes image builds the start caused to the event log (their output's tail included).
+    async fn record_builds(&self, chat_id: ChatId, session_id: SessionId) {
+        for b in self.runtime.take_build_reports() {
+            let (chat, session) = (chat_id.to_string(), session_id.to_string());
+            let detail = serde_json::json!({
+                "image": b.image,
+                "context": b.context,
+                "duration_ms": b.duration_ms,
+                "log": b.log,
+            })
+            .to_string();
+            let event = NewEvent {
+                chat_id: &chat,
+                session_id: Some(&session),
+                container_id: None,
+                action: EventAction::ImageBuild,
+                outcome: if b.error.is_some() {
+                    EventOutcome::Error
+                } else {
+                    EventOutcome::Ok
+                },
+                error: b.error.as_deref(),
+                actor: None,
+                detail: Some(&detail),
+            };
+            if let Err(e) = self.store.event(&event, Utc::now()).await {
+                warn!(error = %e, "cannot record an image build");
             }
         }
     }

@@ -128,6 +128,7 @@ fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> Legac
             container_id: &c.container_id,
             ip,
             port: s.endpoint_port,
+            host_port: None,
         },
         created_at: c.created_at.unwrap_or_else(Utc::now),
         expires_at: s.expires_at,

@@ -4,8 +4,11 @@
 //! Every step is idempotent: a 404 on remove is success, a 304 on start means it already runs.
 //! A name conflict on create is reported (`NameTaken`); the executor decides what it means.
 
+mod build;
 pub mod labels;
 pub mod sandbox_io;
+
+pub use build::BuildReport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,6 +110,18 @@ fn status_of(e: &BollardError) -> Option<u16> {
     }
 }
 
+/// The host port the engine bound for the container's `port`/tcp (published at an ephemeral
+/// port, so only the inspect knows it).
+fn host_port(settings: Option<&bollard::models::NetworkSettings>, port: u16) -> Option<u16> {
+    settings?
+        .ports
+        .as_ref()?
+        .get(&format!("{port}/tcp"))?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.as_deref()?.parse().ok())
+}
+
 /// The container's address on the network it was created on (its `NetworkMode`, which
 /// sandboxd sets to the spec's network), else on `fallback`: a sandbox keeps its endpoint when
 /// `sandbox.network_name` changes after it was created.
@@ -134,6 +149,9 @@ pub struct DockerRuntime {
     network: String,
     pull_policy: PullPolicy,
     metrics: Arc<Metrics>,
+    /// With `pull_policy: build`: the Dockerfile's directory, and the one-build-at-a-time gate.
+    build_context: Option<std::path::PathBuf>,
+    builds: Arc<build::BuildGate>,
 }
 
 impl DockerRuntime {
@@ -162,6 +180,8 @@ impl DockerRuntime {
             network: network.to_string(),
             pull_policy: settings.pull_policy,
             metrics,
+            build_context: settings.build_context.clone(),
+            builds: Arc::default(),
         })
     }
 
@@ -372,10 +392,24 @@ impl DockerRuntime {
         })
     }
 
-    /// Starts a created container and reads its address on `network` (the spec's network).
-    /// A 304 (already running) is success.
-    pub async fn start_container(&self, id: &str, network: &str) -> Result<String, DockerError> {
-        self.start_and_locate(id, network).await
+    /// Starts a created container and reads its address on `network` (the spec's network),
+    /// and its published host port of `port`, if any. A 304 (already running) is success.
+    pub async fn start_container(
+        &self,
+        id: &str,
+        network: &str,
+        port: u16,
+    ) -> Result<(String, Option<u16>), DockerError> {
+        self.start_and_locate(id, network, port).await
+    }
+
+    /// The host port a running container publishes `port` on, if it does.
+    pub async fn published_port(&self, id: &str, port: u16) -> Result<Option<u16>, DockerError> {
+        let inspect = self
+            .inspect(id, &[])
+            .await
+            .map_err(DockerError::api("inspect_container"))?;
+        Ok(host_port(inspect.network_settings.as_ref(), port))
     }
 
     async fn create(&self, name: &str, req: &StartRequest<'_>) -> Result<String, DockerError> {
@@ -396,14 +430,15 @@ impl DockerRuntime {
                 // The network was removed under us (e.g. `docker network prune`): recreate it.
                 self.ensure_named_network(&req.spec.network).await?;
             }
-            Err(e) if status_of(&e) == Some(404) => {
-                if self.pull_policy == PullPolicy::Never {
+            Err(e) if status_of(&e) == Some(404) => match self.pull_policy {
+                PullPolicy::Never => {
                     return Err(DockerError::ImageMissing {
                         image: req.spec.image.clone(),
-                    });
+                    })
                 }
-                self.pull(&req.spec.image).await?;
-            }
+                PullPolicy::IfNotPresent => self.pull(&req.spec.image).await?,
+                PullPolicy::Build => self.build_once(&req.spec.image).await?,
+            },
             Err(e) => return Err(DockerError::api("create_container")(e)),
         }
         self.call(
@@ -439,7 +474,12 @@ impl DockerRuntime {
     }
 
     /// Starts the container and reads its address on `network`, the spec's network.
-    async fn start_and_locate(&self, id: &str, network: &str) -> Result<String, DockerError> {
+    async fn start_and_locate(
+        &self,
+        id: &str,
+        network: &str,
+        port: u16,
+    ) -> Result<(String, Option<u16>), DockerError> {
         match self
             .call("start", &[304], self.docker.start_container(id, None))
             .await
@@ -452,7 +492,8 @@ impl DockerRuntime {
             .inspect(id, &[])
             .await
             .map_err(DockerError::api("inspect_container"))?;
-        inspect
+        let published = host_port(inspect.network_settings.as_ref(), port);
+        let ip = inspect
             .network_settings
             .and_then(|n| n.networks)
             .and_then(|mut n| n.remove(network))
@@ -461,7 +502,8 @@ impl DockerRuntime {
             .ok_or_else(|| DockerError::NoEndpoint {
                 container: id.to_string(),
                 network: network.to_string(),
-            })
+            })?;
+        Ok((ip, published))
     }
 
     /// The exact container body sandboxd sends for a session (public for the bench, whose
@@ -494,7 +536,21 @@ impl DockerRuntime {
                 expires_at: req.expires_at,
             })),
             user: h.user.clone(),
+            exposed_ports: spec
+                .publish_host_ip
+                .as_ref()
+                .map(|_| vec![format!("{}/tcp", spec.agent_port)]),
             host_config: Some(HostConfig {
+                port_bindings: spec.publish_host_ip.as_ref().map(|ip| {
+                    HashMap::from([(
+                        format!("{}/tcp", spec.agent_port),
+                        Some(vec![bollard::models::PortBinding {
+                            host_ip: Some(ip.clone()),
+                            // Empty: the engine picks a free ephemeral port.
+                            host_port: Some(String::new()),
+                        }]),
+                    )])
+                }),
                 mounts: Some(mounts),
                 network_mode: Some(spec.network.clone()),
                 privileged: Some(false),

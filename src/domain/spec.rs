@@ -100,6 +100,10 @@ pub struct ContainerSpec {
     pub mounts: Vec<MountSpec>,
     #[serde(default)]
     pub hardening: Hardening,
+    /// The host address the agent port is published on (at an ephemeral port), when
+    /// `sandbox.publish_agent_port` was on. Absent otherwise, so older specs hash the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_host_ip: Option<String>,
 }
 
 impl ContainerSpec {
@@ -173,6 +177,9 @@ pub fn resolve(
             },
         ],
         hardening: Hardening::from(&settings.hardening),
+        publish_host_ip: settings
+            .publish_agent_port
+            .then(|| settings.publish_host_ip.clone()),
     }
 }
 

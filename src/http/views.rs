@@ -69,6 +69,10 @@ pub struct SandboxView {
     pub phase: Phase,
     pub container_id: Option<String>,
     pub endpoint: Option<Endpoint>,
+    /// The agent port's published host port (on `sandbox.publish_host_ip`), when
+    /// `sandbox.publish_agent_port` is on; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
     pub created_at: String,
     pub updated_at: String,
     pub expires_at: String,
@@ -103,6 +107,7 @@ impl From<&SandboxRow> for SandboxView {
             phase: r.phase,
             container_id: r.container_id.clone(),
             endpoint,
+            host_port: r.host_port,
             created_at: format_time(r.created_at),
             updated_at: format_time(r.updated_at),
             expires_at: format_time(r.expires_at),

@@ -336,7 +336,7 @@ async fn write_new_session(
            spec_hash = excluded.spec_hash, created_at = excluded.created_at, \
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = ?10, container_id = NULL, endpoint_ip = NULL, \
-           endpoint_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
+           endpoint_port = NULL, host_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
            running_since = NULL, restarts = 0",
     )
     .bind(new.chat_id.to_string())

@@ -15,6 +15,8 @@ pub struct RunningContainer<'a> {
     pub container_id: &'a str,
     pub ip: &'a str,
     pub port: u16,
+    /// The published host port of the agent port, if published.
+    pub host_port: Option<u16>,
 }
 
 impl Store {
@@ -31,13 +33,15 @@ impl Store {
             container_id,
             ip,
             port,
+            host_port,
         } = *running;
         let (mut tx, gate) = self.begin_write().await?;
         let at = format_time(now);
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = ?7, container_id = ?3, endpoint_ip = ?4, \
              endpoint_port = ?5, observed_generation = generation, attempts = 0, \
-             last_error = NULL, next_attempt_at = NULL, running_since = ?6, updated_at = ?6 \
+             last_error = NULL, next_attempt_at = NULL, running_since = ?6, updated_at = ?6, \
+             host_port = ?8 \
              WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
         )
         .bind(chat_id.to_string())
@@ -47,6 +51,7 @@ impl Store {
         .bind(i64::from(port))
         .bind(&at)
         .bind(Phase::Running.as_str())
+        .bind(host_port.map(i64::from))
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -101,7 +106,7 @@ impl Store {
                 sqlx::query(
                     "UPDATE sandboxes SET phase = ?7, attempts = ?3, last_error = ?4, \
                      next_attempt_at = ?5, container_id = NULL, endpoint_ip = NULL, \
-                     endpoint_port = NULL, running_since = NULL, updated_at = ?6 \
+                     endpoint_port = NULL, host_port = NULL, running_since = NULL, updated_at = ?6 \
                      WHERE chat_id = ?1 AND session_id = ?2",
                 )
                 .bind(chat_id.to_string())
@@ -156,7 +161,7 @@ impl Store {
             Some(retry_at) => sqlx::query(
                 "UPDATE sandboxes SET restarts = ?3, phase = ?7, attempts = ?3, \
                  last_error = ?4, next_attempt_at = ?5, container_id = NULL, \
-                 endpoint_ip = NULL, endpoint_port = NULL, running_since = NULL, updated_at = ?6 \
+                 endpoint_ip = NULL, endpoint_port = NULL, host_port = NULL, running_since = NULL, updated_at = ?6 \
                  WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
             )
             .bind(chat_id.to_string())
@@ -216,7 +221,7 @@ impl Store {
         let at = format_time(now);
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = ?4, container_id = NULL, endpoint_ip = NULL, \
-             endpoint_port = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
+             endpoint_port = NULL, host_port = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
              WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL \
              AND (expires_at <= ?3 OR phase = ?4)",
         )

@@ -229,7 +229,10 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
         })
         .await
         .unwrap();
-    runtime.start_container(&id0, TEST_NETWORK).await.unwrap();
+    runtime
+        .start_container(&id0, TEST_NETWORK, 8000)
+        .await
+        .unwrap();
     let started_at = app_docker_started_at(&id0).await;
     let row1 = store.get(chats[1].parse().unwrap()).await.unwrap().unwrap();
     let name1 = sandboxd::docker::labels::container_name(&instance, row1.chat_id, row1.session_id);

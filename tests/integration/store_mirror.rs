@@ -86,6 +86,7 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
                 container_id: "c0ffee",
                 ip: "10.0.0.2",
                 port: 8000,
+                host_port: None,
             };
             drop(
                 store
@@ -152,6 +153,8 @@ async fn a_write_abandoned_by_its_caller_still_reaches_memory_if_it_commits() {
             action: sandboxd::store::EventAction::RemoveOrphan,
             outcome: sandboxd::store::EventOutcome::Ok,
             error: Some("barrier"),
+            actor: None,
+            detail: None,
         };
         served.event(&barrier, Utc::now()).await.unwrap();
         assert_same(&served, &disk, &format!("round {round}")).await;
