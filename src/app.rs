@@ -204,15 +204,16 @@ impl Application {
         )
         .await
         .context("starting the watch feed")?;
+        let metrics = Arc::new(Metrics::new());
         let state = AppState {
-            data_plane: DataPlane::new(store.clone(), settings.clone()),
+            data_plane: DataPlane::new(store.clone(), settings.clone(), metrics.clone()),
             watch: feed,
             store,
             settings,
             volumes,
             wake: Arc::new(Notify::new()),
             controller: status,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         };
         Ok(Self {
             listener,

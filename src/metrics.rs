@@ -74,6 +74,10 @@ pub struct Metrics {
     pub events_connected: Gauge<i64>,
     pub docker_connected: Gauge<i64>,
     pub last_pass_timestamp: Gauge<f64, AtomicU64>,
+    /// Data-plane calls (exec, file read/write/list) holding a concurrency slot.
+    pub data_plane_in_flight: Gauge<i64>,
+    /// Finished execs by result (`ok`, `timeout`, `abandoned`, `error`).
+    pub exec_total: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +108,8 @@ impl Metrics {
             events_connected: Gauge::default(),
             docker_connected: Gauge::default(),
             last_pass_timestamp: Gauge::default(),
+            data_plane_in_flight: Gauge::default(),
+            exec_total: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -195,6 +201,16 @@ impl Metrics {
             "sandboxd_last_pass_timestamp_seconds",
             "Unix time of the last completed reconcile pass",
             m.last_pass_timestamp.clone(),
+        );
+        r.register(
+            "sandboxd_data_plane_in_flight",
+            "Data-plane calls (exec, files) in flight",
+            m.data_plane_in_flight.clone(),
+        );
+        r.register(
+            "sandboxd_exec",
+            "Finished execs by result (ok, timeout, abandoned, error)",
+            m.exec_total.clone(),
         );
         Self { registry: r, ..m }
     }

@@ -23,14 +23,23 @@ impl Settings {
             d.exec_max_timeout_seconds,
         )?;
         for (key, v) in [
-            ("data_plane.exec_output_limit_bytes", d.exec_output_limit_bytes),
-            ("data_plane.exec_max_command_bytes", d.exec_max_command_bytes),
+            (
+                "data_plane.exec_output_limit_bytes",
+                d.exec_output_limit_bytes,
+            ),
+            (
+                "data_plane.exec_max_command_bytes",
+                d.exec_max_command_bytes,
+            ),
             ("data_plane.max_concurrent", d.max_concurrent),
             (
                 "data_plane.max_concurrent_per_sandbox",
                 d.max_concurrent_per_sandbox,
             ),
-            ("data_plane.file_write_limit_bytes", d.file_write_limit_bytes),
+            (
+                "data_plane.file_write_limit_bytes",
+                d.file_write_limit_bytes,
+            ),
             ("data_plane.list_max_entries", d.list_max_entries),
             ("data_plane.watch_buffer_events", d.watch_buffer_events),
         ] {

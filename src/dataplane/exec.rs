@@ -151,10 +151,9 @@ impl DataPlane {
     where
         F: std::future::Future<Output = bool> + Send,
     {
-        let workdir = t.mounts.resolve(
-            req.workdir.as_deref().unwrap_or(t.mounts.workdir()),
-            None,
-        )?;
+        let workdir = t
+            .mounts
+            .resolve(req.workdir.as_deref().unwrap_or(t.mounts.workdir()), None)?;
         let marker = format!("{EXEC_MARKER_VAR}={}", uuid::Uuid::new_v4().simple());
         let mut env = req.env.clone();
         env.push(marker.clone());
@@ -217,7 +216,9 @@ impl DataPlane {
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop"),
+                Ok(false) => {
+                    tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop")
+                }
                 Err(e) => tracing::warn!(chat_id = %t.chat_id, error = %e, "exec kill failed"),
             }
             // What the command wrote before it died still counts.
@@ -244,6 +245,17 @@ impl DataPlane {
             stdout_bytes,
             stderr_bytes,
         };
+        let result = if timed_out {
+            "timeout"
+        } else if abandoned {
+            "abandoned"
+        } else {
+            "ok"
+        };
+        self.metrics
+            .exec_total
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
         self.audit_exec(t, caller, req, &end).await;
         Ok(end)
     }
@@ -253,7 +265,9 @@ impl DataPlane {
         for attempt in 0..100u32 {
             match self.io.exec_exit_code(exec_id).await {
                 Ok(Some(code)) => return Ok(code),
-                Ok(None) => tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await,
+                Ok(None) => {
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await
+                }
                 Err(e) => return Err(DataPlaneError::engine(e, None)),
             }
         }

@@ -10,11 +10,11 @@
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_tar::{Archive, Builder, EntryType, Header};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::json;
+use tokio_tar::{Archive, Builder, EntryType, Header};
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::paths::{writable, SandboxPath};
@@ -92,10 +92,16 @@ impl DataPlane {
         })?;
         // The usual case: the parent exists. Extract the one file into it.
         let tar = one_file_tar(file.file_name(), &data, mode, t.owner, &[]).await?;
-        let created_dirs = match self.io.put_archive(&t.container_id, &parent.absolute, tar).await {
+        let created_dirs = match self
+            .io
+            .put_archive(&t.container_id, &parent.absolute, tar)
+            .await
+        {
             Ok(()) => Vec::new(),
             Err(e) => match DataPlaneError::engine(e, Some(&parent.absolute)) {
-                DataPlaneError::NoSuchPath(_) => self.write_with_parents(&t, &file, mode, &data).await?,
+                DataPlaneError::NoSuchPath(_) => {
+                    self.write_with_parents(&t, &file, mode, &data).await?
+                }
                 other => return Err(other),
             },
         };
@@ -146,7 +152,11 @@ impl DataPlane {
             }
         };
         missing.reverse();
-        let rel = |p: &SandboxPath| p.absolute[base.absolute.len()..].trim_start_matches('/').to_string();
+        let rel = |p: &SandboxPath| {
+            p.absolute[base.absolute.len()..]
+                .trim_start_matches('/')
+                .to_string()
+        };
         let dirs: Vec<String> = missing.iter().map(rel).collect();
         let tar = one_file_tar(&rel(file), data, mode, t.owner, &dirs).await?;
         self.io
@@ -166,7 +176,8 @@ impl DataPlane {
             let Some(entry) = entries.next().await else {
                 return Err(DataPlaneError::NoSuchPath(at.absolute));
             };
-            let entry = entry.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+            let entry =
+                entry.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
             let kind = entry.header().entry_type();
             if kind.is_symlink() {
                 at = follow(&t, &at, link_name(&entry)?, false)?;
@@ -176,7 +187,10 @@ impl DataPlane {
                 return Err(DataPlaneError::IsDirectory { path: at.absolute });
             }
             if !kind.is_file() {
-                return Err(DataPlaneError::Refused(format!("{} is not a regular file", at.absolute)));
+                return Err(DataPlaneError::Refused(format!(
+                    "{} is not a regular file",
+                    at.absolute
+                )));
             }
             let size = entry.effective_size();
             let limit = self.settings.data_plane.file_read_limit_bytes;
@@ -197,7 +211,9 @@ impl DataPlane {
                 body: Box::pin(body),
             });
         }
-        Err(DataPlaneError::Refused(format!("more than {MAX_HOPS} symlinks from {path}")))
+        Err(DataPlaneError::Refused(format!(
+            "more than {MAX_HOPS} symlinks from {path}"
+        )))
     }
 
     /// Lists a directory's entries (following symlinks on the mounts).
@@ -211,7 +227,8 @@ impl DataPlane {
             let Some(first) = entries.next().await else {
                 return Err(DataPlaneError::NoSuchPath(at.absolute));
             };
-            let first = first.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+            let first =
+                first.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
             let kind = first.header().entry_type();
             if kind.is_symlink() {
                 at = follow(&t, &at, link_name(&first)?, false)?;
@@ -227,7 +244,8 @@ impl DataPlane {
             };
             let mut scanned = 0usize;
             while let Some(entry) = entries.next().await {
-                let entry = entry.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+                let entry = entry
+                    .map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
                 scanned += 1;
                 if let Some(child) = child_entry(&entry) {
                     if listing.entries.len() == max {
@@ -263,7 +281,8 @@ impl DataPlane {
             dirs.push(d);
         }
         let stats = futures::future::join_all(
-            dirs.iter().map(|d| self.io.stat(&t.container_id, &d.absolute)),
+            dirs.iter()
+                .map(|d| self.io.stat(&t.container_id, &d.absolute)),
         )
         .await;
         for (d, stat) in dirs.iter().zip(stats) {
@@ -283,11 +302,7 @@ impl DataPlane {
     }
 
     /// The entries of the engine's tar of `at`.
-    async fn archive(
-        &self,
-        t: &Target,
-        at: &SandboxPath,
-    ) -> Result<tokio_tar::Entries<TarReader>> {
+    async fn archive(&self, t: &Target, at: &SandboxPath) -> Result<tokio_tar::Entries<TarReader>> {
         let stream = self
             .io
             .get_archive(&t.container_id, &at.absolute)
@@ -311,9 +326,9 @@ fn follow(t: &Target, at: &SandboxPath, target: String, write: bool) -> Result<S
         format!("{dir}/{target}")
     };
     let resolved = lexical(&joined);
-    t.mounts
-        .resolved_target(&resolved, write)
-        .map_err(|e| DataPlaneError::Forbidden(format!("{} is a symlink to {resolved}: {e}", at.absolute)))
+    t.mounts.resolved_target(&resolved, write).map_err(|e| {
+        DataPlaneError::Forbidden(format!("{} is a symlink to {resolved}: {e}", at.absolute))
+    })
 }
 
 /// Resolves `.` and `..` in an absolute path text (a symlink's target may use them).
@@ -415,7 +430,10 @@ mod tests {
 
     #[test]
     fn symlink_targets_resolve_dots_lexically() {
-        assert_eq!(lexical("/workspace/chat/a/../../volume/x"), "/workspace/volume/x");
+        assert_eq!(
+            lexical("/workspace/chat/a/../../volume/x"),
+            "/workspace/volume/x"
+        );
         assert_eq!(lexical("/workspace/chat/./b"), "/workspace/chat/b");
         assert_eq!(lexical("/../../proc"), "/proc");
     }

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::domain::ChatId;
 
 /// Which limit refused a call.
@@ -26,6 +28,8 @@ pub struct Slots {
     overall: usize,
     per_sandbox: usize,
     counts: Arc<Mutex<Counts>>,
+    /// Mirrors the overall count (`sandboxd_data_plane_in_flight`).
+    gauge: Gauge<i64>,
 }
 
 /// Held while a call runs; frees its slot when dropped (however the call ends).
@@ -33,14 +37,16 @@ pub struct Slots {
 pub struct Slot {
     chat_id: ChatId,
     counts: Arc<Mutex<Counts>>,
+    gauge: Gauge<i64>,
 }
 
 impl Slots {
-    pub fn new(overall: usize, per_sandbox: usize) -> Self {
+    pub fn new(overall: usize, per_sandbox: usize, gauge: Gauge<i64>) -> Self {
         Self {
             overall,
             per_sandbox,
             counts: Arc::default(),
+            gauge,
         }
     }
 
@@ -55,9 +61,11 @@ impl Slots {
         }
         *mine += 1;
         c.total += 1;
+        self.gauge.inc();
         Ok(Slot {
             chat_id,
             counts: self.counts.clone(),
+            gauge: self.gauge.clone(),
         })
     }
 
@@ -71,6 +79,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         c.total = c.total.saturating_sub(1);
+        self.gauge.dec();
         if let Some(n) = c.per_chat.get_mut(&self.chat_id) {
             *n -= 1;
             if *n == 0 {
@@ -86,7 +95,8 @@ mod tests {
 
     #[test]
     fn limits_apply_per_sandbox_and_overall_and_free_on_drop() {
-        let slots = Slots::new(3, 2);
+        let gauge = Gauge::default();
+        let slots = Slots::new(3, 2, gauge.clone());
         let (a, b) = (ChatId(uuid::Uuid::new_v4()), ChatId(uuid::Uuid::new_v4()));
         let a1 = slots.try_take(a).unwrap();
         let _a2 = slots.try_take(a).unwrap();
@@ -97,5 +107,6 @@ mod tests {
         assert_eq!(slots.in_flight(), 2);
         let _b2 = slots.try_take(b).unwrap();
         assert_eq!(slots.in_flight(), 3);
+        assert_eq!(gauge.get(), 3);
     }
 }

@@ -22,6 +22,7 @@ use crate::docker::sandbox_io::SandboxIo;
 use crate::docker::DockerError;
 use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
+use crate::metrics::Metrics;
 use crate::store::{EventAction, EventOutcome, NewEvent, Store, StoreError};
 
 use limits::{Busy, Slot, Slots};
@@ -121,16 +122,22 @@ pub struct DataPlane {
     io: SandboxIo,
     slots: Slots,
     settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
 }
 
 impl DataPlane {
-    pub fn new(store: Store, settings: Arc<Settings>) -> Self {
+    pub fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
         let d = &settings.data_plane;
         Self {
             io: SandboxIo::new(&settings.docker),
-            slots: Slots::new(d.max_concurrent, d.max_concurrent_per_sandbox),
+            slots: Slots::new(
+                d.max_concurrent,
+                d.max_concurrent_per_sandbox,
+                metrics.data_plane_in_flight.clone(),
+            ),
             store,
             settings,
+            metrics,
         }
     }
 

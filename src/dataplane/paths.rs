@@ -225,14 +225,21 @@ mod tests {
         assert_eq!(p.within_mount(), "a/b/c.txt");
         assert_eq!(p.file_name(), "c.txt");
         assert_eq!(p.parent().unwrap().absolute, "/workspace/chat/a/b");
-        let p = mounts().resolve("x", Some("/workspace/volume/sub")).unwrap();
+        let p = mounts()
+            .resolve("x", Some("/workspace/volume/sub"))
+            .unwrap();
         assert_eq!(p.absolute, "/workspace/volume/sub/x");
     }
 
     #[test]
     fn absolute_paths_must_lie_on_a_mount() {
         assert!(mounts().resolve("/workspace/volume/f", None).is_ok());
-        for outside in ["/etc/passwd", "/workspace/chatty", "/proc/self/environ", "/"] {
+        for outside in [
+            "/etc/passwd",
+            "/workspace/chatty",
+            "/proc/self/environ",
+            "/",
+        ] {
             assert!(
                 matches!(
                     mounts().resolve(outside, None),
@@ -254,11 +261,11 @@ mod tests {
         );
         assert_eq!(m.resolve("a\0b", None), Err(PathError::Nul));
         assert_eq!(m.resolve("", None), Err(PathError::Empty));
-        assert_eq!(m.resolve(&"a".repeat(256), None), Err(PathError::NameTooLong));
         assert_eq!(
-            m.resolve(&"a/".repeat(2100), None),
-            Err(PathError::TooLong)
+            m.resolve(&"a".repeat(256), None),
+            Err(PathError::NameTooLong)
         );
+        assert_eq!(m.resolve(&"a/".repeat(2100), None), Err(PathError::TooLong));
         // `..` in the working directory is refused too.
         assert_eq!(m.resolve("x", Some("..")), Err(PathError::DotDot));
         // Names merely containing dots are fine.

@@ -67,7 +67,10 @@ pub enum WatchItem {
     Change(Arc<Change>),
     /// The client fell behind the ring (or the log could not be read): it must reconnect
     /// with `Last-Event-ID: last_id`. The stream ends after it.
-    Resync { last_id: i64, reason: String },
+    Resync {
+        last_id: i64,
+        reason: String,
+    },
 }
 
 /// The shared tail of the event log.
@@ -110,6 +113,11 @@ impl WatchFeed {
             }
         });
         Ok(feed)
+    }
+
+    /// The newest id sent to subscribers.
+    pub fn sent_id(&self) -> i64 {
+        self.sent.load(Ordering::Acquire)
     }
 
     /// Sends one page of new lines; true when there may be more.

@@ -268,10 +268,11 @@ impl SandboxIo {
         &self,
         container: &str,
         path: &str,
-    ) -> Result<impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static, DockerError>
-    {
+    ) -> Result<impl Stream<Item = Result<Bytes, DockerError>> + Send + 'static, DockerError> {
         let docker = self.client().await?;
-        let options = DownloadFromContainerOptionsBuilder::new().path(path).build();
+        let options = DownloadFromContainerOptionsBuilder::new()
+            .path(path)
+            .build();
         let mut stream = Box::pin(docker.download_from_container(container, Some(options)));
         // The first item carries the engine's answer (404, 403, …): report it as an error of
         // the call, not of the stream.

@@ -113,7 +113,13 @@ fn caller(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Ca
 /// A path rule broken by a parameter: 422 naming it, or 403 for a read-only mount.
 fn path_problem(source: Source, field: &str, raw: &str, e: PathError) -> ApiError {
     if e.is_invalid_input() {
-        input::reject("value_error", source, field, format!("Value error, {e}"), json!(raw))
+        input::reject(
+            "value_error",
+            source,
+            field,
+            format!("Value error, {e}"),
+            json!(raw),
+        )
     } else {
         ApiError::DataPlane(DataPlaneError::Path(e))
     }
@@ -127,27 +133,51 @@ fn data_plane_error(e: DataPlaneError, source: Source, field: &str, raw: &str) -
 }
 
 /// Reads and checks an exec body.
-fn parse_exec(state: &AppState, obj: &serde_json::Map<String, Value>) -> Result<(ExecRequest, bool), ApiError> {
+fn parse_exec(
+    state: &AppState,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<(ExecRequest, bool), ApiError> {
     let limits = &state.settings.data_plane;
     let mut p = Problems::default();
     let mut f = input::Fields::new(obj);
     let argv: Option<Vec<String>> = match obj.get("command") {
         None => {
-            p.push("missing", Source::Body, "command", "Field required".into(), Value::Object(obj.clone()));
+            p.push(
+                "missing",
+                Source::Body,
+                "command",
+                "Field required".into(),
+                Value::Object(obj.clone()),
+            );
             None
         }
         Some(Value::String(s)) if !s.trim().is_empty() => {
             Some(vec!["sh".into(), "-c".into(), s.clone()])
         }
         Some(Value::Array(items)) if !items.is_empty() => {
-            let strings: Option<Vec<String>> = items.iter().map(|v| v.as_str().map(str::to_string)).collect();
+            let strings: Option<Vec<String>> = items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect();
             if strings.is_none() {
-                p.push("string_type", Source::Body, "command", "Input should be a list of strings".into(), Value::Array(items.clone()));
+                p.push(
+                    "string_type",
+                    Source::Body,
+                    "command",
+                    "Input should be a list of strings".into(),
+                    Value::Array(items.clone()),
+                );
             }
             strings
         }
         Some(other) => {
-            p.push("value_error", Source::Body, "command", "Value error, a non-empty string or a non-empty list of strings".into(), other.clone());
+            p.push(
+                "value_error",
+                Source::Body,
+                "command",
+                "Value error, a non-empty string or a non-empty list of strings".into(),
+                other.clone(),
+            );
             None
         }
     };
@@ -156,7 +186,13 @@ fn parse_exec(state: &AppState, obj: &serde_json::Map<String, Value>) -> Result<
         if bytes > limits.exec_max_command_bytes {
             p.push("value_error", Source::Body, "command", format!("Value error, the command is {bytes} bytes, over data_plane.exec_max_command_bytes ({})", limits.exec_max_command_bytes), json!(format!("<{bytes} bytes>")));
         } else if argv.iter().any(|a| a.contains('\0')) {
-            p.push("value_error", Source::Body, "command", "Value error, the command contains a NUL byte".into(), json!(argv));
+            p.push(
+                "value_error",
+                Source::Body,
+                "command",
+                "Value error, the command contains a NUL byte".into(),
+                json!(argv),
+            );
         }
     }
     let timeout = f
@@ -169,39 +205,71 @@ fn parse_exec(state: &AppState, obj: &serde_json::Map<String, Value>) -> Result<
         None | Some(Value::Null) => {}
         Some(Value::Object(vars)) => {
             for (k, v) in vars {
-                let name_ok = !k.is_empty() && !k.contains('=') && !k.contains('\0') && k != EXEC_MARKER_VAR;
+                let name_ok =
+                    !k.is_empty() && !k.contains('=') && !k.contains('\0') && k != EXEC_MARKER_VAR;
                 match v.as_str() {
                     Some(v) if name_ok && !v.contains('\0') => env.push(format!("{k}={v}")),
                     _ => p.push("value_error", Source::Body, "env", format!("Value error, `{k}`: names are non-empty without `=` or NUL (and not {EXEC_MARKER_VAR}); values are strings without NUL"), v.clone()),
                 }
             }
         }
-        Some(other) => p.push("dict_type", Source::Body, "env", "Input should be a valid dictionary".into(), other.clone()),
+        Some(other) => p.push(
+            "dict_type",
+            Source::Body,
+            "env",
+            "Input should be a valid dictionary".into(),
+            other.clone(),
+        ),
     }
     let workdir = match obj.get("workdir") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => {
-            p.push("string_type", Source::Body, "workdir", "Input should be a valid string".into(), other.clone());
+            p.push(
+                "string_type",
+                Source::Body,
+                "workdir",
+                "Input should be a valid string".into(),
+                other.clone(),
+            );
             None
         }
     };
     let stdin = match (obj.get("stdin"), obj.get("stdin_base64")) {
         (Some(Value::String(s)), None) => Some(s.clone().into_bytes()),
-        (None, Some(Value::String(b))) => match base64::engine::general_purpose::STANDARD.decode(b) {
+        (None, Some(Value::String(b))) => match base64::engine::general_purpose::STANDARD.decode(b)
+        {
             Ok(bytes) => Some(bytes),
             Err(e) => {
-                p.push("value_error", Source::Body, "stdin_base64", format!("Value error, not base64: {e}"), json!(b));
+                p.push(
+                    "value_error",
+                    Source::Body,
+                    "stdin_base64",
+                    format!("Value error, not base64: {e}"),
+                    json!(b),
+                );
                 None
             }
         },
         (None, None) | (Some(Value::Null), None) | (None, Some(Value::Null)) => None,
         (Some(_), Some(_)) => {
-            p.push("value_error", Source::Body, "stdin", "Value error, give `stdin` or `stdin_base64`, not both".into(), Value::Null);
+            p.push(
+                "value_error",
+                Source::Body,
+                "stdin",
+                "Value error, give `stdin` or `stdin_base64`, not both".into(),
+                Value::Null,
+            );
             None
         }
         (Some(other), _) | (_, Some(other)) => {
-            p.push("string_type", Source::Body, "stdin", "Input should be a valid string".into(), other.clone());
+            p.push(
+                "string_type",
+                Source::Body,
+                "stdin",
+                "Input should be a valid string".into(),
+                other.clone(),
+            );
             None
         }
     };
@@ -209,11 +277,25 @@ fn parse_exec(state: &AppState, obj: &serde_json::Map<String, Value>) -> Result<
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            p.push("bool_type", Source::Body, "stream", "Input should be a valid boolean".into(), other.clone());
+            p.push(
+                "bool_type",
+                Source::Body,
+                "stream",
+                "Input should be a valid boolean".into(),
+                other.clone(),
+            );
             false
         }
     };
-    f.forbid_others(&["command", "timeout_seconds", "env", "workdir", "stdin", "stdin_base64", "stream"]);
+    f.forbid_others(&[
+        "command",
+        "timeout_seconds",
+        "env",
+        "workdir",
+        "stdin",
+        "stdin_base64",
+        "stream",
+    ]);
     let mut all = f.problems;
     all.extend(p);
     all.finish()?;
@@ -268,9 +350,11 @@ pub async fn exec(
             .exec_stream(chat_id, req, who)
             .await
             .map_err(|e| data_plane_error(e, Source::Body, "workdir", &workdir))?;
-        let events = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|ev| (ev, rx))
-        });
+        let events =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+            );
         let lines = events.map(|ev| Ok::<_, std::convert::Infallible>(ndjson_line(ev)));
         let mut response = Response::new(Body::from_stream(lines));
         response.headers_mut().insert(

@@ -93,7 +93,9 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::map_response(
             body::method_not_allowed_body,
         ))
-        .layer(DefaultBodyLimit::max(body_limit.default.max(body_limit.file_write)))
+        .layer(DefaultBodyLimit::max(
+            body_limit.default.max(body_limit.file_write),
+        ))
         .with_state(state);
     if let Some(token) = token {
         let guard = auth::TokenGuard {

@@ -18,9 +18,9 @@ use super::error::ChatPath;
 use super::input::{self, Fields, Problems, QueryParams, Source};
 use super::views::{ErrorBody, SandboxView, ValidationErrorBody};
 use super::{wait, watch, ApiError, AppState};
-use axum::response::{IntoResponse, Response};
 use crate::domain::{ChatId, Phase};
 use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
+use axum::response::{IntoResponse, Response};
 
 /// Longest TTL a client may ask for (30 days).
 pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;

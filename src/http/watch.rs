@@ -46,18 +46,28 @@ pub fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(|s| (s.to_string(), "Last-Event-ID"))
-        .or_else(|| params.get("last_event_id").map(|s| (s.to_string(), "last_event_id")));
+        .or_else(|| {
+            params
+                .get("last_event_id")
+                .map(|s| (s.to_string(), "last_event_id"))
+        });
     let last_id = match raw {
         None => None,
-        Some((s, field)) => Some(s.trim().parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            input::reject(
-                "int_parsing",
-                Source::Query,
-                field,
-                "Input should be a non-negative event id".into(),
-                json!(s),
-            )
-        })?),
+        Some((s, field)) => Some(
+            s.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    input::reject(
+                        "int_parsing",
+                        Source::Query,
+                        field,
+                        "Input should be a non-negative event id".into(),
+                        json!(s),
+                    )
+                })?,
+        ),
     };
     let items = state.watch.subscribe(last_id, chat).map(|item| {
         let event = match item {

@@ -17,13 +17,14 @@ macro_rules! event_columns {
 impl Store {
     /// Events after `after_id`, oldest first (the watch stream's backfill and tail).
     pub async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<StoredEvent>> {
-        Ok(
-            sqlx::query_as(concat!(event_columns!(), "WHERE id > ?1 ORDER BY id LIMIT ?2"))
-                .bind(after_id)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as(concat!(
+            event_columns!(),
+            "WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// The newest event's id (0 for an empty log).
@@ -38,16 +39,12 @@ impl Store {
     /// The newest events first, of one chat (by its index) or of all.
     pub async fn events(&self, chat_id: Option<ChatId>, limit: u32) -> Result<Vec<StoredEvent>> {
         let query = match chat_id {
-            Some(chat) => sqlx::query_as(
-                concat!(
-                    event_columns!(),
-                    "WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2"
-                ),
-            )
+            Some(chat) => sqlx::query_as(concat!(
+                event_columns!(),
+                "WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ))
             .bind(chat.to_string()),
-            None => sqlx::query_as(
-                concat!(event_columns!(), "ORDER BY id DESC LIMIT ?1"),
-            ),
+            None => sqlx::query_as(concat!(event_columns!(), "ORDER BY id DESC LIMIT ?1")),
         };
         Ok(query.bind(i64::from(limit)).fetch_all(&self.pool).await?)
     }

@@ -3,8 +3,10 @@
 mod api;
 mod concurrency;
 mod crash;
+mod dataplane;
 mod faults;
 mod hostile;
+mod images;
 mod lifecycle;
 mod load;
 mod old_clients;
@@ -15,3 +17,4 @@ mod retries;
 mod store_mirror;
 mod support;
 mod takeover;
+mod watch;
