@@ -32,6 +32,7 @@ sandbox: {image: sandboxd/agent-busybox:latest, network_name: sandboxd-test, ttl
 security: {api_token: $SANDBOXD_API_TOKEN}
 database: {path: $RUN/sandboxd.db}
 controller: {instance: $INSTANCE, create_wait_seconds: 10, delete_wait_seconds: 10, max_wait_seconds: 2, take_over_old_service: false}
+data_plane: {exec_default_timeout_seconds: 5, exec_max_timeout_seconds: 5}
 YAML
 "$BIN" serve --config "$RUN/config.yaml" >"$RUN/server.log" 2>&1 &
 PID=$!

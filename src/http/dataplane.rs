@@ -319,8 +319,8 @@ fn parse_exec(
         (status = 200, description = "the command ended (or was killed at its timeout: exit code 124). \
             With `stream: true` or `Accept: application/x-ndjson`: NDJSON lines \
             `{\"stream\":\"stdout\"|\"stderr\",\"data\":…}` (or `data_base64`), then \
-            `{\"exit_code\":…,\"timed_out\":…,\"duration_ms\":…}`", body = ExecResponse,
-            content_type = "application/json"),
+            `{\"exit_code\":…,\"timed_out\":…,\"duration_ms\":…}`",
+            content((ExecResponse = "application/json"), (String = "application/x-ndjson"))),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "no such sandbox", body = ErrorBody),
         (status = 409, description = "the sandbox is not running (the detail names its phase)", body = ErrorBody),
