@@ -1,7 +1,7 @@
 //! End-to-end figures against the real engine, each printed next to its target.
 //!
 //! `scripts/bench.sh [scenario ...]` (→ `cargo bench --bench e2e -- ...`); scenarios:
-//! `create` `burst` `api` `kill` `restart` `rest` `plan`, default all. Raw Engine API baselines
+//! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `execs` `watch`, default all. Raw Engine API baselines
 //! run interleaved with sandboxd (A B A B …) so engine noise hits both. Every loop is bounded by
 //! count; everything started is removed at the end. Loopback and this run's containers only.
 
@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 
 #[path = "support/world.rs"]
 mod world;
+
+#[path = "support/dataplane.rs"]
+mod dataplane;
 
 const NETWORK: &str = "sandboxd-test";
 const IMAGE: &str = "sandboxd/agent-busybox:latest";
@@ -274,17 +277,24 @@ struct InProcess {
     instance: String,
     _dir: tempfile::TempDir,
     vol: std::path::PathBuf,
+    /// The database file.
+    db: std::path::PathBuf,
 }
 
 impl InProcess {
     async fn start(tag: &str) -> Self {
+        Self::start_with(tag, |_| {}).await
+    }
+
+    async fn start_with(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let instance = instance_name(tag);
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
-        let app = Application::build(settings(dir.path(), &instance), None)
-            .await
-            .expect("build");
+        let mut s = settings(dir.path(), &instance);
+        tweak(&mut s);
+        let db = s.database.path.clone();
+        let app = Application::build(s, None).await.expect("build");
         let addr = app.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
@@ -297,6 +307,7 @@ impl InProcess {
             instance,
             _dir: dir,
             vol,
+            db,
         }
     }
 
@@ -923,6 +934,15 @@ fn main() -> anyhow::Result<()> {
         }
         if want("kill") {
             scenario_kill(&docker, &mut out).await;
+        }
+        if want("exec") {
+            dataplane::scenario_exec(&docker, &mut out).await;
+        }
+        if want("execs") {
+            dataplane::scenario_concurrent_execs(&docker, &mut out).await;
+        }
+        if want("watch") {
+            dataplane::scenario_watch(&docker, &mut out).await;
         }
         if want("restart") || want("rest") {
             scenario_restart_and_rest(&docker, &mut out, want("restart"), want("rest")).await;
