@@ -17,8 +17,12 @@ use super::{ApiError, AppState};
 use crate::dataplane::watch::WatchItem;
 use crate::domain::ChatId;
 
-/// Whether `?watch=` asks for a stream (`true`/`1`/`yes`).
+/// Whether `?watch=` asks for a stream (`true`/`1`/`yes`). `?last_event_id=` is checked too,
+/// also without `watch` (a malformed parameter is refused wherever it appears).
 pub fn wanted(params: &QueryParams) -> Result<bool, ApiError> {
+    if let Some(raw) = params.get("last_event_id") {
+        event_id(raw, "last_event_id")?;
+    }
     match params.get("watch") {
         None => Ok(false),
         Some(v) => match v.to_ascii_lowercase().as_str() {
@@ -33,6 +37,23 @@ pub fn wanted(params: &QueryParams) -> Result<bool, ApiError> {
             )),
         },
     }
+}
+
+/// A non-negative event id, or the 422 naming `field`.
+fn event_id(raw: &str, field: &str) -> Result<i64, ApiError> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| {
+            input::reject(
+                "int_parsing",
+                Source::Query,
+                field,
+                "Input should be a non-negative event id".into(),
+                json!(raw),
+            )
+        })
 }
 
 /// The SSE response for one chat or all.
