@@ -19,29 +19,29 @@ impl Drop for ImageGuard {
     }
 }
 
-fn build_context(dir: &std::path::Path, run: &str) -> std::path::PathBuf {
-    let ctx = dir.join("context");
-    std::fs::create_dir_all(&ctx).unwrap();
+/// A sandboxd with pull policy `build`, a context whose Dockerfile runs `run` on the local
+/// test image, and a fresh image name (removed at the end, as is the context).
+async fn building_app(tag: &str, run: &str) -> (TestApp, ImageGuard, tempfile::TempDir) {
+    let ctx = tempfile::tempdir().unwrap();
     std::fs::write(
-        ctx.join("Dockerfile"),
+        ctx.path().join("Dockerfile"),
         format!("FROM {TEST_IMAGE}\nRUN {run}\n"),
     )
     .unwrap();
-    ctx
+    let image = format!("sandboxd-test/{tag}-{}:latest", unique_instance());
+    let guard = ImageGuard(image.clone());
+    let app = TestApp::spawn_with(|s| {
+        s.docker.pull_policy = sandboxd::config::PullPolicy::Build;
+        s.docker.build_context = Some(ctx.path().to_path_buf());
+        s.sandbox.image = image.clone();
+    })
+    .await;
+    (app, guard, ctx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_is_built_once_for_fifty_racing_creates() {
-    let ctx_dir = tempfile::tempdir().unwrap();
-    let ctx = build_context(ctx_dir.path(), "echo built-by-sandboxd > /built.txt");
-    let image = format!("sandboxd-test/built-{}:latest", unique_instance());
-    let _image = ImageGuard(image.clone());
-    let app = TestApp::spawn_with(|s| {
-        s.docker.pull_policy = sandboxd::config::PullPolicy::Build;
-        s.docker.build_context = Some(ctx.clone());
-        s.sandbox.image = image.clone();
-    })
-    .await;
+    let (app, _image, _ctx) = building_app("built", "echo built-by-sandboxd > /built.txt").await;
     let chats: Vec<String> = (0..50).map(|_| new_chat()).collect();
     let vol = app.volume("v");
     let puts = chats.iter().map(|chat| {
@@ -78,16 +78,7 @@ async fn a_missing_image_is_built_once_for_fifty_racing_creates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_build_is_a_clear_start_error_with_backoff() {
-    let ctx_dir = tempfile::tempdir().unwrap();
-    let ctx = build_context(ctx_dir.path(), "echo about-to-fail && exit 3");
-    let image = format!("sandboxd-test/broken-{}:latest", unique_instance());
-    let _image = ImageGuard(image.clone());
-    let app = TestApp::spawn_with(|s| {
-        s.docker.pull_policy = sandboxd::config::PullPolicy::Build;
-        s.docker.build_context = Some(ctx.clone());
-        s.sandbox.image = image.clone();
-    })
-    .await;
+    let (app, _image, _ctx) = building_app("broken", "echo about-to-fail && exit 3").await;
     let chat = new_chat();
     let (status, body) = app.create(&chat, "a", &app.volume("v")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
