@@ -23,7 +23,7 @@ async fn raw_exec(docker: &Docker, container: &str) -> Duration {
         .create_exec(
             container,
             CreateExecOptions::<String> {
-                cmd: Some(vec!["true".into()]),
+                cmd: Some(vec!["echo".into(), "hi".into()]),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 ..Default::default()
@@ -83,7 +83,7 @@ pub async fn scenario_exec(docker: &Docker, out: &mut Report) {
     let client = reqwest::Client::new();
     let (chat, container) = running(&client, &app).await;
     let url = format!("http://{}/api/v1/sandboxes/{chat}/exec", app.addr);
-    let body = json!({"command": ["true"]});
+    let body = json!({"command": ["echo", "hi"]});
     // Warm both paths.
     raw_exec(docker, &container).await;
     sandboxd_exec(&client, &url, &body).await;

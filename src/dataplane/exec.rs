@@ -69,30 +69,50 @@ pub enum ExecEvent {
 }
 
 impl DataPlane {
-    /// Runs a command to its end (or timeout), keeping output up to the configured cap.
+    /// Runs a command to its end (or timeout), keeping output up to the configured cap. It
+    /// runs on its own task: a caller that goes away (a client hanging up) gets its command
+    /// killed and audited instead of left running.
     pub async fn exec(
         &self,
         chat_id: ChatId,
         req: ExecRequest,
         caller: &Caller,
     ) -> Result<ExecOutput> {
-        let (target, _slot) = self.target(chat_id).await?;
-        let limit = self.settings.data_plane.exec_output_limit_bytes;
-        let (mut stdout, mut stderr) = (Capture::new(limit), Capture::new(limit));
-        let end = self
-            .run(&target, &req, caller, |chunk| {
-                match chunk {
-                    ExecChunk::Stdout(b) => stdout.push(&b),
-                    ExecChunk::Stderr(b) => stderr.push(&b),
-                }
-                std::future::ready(true)
+        let (target, slot) = self.target(chat_id).await?;
+        let (alive, caller_gone) = tokio::sync::oneshot::channel::<()>();
+        let (this, caller) = (self.clone(), caller.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            let limit = this.settings.data_plane.exec_output_limit_bytes;
+            let (mut stdout, mut stderr) = (Capture::new(limit), Capture::new(limit));
+            let end = this
+                .run(
+                    &target,
+                    &req,
+                    &caller,
+                    |chunk| {
+                        match chunk {
+                            ExecChunk::Stdout(b) => stdout.push(&b),
+                            ExecChunk::Stderr(b) => stderr.push(&b),
+                        }
+                        std::future::ready(true)
+                    },
+                    async move {
+                        let _ = caller_gone.await;
+                    },
+                )
+                .await?;
+            Ok(ExecOutput {
+                end,
+                stdout,
+                stderr,
             })
-            .await?;
-        Ok(ExecOutput {
-            end,
-            stdout,
-            stderr,
-        })
+        });
+        let out = task
+            .await
+            .map_err(|e| DataPlaneError::Engine(format!("exec task failed: {e}")))?;
+        drop(alive);
+        out
     }
 
     /// Runs a command and sends its output as it comes, then its end. A receiver that goes
@@ -111,24 +131,31 @@ impl DataPlane {
             let limit = this.settings.data_plane.exec_output_limit_bytes as u64;
             let mut sent = 0u64;
             let sink_tx = tx.clone();
+            let watch_tx = tx.clone();
             let result = this
-                .run(&target, &req, &caller, move |chunk| {
-                    // Past the cap the output is dropped (the end still comes).
-                    let len = match &chunk {
-                        ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len() as u64,
-                    };
-                    let keep = sent < limit.saturating_mul(2);
-                    sent += len;
-                    let tx = sink_tx.clone();
-                    // A slow client slows the command (through its pipe); the deadline holds.
-                    async move {
-                        if keep {
-                            tx.send(ExecEvent::Chunk(chunk)).await.is_ok()
-                        } else {
-                            !tx.is_closed()
+                .run(
+                    &target,
+                    &req,
+                    &caller,
+                    move |chunk| {
+                        // Past the cap the output is dropped (the end still comes).
+                        let len = match &chunk {
+                            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len() as u64,
+                        };
+                        let keep = sent < limit.saturating_mul(2);
+                        sent += len;
+                        let tx = sink_tx.clone();
+                        // A slow client slows the command (through its pipe); the deadline holds.
+                        async move {
+                            if keep {
+                                tx.send(ExecEvent::Chunk(chunk)).await.is_ok()
+                            } else {
+                                !tx.is_closed()
+                            }
                         }
-                    }
-                })
+                    },
+                    async move { watch_tx.closed().await },
+                )
                 .await;
             let last = match result {
                 Ok(end) => ExecEvent::End(end),
@@ -141,16 +168,21 @@ impl DataPlane {
 
     /// The common core: start, feed stdin, pump output into `sink` until the stream ends or
     /// the deadline passes; kill on timeout or when `sink` says its consumer is gone.
-    async fn run<F>(
+    async fn run<F, G>(
         &self,
         t: &Target,
         req: &ExecRequest,
         caller: &Caller,
         mut sink: impl FnMut(ExecChunk) -> F + Send,
+        gone: G,
     ) -> Result<ExecEnd>
     where
         F: std::future::Future<Output = bool> + Send,
+        G: std::future::Future<Output = ()> + Send,
     {
+        // Resolves when the consumer left (a streaming client that hung up, even while the
+        // command prints nothing).
+        let mut gone = std::pin::pin!(gone);
         let workdir = t
             .mounts
             .resolve(req.workdir.as_deref().unwrap_or(t.mounts.workdir()), None)?;
@@ -205,6 +237,10 @@ impl DataPlane {
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     timed_out = true;
+                    break;
+                }
+                _ = &mut gone => {
+                    abandoned = true;
                     break;
                 }
             }

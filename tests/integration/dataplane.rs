@@ -247,6 +247,42 @@ async fn exec_streams_output_chunks_then_the_exit_code_and_a_gone_client_kills_t
         },
     )
     .await;
+
+    // The same for a silent streamed command (nothing to write tells sandboxd the client is
+    // gone), and for a buffered exec whose client hangs up.
+    let r = app
+        .client
+        .post(app.url(&format!("/api/v1/sandboxes/{chat}/exec")))
+        .json(&json!({"command": "sleep 321", "stream": true, "timeout_seconds": 300}))
+        .send()
+        .await
+        .expect("request");
+    drop(r);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(app.url(&format!("/api/v1/sandboxes/{chat}/exec")))
+        .json(&json!({"command": "sleep 322", "timeout_seconds": 300}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    wait_until(
+        Duration::from_secs(15),
+        "the commands of clients that left are killed",
+        || async {
+            processes_matching(&app, &chat, "sleep 32")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let abandoned = app
+        .db_scalar("SELECT count(*) FROM sandbox_events WHERE action = 'exec' AND json_extract(detail, '$.abandoned') = 1")
+        .await;
+    assert_eq!(abandoned, 3, "each abandoned exec is audited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
