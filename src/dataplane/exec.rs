@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::output::Capture;
+use super::output::{Capture, Utf8Chunker};
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::docker::sandbox_io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
@@ -46,10 +46,20 @@ pub struct ExecEnd {
     pub exit_code: i64,
     pub timed_out: bool,
     pub duration: Duration,
-    /// The client went away before the end (streaming): the command was killed.
+    /// The client went away before the end: the command was killed.
     pub abandoned: bool,
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
+    /// After a timeout or abandonment: whether the kill left no marked process.
+    pub killed: Option<bool>,
+}
+
+/// A started exec, before its output is pumped.
+struct Begun {
+    exec: crate::docker::sandbox_io::StartedExec,
+    marker: String,
+    started: Instant,
+    deadline: Instant,
 }
 
 /// A buffered exec's answer.
@@ -79,6 +89,7 @@ impl DataPlane {
         caller: &Caller,
     ) -> Result<ExecOutput> {
         let (target, slot) = self.target(chat_id).await?;
+        let begun = self.begin(&target, &req).await?;
         let (alive, caller_gone) = tokio::sync::oneshot::channel::<()>();
         let (this, caller) = (self.clone(), caller.clone());
         let task = tokio::spawn(async move {
@@ -86,10 +97,11 @@ impl DataPlane {
             let limit = this.settings.data_plane.exec_output_limit_bytes;
             let (mut stdout, mut stderr) = (Capture::new(limit), Capture::new(limit));
             let end = this
-                .run(
+                .finish(
                     &target,
                     &req,
                     &caller,
+                    begun,
                     |chunk| {
                         match chunk {
                             ExecChunk::Stdout(b) => stdout.push(&b),
@@ -115,8 +127,10 @@ impl DataPlane {
         out
     }
 
-    /// Runs a command and sends its output as it comes, then its end. A receiver that goes
-    /// away kills the command. Errors before the start are returned, not sent.
+    /// Runs a command and sends its output as it comes (chunks never split a UTF-8
+    /// character), then its end. A receiver that goes away kills the command. Failures
+    /// before the command runs (a bad `workdir`, the engine away, the sandbox gone) are
+    /// returned, not sent.
     pub async fn exec_stream(
         &self,
         chat_id: ChatId,
@@ -124,25 +138,39 @@ impl DataPlane {
         caller: Caller,
     ) -> Result<mpsc::Receiver<ExecEvent>> {
         let (target, slot) = self.target(chat_id).await?;
+        let begun = self.begin(&target, &req).await?;
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let limit = this.settings.data_plane.exec_output_limit_bytes as u64;
             let mut sent = 0u64;
+            // Shared with the sink, so what they hold back at the end can still be sent.
+            let chunkers = std::sync::Arc::new(std::sync::Mutex::new((
+                Utf8Chunker::default(),
+                Utf8Chunker::default(),
+            )));
+            let sink_chunkers = chunkers.clone();
             let sink_tx = tx.clone();
             let watch_tx = tx.clone();
             let result = this
-                .run(
+                .finish(
                     &target,
                     &req,
                     &caller,
+                    begun,
                     move |chunk| {
-                        // Past the cap the output is dropped (the end still comes).
+                        let chunk = match sink_chunkers.lock() {
+                            Ok(mut c) => match chunk {
+                                ExecChunk::Stdout(b) => ExecChunk::Stdout(c.0.push(&b).into()),
+                                ExecChunk::Stderr(b) => ExecChunk::Stderr(c.1.push(&b).into()),
+                            },
+                            Err(_) => chunk,
+                        };
                         let len = match &chunk {
                             ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len() as u64,
                         };
-                        let keep = sent < limit.saturating_mul(2);
+                        // Past the cap the output is dropped (the end still comes).
+                        let keep = len > 0 && sent < limit.saturating_mul(2);
                         sent += len;
                         let tx = sink_tx.clone();
                         // A slow client slows the command (through its pipe); the deadline holds.
@@ -157,32 +185,36 @@ impl DataPlane {
                     async move { watch_tx.closed().await },
                 )
                 .await;
+            // A client that stopped reading must not hold the slot while the end waits.
+            drop(slot);
+            let rest = chunkers
+                .lock()
+                .map(|mut c| {
+                    let (out, err) = std::mem::take(&mut *c);
+                    (out.finish(), err.finish())
+                })
+                .unwrap_or_default();
+            for chunk in [
+                ExecChunk::Stdout(rest.0.into()),
+                ExecChunk::Stderr(rest.1.into()),
+            ] {
+                let empty =
+                    matches!(&chunk, ExecChunk::Stdout(b) | ExecChunk::Stderr(b) if b.is_empty());
+                if !empty {
+                    let _ = tx.send(ExecEvent::Chunk(chunk)).await;
+                }
+            }
             let last = match result {
                 Ok(end) => ExecEvent::End(end),
                 Err(e) => ExecEvent::Failed(e),
             };
-            let _ = tx.send(last).await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), tx.send(last)).await;
         });
         Ok(rx)
     }
 
-    /// The common core: start, feed stdin, pump output into `sink` until the stream ends or
-    /// the deadline passes; kill on timeout or when `sink` says its consumer is gone.
-    async fn run<F, G>(
-        &self,
-        t: &Target,
-        req: &ExecRequest,
-        caller: &Caller,
-        mut sink: impl FnMut(ExecChunk) -> F + Send,
-        gone: G,
-    ) -> Result<ExecEnd>
-    where
-        F: std::future::Future<Output = bool> + Send,
-        G: std::future::Future<Output = ()> + Send,
-    {
-        // Resolves when the consumer left (a streaming client that hung up, even while the
-        // command prints nothing).
-        let mut gone = std::pin::pin!(gone);
+    /// Checks the working directory and starts the command with its marker variable.
+    async fn begin(&self, t: &Target, req: &ExecRequest) -> Result<Begun> {
         let workdir = t
             .mounts
             .resolve(req.workdir.as_deref().unwrap_or(t.mounts.workdir()), None)?;
@@ -190,7 +222,6 @@ impl DataPlane {
         let mut env = req.env.clone();
         env.push(marker.clone());
         let started = Instant::now();
-        let deadline = started + req.timeout;
         let spec = ExecSpec {
             cmd: req.argv.clone(),
             env,
@@ -209,12 +240,43 @@ impl DataPlane {
                 let _ = input.shutdown().await;
             });
         }
+        Ok(Begun {
+            exec,
+            marker,
+            started,
+            deadline: started + req.timeout,
+        })
+    }
+
+    /// Pumps output into `sink` until the stream ends, the deadline passes or the consumer
+    /// is `gone`; kills the command's processes in the last two cases (and when the output
+    /// stream breaks), and audits every ending.
+    async fn finish<F, G>(
+        &self,
+        t: &Target,
+        req: &ExecRequest,
+        caller: &Caller,
+        begun: Begun,
+        mut sink: impl FnMut(ExecChunk) -> F + Send,
+        gone: G,
+    ) -> Result<ExecEnd>
+    where
+        F: std::future::Future<Output = bool> + Send,
+        G: std::future::Future<Output = ()> + Send,
+    {
+        let Begun {
+            mut exec,
+            marker,
+            started,
+            deadline,
+        } = begun;
+        let mut gone = std::pin::pin!(gone);
         let (mut stdout_bytes, mut stderr_bytes) = (0u64, 0u64);
         let mut count = |c: &ExecChunk| match c {
             ExecChunk::Stdout(b) => stdout_bytes += b.len() as u64,
             ExecChunk::Stderr(b) => stderr_bytes += b.len() as u64,
         };
-        let (mut timed_out, mut abandoned) = (false, false);
+        let (mut timed_out, mut abandoned, mut broken) = (false, false, None);
         loop {
             tokio::select! {
                 item = exec.output.next() => match item {
@@ -232,7 +294,10 @@ impl DataPlane {
                             }
                         }
                     }
-                    Some(Err(e)) => return Err(DataPlaneError::engine(e, None)),
+                    Some(Err(e)) => {
+                        broken = Some(DataPlaneError::engine(e, None));
+                        break;
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -245,18 +310,9 @@ impl DataPlane {
                 }
             }
         }
-        if timed_out || abandoned {
-            match self
-                .io
-                .kill_marked(&t.container_id, &marker, KILL_WITHIN)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop")
-                }
-                Err(e) => tracing::warn!(chat_id = %t.chat_id, error = %e, "exec kill failed"),
-            }
+        let mut killed = None;
+        if timed_out || abandoned || broken.is_some() {
+            killed = Some(self.kill(t, &exec.id, &marker).await);
             // What the command wrote before it died still counts.
             let drain = async {
                 while let Some(Ok(chunk)) = exec.output.next().await {
@@ -269,31 +325,54 @@ impl DataPlane {
             let _ = tokio::time::timeout(DRAIN_AFTER_KILL, drain).await;
         }
         let exit_code = if timed_out || abandoned {
-            TIMEOUT_EXIT_CODE
+            Ok(TIMEOUT_EXIT_CODE)
+        } else if let Some(e) = broken {
+            Err(e)
         } else {
-            self.exit_code(&exec.id).await?
+            self.exit_code(&exec.id).await
         };
         let end = ExecEnd {
-            exit_code,
+            exit_code: *exit_code.as_ref().unwrap_or(&-1),
             timed_out,
             duration: started.elapsed(),
             abandoned,
             stdout_bytes,
             stderr_bytes,
+            killed,
         };
-        let result = if timed_out {
-            "timeout"
-        } else if abandoned {
-            "abandoned"
-        } else {
-            "ok"
+        let result = match (&exit_code, timed_out, abandoned) {
+            (Err(_), _, _) => "error",
+            (_, true, _) => "timeout",
+            (_, _, true) => "abandoned",
+            _ => "ok",
         };
         self.metrics
             .exec_total
             .get_or_create(&crate::metrics::ResultLabel { result })
             .inc();
-        self.audit_exec(t, caller, req, &end).await;
-        Ok(end)
+        self.audit_exec(t, caller, req, &end, exit_code.as_ref().err())
+            .await;
+        exit_code.map(|_| end)
+    }
+
+    /// Kills every process of an exec (once its process exists); whether none is left.
+    async fn kill(&self, t: &Target, exec_id: &str, marker: &str) -> bool {
+        self.io.wait_exec_started(exec_id, KILL_WITHIN).await;
+        match self
+            .io
+            .kill_marked(&t.container_id, marker, KILL_WITHIN)
+            .await
+        {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(chat_id = %t.chat_id, error = %e, "exec kill failed");
+                false
+            }
+        }
     }
 
     /// The exit code once the engine has it (it may lag the stream's end by a moment).
@@ -312,7 +391,14 @@ impl DataPlane {
         ))
     }
 
-    async fn audit_exec(&self, t: &Target, caller: &Caller, req: &ExecRequest, end: &ExecEnd) {
+    async fn audit_exec(
+        &self,
+        t: &Target,
+        caller: &Caller,
+        req: &ExecRequest,
+        end: &ExecEnd,
+        failed: Option<&DataPlaneError>,
+    ) {
         let mut command = serde_json::to_string(&req.argv).unwrap_or_default();
         if command.len() > AUDIT_COMMAND_BYTES {
             let mut cut = AUDIT_COMMAND_BYTES;
@@ -324,7 +410,7 @@ impl DataPlane {
         }
         let outcome = if end.timed_out {
             EventOutcome::Timeout
-        } else if end.abandoned {
+        } else if end.abandoned || failed.is_some() {
             EventOutcome::Error
         } else {
             EventOutcome::Ok
@@ -338,6 +424,8 @@ impl DataPlane {
             "stdout_bytes": end.stdout_bytes,
             "stderr_bytes": end.stderr_bytes,
             "stdin_bytes": req.stdin.as_ref().map_or(0, Vec::len),
+            "killed": end.killed,
+            "error": failed.map(ToString::to_string),
         });
         self.audit(t, caller, EventAction::Exec, outcome, detail)
             .await;

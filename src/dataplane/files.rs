@@ -26,6 +26,10 @@ use crate::store::{EventAction, EventOutcome};
 pub const MAX_HOPS: usize = 8;
 /// Entries a listing looks at (children and everything under them) before it stops.
 const LIST_SCAN_MAX: usize = 100_000;
+/// Bytes of the directory's tar a listing reads (file contents stream past) before it stops.
+const LIST_SCAN_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Longest a listing reads the directory's tar.
+const LIST_SCAN_MAX_TIME: Duration = Duration::from_secs(10);
 
 /// A written file.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -74,7 +78,9 @@ pub struct Listing {
 type TarReader = StreamReader<Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>, Bytes>;
 
 impl DataPlane {
-    /// Writes `data` to `path` with `mode`, creating missing parent directories.
+    /// Writes `data` to `path` with `mode`, creating missing parent directories. The write
+    /// and its audit line run on their own task: a caller that hangs up cannot leave a
+    /// written file unaudited.
     pub async fn write_file(
         &self,
         chat_id: ChatId,
@@ -83,43 +89,69 @@ impl DataPlane {
         data: Bytes,
         caller: &Caller,
     ) -> Result<Written> {
-        let (t, _slot) = self.target(chat_id).await?;
+        let (t, slot) = self.target(chat_id).await?;
         let file = t.mounts.resolve(path, None)?;
         writable(&file)?;
-        self.refuse_symlinked_dirs(&t, &file).await?;
+        let (this, caller) = (self.clone(), caller.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let result = this.write_checked(&t, &file, mode, &data).await;
+            let (outcome, error) = match &result {
+                Ok(_) => (EventOutcome::Ok, None),
+                Err(e) => (EventOutcome::Error, Some(e.to_string())),
+            };
+            let created = result.as_ref().map(Vec::len).unwrap_or(0);
+            this.audit(
+                &t,
+                &caller,
+                EventAction::FileWrite,
+                outcome,
+                json!({
+                    "path": file.absolute,
+                    "bytes": data.len(),
+                    "mode": format!("{mode:04o}"),
+                    "created_dirs": created,
+                    "error": error,
+                }),
+            )
+            .await;
+            result.map(|created_dirs| Written {
+                path: file.absolute.clone(),
+                bytes: data.len() as u64,
+                mode: format!("{mode:04o}"),
+                created_dirs,
+            })
+        })
+        .await
+        .map_err(|e| DataPlaneError::Engine(format!("file write task failed: {e}")))?
+    }
+
+    /// The write itself, after the path rules: refuses symlinked directories, extracts into
+    /// the parent, or creates the missing parents. Returns the directories it created.
+    async fn write_checked(
+        &self,
+        t: &Target,
+        file: &SandboxPath,
+        mode: u32,
+        data: &Bytes,
+    ) -> Result<Vec<String>> {
+        self.refuse_symlinked_dirs(t, file).await?;
         let parent = file.parent().ok_or_else(|| {
             DataPlaneError::Path(super::paths::PathError::MountRoot(file.absolute.clone()))
         })?;
         // The usual case: the parent exists. Extract the one file into it.
-        let tar = one_file_tar(file.file_name(), &data, mode, t.owner, &[]).await?;
-        let created_dirs = match self
+        let tar = one_file_tar(file.file_name(), data, mode, t.owner, &[]).await?;
+        match self
             .io
             .put_archive(&t.container_id, &parent.absolute, tar)
             .await
         {
-            Ok(()) => Vec::new(),
+            Ok(()) => Ok(Vec::new()),
             Err(e) => match DataPlaneError::engine(e, Some(&parent.absolute)) {
-                DataPlaneError::NoSuchPath(_) => {
-                    self.write_with_parents(&t, &file, mode, &data).await?
-                }
-                other => return Err(other),
+                DataPlaneError::NoSuchPath(_) => self.write_with_parents(t, file, mode, data).await,
+                other => Err(other),
             },
-        };
-        let written = Written {
-            path: file.absolute.clone(),
-            bytes: data.len() as u64,
-            mode: format!("{mode:04o}"),
-            created_dirs,
-        };
-        self.audit(
-            &t,
-            caller,
-            EventAction::FileWrite,
-            EventOutcome::Ok,
-            json!({ "path": written.path, "bytes": written.bytes, "mode": written.mode }),
-        )
-        .await;
-        Ok(written)
+        }
     }
 
     /// Finds the deepest existing ancestor and extracts the missing directories (owned by
@@ -242,11 +274,26 @@ impl DataPlane {
                 entries: Vec::new(),
                 truncated: false,
             };
-            let mut scanned = 0usize;
-            while let Some(entry) = entries.next().await {
-                let entry = entry
-                    .map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+            let (mut scanned, mut bytes) = (0usize, 0u64);
+            let until = tokio::time::Instant::now() + LIST_SCAN_MAX_TIME;
+            loop {
+                let next = match tokio::time::timeout_at(until, entries.next()).await {
+                    Ok(Some(entry)) => entry,
+                    Ok(None) => break,
+                    Err(_) => {
+                        listing.truncated = true;
+                        break;
+                    }
+                };
+                let entry =
+                    next.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
                 scanned += 1;
+                // Every entry streams past: its header and its contents.
+                bytes += entry.effective_size() + 512;
+                if bytes > LIST_SCAN_MAX_BYTES {
+                    listing.truncated = true;
+                    break;
+                }
                 if let Some(child) = child_entry(&entry) {
                     if listing.entries.len() == max {
                         listing.truncated = true;

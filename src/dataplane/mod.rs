@@ -224,12 +224,14 @@ impl DataPlane {
 /// `uid[:gid]` when numeric, else root (the engine's default for archive entries).
 fn numeric_owner(user: Option<&str>) -> (u64, u64) {
     let Some(user) = user else { return (0, 0) };
-    let mut parts = user.splitn(2, ':');
-    let uid = parts.next().and_then(|u| u.parse().ok());
-    let gid = parts.next().and_then(|g| g.parse().ok());
+    let (uid, gid) = match user.split_once(':') {
+        Some((u, g)) => (u.parse().ok(), Some(g.parse().ok())),
+        None => (user.parse().ok(), None),
+    };
     match (uid, gid) {
-        (Some(u), Some(g)) => (u, g),
+        (Some(u), Some(Some(g))) => (u, g),
         (Some(u), None) => (u, u),
+        // A name on either side: the engine's default (root) rather than a guess.
         _ => (0, 0),
     }
 }
@@ -244,5 +246,6 @@ mod tests {
         assert_eq!(numeric_owner(Some("1000")), (1000, 1000));
         assert_eq!(numeric_owner(Some("1000:50")), (1000, 50));
         assert_eq!(numeric_owner(Some("agent")), (0, 0));
+        assert_eq!(numeric_owner(Some("1000:staff")), (0, 0));
     }
 }

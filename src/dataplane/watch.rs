@@ -80,6 +80,8 @@ pub struct WatchFeed {
     ring: broadcast::Sender<Arc<Change>>,
     /// The newest id the tailer has sent (clients without a cursor start here).
     sent: Arc<AtomicI64>,
+    /// Turns true at shutdown: open streams end (a graceful stop does not wait for them).
+    stop: watch::Receiver<bool>,
 }
 
 impl WatchFeed {
@@ -94,6 +96,7 @@ impl WatchFeed {
             store,
             ring: broadcast::channel(capacity.max(1)).0,
             sent: Arc::new(AtomicI64::new(start)),
+            stop: shutdown.clone(),
         };
         let tailer = feed.clone();
         tokio::spawn(async move {
@@ -126,9 +129,11 @@ impl WatchFeed {
         match self.store.events_after(after, PAGE).await {
             Ok(lines) => {
                 for line in &lines {
+                    // Advanced first: a client subscribing now starts after this id and
+                    // receives it from the ring (skipping nothing, duplicating nothing).
+                    self.sent.store(line.id, Ordering::Release);
                     // No receiver is fine: nobody is watching.
                     let _ = self.ring.send(Arc::new(Change::of(line)));
-                    self.sent.store(line.id, Ordering::Release);
                 }
                 lines.len() == PAGE as usize
             }
@@ -149,6 +154,7 @@ impl WatchFeed {
         let store = self.store.clone();
         let chat = chat.map(|c| c.to_string());
         let from_now = self.sent.load(Ordering::Acquire);
+        let mut stop = self.stop.clone();
         let wanted = move |c: &Change| {
             !EventAction::is_audit(&c.action) && chat.as_ref().is_none_or(|id| *id == c.chat_id)
         };
@@ -157,6 +163,17 @@ impl WatchFeed {
                 Some(id) => id,
                 None => from_now,
             };
+            if *stop.borrow() {
+                return;
+            }
+            // A cursor past the newest line (a restored or replaced database): start over.
+            if last_id.is_some_and(|id| id > from_now) {
+                yield WatchItem::Resync {
+                    last_id: from_now,
+                    reason: "Last-Event-ID is past the newest event; reconnect with the id given".into(),
+                };
+                return;
+            }
             // Backfill from the log.
             if last_id.is_some() {
                 loop {
@@ -182,7 +199,11 @@ impl WatchFeed {
             }
             // Follow the ring.
             loop {
-                match ring.recv().await {
+                let next = tokio::select! {
+                    next = ring.recv() => next,
+                    _ = stop.changed() => return,
+                };
+                match next {
                     Ok(change) if change.id <= cursor => continue,
                     Ok(change) => {
                         cursor = change.id;

@@ -26,19 +26,34 @@ use crate::config::DockerSettings;
 /// The variable every exec's processes inherit; a timeout kills every process carrying it.
 pub const EXEC_MARKER_VAR: &str = "SANDBOXD_EXEC_ID";
 
-/// Kills every process whose environment carries the marker (`$1`), again until none is
-/// left (a process may fork while it is being killed). Needs only `sh`, `grep` and `kill`.
-/// (Not `grep -F`: busybox's stops at the first NUL of `environ`; the marker has no regex
-/// metacharacters.)
+/// Kills every process whose environment carries the marker (`$1`), and every descendant of
+/// one (a process that rewrites its title can overwrite its environment), again until none is
+/// left: they are stopped first, so none can fork while the others die. Needs only `sh`,
+/// `grep`, `kill` and `read` (busybox has them). Not `grep -F`: busybox's stops at the first
+/// NUL of `environ`; the marker has no regex metacharacters. PID 1 (the sandbox's own
+/// process) is never a descendant of an exec, and the kernel ignores SIGKILL to it anyway.
 const KILL_MARKED: &str = r#"m="$1"; i=0
 while [ $i -lt 50 ]; do
-  found=
+  marked=" "
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
     [ "$p" = "$$" ] && continue
-    if grep -q "$m" "$d/environ" 2>/dev/null; then kill -9 "$p" 2>/dev/null; found=1; fi
+    grep -q "$m" "$d/environ" 2>/dev/null && marked="$marked$p "
   done
-  [ -z "$found" ] && exit 0
+  changed=1
+  while [ -n "$changed" ]; do
+    changed=
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}
+      case "$marked" in *" $p "*) continue;; esac
+      [ "$p" = "$$" ] && continue
+      read -r _ _ _ pp _ < "$d/stat" 2>/dev/null || continue
+      case "$marked" in *" $pp "*) marked="$marked$p "; changed=1;; esac
+    done
+  done
+  [ "$marked" = " " ] && exit 0
+  for p in $marked; do kill -STOP "$p" 2>/dev/null; done
+  for p in $marked; do kill -9 "$p" 2>/dev/null; done
   i=$((i+1))
 done
 exit 1"#;
@@ -178,6 +193,22 @@ impl SandboxIo {
                 op: "start_exec",
                 message: "the engine detached an attached exec".into(),
             }),
+        }
+    }
+
+    /// Waits (up to `within`) until the engine reports the exec's process started (or ended):
+    /// the attach answer can come before the process exists, and a kill must not run first.
+    pub async fn wait_exec_started(&self, exec_id: &str, within: Duration) {
+        let Ok(docker) = self.client().await else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            match docker.inspect_exec(exec_id).await {
+                Ok(i) if i.pid.is_some_and(|p| p > 0) || i.exit_code.is_some() => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => return,
+            }
         }
     }
 

@@ -436,7 +436,7 @@ fn path_param(params: &QueryParams, required: bool) -> Result<Option<String>, Ap
 #[utoipa::path(put, path = "/api/v1/sandboxes/{chat_id}/files", tag = "data plane",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("path" = String, Query, description = "relative to the chat mount, or absolute on a writable mount"),
-        ("mode" = Option<String>, Query, description = "octal permission bits, default `0644`")),
+        ("mode" = Option<String>, Query, description = "octal permission bits `000`-`777`, default `0644`")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
         description = "the file's bytes, at most `data_plane.file_write_limit_bytes`"),
     responses(
@@ -463,13 +463,13 @@ pub async fn write_file(
         None => 0o644,
         Some(raw) => u32::from_str_radix(raw.trim_start_matches("0o"), 8)
             .ok()
-            .filter(|m| *m <= 0o7777)
+            .filter(|m| *m <= 0o777)
             .ok_or_else(|| {
                 input::reject(
                     "value_error",
                     Source::Query,
                     "mode",
-                    "Value error, octal permission bits (0000-7777), e.g. 0644".into(),
+                    "Value error, octal permission bits 000-777, e.g. 0644 (no setuid, setgid or sticky bits: the file lands on a host directory)".into(),
                     json!(raw),
                 )
             })?,

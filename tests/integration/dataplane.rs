@@ -151,13 +151,13 @@ async fn processes_matching(app: &TestApp, chat: &str, needle: &str) -> Vec<Stri
 async fn exec_timeout_kills_every_process_it_started_even_ones_ignoring_sigterm() {
     let app = TestApp::spawn().await;
     let chat = running_chat(&app).await;
-    // A child that ignores SIGTERM, one that left the session (setsid), and a foreground
-    // sleeper holding the output open.
+    // A child that ignores SIGTERM, one that left the session (setsid), one with an empty
+    // environment (found as a descendant), and a foreground sleeper holding the output open.
     let (status, out) = exec(
         &app,
         &chat,
         json!({
-            "command": "(trap '' TERM; sleep 301) & setsid sleep 302 & echo started; sleep 303",
+            "command": "(trap '' TERM; sleep 301) & setsid sleep 302 & env -i /bin/sleep 304 & echo started; sleep 303",
             "timeout_seconds": 1
         }),
     )
@@ -497,6 +497,18 @@ async fn hostile_file_paths_are_refused_and_symlinks_never_lead_off_the_mounts()
     let (status, body) = put_file(&app, &chat, "path=/opt/dependencies/x.py", b"x".to_vec()).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(detail_text(&body).contains("read-only"), "{body}");
+    // No setuid, setgid or sticky bits (the file lands in a host directory).
+    for mode in ["4755", "2755", "1777", "99", "rw"] {
+        let (status, body) = put_file(
+            &app,
+            &chat,
+            &format!("path=m.sh&mode={mode}"),
+            b"x".to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{mode}: {body}");
+        assert_eq!(body["detail"][0]["loc"], json!(["query", "mode"]));
+    }
     // A mount root is not a file.
     let (status, _) = put_file(&app, &chat, "path=/workspace/volume", b"x".to_vec()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -575,6 +587,7 @@ async fn hostile_file_paths_are_refused_and_symlinks_never_lead_off_the_mounts()
         json!({"command": "true", "env": {"SANDBOXD_EXEC_ID": "x"}}),
         json!({"command": "true", "workdir": "../.."}),
         json!({"command": "true", "workdir": "/etc"}),
+        json!({"command": "true", "workdir": "/etc", "stream": true}),
         json!({"command": "true", "surprise": 1}),
         json!({"command": "true", "stdin": "a", "stdin_base64": "YQ=="}),
     ] {
