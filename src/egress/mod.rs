@@ -1,0 +1,443 @@
+//! Egress policy as host firewall rules (pure): what the rules of an instance must be, given
+//! the live sandboxes' frozen policies, and whether the rules found on the host are those.
+//! The adapter (`iptables.rs`) reads and writes them; the controller (`controller/egress.rs`)
+//! decides when.
+//!
+//! Layout, per instance (chain names carry a hash of `controller.instance`, so instances and
+//! test runs on one host never touch each other's rules):
+//!
+//! ```text
+//! DOCKER-USER (FORWARD) ─┐
+//! INPUT ─────────────────┴─► SBX-<i>: RELATED,ESTABLISHED → RETURN
+//!                                     -i <bridge of network N> → SBX-<i>-<n>
+//! SBX-<i>-<n>: allow_cidrs → RETURN; `host` → REJECT (any local address of the host);
+//!              deny_cidrs → REJECT; egress deny → REJECT everything else
+//! ```
+//!
+//! Rules are keyed by the sandbox network's bridge, so they exist before a sandbox on it can
+//! send its first packet. `INPUT` is needed because a sandbox reaching the host (its
+//! gateway, or any host address) is delivered locally and never crosses `FORWARD`. Replies to
+//! connections made *to* a sandbox (its endpoint) are established traffic and pass.
+
+pub mod iptables;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The word in `deny_cidrs` / `allow_cidrs` that means "every address of the host itself".
+pub const HOST: &str = "host";
+
+/// The default `deny_cidrs`: private ranges (RFC 1918), shared address space (RFC 6598),
+/// link-local (cloud metadata at 169.254.169.254 among them) and the host's own addresses.
+pub const DEFAULT_DENY: [&str; 6] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    HOST,
+];
+
+/// `allow`: everything but `deny_cidrs`; `deny`: nothing but `allow_cidrs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    Allow,
+    Deny,
+}
+
+/// One profile's egress policy, as frozen in a session's spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressPolicy {
+    pub egress: EgressMode,
+    /// CIDRs (or `host`) a sandbox may reach even when denied otherwise. Checked first.
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
+}
+
+impl EgressPolicy {
+    /// Whether any rule is needed (`allow` with nothing denied needs none).
+    pub fn needs_rules(&self) -> bool {
+        self.egress == EgressMode::Deny || !self.deny_cidrs.is_empty()
+    }
+
+    /// The strictest combination of two policies on one network (only after a config change
+    /// can sessions on one network carry different ones): deny wins, denials add up, only
+    /// exceptions both allow stay.
+    pub fn strictest(&self, other: &EgressPolicy) -> EgressPolicy {
+        let union: BTreeSet<&String> = self.deny_cidrs.iter().chain(&other.deny_cidrs).collect();
+        let theirs: BTreeSet<&String> = other.allow_cidrs.iter().collect();
+        EgressPolicy {
+            egress: self.egress.max(other.egress),
+            allow_cidrs: self
+                .allow_cidrs
+                .iter()
+                .filter(|c| theirs.contains(c))
+                .cloned()
+                .collect(),
+            deny_cidrs: union.into_iter().cloned().collect(),
+        }
+    }
+
+    /// The effective rules in words (for the view and `sandboxd show`).
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = vec!["established and related traffic: accept".to_string()];
+        out.extend(self.allow_cidrs.iter().map(|c| format!("{c}: accept")));
+        out.extend(self.deny_cidrs.iter().map(|c| format!("{c}: reject")));
+        out.push(match self.egress {
+            EgressMode::Allow => "anything else: accept".into(),
+            EgressMode::Deny => "anything else: reject".into(),
+        });
+        out
+    }
+}
+
+/// Checks a `deny_cidrs`/`allow_cidrs` entry: `host` or an IPv4 CIDR (`a.b.c.d/n`).
+pub fn check_cidr(entry: &str) -> Result<(), String> {
+    if entry == HOST {
+        return Ok(());
+    }
+    let (addr, len) = entry
+        .split_once('/')
+        .ok_or_else(|| format!("`{entry}` is not a CIDR (a.b.c.d/n) or `host`"))?;
+    addr.parse::<std::net::Ipv4Addr>()
+        .map_err(|_| format!("`{entry}`: `{addr}` is not an IPv4 address"))?;
+    match len.parse::<u8>() {
+        Ok(n) if n <= 32 => Ok(()),
+        _ => Err(format!("`{entry}`: prefix length must be 0..=32")),
+    }
+}
+
+/// The rules an instance must have: per bridge, the (merged) policy of its network.
+pub type Desired = BTreeMap<String, EgressPolicy>;
+
+/// Merges the live sandboxes' policies per bridge; policies that need no rules are left out.
+pub fn desired<'a>(policies: impl IntoIterator<Item = (&'a str, &'a EgressPolicy)>) -> Desired {
+    let mut out: Desired = BTreeMap::new();
+    for (bridge, policy) in policies {
+        if !policy.needs_rules() {
+            continue;
+        }
+        out.entry(bridge.to_string())
+            .and_modify(|p| *p = p.strictest(policy))
+            .or_insert_with(|| policy.clone());
+    }
+    out
+}
+
+/// The top chain of an instance: `SBX-` and 8 hex digits.
+pub fn top_chain(instance: &str) -> String {
+    format!("SBX-{}", short_hash(instance))
+}
+
+fn network_chain(instance: &str, bridge: &str) -> String {
+    format!("SBX-{}-{}", short_hash(instance), short_hash(bridge))
+}
+
+fn short_hash(text: &str) -> String {
+    hex::encode(&Sha256::digest(text.as_bytes())[..4])
+}
+
+/// Chains and their rules (`-A` lines, without the chain name), as they must be.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub chains: BTreeMap<String, Vec<String>>,
+}
+
+/// Renders an instance's rules. Every rule carries a comment with a digest of the whole set,
+/// so the host's copy can be compared without parsing how iptables re-spells a rule.
+pub fn render(instance: &str, desired: &Desired) -> Ruleset {
+    let top = top_chain(instance);
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut top_rules = vec!["-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".to_string()];
+    for (bridge, policy) in desired {
+        let chain = network_chain(instance, bridge);
+        top_rules.push(format!("-i {bridge} -j {chain}"));
+        let mut rules = Vec::new();
+        for c in &policy.allow_cidrs {
+            rules.push(match c.as_str() {
+                HOST => "-m addrtype --dst-type LOCAL -j RETURN".to_string(),
+                cidr => format!("-d {cidr} -j RETURN"),
+            });
+        }
+        for c in &policy.deny_cidrs {
+            rules.push(match c.as_str() {
+                HOST => "-m addrtype --dst-type LOCAL -j REJECT".to_string(),
+                cidr => format!("-d {cidr} -j REJECT"),
+            });
+        }
+        if policy.egress == EgressMode::Deny {
+            rules.push("-j REJECT".to_string());
+        }
+        chains.insert(chain, rules);
+    }
+    chains.insert(top, top_rules);
+    let digest = {
+        let mut h = Sha256::new();
+        for (name, rules) in &chains {
+            h.update(name.as_bytes());
+            for r in rules {
+                h.update(r.as_bytes());
+            }
+        }
+        hex::encode(&h.finalize()[..6])
+    };
+    for rules in chains.values_mut() {
+        for r in rules.iter_mut() {
+            *r = format!("{r} -m comment --comment sbx:{digest}");
+        }
+    }
+    Ruleset { chains }
+}
+
+impl Ruleset {
+    /// The `iptables-restore --noflush` input that makes the chains exactly these (declared
+    /// chains are created or emptied, then filled, in one atomic commit: no gap).
+    pub fn restore_input(&self) -> String {
+        let mut out = String::from("*filter\n");
+        for name in self.chains.keys() {
+            out.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        for (name, rules) in &self.chains {
+            for r in rules {
+                out.push_str(&format!("-A {name} {r}\n"));
+            }
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// The digest every rule carries.
+    fn digest(&self) -> Option<&str> {
+        self.chains
+            .values()
+            .flatten()
+            .next()
+            .and_then(|r| r.rsplit("sbx:").next())
+    }
+}
+
+/// An instance's rules as found on the host (`iptables-save -t filter`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Found {
+    /// Chain → its rules' comments digests (one per rule, `None` for a rule without ours).
+    pub chains: BTreeMap<String, Vec<Option<String>>>,
+    /// Hooks that jump to the top chain (`DOCKER-USER`, `INPUT`).
+    pub jumps: BTreeSet<String>,
+}
+
+/// Reads an instance's chains out of `iptables-save` text.
+pub fn parse_saved(instance: &str, saved: &str) -> Found {
+    let prefix = top_chain(instance);
+    let mut found = Found::default();
+    let mut in_filter = false;
+    for line in saved.lines() {
+        if line.starts_with('*') {
+            in_filter = line == "*filter";
+            continue;
+        }
+        if !in_filter {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix(':') {
+            let name = name.split_whitespace().next().unwrap_or_default();
+            if is_ours(name, &prefix) {
+                found.chains.entry(name.to_string()).or_default();
+            }
+            continue;
+        }
+        let Some(rule) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
+        if is_ours(chain, &prefix) {
+            let digest = rest
+                .split("sbx:")
+                .nth(1)
+                .map(|d| {
+                    d.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .to_string()
+                });
+            found.chains.entry(chain.to_string()).or_default().push(digest);
+        } else if (chain == "DOCKER-USER" || chain == "INPUT") && rest.trim() == format!("-j {prefix}")
+        {
+            found.jumps.insert(chain.to_string());
+        }
+    }
+    found
+}
+
+fn is_ours(chain: &str, prefix: &str) -> bool {
+    chain == prefix || chain.strip_prefix(prefix).is_some_and(|r| r.starts_with('-'))
+}
+
+/// The hooks the top chain must be jumped to from.
+pub const HOOKS: [&str; 2] = ["DOCKER-USER", "INPUT"];
+
+/// What must change on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Changes {
+    /// Rewrite every chain of the set (some chain is missing or differs).
+    pub rewrite: bool,
+    /// Hooks whose jump is missing.
+    pub add_jumps: Vec<String>,
+    /// Chains of ours that are no longer wanted (deleted after the rewrite).
+    pub drop_chains: Vec<String>,
+    /// Nothing wanted at all: remove the jumps and every chain.
+    pub remove_all: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        !self.rewrite && self.add_jumps.is_empty() && self.drop_chains.is_empty() && !self.remove_all
+    }
+}
+
+/// Compares the wanted set with what the host has.
+pub fn diff(wanted: &Ruleset, found: &Found, nothing_wanted: bool) -> Changes {
+    if nothing_wanted {
+        let remove_all = !found.chains.is_empty() || !found.jumps.is_empty();
+        return Changes {
+            remove_all,
+            ..Default::default()
+        };
+    }
+    let digest = wanted.digest().map(str::to_string);
+    let rewrite = wanted.chains.iter().any(|(name, rules)| {
+        found.chains.get(name).is_none_or(|have| {
+            have.len() != rules.len() || have.iter().any(|d| d.as_ref() != digest.as_ref())
+        })
+    });
+    Changes {
+        rewrite,
+        add_jumps: HOOKS
+            .iter()
+            .filter(|h| !found.jumps.contains(**h))
+            .map(|h| h.to_string())
+            .collect(),
+        drop_chains: found
+            .chains
+            .keys()
+            .filter(|c| !wanted.chains.contains_key(*c))
+            .cloned()
+            .collect(),
+        remove_all: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_policy() -> EgressPolicy {
+        EgressPolicy {
+            egress: EgressMode::Allow,
+            allow_cidrs: vec![],
+            deny_cidrs: DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn rules_allow_first_then_deny_then_the_default() {
+        let mut p = default_policy();
+        p.allow_cidrs = vec!["10.1.2.3/32".into()];
+        let set = render("inst", &desired([("br-abc", &p)]));
+        let net = set
+            .chains
+            .iter()
+            .find(|(n, _)| n.len() > 12)
+            .map(|(_, r)| r.clone())
+            .unwrap();
+        assert!(net[0].starts_with("-d 10.1.2.3/32 -j RETURN"));
+        assert!(net[1].starts_with("-d 10.0.0.0/8 -j REJECT"));
+        assert!(net.iter().any(|r| r.starts_with("-m addrtype --dst-type LOCAL -j REJECT")));
+        assert!(!net.iter().any(|r| r.starts_with("-j REJECT")), "allow mode ends open");
+        let top = &set.chains[&top_chain("inst")];
+        assert!(top[0].starts_with("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"));
+        assert!(top[1].starts_with("-i br-abc -j SBX-"));
+        let deny = EgressPolicy {
+            egress: EgressMode::Deny,
+            allow_cidrs: vec![],
+            deny_cidrs: vec![],
+        };
+        let set = render("inst", &desired([("br-x", &deny)]));
+        assert!(set.chains.values().any(|r| r.iter().any(|l| l.starts_with("-j REJECT"))));
+    }
+
+    #[test]
+    fn allow_without_denials_needs_no_rules_and_merging_is_strictest() {
+        let open = EgressPolicy {
+            egress: EgressMode::Allow,
+            allow_cidrs: vec![],
+            deny_cidrs: vec![],
+        };
+        assert!(desired([("br-a", &open)]).is_empty());
+        let mut a = default_policy();
+        a.allow_cidrs = vec!["10.9.0.0/16".into(), "10.8.0.0/16".into()];
+        let mut b = default_policy();
+        b.egress = EgressMode::Deny;
+        b.allow_cidrs = vec!["10.9.0.0/16".into()];
+        b.deny_cidrs.push("8.8.8.8/32".into());
+        let m = a.strictest(&b);
+        assert_eq!(m.egress, EgressMode::Deny);
+        assert_eq!(m.allow_cidrs, ["10.9.0.0/16"]);
+        assert!(m.deny_cidrs.contains(&"8.8.8.8/32".to_string()));
+        assert_eq!(desired([("br-a", &a), ("br-a", &b)])["br-a"], m);
+    }
+
+    #[test]
+    fn instances_get_their_own_chains() {
+        assert_ne!(top_chain("a"), top_chain("b"));
+        assert!(top_chain("a").len() <= 28);
+        assert!(network_chain("a", "br-0123456789ab").len() <= 28);
+        assert!(is_ours(&network_chain("a", "x"), &top_chain("a")));
+        assert!(!is_ours(&network_chain("b", "x"), &top_chain("a")));
+    }
+
+    #[test]
+    fn the_host_copy_is_compared_by_digest_and_count() {
+        let want = render("inst", &desired([("br-abc", &default_policy())]));
+        let top = top_chain("inst");
+        let mut saved = String::from("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:DOCKER-USER - [0:0]\n");
+        for name in want.chains.keys() {
+            saved.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        saved.push_str(&format!("-A INPUT -j {top}\n-A DOCKER-USER -j {top}\n-A DOCKER-USER -j RETURN\n"));
+        for (name, rules) in &want.chains {
+            for r in rules {
+                // iptables re-spells rules (quotes the comment, reorders matches): only the
+                // digest is read back.
+                let digest = r.rsplit("sbx:").next().unwrap();
+                saved.push_str(&format!("-A {name} -m comment --comment \"sbx:{digest}\" -j X\n"));
+            }
+        }
+        saved.push_str("COMMIT\n");
+        let found = parse_saved("inst", &saved);
+        assert!(diff(&want, &found, false).is_empty(), "{:?}", diff(&want, &found, false));
+        // Flushed by hand: rewritten. A jump gone: added back. Another instance: ignored.
+        let flushed: String = saved.lines().filter(|l| !l.starts_with(&format!("-A {top} "))).map(|l| format!("{l}\n")).collect();
+        assert!(diff(&want, &parse_saved("inst", &flushed), false).rewrite);
+        let no_jump = saved.replace(&format!("-A INPUT -j {top}\n"), "");
+        assert_eq!(diff(&want, &parse_saved("inst", &no_jump), false).add_jumps, ["INPUT"]);
+        assert!(parse_saved("other", &saved).chains.is_empty());
+        // Nothing wanted: everything of ours goes.
+        assert!(diff(&Ruleset::default(), &found, true).remove_all);
+        assert!(diff(&Ruleset::default(), &Found::default(), true).is_empty());
+    }
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert!(check_cidr("10.0.0.0/8").is_ok());
+        assert!(check_cidr("host").is_ok());
+        for bad in ["10.0.0.0", "10.0.0.0/33", "300.1.1.1/8", "fe80::/10", "", "x/1"] {
+            assert!(check_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
