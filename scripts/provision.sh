@@ -8,6 +8,9 @@ IMAGE="${SANDBOXD_IMAGE:-sandboxd/agent-busybox:latest}"
 TEST_NETWORK="${SANDBOXD_TEST_NETWORK:-sandboxd-test}"
 # A second shared network, for the test that renames sandbox.network_name under live sandboxes.
 TEST_NETWORK_ALT="${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}"
+# A third, for the egress test alone (rules apply per network: no other test's sandboxd may
+# put its rules on it while that test runs).
+TEST_NETWORK_EGRESS="${SANDBOXD_TEST_NETWORK_EGRESS:-sandboxd-test-egress}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/sandboxd-dockerd.log}"
 
 log() { printf '[provision] %s\n' "$*" >&2; }
@@ -20,6 +23,9 @@ command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 # The contract check (scripts/contract.sh) installs schemathesis into a venv.
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+# gVisor, for isolation profiles with `runtime: runsc`; iptables for egress rules.
+command -v runsc >/dev/null 2>&1 || need_pkgs+=(runsc)
+command -v iptables-restore >/dev/null 2>&1 || need_pkgs+=(iptables)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +34,33 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 fi
 
 engine_answers() { timeout 20 docker info >/dev/null 2>&1; }
+
+# Registers gVisor with dockerd as runtime `runsc`. Debian's runsc (20221219) cannot use its
+# own network stack under dockerd 20.10 ("cannot run with network enabled in root network
+# namespace"); with --network=host it uses the container's network namespace, which Docker
+# made (docs/security.md says what that gives up). Merged into an existing daemon.json.
+register_runsc() {
+  local conf=/etc/docker/daemon.json runsc_bin
+  runsc_bin="$(command -v runsc)" || return 0
+  mkdir -p /etc/docker
+  python3 - "$conf" "$runsc_bin" <<'PY'
+import json, os, sys
+path, binary = sys.argv[1], sys.argv[2]
+conf = {}
+if os.path.exists(path):
+    with open(path) as f:
+        text = f.read().strip()
+        conf = json.loads(text) if text else {}
+want = {"path": binary, "runtimeArgs": ["--network=host"]}
+if conf.get("runtimes", {}).get("runsc") != want:
+    conf.setdefault("runtimes", {})["runsc"] = want
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2)
+    print("changed")
+PY
+}
+runsc_changed="$(register_runsc)"
+
 
 # An engine that is running but no longer answers (seen once here: dockerd 20.10 deadlocked in
 # libnetwork under a benchmark's burst of removals) is stopped, so a fresh one can start.
@@ -52,6 +85,18 @@ if ! engine_answers; then
   engine_answers || { log "dockerd did not come up; see $DOCKERD_LOG"; tail -n 30 "$DOCKERD_LOG" >&2; exit 1; }
 fi
 
+# A running engine reloads its runtimes on SIGHUP (containers keep running).
+if [ -n "$runsc_changed" ] || ! docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
+  if [ -f /var/run/docker.pid ] && command -v runsc >/dev/null 2>&1; then
+    log "registering runsc with dockerd (SIGHUP)"
+    kill -HUP "$(cat /var/run/docker.pid)" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+      docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && break
+      sleep 0.25
+    done
+  fi
+fi
+
 if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   log "building $IMAGE from the local busybox (docker import, no registry)"
   busybox_bin="$(command -v busybox)"
@@ -74,8 +119,8 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 if [ "${SANDBOXD_PROVISION_TEST_NETWORK:-0}" = "1" ]; then
-  for net in "$TEST_NETWORK" "$TEST_NETWORK_ALT"; do
+  for net in "$TEST_NETWORK" "$TEST_NETWORK_ALT" "$TEST_NETWORK_EGRESS"; do
     docker network inspect "$net" >/dev/null 2>&1 || docker network create "$net" >/dev/null
   done
 fi
-log "ready: engine $(docker version --format '{{.Server.Version}}'), image $IMAGE"
+log "ready: engine $(docker version --format '{{.Server.Version}}'), image $IMAGE, runtimes $(docker info --format '{{range $k, $v := .Runtimes}}{{$k}} {{end}}')"

@@ -9,6 +9,7 @@
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`dataplane`]: exec, files and watch on running sandboxes, beside the loop: finds the
 //!   container in the store and talks to the engine (`docker::sandbox_io`).
+//! - [`egress`]: egress policy as host firewall rules (pure rendering and diff; `iptables`).
 //! - [`http`]: the thin axum API; its desired-state routes write desired state and read
 //!   status and never call Docker; its data-plane routes call [`dataplane`].
 //! - [`metrics`]: Prometheus metrics served at `/metrics`.
@@ -22,6 +23,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod docker;
 pub mod domain;
+pub mod egress;
 pub mod http;
 pub mod metrics;
 pub mod planner;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub data_plane_in_flight: Gauge<i64>,
     /// Finished execs by result (`ok`, `timeout`, `abandoned`, `error`).
     pub exec_total: Family<ResultLabel, Counter>,
+    /// Egress rules found changed on the host and rewritten.
+    pub egress_repairs_total: Counter,
 }
 
 impl Default for Metrics {
@@ -110,6 +112,7 @@ impl Metrics {
             last_pass_timestamp: Gauge::default(),
             data_plane_in_flight: Gauge::default(),
             exec_total: Family::default(),
+            egress_repairs_total: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -211,6 +214,11 @@ impl Metrics {
             "sandboxd_exec",
             "Finished execs by result (ok, timeout, abandoned, error)",
             m.exec_total.clone(),
+        );
+        r.register(
+            "sandboxd_egress_repairs",
+            "Egress rules found changed on the host and rewritten",
+            m.egress_repairs_total.clone(),
         );
         Self { registry: r, ..m }
     }

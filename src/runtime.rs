@@ -164,6 +164,20 @@ impl Runtime {
         }
     }
 
+    /// The host interface of a sandbox network (egress rules match on it).
+    pub async fn bridge_of(&self, network: &str) -> Result<String> {
+        match self {
+            Runtime::Docker(d) => Ok(d.bridge_of(network).await?),
+        }
+    }
+
+    /// The container runtimes the backend offers (`runc`, `runsc`, …).
+    pub async fn runtimes(&self) -> Result<Vec<String>> {
+        match self {
+            Runtime::Docker(d) => Ok(d.runtimes().await?),
+        }
+    }
+
     /// The host port a running container publishes `port` on, if any (for adoption).
     pub async fn published_port(&self, id: &str, port: u16) -> Result<Option<u16>> {
         match self {

@@ -162,6 +162,26 @@ pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
     for (k, v) in fields {
         let _ = writeln!(out, "{k:<17} {v}");
     }
+    let profile = crate::domain::spec::ContainerSpec::from_json(&row.spec_json)
+        .ok()
+        .and_then(|s| s.profile);
+    match profile {
+        Some(p) => {
+            let _ = writeln!(out, "{:<17} {} (runtime {})", "profile", p.name, p.runtime);
+            let rules = if p.egress.needs_rules() {
+                p.egress.describe()
+            } else {
+                vec!["everything: accept (no rules)".into()]
+            };
+            for (i, rule) in rules.iter().enumerate() {
+                let label = if i == 0 { "egress" } else { "" };
+                let _ = writeln!(out, "{label:<17} {rule}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "{:<17} - (before profiles: runc, no egress rules)", "profile");
+        }
+    }
     out.push_str("\nrecent events:\n");
     out.push_str(&render_events(events));
     out

@@ -183,7 +183,52 @@ pub struct SandboxSettings {
     /// clients on the same host.
     pub publish_agent_port: bool,
     pub publish_host_ip: String,
+    /// The profile of a session whose request names none.
+    pub default_profile: String,
+    /// Isolation profiles by name: runtime, hardening, egress (`docs/security.md`).
+    pub profiles: BTreeMap<String, ProfileSettings>,
 }
+
+/// An isolation profile: which runtime runs the sandbox, how it is hardened, and where it may
+/// connect. Part of a session's frozen spec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileSettings {
+    /// A runtime registered with the engine: `runc` (the default) or `runsc` (gVisor).
+    pub runtime: String,
+    /// Replaces `sandbox.hardening` for this profile (limits included); absent keeps it.
+    pub hardening: Option<HardeningSettings>,
+    /// `allow`: everything but `deny_cidrs`; `deny`: nothing but `allow_cidrs`.
+    pub egress: crate::egress::EgressMode,
+    /// IPv4 CIDRs, or `host` for every address of the host. Default: private, shared and
+    /// link-local ranges and the host.
+    pub deny_cidrs: Vec<String>,
+    /// Reachable even when denied otherwise (checked first).
+    pub allow_cidrs: Vec<String>,
+    /// The network this profile's sandboxes join (created if missing); default
+    /// `sandbox.network_name`. Egress rules apply per network, so profiles whose egress
+    /// differs belong on different networks (on a shared one the strictest combination wins).
+    pub network: Option<String>,
+}
+
+impl Default for ProfileSettings {
+    fn default() -> Self {
+        Self {
+            runtime: "runc".into(),
+            hardening: None,
+            egress: crate::egress::EgressMode::Allow,
+            deny_cidrs: crate::egress::DEFAULT_DENY
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            allow_cidrs: Vec::new(),
+            network: None,
+        }
+    }
+}
+
+/// The name of the built-in profile.
+pub const STANDARD_PROFILE: &str = "standard";
 
 /// Container hardening. The defaults are strict; loosen them here when an agent needs it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -239,6 +284,8 @@ impl Default for SandboxSettings {
             hardening: HardeningSettings::default(),
             publish_agent_port: false,
             publish_host_ip: "127.0.0.1".into(),
+            default_profile: STANDARD_PROFILE.into(),
+            profiles: BTreeMap::from([(STANDARD_PROFILE.into(), ProfileSettings::default())]),
         }
     }
 }

@@ -8,6 +8,60 @@ use super::{invalid, ConfigError, Settings};
 pub const MAX_CONFIG_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
 impl Settings {
+    fn validate_profiles(&self) -> Result<(), ConfigError> {
+        let s = &self.sandbox;
+        if !s.profiles.contains_key(&s.default_profile) {
+            let names: Vec<&str> = s.profiles.keys().map(String::as_str).collect();
+            return Err(invalid(
+                "sandbox.default_profile",
+                format!(
+                    "`{}` is not a profile (sandbox.profiles has: {})",
+                    s.default_profile,
+                    names.join(", ")
+                ),
+            ));
+        }
+        for (name, p) in &s.profiles {
+            let key = |k: &str| format!("sandbox.profiles.{name}.{k}");
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !name_ok {
+                return Err(invalid(
+                    &format!("sandbox.profiles.{name}"),
+                    "profile names are 1-64 characters of A-Z, a-z, 0-9, `-`, `_`",
+                ));
+            }
+            let runtime_ok = !p.runtime.is_empty()
+                && p
+                    .runtime
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !runtime_ok {
+                return Err(invalid(&key("runtime"), "a runtime name registered with the engine, e.g. runc or runsc"));
+            }
+            if let Some(net) = &p.network {
+                let bad = net.is_empty()
+                    || matches!(net.as_str(), "host" | "none")
+                    || net.starts_with("container:");
+                if bad {
+                    return Err(invalid(
+                        &key("network"),
+                        "must be a Docker network sandboxes can join with their own address (not `host`, `none` or `container:…`)",
+                    ));
+                }
+            }
+            for (field, list) in [("deny_cidrs", &p.deny_cidrs), ("allow_cidrs", &p.allow_cidrs)] {
+                for entry in list {
+                    crate::egress::check_cidr(entry).map_err(|m| invalid(&key(field), m))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate_data_plane(&self) -> Result<(), ConfigError> {
         let d = &self.data_plane;
         within(
@@ -51,6 +105,7 @@ impl Settings {
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         self.validate_data_plane()?;
+        self.validate_profiles()?;
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
         if s.publish_host_ip.parse::<IpAddr>().is_err() {

@@ -31,6 +31,8 @@ pub enum ActionError {
     Store(#[from] crate::store::StoreError),
     #[error("host directory {path}: {reason}")]
     HostDir { path: String, reason: String },
+    #[error(transparent)]
+    Egress(#[from] crate::egress::iptables::FirewallError),
 }
 
 /// How an action ended when it did not error.
@@ -57,6 +59,8 @@ pub struct Executor {
     pub observed: Arc<ObservedCache>,
     /// Tells the supervisor the engine stopped answering (it reconnects).
     pub connection_failed: Arc<tokio::sync::Notify>,
+    /// The host's egress rules: in place before a sandbox that needs them starts.
+    pub egress: Arc<super::egress::EgressKeeper>,
 }
 
 /// A session's container that stopped on its own.
@@ -254,6 +258,8 @@ impl Executor {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
             prepare_host(&spec, &self.volumes)?;
+            // Never a sandbox without its rules: a failure here is a failed start.
+            self.egress.ensure_for_start(&self.runtime, &spec).await?;
             let started = self
                 .create_and_start(&StartRequest {
                     chat_id,

@@ -13,6 +13,7 @@
 
 pub mod backoff;
 mod deaths;
+mod egress;
 mod executor;
 mod images;
 mod observed;
@@ -55,6 +56,10 @@ pub struct ControllerStatus {
     /// for a chat wait for it (bounded), so a create in the first moments after start-up is
     /// given the old container instead of racing it.
     pub takeover_done: watch::Sender<bool>,
+    /// The last egress reconcile's failure (readiness names it).
+    pub egress_error: std::sync::Mutex<Option<String>>,
+    /// Profiles whose runtime the engine does not offer (readiness names them).
+    pub profile_errors: std::sync::Mutex<Vec<String>>,
 }
 
 impl ControllerStatus {
@@ -64,6 +69,8 @@ impl ControllerStatus {
             last_pass_ms: AtomicI64::new(0),
             last_error: std::sync::Mutex::new(None),
             takeover_done: watch::channel(!take_over_old_service).0,
+            egress_error: std::sync::Mutex::new(None),
+            profile_errors: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -153,6 +160,14 @@ impl Controller {
             self.supervisor_parts(&deaths, &engine_changed, &images),
             shutdown.clone(),
         );
+        let egress = Arc::new(egress::EgressKeeper::new(
+            &self.settings.controller.instance,
+            self.store.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+            resync,
+        ));
+        tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
         let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);
         let mut scheduler = Scheduler::default();
         let mut upkeep = Upkeep::new(resync);
@@ -214,6 +229,8 @@ impl Controller {
                 Ok(plan) => {
                     pass_failures = 0;
                     self.passed();
+                    // Rules follow the rows (a network's last sandbox gone: its rules go).
+                    egress.poke.notify_one();
                     scheduler.schedule(Target::All, now + resync, Reason::Resync);
                     if let Some(t) = plan.next_wake {
                         let wait = (t - Utc::now()).to_std().unwrap_or_default();
@@ -225,7 +242,7 @@ impl Controller {
                         let key = action.key();
                         if let Offer::Held(at) = runner.offer(
                             action,
-                            self.executor(&rt, policy, &deaths, &observed, &engine),
+                            self.executor(&rt, policy, &deaths, &observed, &engine, &egress),
                             now,
                         ) {
                             scheduler.schedule(Target::Key(key), at, Reason::Retry);
@@ -276,6 +293,7 @@ impl Controller {
         deaths: &Arc<deaths::RecentDeaths>,
         observed: &Arc<ObservedCache>,
         engine: &Supervisor,
+        egress: &Arc<egress::EgressKeeper>,
     ) -> Executor {
         Executor {
             store: self.store.clone(),
@@ -286,6 +304,7 @@ impl Controller {
             deaths: deaths.clone(),
             observed: observed.clone(),
             connection_failed: engine.failure_signal(),
+            egress: egress.clone(),
         }
     }
 

@@ -93,6 +93,7 @@ async fn supervise(
                 failures = 0;
                 set_connected(&p, true);
                 p.status.set_error(None);
+                check_profiles(&p, &rt).await;
                 let events = tokio::spawn(watch_events(
                     rt.clone(),
                     p.engine_changed.clone(),
@@ -138,6 +139,38 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// Names every configured profile whose runtime the engine does not offer (readiness shows
+/// them; their sandboxes fail to start with the engine's error, never fall back to runc).
+async fn check_profiles(p: &Parts, rt: &Runtime) {
+    let offered = match rt.runtimes().await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot list the engine's runtimes");
+            return;
+        }
+    };
+    let missing: Vec<String> = p
+        .settings
+        .sandbox
+        .profiles
+        .iter()
+        .filter(|(_, profile)| !offered.contains(&profile.runtime))
+        .map(|(name, profile)| {
+            format!(
+                "profile {name}: runtime `{}` is not registered with the engine (it offers {})",
+                profile.runtime,
+                offered.join(", ")
+            )
+        })
+        .collect();
+    for m in &missing {
+        warn!("{m}");
+    }
+    if let Ok(mut errors) = p.status.profile_errors.lock() {
+        *errors = missing;
     }
 }
 

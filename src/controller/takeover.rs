@@ -112,6 +112,7 @@ fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> Legac
         s.chat_id,
         &s.agent_id,
         Path::new(&s.volume_host_path),
+        None,
     );
     if let Some(network) = &c.network {
         spec.network = network.clone();

@@ -253,6 +253,39 @@ impl DockerRuntime {
         }
     }
 
+    /// The host interface of a bridge network (what egress rules match on).
+    pub async fn bridge_of(&self, network: &str) -> Result<String, DockerError> {
+        let n = self
+            .call("inspect_network", &[], self.docker.inspect_network(network, None))
+            .await
+            .map_err(DockerError::api("inspect_network"))?;
+        if n.driver.as_deref().is_some_and(|d| d != "bridge") {
+            return Err(DockerError::Unexpected {
+                op: "inspect_network",
+                message: format!(
+                    "network `{network}` uses driver {:?}: egress rules need a bridge network",
+                    n.driver
+                ),
+            });
+        }
+        let named = n
+            .options
+            .as_ref()
+            .and_then(|o| o.get("com.docker.network.bridge.name"))
+            .cloned();
+        let id = n.id.unwrap_or_default();
+        Ok(named.unwrap_or_else(|| format!("br-{}", &id[..id.len().min(12)])))
+    }
+
+    /// The runtimes the engine offers (`docker info`).
+    pub async fn runtimes(&self) -> Result<Vec<String>, DockerError> {
+        let info = self
+            .call("info", &[], self.docker.info())
+            .await
+            .map_err(DockerError::api("info"))?;
+        Ok(info.runtimes.unwrap_or_default().into_keys().collect())
+    }
+
     /// Every container (running or not) labelled for this instance.
     pub async fn list_managed(&self) -> Result<Vec<Observed>, DockerError> {
         let filters = HashMap::from([("label", labels::instance_filter(&self.instance))]);
@@ -552,6 +585,9 @@ impl DockerRuntime {
                     )])
                 }),
                 mounts: Some(mounts),
+                // The profile's runtime (`runsc` for gVisor); never a silent fallback: an
+                // unknown one fails the create.
+                runtime: spec.runtime().map(str::to_string),
                 network_mode: Some(spec.network.clone()),
                 privileged: Some(false),
                 cap_drop: Some(vec!["ALL".into()]),

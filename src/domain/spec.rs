@@ -104,6 +104,34 @@ pub struct ContainerSpec {
     /// `sandbox.publish_agent_port` was on. Absent otherwise, so older specs hash the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_host_ip: Option<String>,
+    /// The isolation profile the session runs under (absent in specs from before profiles:
+    /// those ran under runc without egress rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileSpec>,
+}
+
+/// A profile as frozen with a session: its name, runtime and egress policy (its hardening is
+/// the spec's `hardening`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileSpec {
+    pub name: String,
+    pub runtime: String,
+    pub egress: crate::egress::EgressPolicy,
+}
+
+impl ContainerSpec {
+    /// The runtime to run under (`None`: the engine's default).
+    pub fn runtime(&self) -> Option<&str> {
+        self.profile.as_ref().map(|p| p.runtime.as_str())
+    }
+
+    /// The egress policy, when it needs host rules.
+    pub fn egress_rules(&self) -> Option<&crate::egress::EgressPolicy> {
+        self.profile
+            .as_ref()
+            .map(|p| &p.egress)
+            .filter(|e| e.needs_rules())
+    }
 }
 
 impl ContainerSpec {
@@ -140,14 +168,20 @@ pub fn resolve(
     chat_id: ChatId,
     agent_id: &str,
     volume_host_path: &Path,
+    profile: Option<&str>,
 ) -> ContainerSpec {
+    // Callers check a requested name; the default exists (config validation).
+    let name = profile.unwrap_or(&settings.default_profile);
+    let chosen = settings.profiles.get(name);
     let mut env = settings.env.clone();
     env.insert("AGENT_ID".into(), agent_id.to_string());
     let path = |p: &Path| p.display().to_string();
     ContainerSpec {
         version: SPEC_VERSION,
         image: settings.image.clone(),
-        network: settings.network_name.clone(),
+        network: chosen
+            .and_then(|p| p.network.clone())
+            .unwrap_or_else(|| settings.network_name.clone()),
         agent_port: settings.agent_service_port,
         env,
         mounts: vec![
@@ -176,7 +210,20 @@ pub fn resolve(
                 read_only: true,
             },
         ],
-        hardening: Hardening::from(&settings.hardening),
+        hardening: Hardening::from(
+            chosen
+                .and_then(|p| p.hardening.as_ref())
+                .unwrap_or(&settings.hardening),
+        ),
+        profile: chosen.map(|p| ProfileSpec {
+            name: name.to_string(),
+            runtime: p.runtime.clone(),
+            egress: crate::egress::EgressPolicy {
+                egress: p.egress,
+                allow_cidrs: p.allow_cidrs.clone(),
+                deny_cidrs: p.deny_cidrs.clone(),
+            },
+        }),
         publish_host_ip: settings
             .publish_agent_port
             .then(|| settings.publish_host_ip.clone()),
@@ -237,7 +284,7 @@ mod tests {
         s.env.insert("B".into(), "2".into());
         s.env.insert("A".into(), "1".into());
         let chat: ChatId = "11111111-2222-3333-4444-555555555555".parse().unwrap();
-        let spec = resolve(&s, chat, "agent-1", Path::new("/data/vol"));
+        let spec = resolve(&s, chat, "agent-1", Path::new("/data/vol"), None);
         assert_eq!(spec.env["AGENT_ID"], "agent-1");
         assert_eq!(spec.env["A"], "1");
         assert_eq!(
@@ -250,11 +297,11 @@ mod tests {
         );
         assert_eq!(
             spec.hash(),
-            resolve(&s, chat, "agent-1", Path::new("/data/vol")).hash()
+            resolve(&s, chat, "agent-1", Path::new("/data/vol"), None).hash()
         );
         assert_ne!(
             spec.hash(),
-            resolve(&s, chat, "agent-2", Path::new("/data/vol")).hash()
+            resolve(&s, chat, "agent-2", Path::new("/data/vol"), None).hash()
         );
     }
 }

@@ -60,6 +60,22 @@ pub struct EgressPolicy {
 }
 
 impl EgressPolicy {
+    /// Sorted, without repeats: equal policies render equal rules.
+    pub fn canonical(&self) -> EgressPolicy {
+        let sorted = |v: &Vec<String>| {
+            v.iter()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        EgressPolicy {
+            egress: self.egress,
+            allow_cidrs: sorted(&self.allow_cidrs),
+            deny_cidrs: sorted(&self.deny_cidrs),
+        }
+    }
+
     /// Whether any rule is needed (`allow` with nothing denied needs none).
     pub fn needs_rules(&self) -> bool {
         self.egress == EgressMode::Deny || !self.deny_cidrs.is_empty()
@@ -81,6 +97,7 @@ impl EgressPolicy {
                 .collect(),
             deny_cidrs: union.into_iter().cloned().collect(),
         }
+        .canonical()
     }
 
     /// The effective rules in words (for the view and `sandboxd show`).
@@ -124,7 +141,7 @@ pub fn desired<'a>(policies: impl IntoIterator<Item = (&'a str, &'a EgressPolicy
         }
         out.entry(bridge.to_string())
             .and_modify(|p| *p = p.strictest(policy))
-            .or_insert_with(|| policy.clone());
+            .or_insert_with(|| policy.canonical());
     }
     out
 }

@@ -60,6 +60,12 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if !fresh {
         failed.push("controller: no reconcile pass completed recently".into());
     }
+    if let Some(e) = state.controller.egress_error.lock().ok().and_then(|e| e.clone()) {
+        failed.push(format!("egress: {e}"));
+    }
+    if let Ok(errors) = state.controller.profile_errors.lock() {
+        failed.extend(errors.iter().cloned());
+    }
     if failed.is_empty() {
         Json(json!({ "status": "ready" })).into_response()
     } else {
@@ -110,6 +116,9 @@ pub struct CreateRequest {
     pub agent_id: String,
     /// An absolute host directory that exists and that the volume policy allows.
     pub volume_host_path: String,
+    /// An isolation profile of `sandbox.profiles` (default `sandbox.default_profile`). Old
+    /// clients never send it; a live session under another profile is not reused.
+    pub profile: Option<String>,
 }
 
 /// Checks agent and volume into the session they ask for, adding each problem under its
@@ -119,9 +128,24 @@ pub(super) fn new_session(
     chat_id: Option<ChatId>,
     agent_id: Option<&str>,
     volume_host_path: Option<&str>,
+    profile: Option<&str>,
     ttl_seconds: u64,
     mut problems: Problems,
 ) -> Result<NewSession, ApiError> {
+    let profiles = &state.settings.sandbox.profiles;
+    if let Some(name) = profile.filter(|p| !profiles.contains_key(*p)) {
+        let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+        problems.push(
+            "value_error",
+            Source::Body,
+            "profile",
+            format!(
+                "Value error, unknown profile `{name}` (sandbox.profiles has: {})",
+                known.join(", ")
+            ),
+            json!(name),
+        );
+    }
     let agent_id = agent_id.and_then(|raw| {
         validate_agent_id(raw)
             .map_err(|e| problems.value_error(Source::Body, "agent_id", json!(raw), &e))
@@ -142,8 +166,9 @@ pub(super) fn new_session(
             detail: "invalid request".into(),
         });
     };
-    let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume);
+    let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume, profile);
     Ok(NewSession {
+        profile: profile.map(str::to_string),
         chat_id,
         agent_id: agent_id.to_string(),
         volume_host_path: volume.display().to_string(),
@@ -172,9 +197,10 @@ fn read_create(
     let chat_id = f.uuid("chat_id");
     let agent_id = f.string("agent_id");
     let volume = f.string("volume_host_path");
-    f.forbid_others(&["chat_id", "agent_id", "volume_host_path"]);
+    let profile = f.optional_string("profile");
+    f.forbid_others(&["chat_id", "agent_id", "volume_host_path", "profile"]);
     let ttl = state.settings.sandbox.ttl_seconds;
-    new_session(state, chat_id, agent_id, volume, ttl, f.problems)
+    new_session(state, chat_id, agent_id, volume, profile, ttl, f.problems)
 }
 
 /// The old contract: reuse the live session when agent and volume match, else start one.

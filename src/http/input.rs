@@ -259,6 +259,24 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An optional string (`null` = absent).
+    pub fn optional_string(&mut self, name: &str) -> Option<&'a str> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                self.problems.push(
+                    "string_type",
+                    Source::Body,
+                    name,
+                    "Input should be a valid string".into(),
+                    other.clone(),
+                );
+                None
+            }
+        }
+    }
+
     /// A required UUID.
     pub fn uuid(&mut self, name: &str) -> Option<ChatId> {
         match self.obj.get(name) {

@@ -66,6 +66,9 @@ pub struct ApplyRequest {
     /// TTL of a new session (1 s to 30 days); default `sandbox.ttl_seconds`.
     #[schema(minimum = 1, maximum = 2592000)]
     pub ttl_seconds: Option<u64>,
+    /// An isolation profile of `sandbox.profiles` (default `sandbox.default_profile`); a
+    /// different one replaces the sandbox.
+    pub profile: Option<String>,
 }
 
 /// Reads and checks a PUT body.
@@ -80,12 +83,21 @@ fn read_apply(
     let agent_id = f.string("agent_id");
     let volume = f.string("volume_host_path");
     let ttl = f.optional_int("ttl_seconds", 1, MAX_TTL_SECONDS);
-    f.forbid_others(&["agent_id", "volume_host_path", "ttl_seconds"]);
+    let profile = f.optional_string("profile");
+    f.forbid_others(&["agent_id", "volume_host_path", "ttl_seconds", "profile"]);
     let ttl = ttl
         .ok()
         .flatten()
         .unwrap_or(state.settings.sandbox.ttl_seconds);
-    new_session(state, Some(chat_id), agent_id, volume, ttl, f.problems)
+    new_session(
+        state,
+        Some(chat_id),
+        agent_id,
+        volume,
+        profile,
+        ttl,
+        f.problems,
+    )
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -106,7 +118,7 @@ async fn view_after_wait(
         None => state.store.get(chat_id).await?,
     };
     row.as_ref()
-        .map(SandboxView::from)
+        .map(SandboxView::detailed)
         .ok_or(ApiError::NotFound)
 }
 

@@ -87,6 +87,50 @@ pub struct SandboxView {
     pub spec_hash: String,
     /// True when the observed status describes the current session.
     pub converged: bool,
+    /// The isolation profile and its effective egress rules (one sandbox's view only; lists
+    /// leave it out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileView>,
+}
+
+/// A session's isolation profile as frozen in its spec.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProfileView {
+    pub name: String,
+    /// `runc`, `runsc` (gVisor), …
+    pub runtime: String,
+    /// `allow` or `deny`.
+    pub egress: String,
+    pub allow_cidrs: Vec<String>,
+    pub deny_cidrs: Vec<String>,
+    /// The rules in force, in order, in words.
+    pub rules: Vec<String>,
+}
+
+impl SandboxView {
+    /// The view with the session's profile (reads the frozen spec).
+    pub fn detailed(r: &SandboxRow) -> Self {
+        let mut view = Self::from(r);
+        view.profile = crate::domain::spec::ContainerSpec::from_json(&r.spec_json)
+            .ok()
+            .and_then(|s| s.profile)
+            .map(|p| ProfileView {
+                rules: if p.egress.needs_rules() {
+                    p.egress.describe()
+                } else {
+                    vec!["everything: accept (no rules)".into()]
+                },
+                egress: match p.egress.egress {
+                    crate::egress::EgressMode::Allow => "allow".into(),
+                    crate::egress::EgressMode::Deny => "deny".into(),
+                },
+                allow_cidrs: p.egress.allow_cidrs,
+                deny_cidrs: p.egress.deny_cidrs,
+                runtime: p.runtime,
+                name: p.name,
+            });
+        view
+    }
 }
 
 impl From<&SandboxRow> for SandboxView {
@@ -121,6 +165,7 @@ impl From<&SandboxRow> for SandboxView {
             converged: matches!(r.phase, Phase::Running | Phase::Expired)
                 && r.observed_generation == r.generation
                 || r.phase == Phase::Expired,
+            profile: None,
         }
     }
 }

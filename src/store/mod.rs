@@ -67,6 +67,9 @@ pub struct NewSession {
     pub spec_json: String,
     pub spec_hash: String,
     pub ttl: chrono::Duration,
+    /// The profile the request named (`None`: the default). A live session under another
+    /// profile is not reused by a create.
+    pub profile: Option<String>,
 }
 
 /// How many change notifications may queue up for a slow waiter before it must re-read.

@@ -304,7 +304,14 @@ fn reuse_or_conflict(
     first_start: chrono::Duration,
 ) -> Option<CreateOutcome> {
     let starting = cur.attempts == 0 && now < cur.created_at + first_start;
-    if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path {
+    let same_profile = new.profile.as_deref().is_none_or(|wanted| {
+        crate::domain::spec::ContainerSpec::from_json(&cur.spec_json)
+            .ok()
+            .and_then(|s| s.profile)
+            .is_some_and(|p| p.name == wanted)
+    });
+    if cur.agent_id == new.agent_id && cur.volume_host_path == new.volume_host_path && same_profile
+    {
         Some(CreateOutcome::Reused(cur))
     } else if cur.has_run() || starting {
         Some(CreateOutcome::Conflict(cur))

@@ -519,6 +519,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         spec_json: "{}".into(),
         spec_hash: "h".into(),
         ttl: chrono::Duration::seconds(300),
+        profile: None,
     };
     let wait = chrono::Duration::seconds(60);
     let t0 = chrono::Utc::now();

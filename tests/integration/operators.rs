@@ -201,6 +201,7 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
         spec_json: "{}".into(),
         spec_hash: "h".into(),
         ttl: chrono::Duration::seconds(1),
+        profile: None,
     };
     let old_chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
     let new_chat_id: sandboxd::domain::ChatId = new_chat().parse().unwrap();

@@ -61,6 +61,7 @@ fn session(chat: ChatId, rng: &mut Rng) -> NewSession {
         spec_hash: ["h1", "h2"][rng.below(2) as usize].into(),
         // Some sessions expire at once, so expiry and re-creation are exercised.
         ttl: chrono::Duration::seconds([0, 3600][rng.below(2) as usize]),
+        profile: None,
     }
 }
 

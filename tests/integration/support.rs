@@ -126,7 +126,25 @@ pub struct InstanceGuard(pub String);
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
         remove_containers_matching(&format!("label=sandboxd.instance={}", self.0));
+        remove_egress_rules(&self.0);
     }
+}
+
+/// Removes an instance's egress chains (they outlive sandboxd by design). Runs the async
+/// adapter on a thread of its own: drops happen inside the tests' runtime.
+pub fn remove_egress_rules(instance: &str) {
+    if instance.is_empty() {
+        return;
+    }
+    let instance = instance.to_string();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(sandboxd::egress::iptables::remove(&instance))
+    })
+    .join();
 }
 
 /// `docker rm -f` of every container matching a `docker ps --filter`; best effort (drops).

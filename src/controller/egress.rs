@@ -1,0 +1,200 @@
+//! Keeps the host's egress rules equal to what the live sandboxes' frozen policies ask for
+//! (`crate::egress` renders and compares; this decides when). Three moments:
+//!
+//! - **before a start**: the executor asks for the rules of the new sandbox's network; they
+//!   are applied before its container exists (a sandbox never runs unprotected). Cheap when
+//!   they were applied and verified within the resync period: no `iptables` call.
+//! - **after a pass** (poked by the loop): when the wanted set changed (a network's last
+//!   sandbox went), the rules follow.
+//! - **every resync period**: the host's copy is read back and repaired if someone changed it
+//!   (`sandboxd_egress_repairs_total`).
+//!
+//! The rules live in the kernel: a restart of sandboxd leaves them in place, and the first
+//! reconcile finds them right (or rewrites them in one atomic transaction: no gap).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Mutex, Notify};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::supervisor::Engine;
+use crate::domain::spec::ContainerSpec;
+use crate::domain::Phase;
+use crate::egress::iptables::{self, FirewallError};
+use crate::egress::{self as rules, Desired, Ruleset};
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+use crate::store::Store;
+
+#[derive(Default)]
+struct Kept {
+    /// Network → its bridge interface (looked up again at every verify).
+    bridges: HashMap<String, String>,
+    /// What the host was last made to have (and found to have).
+    applied: Option<Ruleset>,
+    verified_at: Option<Instant>,
+}
+
+pub struct EgressKeeper {
+    instance: String,
+    store: Store,
+    metrics: Arc<Metrics>,
+    resync: Duration,
+    kept: Mutex<Kept>,
+    /// Asks for a reconcile without a read-back (after a pass).
+    pub poke: Notify,
+    /// Where the last failure is shown (readiness).
+    status: Arc<super::ControllerStatus>,
+}
+
+impl EgressKeeper {
+    pub fn new(
+        instance: &str,
+        store: Store,
+        metrics: Arc<Metrics>,
+        status: Arc<super::ControllerStatus>,
+        resync: Duration,
+    ) -> Self {
+        Self {
+            instance: instance.to_string(),
+            store,
+            metrics,
+            resync,
+            kept: Mutex::default(),
+            poke: Notify::new(),
+            status,
+        }
+    }
+
+    /// Runs until shutdown: a verify every resync period, a sync when poked.
+    pub async fn run(self: Arc<Self>, engine: watch::Receiver<Engine>, mut stop: watch::Receiver<bool>) {
+        let mut next_verify = Instant::now();
+        loop {
+            let verify = tokio::select! {
+                _ = stop.changed() => return,
+                _ = self.poke.notified() => false,
+                _ = tokio::time::sleep_until(next_verify) => true,
+            };
+            if verify {
+                next_verify = Instant::now() + self.resync;
+            }
+            let rt = match &*engine.borrow() {
+                Engine::Up(rt) => rt.clone(),
+                _ => continue,
+            };
+            let result = self.reconcile(&rt, None, verify).await;
+            let mut error = self
+                .status
+                .egress_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(()) => *error = None,
+                Err(e) => {
+                    warn!(error = %e, "egress rules: reconcile failed");
+                    *error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Makes sure the rules a sandbox with `spec` needs are on the host, before it starts.
+    pub async fn ensure_for_start(
+        &self,
+        rt: &Runtime,
+        spec: &ContainerSpec,
+    ) -> Result<(), FirewallError> {
+        if spec.egress_rules().is_none() {
+            return Ok(());
+        }
+        self.reconcile(rt, Some(spec), false).await
+    }
+
+    /// Computes the wanted rules (the live rows, plus `extra`), and brings the host there.
+    /// Without `verify`, a set equal to the last one applied within the resync period is
+    /// trusted; with it, the host is read back.
+    async fn reconcile(
+        &self,
+        rt: &Runtime,
+        extra: Option<&ContainerSpec>,
+        verify: bool,
+    ) -> Result<(), FirewallError> {
+        let mut kept = self.kept.lock().await;
+        if verify {
+            kept.bridges.clear();
+        }
+        let wanted_by_network = self.wanted(extra).await?;
+        let mut desired = Desired::new();
+        for (network, policy) in &wanted_by_network {
+            let bridge = match kept.bridges.get(network) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = rt
+                        .bridge_of(network)
+                        .await
+                        .map_err(|e| FirewallError(format!("network `{network}`: {e}")))?;
+                    kept.bridges.insert(network.clone(), b.clone());
+                    b
+                }
+            };
+            desired.insert(bridge, policy.clone());
+        }
+        let wanted = rules::render(&self.instance, &desired);
+        let fresh = kept
+            .verified_at
+            .is_some_and(|at| at.elapsed() < self.resync);
+        if !verify && fresh && kept.applied.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        let found = iptables::read(&self.instance).await?;
+        let changes = rules::diff(&wanted, &found, desired.is_empty());
+        if !changes.is_empty() {
+            // Rules we had applied and verified were changed behind our back: a repair.
+            let repair = kept.applied.as_ref() == Some(&wanted);
+            iptables::apply(&self.instance, &wanted, &changes).await?;
+            if repair {
+                self.metrics.egress_repairs_total.inc();
+                warn!(?changes, "egress rules were changed on the host; repaired");
+            } else {
+                info!(networks = desired.len(), "egress rules applied");
+            }
+        }
+        kept.applied = Some(wanted);
+        kept.verified_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Network → merged policy of every row whose container may run (not expired), plus
+    /// the sandbox about to start.
+    async fn wanted(
+        &self,
+        extra: Option<&ContainerSpec>,
+    ) -> Result<std::collections::BTreeMap<String, rules::EgressPolicy>, FirewallError> {
+        let rows = self
+            .store
+            .all()
+            .await
+            .map_err(|e| FirewallError(format!("reading the sandboxes: {e}")))?;
+        let specs: Vec<ContainerSpec> = rows
+            .iter()
+            .filter(|r| r.phase != Phase::Expired)
+            .filter_map(|r| ContainerSpec::from_json(&r.spec_json).ok())
+            .chain(extra.cloned())
+            .collect();
+        let mut out = std::collections::BTreeMap::new();
+        for (network, policy) in specs
+            .iter()
+            .filter_map(|s| s.egress_rules().map(|p| (s.network.as_str(), p)))
+        {
+            let merged = match out.remove(network) {
+                Some(prev) => rules::EgressPolicy::strictest(&prev, policy),
+                None => policy.canonical(),
+            };
+            out.insert(network.to_string(), merged);
+        }
+        Ok(out)
+    }
+}
