@@ -179,7 +179,11 @@ pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
             }
         }
         None => {
-            let _ = writeln!(out, "{:<17} - (before profiles: runc, no egress rules)", "profile");
+            let _ = writeln!(
+                out,
+                "{:<17} - (before profiles: runc, no egress rules)",
+                "profile"
+            );
         }
     }
     out.push_str("\nrecent events:\n");

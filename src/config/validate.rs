@@ -35,12 +35,14 @@ impl Settings {
                 ));
             }
             let runtime_ok = !p.runtime.is_empty()
-                && p
-                    .runtime
+                && p.runtime
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !runtime_ok {
-                return Err(invalid(&key("runtime"), "a runtime name registered with the engine, e.g. runc or runsc"));
+                return Err(invalid(
+                    &key("runtime"),
+                    "a runtime name registered with the engine, e.g. runc or runsc",
+                ));
             }
             if let Some(net) = &p.network {
                 let bad = net.is_empty()
@@ -53,7 +55,10 @@ impl Settings {
                     ));
                 }
             }
-            for (field, list) in [("deny_cidrs", &p.deny_cidrs), ("allow_cidrs", &p.allow_cidrs)] {
+            for (field, list) in [
+                ("deny_cidrs", &p.deny_cidrs),
+                ("allow_cidrs", &p.allow_cidrs),
+            ] {
                 for entry in list {
                     crate::egress::check_cidr(entry).map_err(|m| invalid(&key(field), m))?;
                 }

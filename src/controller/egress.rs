@@ -70,7 +70,11 @@ impl EgressKeeper {
     }
 
     /// Runs until shutdown: a verify every resync period, a sync when poked.
-    pub async fn run(self: Arc<Self>, engine: watch::Receiver<Engine>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        engine: watch::Receiver<Engine>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut next_verify = Instant::now();
         loop {
             let verify = tokio::select! {

@@ -256,7 +256,11 @@ impl DockerRuntime {
     /// The host interface of a bridge network (what egress rules match on).
     pub async fn bridge_of(&self, network: &str) -> Result<String, DockerError> {
         let n = self
-            .call("inspect_network", &[], self.docker.inspect_network(network, None))
+            .call(
+                "inspect_network",
+                &[],
+                self.docker.inspect_network(network, None),
+            )
             .await
             .map_err(DockerError::api("inspect_network"))?;
         if n.driver.as_deref().is_some_and(|d| d != "bridge") {

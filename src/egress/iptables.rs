@@ -21,7 +21,11 @@ type Result<T> = std::result::Result<T, FirewallError>;
 async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

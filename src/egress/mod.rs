@@ -272,18 +272,20 @@ pub fn parse_saved(instance: &str, saved: &str) -> Found {
         };
         let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
         if is_ours(chain, &prefix) {
-            let digest = rest
-                .split("sbx:")
-                .nth(1)
-                .map(|d| {
-                    d.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .trim_matches('"')
-                        .to_string()
-                });
-            found.chains.entry(chain.to_string()).or_default().push(digest);
-        } else if (chain == "DOCKER-USER" || chain == "INPUT") && rest.trim() == format!("-j {prefix}")
+            let digest = rest.split("sbx:").nth(1).map(|d| {
+                d.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_string()
+            });
+            found
+                .chains
+                .entry(chain.to_string())
+                .or_default()
+                .push(digest);
+        } else if (chain == "DOCKER-USER" || chain == "INPUT")
+            && rest.trim() == format!("-j {prefix}")
         {
             found.jumps.insert(chain.to_string());
         }
@@ -292,7 +294,10 @@ pub fn parse_saved(instance: &str, saved: &str) -> Found {
 }
 
 fn is_ours(chain: &str, prefix: &str) -> bool {
-    chain == prefix || chain.strip_prefix(prefix).is_some_and(|r| r.starts_with('-'))
+    chain == prefix
+        || chain
+            .strip_prefix(prefix)
+            .is_some_and(|r| r.starts_with('-'))
 }
 
 /// The hooks the top chain must be jumped to from.
@@ -313,7 +318,10 @@ pub struct Changes {
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        !self.rewrite && self.add_jumps.is_empty() && self.drop_chains.is_empty() && !self.remove_all
+        !self.rewrite
+            && self.add_jumps.is_empty()
+            && self.drop_chains.is_empty()
+            && !self.remove_all
     }
 }
 
@@ -374,8 +382,13 @@ mod tests {
             .unwrap();
         assert!(net[0].starts_with("-d 10.1.2.3/32 -j RETURN"));
         assert!(net[1].starts_with("-d 10.0.0.0/8 -j REJECT"));
-        assert!(net.iter().any(|r| r.starts_with("-m addrtype --dst-type LOCAL -j REJECT")));
-        assert!(!net.iter().any(|r| r.starts_with("-j REJECT")), "allow mode ends open");
+        assert!(net
+            .iter()
+            .any(|r| r.starts_with("-m addrtype --dst-type LOCAL -j REJECT")));
+        assert!(
+            !net.iter().any(|r| r.starts_with("-j REJECT")),
+            "allow mode ends open"
+        );
         let top = &set.chains[&top_chain("inst")];
         assert!(top[0].starts_with("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"));
         assert!(top[1].starts_with("-i br-abc -j SBX-"));
@@ -385,7 +398,10 @@ mod tests {
             deny_cidrs: vec![],
         };
         let set = render("inst", &desired([("br-x", &deny)]));
-        assert!(set.chains.values().any(|r| r.iter().any(|l| l.starts_with("-j REJECT"))));
+        assert!(set
+            .chains
+            .values()
+            .any(|r| r.iter().any(|l| l.starts_with("-j REJECT"))));
     }
 
     #[test]
@@ -426,23 +442,38 @@ mod tests {
         for name in want.chains.keys() {
             saved.push_str(&format!(":{name} - [0:0]\n"));
         }
-        saved.push_str(&format!("-A INPUT -j {top}\n-A DOCKER-USER -j {top}\n-A DOCKER-USER -j RETURN\n"));
+        saved.push_str(&format!(
+            "-A INPUT -j {top}\n-A DOCKER-USER -j {top}\n-A DOCKER-USER -j RETURN\n"
+        ));
         for (name, rules) in &want.chains {
             for r in rules {
                 // iptables re-spells rules (quotes the comment, reorders matches): only the
                 // digest is read back.
                 let digest = r.rsplit("sbx:").next().unwrap();
-                saved.push_str(&format!("-A {name} -m comment --comment \"sbx:{digest}\" -j X\n"));
+                saved.push_str(&format!(
+                    "-A {name} -m comment --comment \"sbx:{digest}\" -j X\n"
+                ));
             }
         }
         saved.push_str("COMMIT\n");
         let found = parse_saved("inst", &saved);
-        assert!(diff(&want, &found, false).is_empty(), "{:?}", diff(&want, &found, false));
+        assert!(
+            diff(&want, &found, false).is_empty(),
+            "{:?}",
+            diff(&want, &found, false)
+        );
         // Flushed by hand: rewritten. A jump gone: added back. Another instance: ignored.
-        let flushed: String = saved.lines().filter(|l| !l.starts_with(&format!("-A {top} "))).map(|l| format!("{l}\n")).collect();
+        let flushed: String = saved
+            .lines()
+            .filter(|l| !l.starts_with(&format!("-A {top} ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert!(diff(&want, &parse_saved("inst", &flushed), false).rewrite);
         let no_jump = saved.replace(&format!("-A INPUT -j {top}\n"), "");
-        assert_eq!(diff(&want, &parse_saved("inst", &no_jump), false).add_jumps, ["INPUT"]);
+        assert_eq!(
+            diff(&want, &parse_saved("inst", &no_jump), false).add_jumps,
+            ["INPUT"]
+        );
         assert!(parse_saved("other", &saved).chains.is_empty());
         // Nothing wanted: everything of ours goes.
         assert!(diff(&Ruleset::default(), &found, true).remove_all);
@@ -453,7 +484,14 @@ mod tests {
     fn cidrs_are_checked() {
         assert!(check_cidr("10.0.0.0/8").is_ok());
         assert!(check_cidr("host").is_ok());
-        for bad in ["10.0.0.0", "10.0.0.0/33", "300.1.1.1/8", "fe80::/10", "", "x/1"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "300.1.1.1/8",
+            "fe80::/10",
+            "",
+            "x/1",
+        ] {
             assert!(check_cidr(bad).is_err(), "{bad}");
         }
     }

@@ -60,7 +60,13 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if !fresh {
         failed.push("controller: no reconcile pass completed recently".into());
     }
-    if let Some(e) = state.controller.egress_error.lock().ok().and_then(|e| e.clone()) {
+    if let Some(e) = state
+        .controller
+        .egress_error
+        .lock()
+        .ok()
+        .and_then(|e| e.clone())
+    {
         failed.push(format!("egress: {e}"));
     }
     if let Ok(errors) = state.controller.profile_errors.lock() {

@@ -11,6 +11,7 @@ mod lifecycle;
 mod load;
 mod old_clients;
 mod operators;
+mod profiles;
 mod proxy;
 mod restart;
 mod retries;

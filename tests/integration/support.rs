@@ -432,10 +432,17 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn start(config: &Path, port: u16) -> Self {
+        Self::start_with_env(config, port, &[]).await
+    }
+
+    /// The same, with environment variables set for the server (e.g. a `PATH` without
+    /// `iptables`).
+    pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> Self {
         let log = std::fs::File::create(config.with_extension("log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
