@@ -1,7 +1,8 @@
 //! End-to-end figures against the real engine, each printed next to its target.
 //!
 //! `scripts/bench.sh [scenario ...]` (→ `cargo bench --bench e2e -- ...`); scenarios:
-//! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `execs` `watch`, default all. Raw Engine API baselines
+//! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `execs` `watch` `profiles`,
+//! default all. Raw Engine API baselines
 //! run interleaved with sandboxd (A B A B …) so engine noise hits both. Every loop is bounded by
 //! count; everything started is removed at the end. Loopback and this run's containers only.
 
@@ -26,6 +27,9 @@ mod world;
 
 #[path = "support/dataplane.rs"]
 mod dataplane;
+
+#[path = "support/profiles.rs"]
+mod profiles;
 
 const NETWORK: &str = "sandboxd-test";
 const IMAGE: &str = "sandboxd/agent-busybox:latest";
@@ -943,6 +947,9 @@ fn main() -> anyhow::Result<()> {
         }
         if want("watch") {
             dataplane::scenario_watch(&docker, &mut out).await;
+        }
+        if want("profiles") {
+            profiles::scenario_profiles(&docker, &mut out).await;
         }
         if want("restart") || want("rest") {
             scenario_restart_and_rest(&docker, &mut out, want("restart"), want("rest")).await;

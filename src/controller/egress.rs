@@ -33,8 +33,9 @@ use crate::store::Store;
 struct Kept {
     /// Network → its bridge interface (looked up again at every verify).
     bridges: HashMap<String, String>,
-    /// What the host was last made to have (and found to have).
+    /// What the host was last made to have (and found to have), and the policies behind it.
     applied: Option<Ruleset>,
+    applied_policies: Desired,
     verified_at: Option<Instant>,
 }
 
@@ -111,8 +112,23 @@ impl EgressKeeper {
         rt: &Runtime,
         spec: &ContainerSpec,
     ) -> Result<(), FirewallError> {
-        if spec.egress_rules().is_none() {
+        let Some(policy) = spec.egress_rules() else {
             return Ok(());
+        };
+        {
+            // The usual case: the network's rules are in place and at least as strict.
+            let kept = self.kept.lock().await;
+            let fresh = kept
+                .verified_at
+                .is_some_and(|at| at.elapsed() < self.resync);
+            let covered = kept
+                .bridges
+                .get(&spec.network)
+                .and_then(|b| kept.applied_policies.get(b))
+                .is_some_and(|have| &have.strictest(policy) == have);
+            if fresh && covered {
+                return Ok(());
+            }
         }
         self.reconcile(rt, Some(spec), false).await
     }
@@ -167,6 +183,7 @@ impl EgressKeeper {
             }
         }
         kept.applied = Some(wanted);
+        kept.applied_policies = desired;
         kept.verified_at = Some(Instant::now());
         Ok(())
     }
