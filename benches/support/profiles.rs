@@ -73,7 +73,7 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
     ));
     app.shutdown(docker).await;
 
-    // The first sandbox of a network: writing a fresh rule set (restore + two jumps).
+    // The first sandbox of a network: writing a fresh rule set (read, then one restore).
     let mut cold = Vec::new();
     for i in 0..10 {
         let instance = format!("bench-rules-{}-{i}", &new_chat()[..6]);
@@ -104,7 +104,7 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
     }
     cold.sort();
     out.line(format!(
-        "13 a network's first rules (read + restore + 2 jumps, n=10) p50 {:.1} ms, max {:.1} ms  target ≤5 ms [{}]",
+        "13 a network's first rules (iptables-save + one iptables-restore with the jumps, n=10) p50 {:.1} ms, max {:.1} ms  target ≤5 ms [{}]",
         ms(percentile(&cold, 0.5)),
         ms(*cold.last().unwrap_or(&Duration::ZERO)),
         verdict(percentile(&cold, 0.5) <= Duration::from_millis(5))

@@ -60,23 +60,17 @@ pub async fn read(instance: &str) -> Result<Found> {
     Ok(super::parse_saved(instance, &saved))
 }
 
-/// Makes the host match: rewrites the chains atomically when asked, adds missing jumps
-/// (first in their hook, before Docker's own `RETURN`), then drops chains no longer wanted.
+/// Makes the host match: rewrites the chains and adds missing jumps (first in their hook,
+/// before Docker's own `RETURN`) in one atomic `iptables-restore`, then drops chains no
+/// longer wanted.
 pub async fn apply(instance: &str, wanted: &Ruleset, changes: &Changes) -> Result<()> {
     let top = top_chain(instance);
     if changes.remove_all {
         return remove(instance).await;
     }
-    if changes.rewrite {
-        run(
-            "iptables-restore",
-            &["-w", "--noflush"],
-            Some(&wanted.restore_input()),
-        )
-        .await?;
-    }
-    for hook in &changes.add_jumps {
-        run("iptables", &["-w", "-I", hook, "1", "-j", &top], None).await?;
+    if changes.rewrite || !changes.add_jumps.is_empty() {
+        let input = wanted.restore_input(changes.rewrite, &top, &changes.add_jumps);
+        run("iptables-restore", &["-w", "--noflush"], Some(&input)).await?;
     }
     for chain in &changes.drop_chains {
         // No longer referenced: the rewrite above removed its jump.

@@ -213,16 +213,22 @@ pub fn render(instance: &str, desired: &Desired) -> Ruleset {
 
 impl Ruleset {
     /// The `iptables-restore --noflush` input that makes the chains exactly these (declared
-    /// chains are created or emptied, then filled, in one atomic commit: no gap).
-    pub fn restore_input(&self) -> String {
+    /// chains are created or emptied, then filled) when `rewrite`, and inserts the jumps to
+    /// `top` missing from `hooks`: one atomic commit, so there is no gap.
+    pub fn restore_input(&self, rewrite: bool, top: &str, hooks: &[String]) -> String {
         let mut out = String::from("*filter\n");
-        for name in self.chains.keys() {
-            out.push_str(&format!(":{name} - [0:0]\n"));
-        }
-        for (name, rules) in &self.chains {
-            for r in rules {
-                out.push_str(&format!("-A {name} {r}\n"));
+        if rewrite {
+            for name in self.chains.keys() {
+                out.push_str(&format!(":{name} - [0:0]\n"));
             }
+            for (name, rules) in &self.chains {
+                for r in rules {
+                    out.push_str(&format!("-A {name} {r}\n"));
+                }
+            }
+        }
+        for hook in hooks {
+            out.push_str(&format!("-I {hook} 1 -j {top}\n"));
         }
         out.push_str("COMMIT\n");
         out
