@@ -8,9 +8,6 @@ IMAGE="${SANDBOXD_IMAGE:-sandboxd/agent-busybox:latest}"
 TEST_NETWORK="${SANDBOXD_TEST_NETWORK:-sandboxd-test}"
 # A second shared network, for the test that renames sandbox.network_name under live sandboxes.
 TEST_NETWORK_ALT="${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}"
-# A third, for the egress test alone (rules apply per network: no other test's sandboxd may
-# put its rules on it while that test runs).
-TEST_NETWORK_EGRESS="${SANDBOXD_TEST_NETWORK_EGRESS:-sandboxd-test-egress}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/sandboxd-dockerd.log}"
 
 log() { printf '[provision] %s\n' "$*" >&2; }
@@ -119,7 +116,7 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 
 if [ "${SANDBOXD_PROVISION_TEST_NETWORK:-0}" = "1" ]; then
-  for net in "$TEST_NETWORK" "$TEST_NETWORK_ALT" "$TEST_NETWORK_EGRESS"; do
+  for net in "$TEST_NETWORK" "$TEST_NETWORK_ALT"; do
     docker network inspect "$net" >/dev/null 2>&1 || docker network create "$net" >/dev/null
   done
 fi

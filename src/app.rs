@@ -148,6 +148,35 @@ fn prepare_host(
     Ok(policy)
 }
 
+/// Egress rules are per network: profiles with different egress on one network get the
+/// strictest combination. Say so at start (it is allowed: a profile may differ only in its
+/// runtime, or the operator may want it).
+fn warn_if_profiles_share_a_network(settings: &Settings) {
+    let s = &settings.sandbox;
+    let mut seen: std::collections::BTreeMap<&str, (&str, crate::egress::EgressPolicy)> =
+        Default::default();
+    for (name, p) in &s.profiles {
+        let network = p.network.as_deref().unwrap_or(&s.network_name);
+        let policy = crate::egress::EgressPolicy {
+            egress: p.egress,
+            allow_cidrs: p.allow_cidrs.clone(),
+            deny_cidrs: p.deny_cidrs.clone(),
+        }
+        .canonical();
+        match seen.get(network) {
+            Some((other, theirs)) if theirs != &policy => tracing::warn!(
+                network,
+                profiles = %format!("{other}, {name}"),
+                "profiles with different egress share a network: its sandboxes get the strictest \
+                 combination; give each its own `network`"
+            ),
+            _ => {
+                seen.insert(network, (name, policy));
+            }
+        }
+    }
+}
+
 /// `security.token_required: false` is a migration aid; say so loudly every start.
 fn warn_if_token_not_required(settings: &Settings) {
     let sec = &settings.security;
@@ -182,6 +211,7 @@ impl Application {
     pub async fn build(mut settings: Settings, config_path: Option<&Path>) -> anyhow::Result<Self> {
         let volumes = Arc::new(prepare_host(&mut settings, config_path)?);
         warn_if_token_not_required(&settings);
+        warn_if_profiles_share_a_network(&settings);
         let db_lock = lock_database(&settings.database.path)?;
         let store = open_store(&settings)
             .await?

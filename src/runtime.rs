@@ -164,6 +164,13 @@ impl Runtime {
         }
     }
 
+    /// Creates a sandbox network (a bridge) unless it exists.
+    pub async fn ensure_network_named(&self, network: &str) -> Result<()> {
+        match self {
+            Runtime::Docker(d) => Ok(d.ensure_named_network(network).await?),
+        }
+    }
+
     /// The host interface of a sandbox network (egress rules match on it).
     pub async fn bridge_of(&self, network: &str) -> Result<String> {
         match self {

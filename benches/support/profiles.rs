@@ -88,13 +88,15 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
                     .collect(),
             },
         )]);
-        let wanted = sandboxd::egress::render(&instance, &desired);
+        let wanted =
+            sandboxd::egress::render(&instance, &desired, &sandboxd::egress::host_resolvers());
         let started = Instant::now();
-        let found = sandboxd::egress::iptables::read(&instance)
+        let v4 = sandboxd::egress::Family::V4;
+        let found = sandboxd::egress::iptables::read(&instance, v4)
             .await
             .expect("read");
-        let changes = sandboxd::egress::diff(&wanted, &found, false);
-        sandboxd::egress::iptables::apply(&instance, &wanted, &changes)
+        let changes = sandboxd::egress::diff(&wanted, &found, false, v4);
+        sandboxd::egress::iptables::apply(&instance, &wanted, &changes, v4)
             .await
             .expect("apply");
         cold.push(started.elapsed());
@@ -104,7 +106,7 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
     }
     cold.sort();
     out.line(format!(
-        "13 a network's first rules (iptables-save + one iptables-restore with the jumps, n=10) p50 {:.1} ms, max {:.1} ms  target ≤5 ms [{}]",
+        "13 a network's first IPv4 rules (iptables-save + one iptables-restore with the jumps, n=10) p50 {:.1} ms, max {:.1} ms  target ≤5 ms [{}]",
         ms(percentile(&cold, 0.5)),
         ms(*cold.last().unwrap_or(&Duration::ZERO)),
         verdict(percentile(&cold, 0.5) <= Duration::from_millis(5))

@@ -216,51 +216,7 @@ impl Settings {
                 }
             }
         }
-        let h = &s.hardening;
-        for cap in &h.cap_add {
-            let ok = !cap.is_empty()
-                && cap
-                    .chars()
-                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit());
-            if !ok || cap == "ALL" || cap == "SYS_ADMIN" {
-                return Err(invalid(
-                    "sandbox.hardening.cap_add",
-                    format!("`{cap}`: capability names like NET_BIND_SERVICE; ALL and SYS_ADMIN are refused"),
-                ));
-            }
-        }
-        if h.pids_limit < 16 {
-            return Err(invalid(
-                "sandbox.hardening.pids_limit",
-                "must be at least 16",
-            ));
-        }
-        if h.memory_mb < 16 {
-            return Err(invalid(
-                "sandbox.hardening.memory_mb",
-                "must be at least 16",
-            ));
-        }
-        if h.cpu_millis < 10 {
-            return Err(invalid(
-                "sandbox.hardening.cpu_millis",
-                "must be at least 10",
-            ));
-        }
-        if h.read_only_rootfs && h.tmpfs_tmp_mb == 0 {
-            return Err(invalid(
-                "sandbox.hardening.tmpfs_tmp_mb",
-                "must be > 0 with a read-only root",
-            ));
-        }
-        if let Some(user) = &h.user {
-            if user.trim().is_empty() || user.contains(char::is_whitespace) {
-                return Err(invalid(
-                    "sandbox.hardening.user",
-                    "must be `uid[:gid]` or a user name",
-                ));
-            }
-        }
+        check_hardening("sandbox.hardening", &s.hardening)?;
 
         match self.logging.format.as_str() {
             "text" | "json" => {}
@@ -405,4 +361,53 @@ pub fn is_loopback_host(host: &str) -> bool {
         .trim_end_matches(']')
         .parse::<IpAddr>()
         .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The checks of `sandbox.hardening`, also for each profile's own `hardening`.
+fn check_hardening(prefix: &str, h: &super::HardeningSettings) -> Result<(), ConfigError> {
+    for cap in &h.cap_add {
+        let ok = !cap.is_empty()
+            && cap
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit());
+        if !ok || cap == "ALL" || cap == "SYS_ADMIN" {
+            return Err(invalid(
+                &format!("{prefix}.cap_add"),
+                format!("`{cap}`: capability names like NET_BIND_SERVICE; ALL and SYS_ADMIN are refused"),
+            ));
+        }
+    }
+    if h.pids_limit < 16 {
+        return Err(invalid(
+            &format!("{prefix}.pids_limit"),
+            "must be at least 16",
+        ));
+    }
+    if h.memory_mb < 16 {
+        return Err(invalid(
+            &format!("{prefix}.memory_mb"),
+            "must be at least 16",
+        ));
+    }
+    if h.cpu_millis < 10 {
+        return Err(invalid(
+            &format!("{prefix}.cpu_millis"),
+            "must be at least 10",
+        ));
+    }
+    if h.read_only_rootfs && h.tmpfs_tmp_mb == 0 {
+        return Err(invalid(
+            &format!("{prefix}.tmpfs_tmp_mb"),
+            "must be > 0 with a read-only root",
+        ));
+    }
+    if let Some(user) = &h.user {
+        if user.trim().is_empty() || user.contains(char::is_whitespace) {
+            return Err(invalid(
+                &format!("{prefix}.user"),
+                "must be `uid[:gid]` or a user name",
+            ));
+        }
+    }
+    Ok(())
 }

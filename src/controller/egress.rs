@@ -37,6 +37,10 @@ struct Kept {
     applied: Option<Ruleset>,
     applied_policies: Desired,
     verified_at: Option<Instant>,
+    /// Since when the rows have asked for looser rules than those applied (a network's last
+    /// sandbox gone, a PUT to an opener profile). Loosening waits one resync period: the
+    /// replaced container may still run meanwhile, and tighter is always safe.
+    loosen_pending_since: Option<Instant>,
 }
 
 pub struct EgressKeeper {
@@ -151,36 +155,85 @@ impl EgressKeeper {
         for (network, policy) in &wanted_by_network {
             let bridge = match kept.bridges.get(network) {
                 Some(b) => b.clone(),
-                None => {
-                    let b = rt
-                        .bridge_of(network)
-                        .await
-                        .map_err(|e| FirewallError(format!("network `{network}`: {e}")))?;
-                    kept.bridges.insert(network.clone(), b.clone());
-                    b
-                }
+                None => match rt.bridge_of(network).await {
+                    Ok(b) => {
+                        kept.bridges.insert(network.clone(), b.clone());
+                        b
+                    }
+                    // The sandbox about to start needs it; a missing network of other rows
+                    // has no container on it: skip it rather than fail every other network.
+                    Err(e) if extra.is_some_and(|x| &x.network == network) => {
+                        return Err(FirewallError(format!("network `{network}`: {e}")));
+                    }
+                    Err(e) => {
+                        warn!(network, error = %e, "egress rules: network not found; skipped");
+                        continue;
+                    }
+                },
             };
-            desired.insert(bridge, policy.clone());
+            // Two names of one network (a name and an id) merge, strictest.
+            let merged = match desired.remove(&bridge) {
+                Some(prev) => prev.strictest(policy),
+                None => policy.canonical(),
+            };
+            desired.insert(bridge, merged);
         }
-        let wanted = rules::render(&self.instance, &desired);
+        // Looser than what is applied: held for one resync period (see `loosen_pending_since`).
+        let loosens = kept.applied_policies.iter().any(|(bridge, have)| {
+            desired
+                .get(bridge)
+                .is_none_or(|want| &want.strictest(have) != want)
+        });
+        if !loosens {
+            kept.loosen_pending_since = None;
+        } else {
+            let since = *kept.loosen_pending_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.resync {
+                for (bridge, have) in &kept.applied_policies {
+                    let held = match desired.get(bridge) {
+                        Some(want) => want.strictest(have),
+                        None => have.clone(),
+                    };
+                    desired.insert(bridge.clone(), held);
+                }
+            }
+        }
+        let wanted = rules::render(&self.instance, &desired, &rules::host_resolvers());
         let fresh = kept
             .verified_at
             .is_some_and(|at| at.elapsed() < self.resync);
         if !verify && fresh && kept.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
-        let found = iptables::read(&self.instance).await?;
-        let changes = rules::diff(&wanted, &found, desired.is_empty());
-        if !changes.is_empty() {
-            // Rules we had applied and verified were changed behind our back: a repair.
-            let repair = kept.applied.as_ref() == Some(&wanted);
-            iptables::apply(&self.instance, &wanted, &changes).await?;
-            if repair {
-                self.metrics.egress_repairs_total.inc();
-                warn!(?changes, "egress rules were changed on the host; repaired");
-            } else {
-                info!(networks = desired.len(), "egress rules applied");
+        let mut changed = false;
+        let mut repaired = false;
+        let v6 = iptables::host_has_ipv6();
+        let sets = [
+            (rules::Family::V4, wanted.clone(), true),
+            (
+                rules::Family::V6,
+                rules::render_v6(&self.instance, &desired),
+                v6,
+            ),
+        ];
+        for (family, set, enabled) in sets {
+            if !enabled {
+                continue;
             }
+            let found = iptables::read(&self.instance, family).await?;
+            let changes = rules::diff(&set, &found, desired.is_empty(), family);
+            if !changes.is_empty() {
+                // Rules we had applied and verified were changed behind our back: a repair.
+                repaired |= kept.applied.as_ref() == Some(&wanted);
+                iptables::apply(&self.instance, &set, &changes, family).await?;
+                changed = true;
+            }
+        }
+        if repaired {
+            self.metrics.egress_repairs_total.inc();
+            warn!("egress rules were changed on the host; repaired");
+        } else if changed {
+            info!(networks = desired.len(), "egress rules applied");
         }
         kept.applied = Some(wanted);
         kept.applied_policies = desired;

@@ -217,7 +217,7 @@ impl DockerRuntime {
     }
 
     /// Creates a sandbox network if it does not exist.
-    async fn ensure_named_network(&self, network: &str) -> Result<(), DockerError> {
+    pub async fn ensure_named_network(&self, network: &str) -> Result<(), DockerError> {
         match self
             .call(
                 "inspect_network",

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::{top_chain, Changes, Found, Ruleset, HOOKS};
+use super::{top_chain, Changes, Family, Found, Ruleset};
 
 /// A firewall call that failed: the host cannot apply rules (no iptables, no privilege, no
 /// `DOCKER-USER` chain).
@@ -54,46 +54,72 @@ async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String
     }
 }
 
+/// Whether the host has IPv6 at all (without it there is nothing to filter, and
+/// `ip6tables` may not work).
+pub fn host_has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
 /// The filter table as the host has it, reduced to the instance's chains and jumps.
-pub async fn read(instance: &str) -> Result<Found> {
-    let saved = run("iptables-save", &["-t", "filter"], None).await?;
-    Ok(super::parse_saved(instance, &saved))
+pub async fn read(instance: &str, family: Family) -> Result<Found> {
+    let save = format!("{}-save", family.tool());
+    let saved = run(&save, &["-t", "filter"], None).await?;
+    Ok(super::parse_saved(instance, &saved, family))
 }
 
 /// Makes the host match: rewrites the chains and adds missing jumps (first in their hook,
 /// before Docker's own `RETURN`) in one atomic `iptables-restore`, then drops chains no
 /// longer wanted.
-pub async fn apply(instance: &str, wanted: &Ruleset, changes: &Changes) -> Result<()> {
+pub async fn apply(
+    instance: &str,
+    wanted: &Ruleset,
+    changes: &Changes,
+    family: Family,
+) -> Result<()> {
     let top = top_chain(instance);
+    let (tool, restore) = (family.tool(), format!("{}-restore", family.tool()));
     if changes.remove_all {
-        return remove(instance).await;
+        return remove_family(instance, family).await;
     }
-    if changes.rewrite || !changes.add_jumps.is_empty() {
-        let input = wanted.restore_input(changes.rewrite, &top, &changes.add_jumps);
-        run("iptables-restore", &["-w", "--noflush"], Some(&input)).await?;
+    if changes.rewrite || !changes.add_jumps.is_empty() || !changes.move_jumps.is_empty() {
+        let input = wanted.restore_input(
+            changes.rewrite,
+            &top,
+            &changes.add_jumps,
+            &changes.move_jumps,
+        );
+        run(&restore, &["-w", "--noflush"], Some(&input)).await?;
     }
     for chain in &changes.drop_chains {
         // No longer referenced: the rewrite above removed its jump.
-        run("iptables", &["-w", "-F", chain], None).await?;
-        run("iptables", &["-w", "-X", chain], None).await?;
+        run(tool, &["-w", "-F", chain], None).await?;
+        run(tool, &["-w", "-X", chain], None).await?;
     }
     Ok(())
 }
 
-/// Removes every rule of the instance: the jumps, then its chains.
+/// Removes every rule of the instance, IPv4 and IPv6: the jumps, then its chains.
 pub async fn remove(instance: &str) -> Result<()> {
-    let top = top_chain(instance);
-    let found = read(instance).await?;
-    for hook in HOOKS {
-        if found.jumps.contains(hook) {
-            run("iptables", &["-w", "-D", hook, "-j", &top], None).await?;
+    remove_family(instance, Family::V4).await?;
+    if host_has_ipv6() {
+        remove_family(instance, Family::V6).await?;
+    }
+    Ok(())
+}
+
+async fn remove_family(instance: &str, family: Family) -> Result<()> {
+    let (top, tool) = (top_chain(instance), family.tool());
+    let found = read(instance, family).await?;
+    for hook in family.hooks() {
+        if found.jumps.contains_key(hook) {
+            run(tool, &["-w", "-D", hook, "-j", &top], None).await?;
         }
     }
     for chain in found.chains.keys() {
-        run("iptables", &["-w", "-F", chain], None).await?;
+        run(tool, &["-w", "-F", chain], None).await?;
     }
     for chain in found.chains.keys() {
-        run("iptables", &["-w", "-X", chain], None).await?;
+        run(tool, &["-w", "-X", chain], None).await?;
     }
     Ok(())
 }

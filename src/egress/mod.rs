@@ -165,9 +165,31 @@ pub struct Ruleset {
     pub chains: BTreeMap<String, Vec<String>>,
 }
 
+/// The host's DNS servers (`/etc/resolv.conf`, IPv4, not loopback). Docker's embedded
+/// resolver (127.0.0.11 in the sandbox) forwards queries to them *from the sandbox's network
+/// namespace*, so they cross these rules and must stay reachable on port 53.
+pub fn host_resolvers() -> Vec<std::net::Ipv4Addr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    parse_resolvers(&text)
+}
+
+fn parse_resolvers(text: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut out: Vec<std::net::Ipv4Addr> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse().ok())
+        .filter(|ip: &std::net::Ipv4Addr| !ip.is_loopback())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Renders an instance's rules. Every rule carries a comment with a digest of the whole set,
-/// so the host's copy can be compared without parsing how iptables re-spells a rule.
-pub fn render(instance: &str, desired: &Desired) -> Ruleset {
+/// so the host's copy can be compared without parsing how iptables re-spells a rule. `dns`:
+/// the host's resolvers, reachable on port 53 whatever the policy (name resolution works;
+/// `docs/security.md` says what that leaves open).
+pub fn render(instance: &str, desired: &Desired, dns: &[std::net::Ipv4Addr]) -> Ruleset {
     let top = top_chain(instance);
     let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut top_rules = vec!["-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".to_string()];
@@ -175,6 +197,10 @@ pub fn render(instance: &str, desired: &Desired) -> Ruleset {
         let chain = network_chain(instance, bridge);
         top_rules.push(format!("-i {bridge} -j {chain}"));
         let mut rules = Vec::new();
+        for ip in dns {
+            rules.push(format!("-d {ip}/32 -p udp -m udp --dport 53 -j RETURN"));
+            rules.push(format!("-d {ip}/32 -p tcp -m tcp --dport 53 -j RETURN"));
+        }
         for c in &policy.allow_cidrs {
             rules.push(match c.as_str() {
                 HOST => "-m addrtype --dst-type LOCAL -j RETURN".to_string(),
@@ -193,9 +219,15 @@ pub fn render(instance: &str, desired: &Desired) -> Ruleset {
         chains.insert(chain, rules);
     }
     chains.insert(top, top_rules);
+    stamp(&mut chains);
+    Ruleset { chains }
+}
+
+/// Adds the digest of the whole set to every rule, as a comment.
+fn stamp(chains: &mut BTreeMap<String, Vec<String>>) {
     let digest = {
         let mut h = Sha256::new();
-        for (name, rules) in &chains {
+        for (name, rules) in chains.iter() {
             h.update(name.as_bytes());
             for r in rules {
                 h.update(r.as_bytes());
@@ -208,14 +240,19 @@ pub fn render(instance: &str, desired: &Desired) -> Ruleset {
             *r = format!("{r} -m comment --comment sbx:{digest}");
         }
     }
-    Ruleset { chains }
 }
 
 impl Ruleset {
     /// The `iptables-restore --noflush` input that makes the chains exactly these (declared
     /// chains are created or emptied, then filled) when `rewrite`, and inserts the jumps to
     /// `top` missing from `hooks`: one atomic commit, so there is no gap.
-    pub fn restore_input(&self, rewrite: bool, top: &str, hooks: &[String]) -> String {
+    pub fn restore_input(
+        &self,
+        rewrite: bool,
+        top: &str,
+        hooks: &[String],
+        moved: &[String],
+    ) -> String {
         let mut out = String::from("*filter\n");
         if rewrite {
             for name in self.chains.keys() {
@@ -227,7 +264,10 @@ impl Ruleset {
                 }
             }
         }
-        for hook in hooks {
+        for hook in moved {
+            out.push_str(&format!("-D {hook} -j {top}\n"));
+        }
+        for hook in hooks.iter().chain(moved) {
             out.push_str(&format!("-I {hook} 1 -j {top}\n"));
         }
         out.push_str("COMMIT\n");
@@ -249,15 +289,19 @@ impl Ruleset {
 pub struct Found {
     /// Chain → its rules' comments digests (one per rule, `None` for a rule without ours).
     pub chains: BTreeMap<String, Vec<Option<String>>>,
-    /// Hooks that jump to the top chain (`DOCKER-USER`, `INPUT`).
-    pub jumps: BTreeSet<String>,
+    /// Hooks that jump to the top chain (`DOCKER-USER`, `INPUT`), and whether the jump is
+    /// the hook's first rule (a rule put before it, such as another tool's `ACCEPT`, would
+    /// bypass ours).
+    pub jumps: BTreeMap<String, bool>,
 }
 
 /// Reads an instance's chains out of `iptables-save` text.
-pub fn parse_saved(instance: &str, saved: &str) -> Found {
+pub fn parse_saved(instance: &str, saved: &str, family: Family) -> Found {
+    let hooks = family.hooks();
     let prefix = top_chain(instance);
     let mut found = Found::default();
     let mut in_filter = false;
+    let mut seen_in_hook: BTreeMap<&str, usize> = BTreeMap::new();
     for line in saved.lines() {
         if line.starts_with('*') {
             in_filter = line == "*filter";
@@ -290,10 +334,19 @@ pub fn parse_saved(instance: &str, saved: &str) -> Found {
                 .entry(chain.to_string())
                 .or_default()
                 .push(digest);
-        } else if (chain == "DOCKER-USER" || chain == "INPUT")
-            && rest.trim() == format!("-j {prefix}")
-        {
-            found.jumps.insert(chain.to_string());
+        } else if let Some(hook) = hooks.iter().find(|h| **h == chain) {
+            let index = seen_in_hook.entry(hook).or_insert(0);
+            if rest.trim() == format!("-j {prefix}") {
+                // One jump first in its hook is what counts (a duplicate later is harmless).
+                let first = *index == 0;
+                let entry = found.jumps.entry(hook.to_string()).or_insert(false);
+                *entry = *entry || first;
+            }
+            // Other instances' jumps ahead of ours only ever reject: they do not count, or
+            // two instances would move their jumps in front of each other for ever.
+            if !rest.trim().starts_with("-j SBX-") {
+                *index += 1;
+            }
         }
     }
     found
@@ -306,8 +359,49 @@ fn is_ours(chain: &str, prefix: &str) -> bool {
             .is_some_and(|r| r.starts_with('-'))
 }
 
-/// The hooks the top chain must be jumped to from.
+/// The hooks the top chain must be jumped to from (IPv4: Docker's `DOCKER-USER` in FORWARD,
+/// and INPUT).
 pub const HOOKS: [&str; 2] = ["DOCKER-USER", "INPUT"];
+
+/// IPv4 (`iptables`) or IPv6 (`ip6tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Where the top chain is jumped to from. IPv6 has no `DOCKER-USER` unless Docker manages
+    /// ip6tables, so FORWARD itself.
+    pub fn hooks(self) -> [&'static str; 2] {
+        match self {
+            Family::V4 => HOOKS,
+            Family::V6 => ["FORWARD", "INPUT"],
+        }
+    }
+
+    pub fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+}
+
+/// The IPv6 rules: sandboxes of a network with rules get no IPv6 at all beyond replies (the
+/// policies are IPv4 CIDRs; without these, a sandbox could reach the host's services on `::`
+/// through the bridge's link-local address).
+pub fn render_v6(instance: &str, desired: &Desired) -> Ruleset {
+    let mut top = vec!["-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".to_string()];
+    top.extend(
+        desired
+            .keys()
+            .map(|bridge| format!("-i {bridge} -j REJECT")),
+    );
+    let mut chains = BTreeMap::from([(top_chain(instance), top)]);
+    stamp(&mut chains);
+    Ruleset { chains }
+}
 
 /// What must change on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -316,6 +410,8 @@ pub struct Changes {
     pub rewrite: bool,
     /// Hooks whose jump is missing.
     pub add_jumps: Vec<String>,
+    /// Hooks whose jump is there but not first: moved to the front.
+    pub move_jumps: Vec<String>,
     /// Chains of ours that are no longer wanted (deleted after the rewrite).
     pub drop_chains: Vec<String>,
     /// Nothing wanted at all: remove the jumps and every chain.
@@ -332,7 +428,8 @@ impl Changes {
 }
 
 /// Compares the wanted set with what the host has.
-pub fn diff(wanted: &Ruleset, found: &Found, nothing_wanted: bool) -> Changes {
+pub fn diff(wanted: &Ruleset, found: &Found, nothing_wanted: bool, family: Family) -> Changes {
+    let hooks = family.hooks();
     if nothing_wanted {
         let remove_all = !found.chains.is_empty() || !found.jumps.is_empty();
         return Changes {
@@ -348,9 +445,14 @@ pub fn diff(wanted: &Ruleset, found: &Found, nothing_wanted: bool) -> Changes {
     });
     Changes {
         rewrite,
-        add_jumps: HOOKS
+        add_jumps: hooks
             .iter()
-            .filter(|h| !found.jumps.contains(**h))
+            .filter(|h| !found.jumps.contains_key(**h))
+            .map(|h| h.to_string())
+            .collect(),
+        move_jumps: hooks
+            .iter()
+            .filter(|h| found.jumps.get(**h) == Some(&false))
             .map(|h| h.to_string())
             .collect(),
         drop_chains: found
@@ -379,7 +481,7 @@ mod tests {
     fn rules_allow_first_then_deny_then_the_default() {
         let mut p = default_policy();
         p.allow_cidrs = vec!["10.1.2.3/32".into()];
-        let set = render("inst", &desired([("br-abc", &p)]));
+        let set = render("inst", &desired([("br-abc", &p)]), &[]);
         let net = set
             .chains
             .iter()
@@ -403,7 +505,16 @@ mod tests {
             allow_cidrs: vec![],
             deny_cidrs: vec![],
         };
-        let set = render("inst", &desired([("br-x", &deny)]));
+        let set = render(
+            "inst",
+            &desired([("br-x", &deny)]),
+            &["10.0.0.53".parse().unwrap()],
+        );
+        let net = set.chains.iter().find(|(n, _)| n.len() > 12).unwrap().1;
+        assert!(
+            net[0].starts_with("-d 10.0.0.53/32 -p udp -m udp --dport 53 -j RETURN"),
+            "DNS first: {net:?}"
+        );
         assert!(set
             .chains
             .values()
@@ -442,7 +553,7 @@ mod tests {
 
     #[test]
     fn the_host_copy_is_compared_by_digest_and_count() {
-        let want = render("inst", &desired([("br-abc", &default_policy())]));
+        let want = render("inst", &desired([("br-abc", &default_policy())]), &[]);
         let top = top_chain("inst");
         let mut saved = String::from("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:DOCKER-USER - [0:0]\n");
         for name in want.chains.keys() {
@@ -462,11 +573,11 @@ mod tests {
             }
         }
         saved.push_str("COMMIT\n");
-        let found = parse_saved("inst", &saved);
+        let found = parse_saved("inst", &saved, Family::V4);
         assert!(
-            diff(&want, &found, false).is_empty(),
+            diff(&want, &found, false, Family::V4).is_empty(),
             "{:?}",
-            diff(&want, &found, false)
+            diff(&want, &found, false, Family::V4)
         );
         // Flushed by hand: rewritten. A jump gone: added back. Another instance: ignored.
         let flushed: String = saved
@@ -474,16 +585,48 @@ mod tests {
             .filter(|l| !l.starts_with(&format!("-A {top} ")))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(diff(&want, &parse_saved("inst", &flushed), false).rewrite);
+        assert!(
+            diff(
+                &want,
+                &parse_saved("inst", &flushed, Family::V4),
+                false,
+                Family::V4
+            )
+            .rewrite
+        );
         let no_jump = saved.replace(&format!("-A INPUT -j {top}\n"), "");
         assert_eq!(
-            diff(&want, &parse_saved("inst", &no_jump), false).add_jumps,
+            diff(
+                &want,
+                &parse_saved("inst", &no_jump, Family::V4),
+                false,
+                Family::V4
+            )
+            .add_jumps,
             ["INPUT"]
         );
-        assert!(parse_saved("other", &saved).chains.is_empty());
+        assert!(parse_saved("other", &saved, Family::V4).chains.is_empty());
         // Nothing wanted: everything of ours goes.
-        assert!(diff(&Ruleset::default(), &found, true).remove_all);
-        assert!(diff(&Ruleset::default(), &Found::default(), true).is_empty());
+        assert!(diff(&Ruleset::default(), &found, true, Family::V4).remove_all);
+        assert!(diff(&Ruleset::default(), &Found::default(), true, Family::V4).is_empty());
+    }
+
+    #[test]
+    fn ipv6_rejects_everything_new_from_a_ruled_bridge() {
+        let set = render_v6("inst", &desired([("br-abc", &default_policy())]));
+        let top = &set.chains[&top_chain("inst")];
+        assert!(top[0].starts_with("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"));
+        assert!(top[1].starts_with("-i br-abc -j REJECT"));
+        assert_eq!(Family::V6.hooks(), ["FORWARD", "INPUT"]);
+    }
+
+    #[test]
+    fn resolvers_come_from_resolv_conf_without_loopback() {
+        let text = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nsearch lan\nnameserver 10.0.0.2\n";
+        assert_eq!(
+            parse_resolvers(text),
+            vec![std::net::Ipv4Addr::new(10, 0, 0, 2)]
+        );
     }
 
     #[test]

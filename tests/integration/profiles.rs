@@ -13,8 +13,36 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// The network only the egress test uses (scripts/provision.sh creates it).
-const EGRESS_NETWORK: &str = "sandboxd-test-egress";
+/// A network of the egress test's own, removed when the test ends: rules apply per network,
+/// so no other test's sandboxd (nor rules left behind by an aborted earlier run) may be on it.
+struct OwnNetwork(String);
+
+impl OwnNetwork {
+    fn create() -> Self {
+        let name = format!(
+            "sandboxd-egress-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let out = Command::new("docker")
+            .args(["network", "create", &name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(name)
+    }
+}
+
+impl Drop for OwnNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.0])
+            .output();
+    }
+}
 
 fn profile(runtime: &str) -> ProfileSettings {
     ProfileSettings {
@@ -254,9 +282,12 @@ fn docker_user_rules_but_ours() -> Vec<String> {
 async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     let listener_port = host_listener().await;
     let target = NetnsTarget::start();
+    // Declared first: dropped last, after the sandboxes are gone.
+    let network = OwnNetwork::create();
+    let egress_network = network.0.clone();
     let docker_user_before = docker_user_rules_but_ours();
     let app = TestApp::spawn_with(|s| {
-        s.sandbox.network_name = EGRESS_NETWORK.into();
+        s.sandbox.network_name = egress_network.clone();
         s.sandbox.cleanup_interval_seconds = 2;
         let open = ProfileSettings {
             deny_cidrs: vec![],
@@ -274,11 +305,7 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     })
     .await;
     let gateway = {
-        let net = app
-            .docker
-            .inspect_network(EGRESS_NETWORK, None)
-            .await
-            .unwrap();
+        let net = app.docker.inspect_network(&network.0, None).await.unwrap();
         net.ipam.unwrap().config.unwrap()[0]
             .gateway
             .clone()
@@ -375,10 +402,14 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     let pin = new_chat();
     let (status, _) = create_with(&app, &pin, "pinhole").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(
-        reaches(&app, &pin, &target.ip, 8080).await,
-        "allow_cidrs entry reachable"
-    );
+    // A network's rules loosen one resync period after its stricter sandbox left (that
+    // sandbox's container may still have been running a moment ago).
+    wait_until(
+        Duration::from_secs(10),
+        "allow_cidrs entry reachable",
+        || async { reaches(&app, &pin, &target.ip, 8080).await.then_some(()) },
+    )
+    .await;
     assert!(
         !reaches(&app, &pin, &gateway, listener_port).await,
         "the host stays blocked"

@@ -142,6 +142,10 @@ pub fn remove_egress_rules(instance: &str) {
             .enable_all()
             .build()
             .expect("runtime");
+        // Twice: a reconcile that was under way when the app stopped may finish after the
+        // first removal (the keeper stops at its next wait).
+        let _ = rt.block_on(sandboxd::egress::iptables::remove(&instance));
+        std::thread::sleep(std::time::Duration::from_millis(300));
         rt.block_on(sandboxd::egress::iptables::remove(&instance))
     })
     .join();
