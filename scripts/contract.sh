@@ -39,6 +39,7 @@ PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
   docker ps -aq --filter "label=sandboxd.instance=$INSTANCE" | xargs -r docker rm -f >/dev/null
+  "$ROOT/scripts/egress-cleanup.sh" "$INSTANCE" || true
   rm -rf "$RUN"
 }
 trap cleanup EXIT

@@ -102,13 +102,17 @@ impl EgressPolicy {
 
     /// The effective rules in words (for the view and `sandboxd show`).
     pub fn describe(&self) -> Vec<String> {
-        let mut out = vec!["established and related traffic: accept".to_string()];
+        let mut out = vec![
+            "established and related traffic: accept".to_string(),
+            "DNS (port 53) to the host's resolvers: accept".to_string(),
+        ];
         out.extend(self.allow_cidrs.iter().map(|c| format!("{c}: accept")));
         out.extend(self.deny_cidrs.iter().map(|c| format!("{c}: reject")));
         out.push(match self.egress {
-            EgressMode::Allow => "anything else: accept".into(),
-            EgressMode::Deny => "anything else: reject".into(),
+            EgressMode::Allow => "anything else (IPv4): accept".into(),
+            EgressMode::Deny => "anything else (IPv4): reject".into(),
         });
+        out.push("IPv6: reject".into());
         out
     }
 }
