@@ -119,16 +119,31 @@ impl EgressKeeper {
         let Some(policy) = spec.egress_rules() else {
             return Ok(());
         };
+        // The network must exist (and its bridge be known) before rules can name it; its
+        // bridge is looked up afresh, since a network removed and made again has a new one.
+        let named = |e: crate::runtime::RuntimeError| {
+            FirewallError(format!("network `{}`: {e}", spec.network))
+        };
+        let bridge = match rt.bridge_of(&spec.network).await {
+            Ok(b) => b,
+            // Missing (never made, or removed): made now, then looked up.
+            Err(_) => {
+                rt.ensure_network_named(&spec.network)
+                    .await
+                    .map_err(named)?;
+                rt.bridge_of(&spec.network).await.map_err(named)?
+            }
+        };
         {
             // The usual case: the network's rules are in place and at least as strict.
-            let kept = self.kept.lock().await;
+            let mut kept = self.kept.lock().await;
+            kept.bridges.insert(spec.network.clone(), bridge.clone());
             let fresh = kept
                 .verified_at
                 .is_some_and(|at| at.elapsed() < self.resync);
             let covered = kept
-                .bridges
-                .get(&spec.network)
-                .and_then(|b| kept.applied_policies.get(b))
+                .applied_policies
+                .get(&bridge)
                 .is_some_and(|have| &have.strictest(policy) == have);
             if fresh && covered {
                 return Ok(());
