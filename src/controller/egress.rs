@@ -29,6 +29,17 @@ use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::store::Store;
 
+/// Why the rules of a start could not be made sure of.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// The engine did not answer a network lookup: the executor treats it like any engine
+    /// failure (the supervisor reconnects).
+    #[error(transparent)]
+    Engine(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
 #[derive(Default)]
 struct Kept {
     /// Network → its bridge interface (looked up again at every verify).
@@ -115,23 +126,20 @@ impl EgressKeeper {
         &self,
         rt: &Runtime,
         spec: &ContainerSpec,
-    ) -> Result<(), FirewallError> {
+    ) -> Result<(), EgressError> {
         let Some(policy) = spec.egress_rules() else {
             return Ok(());
         };
         // The network must exist (and its bridge be known) before rules can name it; its
         // bridge is looked up afresh, since a network removed and made again has a new one.
-        let named = |e: crate::runtime::RuntimeError| {
-            FirewallError(format!("network `{}`: {e}", spec.network))
-        };
         let bridge = match rt.bridge_of(&spec.network).await {
             Ok(b) => b,
+            // The engine did not answer: an engine failure (the supervisor reconnects).
+            Err(e) if e.unavailable() => return Err(e.into()),
             // Missing (never made, or removed): made now, then looked up.
             Err(_) => {
-                rt.ensure_network_named(&spec.network)
-                    .await
-                    .map_err(named)?;
-                rt.bridge_of(&spec.network).await.map_err(named)?
+                rt.ensure_network_named(&spec.network).await?;
+                rt.bridge_of(&spec.network).await?
             }
         };
         {
@@ -149,7 +157,7 @@ impl EgressKeeper {
                 return Ok(());
             }
         }
-        self.reconcile(rt, Some(spec), false).await
+        Ok(self.reconcile(rt, Some(spec), false).await?)
     }
 
     /// Computes the wanted rules (the live rows, plus `extra`), and brings the host there.

@@ -259,7 +259,13 @@ impl Executor {
             let spec = parse_spec(&row)?;
             prepare_host(&spec, &self.volumes)?;
             // Never a sandbox without its rules: a failure here is a failed start.
-            self.egress.ensure_for_start(&self.runtime, &spec).await?;
+            self.egress
+                .ensure_for_start(&self.runtime, &spec)
+                .await
+                .map_err(|e| match e {
+                    super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
+                    super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
+                })?;
             let started = self
                 .create_and_start(&StartRequest {
                     chat_id,

@@ -38,9 +38,22 @@ impl OwnNetwork {
 
 impl Drop for OwnNetwork {
     fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.0])
-            .output();
+        // The engine releases a removed container's endpoint a moment after `rm -f` returns,
+        // and a controller still stopping may have started one more: anything left on this
+        // test's own network goes.
+        for _ in 0..50 {
+            remove_containers_matching(&format!("network={}", self.0));
+            let out = Command::new("docker")
+                .args(["network", "rm", &self.0])
+                .output();
+            let gone = out.as_ref().is_ok_and(|o| {
+                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
+            });
+            if gone {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -429,6 +442,11 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     )
     .await;
     assert_eq!(docker_user_rules_but_ours(), docker_user_before);
+    // Stopped before the network goes, so no start under way can make it again.
+    let (_dir, _settings, guard) = app.stop().await;
+    drop(guard);
+    drop(_guard);
+    drop(network);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,4 +517,8 @@ async fn a_profile_network_that_does_not_exist_yet_is_made_before_its_rules() {
         iptables_save().contains(&format!("-A {top} -i {bridge} ")),
         "the new network's rules are in place"
     );
+    // Stopped before the network goes, so no start under way can make it again.
+    let (_dir, _settings, guard) = app.stop().await;
+    drop(guard);
+    drop(network);
 }
