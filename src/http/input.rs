@@ -238,24 +238,14 @@ impl<'a> Fields<'a> {
         );
     }
 
-    /// A required string.
+    /// A required string (`null` is a wrong type, as in pydantic).
     pub fn string(&mut self, name: &str) -> Option<&'a str> {
         match self.obj.get(name) {
             None => {
                 self.missing(name);
                 None
             }
-            Some(Value::String(s)) => Some(s),
-            Some(other) => {
-                self.problems.push(
-                    "string_type",
-                    Source::Body,
-                    name,
-                    "Input should be a valid string".into(),
-                    other.clone(),
-                );
-                None
-            }
+            Some(v) => self.string_value(name, v),
         }
     }
 
@@ -263,18 +253,22 @@ impl<'a> Fields<'a> {
     pub fn optional_string(&mut self, name: &str) -> Option<&'a str> {
         match self.obj.get(name) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(other) => {
-                self.problems.push(
-                    "string_type",
-                    Source::Body,
-                    name,
-                    "Input should be a valid string".into(),
-                    other.clone(),
-                );
-                None
-            }
+            Some(v) => self.string_value(name, v),
         }
+    }
+
+    fn string_value(&mut self, name: &str, v: &'a Value) -> Option<&'a str> {
+        if let Value::String(s) = v {
+            return Some(s);
+        }
+        self.problems.push(
+            "string_type",
+            Source::Body,
+            name,
+            "Input should be a valid string".into(),
+            v.clone(),
+        );
+        None
     }
 
     /// A required UUID.
