@@ -64,6 +64,7 @@ pub struct EgressKeeper {
     pub poke: Notify,
     /// Where the last failure is shown (readiness).
     status: Arc<super::ControllerStatus>,
+    stop: watch::Receiver<bool>,
 }
 
 impl EgressKeeper {
@@ -73,6 +74,7 @@ impl EgressKeeper {
         metrics: Arc<Metrics>,
         status: Arc<super::ControllerStatus>,
         resync: Duration,
+        stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
             instance: instance.to_string(),
@@ -82,7 +84,14 @@ impl EgressKeeper {
             kept: Mutex::default(),
             poke: Notify::new(),
             status,
+            stop,
         }
+    }
+
+    /// Shutting down (or the owner gone): no more writes to the host's rules, so a stopped
+    /// sandboxd never changes them after its last word.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     /// Runs until shutdown: a verify every resync period, a sync when poked.
@@ -246,6 +255,9 @@ impl EgressKeeper {
             let found = iptables::read(&self.instance, family).await?;
             let changes = rules::diff(&set, &found, desired.is_empty(), family);
             if !changes.is_empty() {
+                if self.stopping() {
+                    return Err(FirewallError("sandboxd is stopping".into()));
+                }
                 // Rules we had applied and verified were changed behind our back: a repair.
                 repaired |= kept.applied.as_ref() == Some(&wanted);
                 iptables::apply(&self.instance, &set, &changes, family).await?;

@@ -166,6 +166,7 @@ impl Controller {
             self.metrics.clone(),
             self.status.clone(),
             resync,
+            shutdown.clone(),
         ));
         tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
         let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);

@@ -142,10 +142,12 @@ pub fn remove_egress_rules(instance: &str) {
             .enable_all()
             .build()
             .expect("runtime");
-        // Twice: a reconcile that was under way when the app stopped may finish after the
-        // first removal (the keeper stops at its next wait).
+        // Again after a moment: a reconcile that was under way when the app stopped may
+        // finish after the first removal (the keeper writes nothing once it sees the stop).
         let _ = rt.block_on(sandboxd::egress::iptables::remove(&instance));
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let _ = rt.block_on(sandboxd::egress::iptables::remove(&instance));
+        std::thread::sleep(std::time::Duration::from_millis(500));
         rt.block_on(sandboxd::egress::iptables::remove(&instance))
     })
     .join();
