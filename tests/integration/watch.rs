@@ -228,3 +228,53 @@ async fn a_client_that_falls_behind_is_cut_off_with_resync_and_resumes_without_l
         .await;
     assert_eq!(resumed, ((start + 1)..=newest).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_client_that_stops_reading_gets_resync_and_the_stream_ends() {
+    let app = TestApp::spawn_with(|s| s.data_plane.watch_buffer_events = 16).await;
+    let mut slow = SseReader::open(&app, "/api/v1/sandboxes?watch=true", None).await;
+    // While the client reads nothing, far more changes than the ring and the socket buffers
+    // hold: lines of the log written through a second handle on the same database (the
+    // server's tailer finds them on its own within its poll period).
+    let writer =
+        sandboxd::store::Store::open(&app.settings.database.path, Duration::from_secs(5), 2)
+            .await
+            .unwrap();
+    let filler = "x".repeat(900);
+    for _ in 0..3000 {
+        let event = NewEvent {
+            chat_id: "-",
+            session_id: None,
+            container_id: None,
+            action: EventAction::RemoveOrphan,
+            outcome: EventOutcome::Ok,
+            error: Some(&filler),
+            actor: None,
+            detail: None,
+        };
+        writer.event(&event, chrono::Utc::now()).await.unwrap();
+    }
+    // Now read: what the buffers held, then one `resync`, then the end of the stream.
+    let mut changes = 0;
+    let last = loop {
+        match slow.next(Duration::from_secs(30)).await {
+            Some(ev) if ev.event == "change" => changes += 1,
+            Some(ev) => break Some(ev),
+            None => break None,
+        }
+    };
+    let resync = last.expect("a final event, not a silent end");
+    assert_eq!(resync.event, "resync", "{resync:?}");
+    assert!(
+        resync.data["last_event_id"].as_i64().is_some(),
+        "{resync:?}"
+    );
+    assert!(
+        changes < 3000,
+        "the client was cut off, not fed everything ({changes})"
+    );
+    assert!(
+        slow.next(Duration::from_secs(10)).await.is_none(),
+        "the stream ends after resync"
+    );
+}
