@@ -201,47 +201,62 @@ impl DataPlane {
     /// Streams a regular file's contents (following symlinks on the mounts).
     pub async fn read_file(&self, chat_id: ChatId, path: &str) -> Result<FileStream> {
         let (t, slot) = self.target(chat_id).await?;
+        let (at, entry, _rest) = self.resolved_archive(&t, path).await?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            return Err(DataPlaneError::IsDirectory { path: at.absolute });
+        }
+        if !kind.is_file() {
+            return Err(DataPlaneError::Refused(format!(
+                "{} is not a regular file",
+                at.absolute
+            )));
+        }
+        let size = entry.effective_size();
+        let limit = self.settings.data_plane.file_read_limit_bytes;
+        if size > limit {
+            return Err(DataPlaneError::TooLarge(format!(
+                "{} is {size} bytes, over data_plane.file_read_limit_bytes ({limit})",
+                at.absolute
+            )));
+        }
+        // The slot is held until the body is sent (or the client goes away).
+        let body = ReaderStream::new(entry).map(move |chunk| {
+            let _held = &slot;
+            chunk
+        });
+        Ok(FileStream {
+            path: at.absolute,
+            size,
+            body: Box::pin(body),
+        })
+    }
+
+    /// The first entry of the engine's tar of a client path, after following symlinks on the
+    /// mounts (at most [`MAX_HOPS`]), with the entries after it.
+    async fn resolved_archive(
+        &self,
+        t: &Target,
+        path: &str,
+    ) -> Result<(
+        SandboxPath,
+        tokio_tar::Entry<Archive<TarReader>>,
+        tokio_tar::Entries<TarReader>,
+    )> {
         let mut at = t.mounts.resolve(path, None)?;
         for _ in 0..=MAX_HOPS {
-            self.refuse_symlinked_dirs(&t, &at).await?;
-            let mut entries = self.archive(&t, &at).await?;
-            let Some(entry) = entries.next().await else {
+            self.refuse_symlinked_dirs(t, &at).await?;
+            let mut entries = self.archive(t, &at).await?;
+            let Some(first) = entries.next().await else {
                 return Err(DataPlaneError::NoSuchPath(at.absolute));
             };
-            let entry =
-                entry.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
-            let kind = entry.header().entry_type();
-            if kind.is_symlink() {
-                at = follow(&t, &at, link_name(&entry)?, false)?;
+            let first =
+                first.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+            if first.header().entry_type().is_symlink() {
+                at = follow(t, &at, link_name(&first)?, false)?;
                 continue;
             }
-            if kind.is_dir() {
-                return Err(DataPlaneError::IsDirectory { path: at.absolute });
-            }
-            if !kind.is_file() {
-                return Err(DataPlaneError::Refused(format!(
-                    "{} is not a regular file",
-                    at.absolute
-                )));
-            }
-            let size = entry.effective_size();
-            let limit = self.settings.data_plane.file_read_limit_bytes;
-            if size > limit {
-                return Err(DataPlaneError::TooLarge(format!(
-                    "{} is {size} bytes, over data_plane.file_read_limit_bytes ({limit})",
-                    at.absolute
-                )));
-            }
-            // The slot is held until the body is sent (or the client goes away).
-            let body = ReaderStream::new(entry).map(move |chunk| {
-                let _held = &slot;
-                chunk
-            });
-            return Ok(FileStream {
-                path: at.absolute,
-                size,
-                body: Box::pin(body),
-            });
+            return Ok((at, first, entries));
         }
         Err(DataPlaneError::Refused(format!(
             "more than {MAX_HOPS} symlinks from {path}"
@@ -251,68 +266,50 @@ impl DataPlane {
     /// Lists a directory's entries (following symlinks on the mounts).
     pub async fn list_dir(&self, chat_id: ChatId, path: Option<&str>) -> Result<Listing> {
         let (t, _slot) = self.target(chat_id).await?;
-        let mut at = t.mounts.resolve(path.unwrap_or("."), None)?;
         let max = self.settings.data_plane.list_max_entries;
-        for _ in 0..=MAX_HOPS {
-            self.refuse_symlinked_dirs(&t, &at).await?;
-            let mut entries = self.archive(&t, &at).await?;
-            let Some(first) = entries.next().await else {
-                return Err(DataPlaneError::NoSuchPath(at.absolute));
-            };
-            let first =
-                first.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
-            let kind = first.header().entry_type();
-            if kind.is_symlink() {
-                at = follow(&t, &at, link_name(&first)?, false)?;
-                continue;
-            }
-            if !kind.is_dir() {
-                return Err(DataPlaneError::NotDirectory { path: at.absolute });
-            }
-            let mut listing = Listing {
-                path: at.absolute.clone(),
-                entries: Vec::new(),
-                truncated: false,
-            };
-            let (mut scanned, mut bytes) = (0usize, 0u64);
-            let until = tokio::time::Instant::now() + LIST_SCAN_MAX_TIME;
-            loop {
-                let next = match tokio::time::timeout_at(until, entries.next()).await {
-                    Ok(Some(entry)) => entry,
-                    Ok(None) => break,
-                    Err(_) => {
-                        listing.truncated = true;
-                        break;
-                    }
-                };
-                let entry =
-                    next.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
-                scanned += 1;
-                // Every entry streams past: its header and its contents.
-                bytes += entry.effective_size() + 512;
-                if bytes > LIST_SCAN_MAX_BYTES {
-                    listing.truncated = true;
-                    break;
-                }
-                if let Some(child) = child_entry(&entry) {
-                    if listing.entries.len() == max {
-                        listing.truncated = true;
-                        break;
-                    }
-                    listing.entries.push(child);
-                }
-                if scanned >= LIST_SCAN_MAX {
-                    listing.truncated = true;
-                    break;
-                }
-            }
-            listing.entries.sort_by(|a, b| a.name.cmp(&b.name));
-            return Ok(listing);
+        let (at, first, mut entries) = self.resolved_archive(&t, path.unwrap_or(".")).await?;
+        if !first.header().entry_type().is_dir() {
+            return Err(DataPlaneError::NotDirectory { path: at.absolute });
         }
-        Err(DataPlaneError::Refused(format!(
-            "more than {MAX_HOPS} symlinks from {}",
-            path.unwrap_or(".")
-        )))
+        let mut listing = Listing {
+            path: at.absolute.clone(),
+            entries: Vec::new(),
+            truncated: false,
+        };
+        let (mut scanned, mut bytes) = (0usize, 0u64);
+        let until = tokio::time::Instant::now() + LIST_SCAN_MAX_TIME;
+        loop {
+            let next = match tokio::time::timeout_at(until, entries.next()).await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(_) => {
+                    listing.truncated = true;
+                    break;
+                }
+            };
+            let entry =
+                next.map_err(|e| DataPlaneError::Engine(format!("unreadable archive: {e}")))?;
+            scanned += 1;
+            // Every entry streams past: its header and its contents.
+            bytes += entry.effective_size() + 512;
+            if bytes > LIST_SCAN_MAX_BYTES {
+                listing.truncated = true;
+                break;
+            }
+            if let Some(child) = child_entry(&entry) {
+                if listing.entries.len() == max {
+                    listing.truncated = true;
+                    break;
+                }
+                listing.entries.push(child);
+            }
+            if scanned >= LIST_SCAN_MAX {
+                listing.truncated = true;
+                break;
+            }
+        }
+        listing.entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listing)
     }
 
     /// Refuses a path whose directories below the mount root include a symlink: the engine

@@ -74,21 +74,7 @@ pub fn stream(
         });
     let last_id = match raw {
         None => None,
-        Some((s, field)) => Some(
-            s.trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    input::reject(
-                        "int_parsing",
-                        Source::Query,
-                        field,
-                        "Input should be a non-negative event id".into(),
-                        json!(s),
-                    )
-                })?,
-        ),
+        Some((s, field)) => Some(event_id(&s, field)?),
     };
     let items = state.watch.subscribe(last_id, chat).map(|item| {
         let event = match item {

@@ -177,6 +177,20 @@ async fn a_watcher_sees_a_chat_go_pending_running_deleted_and_a_reconnect_misses
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+/// A log line about no chat: a change every watcher of all chats sees.
+fn log_line(note: &str) -> NewEvent<'_> {
+    NewEvent {
+        chat_id: "-",
+        session_id: None,
+        container_id: None,
+        action: EventAction::RemoveOrphan,
+        outcome: EventOutcome::Ok,
+        error: Some(note),
+        actor: None,
+        detail: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_falls_behind_is_cut_off_with_resync_and_resumes_without_loss() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,16 +205,7 @@ async fn a_client_that_falls_behind_is_cut_off_with_resync_and_resumes_without_l
     let start = store.last_event_id().await.unwrap();
     for i in 0..50 {
         let note = format!("event {i}");
-        let event = NewEvent {
-            chat_id: "-",
-            session_id: None,
-            container_id: None,
-            action: EventAction::RemoveOrphan,
-            outcome: EventOutcome::Ok,
-            error: Some(&note),
-            actor: None,
-            detail: None,
-        };
+        let event = log_line(&note);
         store.event(&event, chrono::Utc::now()).await.unwrap();
     }
     let newest = store.last_event_id().await.unwrap();
@@ -242,16 +247,7 @@ async fn over_http_a_client_that_stops_reading_gets_resync_and_the_stream_ends()
             .unwrap();
     let filler = "x".repeat(900);
     for _ in 0..3000 {
-        let event = NewEvent {
-            chat_id: "-",
-            session_id: None,
-            container_id: None,
-            action: EventAction::RemoveOrphan,
-            outcome: EventOutcome::Ok,
-            error: Some(&filler),
-            actor: None,
-            detail: None,
-        };
+        let event = log_line(&filler);
         writer.event(&event, chrono::Utc::now()).await.unwrap();
     }
     // Now read: what the buffers held, then one `resync`, then the end of the stream.
