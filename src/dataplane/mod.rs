@@ -141,15 +141,6 @@ impl DataPlane {
         }
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    /// Calls in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.slots.in_flight()
-    }
-
     /// The chat's running container, and a slot for one call on it.
     async fn target(&self, chat_id: ChatId) -> Result<(Target, Slot)> {
         let row = self
