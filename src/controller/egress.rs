@@ -48,6 +48,8 @@ struct Kept {
     applied: Option<Ruleset>,
     applied_policies: Desired,
     verified_at: Option<Instant>,
+    /// Spec hash → the (network, policy) its spec needs rules for, parsed once.
+    specs: HashMap<String, Option<(String, rules::EgressPolicy)>>,
     /// Since when the rows have asked for looser rules than those applied (a network's last
     /// sandbox gone, a PUT to an opener profile). Loosening waits one resync period: the
     /// replaced container may still run meanwhile, and tighter is always safe.
@@ -182,9 +184,13 @@ impl EgressKeeper {
         if verify {
             kept.bridges.clear();
         }
-        let wanted_by_network = self.wanted(extra).await?;
-        let mut desired = Desired::new();
+        let wanted_by_network = self.wanted(&mut kept.specs, extra).await?;
+        let mut pairs = Vec::new();
+        let mut missing = std::collections::HashSet::new();
         for (network, policy) in &wanted_by_network {
+            if missing.contains(network) {
+                continue;
+            }
             let bridge = match kept.bridges.get(network) {
                 Some(b) => b.clone(),
                 None => match rt.bridge_of(network).await {
@@ -199,17 +205,15 @@ impl EgressKeeper {
                     }
                     Err(e) => {
                         warn!(network, error = %e, "egress rules: network not found; skipped");
+                        missing.insert(network.clone());
                         continue;
                     }
                 },
             };
-            // Two names of one network (a name and an id) merge, strictest.
-            let merged = match desired.remove(&bridge) {
-                Some(prev) => prev.strictest(policy),
-                None => policy.canonical(),
-            };
-            desired.insert(bridge, merged);
+            pairs.push((bridge, policy));
         }
+        // Per bridge, strictest (two names of one network, a name and an id, merge too).
+        let mut desired = rules::desired(pairs.iter().map(|(b, p)| (b.as_str(), *p)));
         // Looser than what is applied: held for one resync period (see `loosen_pending_since`).
         let loosens = kept.applied_policies.iter().any(|(bridge, have)| {
             desired
@@ -276,34 +280,34 @@ impl EgressKeeper {
         Ok(())
     }
 
-    /// Network → merged policy of every row whose container may run (not expired), plus
-    /// the sandbox about to start.
+    /// The (network, policy) of every row whose container may run (not expired) and needs
+    /// rules, plus the sandbox about to start. Specs are parsed once per spec hash (`specs`
+    /// keeps the last call's, so a pass after every create does not parse every row again).
     async fn wanted(
         &self,
+        specs: &mut HashMap<String, Option<(String, rules::EgressPolicy)>>,
         extra: Option<&ContainerSpec>,
-    ) -> Result<std::collections::BTreeMap<String, rules::EgressPolicy>, FirewallError> {
+    ) -> Result<Vec<(String, rules::EgressPolicy)>, FirewallError> {
         let rows = self
             .store
             .all()
             .await
             .map_err(|e| FirewallError(format!("reading the sandboxes: {e}")))?;
-        let specs: Vec<ContainerSpec> = rows
-            .iter()
-            .filter(|r| r.phase != Phase::Expired)
-            .filter_map(|r| ContainerSpec::from_json(&r.spec_json).ok())
-            .chain(extra.cloned())
-            .collect();
-        let mut out = std::collections::BTreeMap::new();
-        for (network, policy) in specs
-            .iter()
-            .filter_map(|s| s.egress_rules().map(|p| (s.network.as_str(), p)))
-        {
-            let merged = match out.remove(network) {
-                Some(prev) => rules::EgressPolicy::strictest(&prev, policy),
-                None => policy.canonical(),
+        let needs = |s: &ContainerSpec| s.egress_rules().map(|p| (s.network.clone(), p.clone()));
+        let mut seen = HashMap::with_capacity(rows.len());
+        let mut out = Vec::new();
+        for r in rows.iter().filter(|r| r.phase != Phase::Expired) {
+            let entry = match specs.remove(&r.spec_hash) {
+                Some(e) => e,
+                None => ContainerSpec::from_json(&r.spec_json)
+                    .ok()
+                    .and_then(|s| needs(&s)),
             };
-            out.insert(network.to_string(), merged);
+            out.extend(entry.clone());
+            seen.insert(r.spec_hash.clone(), entry);
         }
+        *specs = seen;
+        out.extend(extra.and_then(needs));
         Ok(out)
     }
 }
