@@ -6,6 +6,8 @@
 //! - [`store`]: SQLite adapter: desired state, observed status, event log.
 //! - [`runtime`]: the seam between the controller and a container backend.
 //! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
+//! - [`swarm`]: Docker Swarm adapter: one-replica services through a manager, placement
+//!   (what a profile asks of a node), task readings.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`dataplane`]: exec, files and watch on running sandboxes, beside the loop: finds the
 //!   container in the store and talks to the engine (`docker::sandbox_io`).
@@ -29,4 +31,5 @@ pub mod metrics;
 pub mod planner;
 pub mod runtime;
 pub mod store;
+pub mod swarm;
 pub mod telemetry;

@@ -52,6 +52,64 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub controller: ControllerSettings,
     pub data_plane: DataPlaneSettings,
+    /// The backend: one Docker engine, or Docker Swarm services through a manager's engine.
+    pub runtime: RuntimeKind,
+    pub swarm: SwarmSettings,
+}
+
+/// Which backend runs sandboxes (`docs/scale-out.md`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// Containers on the engine at `docker.base_url`.
+    #[default]
+    Docker,
+    /// One-replica Swarm services, through the manager engine at `docker.base_url`.
+    Swarm,
+}
+
+/// Swarm mode (`runtime: swarm`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwarmSettings {
+    /// How long a start waits for the service's task to run before it counts as failed (a
+    /// task no node can take stays pending for ever).
+    pub start_timeout_seconds: u64,
+    /// The stop grace of a task (drain, node loss, removal): the agent gets SIGTERM, then
+    /// SIGKILL after this long. Tasks run with an init, so SIGTERM is delivered.
+    pub stop_grace_seconds: u64,
+    /// Each node's own engine, by node hostname: the data plane's exec and files go there,
+    /// and what the node enforces is read from its `docker info`. A node left out still runs
+    /// sandboxes; its data plane answers 501.
+    pub nodes: BTreeMap<String, NodeEngine>,
+}
+
+impl Default for SwarmSettings {
+    fn default() -> Self {
+        Self {
+            start_timeout_seconds: 60,
+            stop_grace_seconds: 1,
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+/// One node's engine: `unix://`, `tcp://`/`http://`, or `https://` with client certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEngine {
+    pub base_url: String,
+    /// With `https://`: the CA, client certificate and key (PEM files), all three.
+    #[serde(default)]
+    pub tls: Option<NodeTls>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

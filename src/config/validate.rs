@@ -67,6 +67,74 @@ impl Settings {
         Ok(())
     }
 
+    /// Swarm mode's own keys, and what it cannot do with the shared ones.
+    fn validate_swarm(&self) -> Result<(), ConfigError> {
+        let w = &self.swarm;
+        within(
+            "swarm.start_timeout_seconds",
+            w.start_timeout_seconds,
+            1,
+            3600,
+        )?;
+        within("swarm.stop_grace_seconds", w.stop_grace_seconds, 0, 300)?;
+        for (node, engine) in &w.nodes {
+            let key = format!("swarm.nodes.{node}.base_url");
+            let url = engine.base_url.as_str();
+            let scheme_ok = ["unix://", "tcp://", "http://", "https://"]
+                .iter()
+                .any(|p| url.starts_with(p));
+            if !scheme_ok {
+                return Err(invalid(
+                    &key,
+                    "must start with unix://, tcp://, http:// or https://",
+                ));
+            }
+            match (url.starts_with("https://"), &engine.tls) {
+                (true, None) => {
+                    return Err(invalid(
+                        &format!("swarm.nodes.{node}.tls"),
+                        "an https:// engine needs tls: {ca, cert, key}",
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(invalid(
+                        &key,
+                        "tls is set: the engine must be an https:// address",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if self.runtime != super::RuntimeKind::Swarm {
+            return Ok(());
+        }
+        if self.sandbox.publish_agent_port {
+            return Err(invalid(
+                "sandbox.publish_agent_port",
+                "is not available with runtime: swarm (sandboxes are reached at their overlay \
+                 address; ingress publishing needs IPVS)",
+            ));
+        }
+        if self.docker.pull_policy == super::PullPolicy::Build {
+            return Err(invalid(
+                "docker.pull_policy",
+                "build is not available with runtime: swarm (each node needs the image; load \
+                 it on every node)",
+            ));
+        }
+        if !["unix://", "tcp://", "http://"]
+            .iter()
+            .any(|p| self.docker.base_url.starts_with(p))
+        {
+            return Err(invalid(
+                "docker.base_url",
+                "with runtime: swarm, the manager's engine is reached at a unix://, tcp:// or \
+                 http:// address (run sandboxd on a manager, as deploy/ does)",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_data_plane(&self) -> Result<(), ConfigError> {
         let d = &self.data_plane;
         within(
@@ -111,6 +179,7 @@ impl Settings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         self.validate_data_plane()?;
         self.validate_profiles()?;
+        self.validate_swarm()?;
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
         if s.publish_host_ip.parse::<IpAddr>().is_err() {

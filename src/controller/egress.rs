@@ -113,7 +113,8 @@ impl EgressKeeper {
                 next_verify = Instant::now() + self.resync;
             }
             let rt = match &*engine.borrow() {
-                Engine::Up(rt) => rt.clone(),
+                // In swarm mode sandboxes run on other hosts: no rules here (swarm/placement.rs).
+                Engine::Up(rt) if rt.keeps_host_rules() => rt.clone(),
                 _ => continue,
             };
             let result = self.reconcile(&rt, None, verify).await;
@@ -138,7 +139,7 @@ impl EgressKeeper {
         rt: &Runtime,
         spec: &ContainerSpec,
     ) -> Result<(), EgressError> {
-        let Some(policy) = spec.egress_rules() else {
+        let Some(policy) = spec.egress_rules().filter(|_| rt.keeps_host_rules()) else {
             return Ok(());
         };
         // The network must exist (and its bridge be known) before rules can name it; its

@@ -89,7 +89,7 @@ async fn supervise(
         }
         match connect(&p.settings, &p.metrics).await {
             Ok(rt) => {
-                info!("connected to the Docker engine");
+                info!("connected to {}", rt.describe());
                 failures = 0;
                 set_connected(&p, true);
                 p.status.set_error(None);
@@ -145,27 +145,13 @@ async fn supervise(
 /// Names every configured profile whose runtime the engine does not offer (readiness shows
 /// them; their sandboxes fail to start with the engine's error, never fall back to runc).
 async fn check_profiles(p: &Parts, rt: &Runtime) {
-    let offered = match rt.runtimes().await {
-        Ok(r) => r,
+    let missing = match rt.profile_problems(&p.settings).await {
+        Ok(m) => m,
         Err(e) => {
-            warn!(error = %e, "cannot list the engine's runtimes");
+            warn!(error = %e, "cannot read what the engine offers the profiles");
             return;
         }
     };
-    let missing: Vec<String> = p
-        .settings
-        .sandbox
-        .profiles
-        .iter()
-        .filter(|(_, profile)| !offered.contains(&profile.runtime))
-        .map(|(name, profile)| {
-            format!(
-                "profile {name}: runtime `{}` is not registered with the engine (it offers {})",
-                profile.runtime,
-                offered.join(", ")
-            )
-        })
-        .collect();
     for m in &missing {
         warn!("{m}");
     }

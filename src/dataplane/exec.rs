@@ -228,11 +228,10 @@ impl DataPlane {
             workdir: workdir.absolute,
             stdin: req.stdin.is_some(),
         };
-        let mut exec = self
-            .io
-            .start_exec(&t.container_id, spec)
-            .await
-            .map_err(|e| DataPlaneError::engine(e, None))?;
+        let mut exec =
+            t.io.start_exec(&t.container_id, spec)
+                .await
+                .map_err(|e| DataPlaneError::engine(e, None))?;
         if let (Some(mut input), Some(data)) = (exec.input.take(), req.stdin.clone()) {
             tokio::spawn(async move {
                 // A command that exits without reading its stdin closes the pipe: not an error.
@@ -329,7 +328,7 @@ impl DataPlane {
         } else if let Some(e) = broken {
             Err(e)
         } else {
-            self.exit_code(&exec.id).await
+            self.exit_code(t, &exec.id).await
         };
         let end = ExecEnd {
             exit_code: *exit_code.as_ref().unwrap_or(&-1),
@@ -357,12 +356,8 @@ impl DataPlane {
 
     /// Kills every process of an exec (once its process exists); whether none is left.
     async fn kill(&self, t: &Target, exec_id: &str, marker: &str) -> bool {
-        self.io.wait_exec_started(exec_id, KILL_WITHIN).await;
-        match self
-            .io
-            .kill_marked(&t.container_id, marker, KILL_WITHIN)
-            .await
-        {
+        t.io.wait_exec_started(exec_id, KILL_WITHIN).await;
+        match t.io.kill_marked(&t.container_id, marker, KILL_WITHIN).await {
             Ok(true) => true,
             Ok(false) => {
                 tracing::warn!(chat_id = %t.chat_id, "exec kill: processes remained after the kill loop");
@@ -376,9 +371,9 @@ impl DataPlane {
     }
 
     /// The exit code once the engine has it (it may lag the stream's end by a moment).
-    async fn exit_code(&self, exec_id: &str) -> Result<i64> {
+    async fn exit_code(&self, t: &Target, exec_id: &str) -> Result<i64> {
         for attempt in 0..100u32 {
-            match self.io.exec_exit_code(exec_id).await {
+            match t.io.exec_exit_code(exec_id).await {
                 Ok(Some(code)) => return Ok(code),
                 Ok(None) => {
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await

@@ -141,7 +141,7 @@ impl DataPlane {
         })?;
         // The usual case: the parent exists. Extract the one file into it.
         let tar = one_file_tar(file.file_name(), data, mode, t.owner, &[]).await?;
-        match self
+        match t
             .io
             .put_archive(&t.container_id, &parent.absolute, tar)
             .await
@@ -169,7 +169,7 @@ impl DataPlane {
             let Some(d) = dir else {
                 return Err(DataPlaneError::NoSuchPath(file.mount.clone()));
             };
-            match self.io.stat(&t.container_id, &d.absolute).await {
+            match t.io.stat(&t.container_id, &d.absolute).await {
                 Ok(Some(s)) if s.is_dir || s.is_symlink => break d,
                 Ok(Some(_)) => {
                     return Err(DataPlaneError::NotDirectory {
@@ -191,8 +191,7 @@ impl DataPlane {
         };
         let dirs: Vec<String> = missing.iter().map(rel).collect();
         let tar = one_file_tar(&rel(file), data, mode, t.owner, &dirs).await?;
-        self.io
-            .put_archive(&t.container_id, &base.absolute, tar)
+        t.io.put_archive(&t.container_id, &base.absolute, tar)
             .await
             .map_err(|e| DataPlaneError::engine(e, Some(&base.absolute)))?;
         Ok(missing.into_iter().map(|d| d.absolute).collect())
@@ -324,11 +323,9 @@ impl DataPlane {
             dir = d.parent();
             dirs.push(d);
         }
-        let stats = futures::future::join_all(
-            dirs.iter()
-                .map(|d| self.io.stat(&t.container_id, &d.absolute)),
-        )
-        .await;
+        let stats =
+            futures::future::join_all(dirs.iter().map(|d| t.io.stat(&t.container_id, &d.absolute)))
+                .await;
         for (d, stat) in dirs.iter().zip(stats) {
             match stat {
                 Ok(Some(s)) if s.is_symlink => {
@@ -347,12 +344,11 @@ impl DataPlane {
 
     /// The entries of the engine's tar of `at`.
     async fn archive(&self, t: &Target, at: &SandboxPath) -> Result<tokio_tar::Entries<TarReader>> {
-        let stream = self
-            .io
-            .get_archive(&t.container_id, &at.absolute)
-            .await
-            .map_err(|e| DataPlaneError::engine(e, Some(&at.absolute)))?
-            .map_err(std::io::Error::other);
+        let stream =
+            t.io.get_archive(&t.container_id, &at.absolute)
+                .await
+                .map_err(|e| DataPlaneError::engine(e, Some(&at.absolute)))?
+                .map_err(std::io::Error::other);
         let boxed: Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> = Box::pin(stream);
         let mut archive = Archive::new(StreamReader::new(boxed));
         archive

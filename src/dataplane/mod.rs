@@ -6,6 +6,7 @@
 //! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding) are
 //! pure; `exec.rs` and `files.rs` run calls; `watch.rs` is the change stream.
 
+pub mod engines;
 pub mod exec;
 pub mod files;
 pub mod limits;
@@ -24,6 +25,7 @@ use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::store::{EventAction, EventOutcome, NewEvent, Store, StoreError};
+use engines::Engines;
 
 use limits::{Busy, Slot, Slots};
 use paths::{Mounts, PathError};
@@ -55,6 +57,11 @@ pub enum DataPlaneError {
     Refused(String),
     #[error("docker engine unavailable: {0}")]
     EngineDown(String),
+    /// Swarm mode: the sandbox runs on a node whose engine `swarm.nodes` does not list.
+    #[error(
+        "the sandbox runs on swarm node {0}, whose engine is not configured (swarm.nodes.{0})"
+    )]
+    NodeNotConfigured(String),
     #[error("docker engine error: {0}")]
     Engine(String),
     #[error("{0}")]
@@ -102,7 +109,10 @@ impl DataPlaneError {
 pub struct Target {
     pub chat_id: ChatId,
     pub session_id: SessionId,
+    /// The container on the engine that runs it (a swarm node's, in swarm mode).
     pub container_id: String,
+    /// That engine.
+    pub io: SandboxIo,
     pub mounts: Mounts,
     /// Owner for written files: the spec's user when it is numeric (`uid[:gid]`).
     pub owner: (u64, u64),
@@ -119,7 +129,7 @@ pub struct Caller {
 #[derive(Clone)]
 pub struct DataPlane {
     store: Store,
-    io: SandboxIo,
+    engines: Engines,
     slots: Slots,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
@@ -129,7 +139,7 @@ impl DataPlane {
     pub fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
         let d = &settings.data_plane;
         Self {
-            io: SandboxIo::new(&settings.docker),
+            engines: Engines::new(settings.clone(), metrics.clone()),
             slots: Slots::new(
                 d.max_concurrent,
                 d.max_concurrent_per_sandbox,
@@ -160,6 +170,7 @@ impl DataPlane {
         };
         let spec = ContainerSpec::from_json(&row.spec_json)
             .map_err(|e| DataPlaneError::Spec(e.to_string()))?;
+        let (io, container_id) = self.engines.locate(&container_id).await?;
         let slot = self.slots.try_take(chat_id).map_err(|b| {
             DataPlaneError::Busy(match b {
                 Busy::Overall(n) => format!("data_plane.max_concurrent is {n}"),
@@ -173,6 +184,7 @@ impl DataPlane {
                 chat_id,
                 session_id: row.session_id,
                 container_id,
+                io,
                 mounts: Mounts::of(&spec),
                 owner: numeric_owner(spec.hardening.user.as_deref()),
             },

@@ -75,7 +75,7 @@ pub enum DockerError {
 
 impl DockerError {
     /// An answer from the engine is `Api`; no answer at all is `Unavailable`.
-    fn api(op: &'static str) -> impl FnOnce(BollardError) -> DockerError {
+    pub(crate) fn api(op: &'static str) -> impl FnOnce(BollardError) -> DockerError {
         move |source| match source {
             BollardError::DockerResponseServerError { .. }
             | BollardError::JsonDataError { .. }
@@ -140,6 +140,41 @@ fn own_address(
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
     (ip.is_some().then_some(name), ip)
+}
+
+/// Where an engine is, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineAddress {
+    /// `unix://`, `tcp://`/`http://`, or `https://` (with `tls`).
+    pub base_url: String,
+    pub tls: Option<crate::config::NodeTls>,
+    /// Per request.
+    pub timeout: Duration,
+}
+
+impl EngineAddress {
+    /// Connects and negotiates the API version (20.10 speaks 1.41).
+    pub async fn connect(&self) -> Result<Docker, DockerError> {
+        let url = self.base_url.clone();
+        let connect_err = |source| DockerError::Connect {
+            url: url.clone(),
+            source,
+        };
+        let docker = match &self.tls {
+            Some(tls) => Docker::connect_with_ssl(
+                &url,
+                &tls.key,
+                &tls.cert,
+                &tls.ca,
+                self.timeout.as_secs().max(1),
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None => Docker::connect_with_host(&url),
+        }
+        .map_err(connect_err)?
+        .with_timeout(self.timeout);
+        docker.negotiate_version().await.map_err(connect_err)
+    }
 }
 
 #[derive(Clone)]

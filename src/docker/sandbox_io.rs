@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use tokio::io::AsyncWrite;
 use tokio::sync::Mutex;
 
-use super::{status_of, DockerError};
+use super::{status_of, DockerError, EngineAddress};
 use crate::config::DockerSettings;
 
 /// The variable every exec's processes inherit; a timeout kills every process carrying it.
@@ -94,17 +94,35 @@ pub struct PathStat {
 const MODE_DIR: u32 = 1 << 31;
 const MODE_SYMLINK: u32 = 1 << 27;
 
-/// The data plane's engine link; cheap to clone.
+/// The data plane's link to one engine; cheap to clone.
 #[derive(Clone)]
 pub struct SandboxIo {
-    settings: DockerSettings,
+    engine: EngineAddress,
     docker: Arc<Mutex<Option<Docker>>>,
 }
 
+impl std::fmt::Debug for SandboxIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxIo")
+            .field("engine", &self.engine.base_url)
+            .finish()
+    }
+}
+
 impl SandboxIo {
+    /// The engine at `docker.base_url`.
     pub fn new(settings: &DockerSettings) -> Self {
+        Self::at(EngineAddress {
+            base_url: settings.base_url.clone(),
+            tls: None,
+            timeout: Duration::from_secs(settings.timeout_seconds),
+        })
+    }
+
+    /// Another engine (a swarm node's).
+    pub fn at(engine: EngineAddress) -> Self {
         Self {
-            settings: settings.clone(),
+            engine,
             docker: Arc::default(),
         }
     }
@@ -115,17 +133,7 @@ impl SandboxIo {
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());
         }
-        let url = self.settings.base_url.clone();
-        let connect_err = |source| DockerError::Connect {
-            url: url.clone(),
-            source,
-        };
-        let docker = Docker::connect_with_host(&url)
-            .map_err(connect_err)?
-            .with_timeout(Duration::from_secs(self.settings.timeout_seconds))
-            .negotiate_version()
-            .await
-            .map_err(connect_err)?;
+        let docker = self.engine.connect().await?;
         *slot = Some(docker.clone());
         Ok(docker)
     }

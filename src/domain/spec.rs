@@ -87,7 +87,7 @@ impl From<&HardeningSettings> for Hardening {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ContainerSpec {
     /// The stored form's version ([`SPEC_VERSION`]).
     #[serde(default = "version_one")]
@@ -227,6 +227,32 @@ pub fn resolve(
         publish_host_ip: settings
             .publish_agent_port
             .then(|| settings.publish_host_ip.clone()),
+    }
+}
+
+/// Specs for other modules' unit tests.
+#[cfg(test)]
+pub mod tests_support {
+    use super::*;
+
+    /// The default spec of a chat, under a profile with this runtime and egress.
+    pub fn spec_with_profile(
+        runtime: &str,
+        egress: crate::egress::EgressMode,
+        deny_cidrs: &[&str],
+    ) -> ContainerSpec {
+        let mut s = SandboxSettings::default();
+        let profile = s
+            .profiles
+            .get_mut(crate::config::STANDARD_PROFILE)
+            .expect("the built-in profile");
+        profile.runtime = runtime.into();
+        profile.egress = egress;
+        profile.deny_cidrs = deny_cidrs.iter().map(|c| c.to_string()).collect();
+        let chat: ChatId = "11111111-2222-3333-4444-555555555555"
+            .parse()
+            .expect("a uuid");
+        resolve(&s, chat, "agent-1", Path::new("/data/vol"), None)
     }
 }
 

@@ -562,6 +562,7 @@ pub fn respond(e: &DataPlaneError) -> Response {
         | DataPlaneError::Refused(_) => StatusCode::BAD_REQUEST,
         DataPlaneError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         DataPlaneError::EngineDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DataPlaneError::NodeNotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         DataPlaneError::Engine(_) => StatusCode::BAD_GATEWAY,
         DataPlaneError::Store(_) | DataPlaneError::Spec(_) => {
             tracing::error!(error = %e, "data plane: internal error");

@@ -1,0 +1,584 @@
+//! Docker Swarm backend: each sandbox is a one-replica service on an attachable overlay,
+//! created through a manager's engine. The rest of sandboxd sees it through the
+//! [`crate::runtime`] seam, exactly as it sees the docker backend: a service stands where a
+//! container stood (its id is the "container id" in the store), and its running task's overlay
+//! address is the endpoint.
+//!
+//! Who restarts (docs/architecture.md): sandboxd, always. Services run with restart
+//! condition `none`, so Swarm never starts a second task on its own: when an agent exits, its
+//! node is drained or lost, the service has no running task, and the loop replaces it (a crash
+//! with the per-chat backoff, a drain or a lost node at once). Measured here, that is faster
+//! than Swarm's own rescheduling (which waits for the old task to stop), and one owner of
+//! restarts means one task per chat. A service whose task is on its way (just created) is left
+//! out of the list, so a pass never replaces a start in flight; a start for it finds the
+//! service under its deterministic name and waits for the task.
+//!
+//! The manager reports no task changes as events (and no container events of other nodes):
+//! `events` polls the task list every second and turns a change into a wake-up.
+
+pub mod api;
+pub mod placement;
+pub mod service;
+pub mod tasks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{NetworkCreateRequest, NodeSpecAvailabilityEnum, NodeState};
+use bollard::query_parameters::{
+    EventsOptionsBuilder, InspectNetworkOptions, ListNodesOptions, ListServicesOptionsBuilder,
+};
+use bollard::Docker;
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::docker::{labels, DockerError, EngineAddress};
+use crate::domain::{ChatId, SessionId};
+use crate::metrics::Metrics;
+use crate::planner::Observed;
+use crate::runtime::{EngineEvent, NameHolder, StartRequest};
+
+use api::RawApi;
+use placement::{EngineFacts, NetworkKind, NodeFacts, Refusal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("swarm manager unavailable: {0}")]
+    Unavailable(String),
+    #[error("swarm: {0}")]
+    Unexpected(String),
+    #[error("swarm: {0}")]
+    Config(String),
+    #[error("the engine at {0} is not a swarm manager (runtime: swarm needs one)")]
+    NotManager(String),
+    /// The profile asks for more than the swarm's nodes give (`placement.rs`).
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("service {service} did not run within {seconds} s: {why}")]
+    NotRunning {
+        service: String,
+        seconds: u64,
+        why: String,
+    },
+    #[error("the service name {name} is taken")]
+    NameTaken { name: String },
+}
+
+impl SwarmError {
+    /// The manager did not answer.
+    pub fn unavailable(&self) -> bool {
+        match self {
+            SwarmError::Docker(e) => e.unavailable(),
+            SwarmError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
+}
+
+fn api_err(op: &'static str) -> impl FnOnce(BollardError) -> SwarmError {
+    move |e| SwarmError::Docker(DockerError::api(op)(e))
+}
+
+fn status_of(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// How long node facts (labels, each engine's `docker info`) are reused between starts.
+const NODE_FACTS_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct SwarmRuntime {
+    docker: Docker,
+    raw: Arc<RawApi>,
+    manager: String,
+    instance: String,
+    network: String,
+    start_timeout: Duration,
+    stop_grace_seconds: u64,
+    /// Each node's own engine, by hostname (`swarm.nodes`).
+    node_engines: Arc<BTreeMap<String, EngineAddress>>,
+    node_facts: Arc<tokio::sync::Mutex<Option<(Instant, Vec<NodeFacts>)>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SwarmRuntime {
+    /// Connects to the manager's engine and checks that it is one.
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, SwarmError> {
+        let timeout = Duration::from_secs(settings.docker.timeout_seconds);
+        let manager = EngineAddress {
+            base_url: settings.docker.base_url.clone(),
+            tls: None,
+            timeout,
+        };
+        let docker = manager.connect().await?;
+        let info = docker.info().await.map_err(api_err("info"))?;
+        let is_manager = info
+            .swarm
+            .as_ref()
+            .and_then(|s| s.control_available)
+            .unwrap_or(false);
+        if !is_manager {
+            return Err(SwarmError::NotManager(manager.base_url));
+        }
+        let node_engines = settings
+            .swarm
+            .nodes
+            .iter()
+            .map(|(host, e)| {
+                (
+                    host.clone(),
+                    EngineAddress {
+                        base_url: e.base_url.clone(),
+                        tls: e.tls.clone(),
+                        timeout,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            docker,
+            raw: Arc::new(RawApi::new(&manager.base_url, timeout)?),
+            manager: manager.base_url,
+            instance: settings.controller.instance.clone(),
+            network: settings.sandbox.network_name.clone(),
+            start_timeout: Duration::from_secs(settings.swarm.start_timeout_seconds),
+            stop_grace_seconds: settings.swarm.stop_grace_seconds,
+            node_engines: Arc::new(node_engines),
+            node_facts: Arc::default(),
+            metrics,
+        })
+    }
+
+    /// Runs one call and records its duration and outcome, as the docker backend does.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        benign: &[u16],
+        fut: impl std::future::Future<Output = Result<T, BollardError>>,
+    ) -> Result<T, BollardError> {
+        let started = Instant::now();
+        let result = fut.await;
+        let ok = match &result {
+            Ok(_) => true,
+            Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
+        };
+        self.metrics.docker_call(operation, ok, started.elapsed());
+        result
+    }
+
+    /// The configured sandbox network, as an attachable overlay.
+    pub async fn ensure_network(&self) -> Result<(), SwarmError> {
+        self.ensure_overlay(&self.network, NetworkKind::Open).await
+    }
+
+    /// An attachable overlay of this kind; an existing network of another kind is refused
+    /// (an `egress: deny` profile needs its own, internal, network).
+    pub async fn ensure_overlay(&self, name: &str, kind: NetworkKind) -> Result<(), SwarmError> {
+        let internal = kind == NetworkKind::Internal;
+        let options = InspectNetworkOptions {
+            scope: Some("swarm".into()),
+            ..Default::default()
+        };
+        match self
+            .call(
+                "inspect_network",
+                &[404],
+                self.docker.inspect_network(name, Some(options)),
+            )
+            .await
+        {
+            Ok(n) => {
+                let driver = n.driver.unwrap_or_default();
+                if driver != "overlay" || n.attachable != Some(true) {
+                    return Err(Refusal(format!(
+                        "network `{name}` is a {driver} network; swarm sandboxes need an \
+                         attachable overlay"
+                    ))
+                    .into());
+                }
+                if n.internal.unwrap_or(false) != internal {
+                    return Err(Refusal(format!(
+                        "network `{name}` is {}internal, but the profile's egress needs it {}: \
+                         give profiles with `egress: deny` their own `network`",
+                        if internal { "not " } else { "" },
+                        if internal { "internal" } else { "routed" },
+                    ))
+                    .into());
+                }
+                return Ok(());
+            }
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(api_err("inspect_network")(e)),
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("overlay".into()),
+            attachable: Some(true),
+            internal: Some(internal),
+            ..Default::default()
+        };
+        match self
+            .call(
+                "create_network",
+                &[409],
+                self.docker.create_network(request),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(network = name, internal, "created sandbox overlay network");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(api_err("create_network")(e)),
+        }
+    }
+
+    /// The swarm's nodes as placement sees them: labels from the manager, and what each
+    /// node's own engine enforces where `swarm.nodes` reaches it. Reused for a few seconds.
+    pub async fn nodes(&self) -> Result<Vec<NodeFacts>, SwarmError> {
+        let mut cached = self.node_facts.lock().await;
+        if let Some((at, facts)) = cached.as_ref() {
+            if at.elapsed() < NODE_FACTS_FOR {
+                return Ok(facts.clone());
+            }
+        }
+        let nodes = self
+            .call(
+                "list_nodes",
+                &[],
+                self.docker.list_nodes(None::<ListNodesOptions>),
+            )
+            .await
+            .map_err(api_err("list_nodes"))?;
+        let mut facts = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            let spec = n.spec.unwrap_or_default();
+            let hostname = n.description.and_then(|d| d.hostname).unwrap_or_default();
+            let ready = n.status.and_then(|s| s.state) == Some(NodeState::READY);
+            let active = spec.availability == Some(NodeSpecAvailabilityEnum::ACTIVE);
+            let engine = self.engine_facts(&hostname).await;
+            facts.push(NodeFacts {
+                id: n.id.unwrap_or_default(),
+                hostname,
+                schedulable: ready && active,
+                labels: spec.labels.unwrap_or_default().into_iter().collect(),
+                engine,
+            });
+        }
+        *cached = Some((Instant::now(), facts.clone()));
+        Ok(facts)
+    }
+
+    /// What a node's own engine says it enforces; `None` when it is not configured or did
+    /// not answer (its labels then stand alone).
+    async fn engine_facts(&self, hostname: &str) -> Option<EngineFacts> {
+        let address = self.node_engines.get(hostname)?;
+        let info = async {
+            let docker = address.connect().await.ok()?;
+            docker.info().await.ok()
+        };
+        let info = tokio::time::timeout(Duration::from_secs(2), info)
+            .await
+            .ok()
+            .flatten()?;
+        Some(EngineFacts {
+            default_runtime: info.default_runtime.unwrap_or_else(|| "runc".into()),
+        })
+    }
+
+    /// Every service of this instance whose task runs or has ended, as the planner sees
+    /// them. One on its way (placed or moved by Swarm) is left out: see the module comment.
+    pub async fn list_managed(&self) -> Result<Vec<Observed>, SwarmError> {
+        let filters = HashMap::from([("label", labels::instance_filter(&self.instance))]);
+        let options = ListServicesOptionsBuilder::new().filters(&filters).build();
+        let services = self
+            .call(
+                "list_services",
+                &[],
+                self.docker.list_services(Some(options)),
+            )
+            .await
+            .map_err(api_err("list_services"))?;
+        if services.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut by_service: HashMap<String, Vec<api::TaskView>> = HashMap::new();
+        for t in self
+            .raw
+            .tasks(&json!({"desired-state": ["running"]}))
+            .await?
+        {
+            by_service.entry(t.service_id.clone()).or_default().push(t);
+        }
+        Ok(services
+            .into_iter()
+            .filter_map(|s| {
+                let id = s.id?;
+                let spec = s.spec.unwrap_or_default();
+                let found = spec.labels.unwrap_or_default();
+                let parsed = labels::parse(&found);
+                let tasks = by_service.remove(&id).unwrap_or_default();
+                if tasks::starting(&tasks) && tasks::serving(&tasks, &self.network).is_none() {
+                    return None;
+                }
+                let serving = tasks::serving(&tasks, &self.network);
+                Some(Observed {
+                    container_id: id,
+                    chat_id: parsed.chat_id,
+                    session_id: parsed.session_id,
+                    spec_hash: parsed.spec_hash,
+                    running: serving.is_some(),
+                    ip: serving.and_then(|s| s.ip),
+                    legacy: false,
+                })
+            })
+            .collect())
+    }
+
+    /// The tasks of one service, in any state.
+    async fn tasks_of(&self, service: &str) -> Result<Vec<api::TaskView>, SwarmError> {
+        let started = Instant::now();
+        let result = self.raw.tasks(&json!({ "service": [service] })).await;
+        self.metrics
+            .docker_call("list_tasks", result.is_ok(), started.elapsed());
+        // Keep this service's own, whatever else the filter matched.
+        Ok(result?
+            .into_iter()
+            .filter(|t| t.service_id == service)
+            .collect())
+    }
+
+    /// The session's deterministic service name.
+    pub fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
+        service::service_name(chat_id, session_id)
+    }
+
+    /// Checks what the profile asks against what the nodes give, then creates the service
+    /// (Swarm starts its task). A taken name is `NameTaken`.
+    pub async fn create_service(&self, req: &StartRequest<'_>) -> Result<String, SwarmError> {
+        let kind = placement::network_kind(req.spec)?;
+        let nodes = self.nodes().await?;
+        let placed = placement::place(&placement::Needs::of(req.spec), &nodes)?;
+        if !placed.contradicted.is_empty() {
+            tracing::warn!(nodes = ?placed.contradicted, "node labels claim protections their engine does not enforce; those nodes are left out");
+        }
+        self.ensure_overlay(&req.spec.network, kind).await?;
+        let defaults = service::ServiceDefaults {
+            instance: &self.instance,
+            stop_grace_seconds: self.stop_grace_seconds,
+        };
+        let spec = service::service_spec(req, &defaults, placed.constraints);
+        let name = self.container_name(req.chat_id, req.session_id);
+        match self
+            .call(
+                "create_service",
+                &[409],
+                self.docker.create_service(spec, None),
+            )
+            .await
+        {
+            Ok(r) => {
+                r.id.ok_or_else(|| SwarmError::Unexpected("service create returned no id".into()))
+            }
+            Err(e) if status_of(&e) == Some(409) => Err(SwarmError::NameTaken { name }),
+            Err(e) => Err(api_err("create_service")(e)),
+        }
+    }
+
+    /// Who holds a service name.
+    pub async fn name_holder(&self, name: &str) -> Result<NameHolder, SwarmError> {
+        let s = self
+            .call(
+                "inspect_service",
+                &[],
+                self.docker.inspect_service(name, None),
+            )
+            .await
+            .map_err(api_err("inspect_service"))?;
+        let found = s.spec.and_then(|s| s.labels).unwrap_or_default();
+        let parsed = labels::parse(&found);
+        Ok(NameHolder {
+            container_id: s.id.unwrap_or_else(|| name.to_string()),
+            ours: service::is_ours(&found, &self.instance),
+            session_id: parsed.session_id,
+            spec_hash: parsed.spec_hash,
+        })
+    }
+
+    /// Waits until the service's task runs, and returns its address on `network`. A task
+    /// that fails to start, or does not run within `swarm.start_timeout_seconds`, is an
+    /// error naming why (the executor then removes the service).
+    pub async fn wait_running(&self, id: &str, network: &str) -> Result<String, SwarmError> {
+        let deadline = Instant::now() + self.start_timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let tasks = self.tasks_of(id).await?;
+            if let Some(s) = tasks::serving(&tasks, network) {
+                return s.ip.ok_or_else(|| {
+                    DockerError::NoEndpoint {
+                        container: id.to_string(),
+                        network: network.to_string(),
+                    }
+                    .into()
+                });
+            }
+            let gave_up = Instant::now() >= deadline;
+            if gave_up || tasks::failed_to_start(&tasks) {
+                return Err(SwarmError::NotRunning {
+                    service: id.to_string(),
+                    seconds: self.start_timeout.as_secs(),
+                    why: tasks::why_not_running(&tasks)
+                        .unwrap_or_else(|| "no task was created".into()),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Removes a service (Swarm stops its task); one already gone counts as removed.
+    pub async fn remove(&self, id: &str) -> Result<(), SwarmError> {
+        match self
+            .call("remove", &[404], self.docker.delete_service(id))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(api_err("remove_service")(e)),
+        }
+    }
+
+    /// How the service's agent ended, when it exited on its own (`tasks::exited`).
+    pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>, SwarmError> {
+        Ok(tasks::exited(&self.tasks_of(id).await?))
+    }
+
+    /// The task serving a service: its node's hostname and its container there (for the
+    /// data plane). `None` when no task runs.
+    pub async fn locate(&self, id: &str) -> Result<Option<(String, String)>, SwarmError> {
+        let tasks = self.tasks_of(id).await?;
+        let Some(s) = tasks::serving(&tasks, &self.network) else {
+            return Ok(None);
+        };
+        let (Some(node), Some(container)) = (s.node_id, s.container_id) else {
+            return Ok(None);
+        };
+        let n = self
+            .call("inspect_node", &[], self.docker.inspect_node(&node))
+            .await
+            .map_err(api_err("inspect_node"))?;
+        let hostname = n.description.and_then(|d| d.hostname).unwrap_or(node);
+        Ok(Some((hostname, container)))
+    }
+
+    /// The engine configured for a node, if any.
+    pub fn node_engine(&self, hostname: &str) -> Option<&EngineAddress> {
+        self.node_engines.get(hostname)
+    }
+
+    /// Problems with the configured profiles in this swarm, for readiness: what would be
+    /// refused at placement.
+    pub async fn profile_problems(&self, settings: &Settings) -> Vec<String> {
+        let nodes = match self.nodes().await {
+            Ok(n) => n,
+            Err(e) => return vec![format!("cannot list the swarm's nodes: {e}")],
+        };
+        let mut problems = Vec::new();
+        for (name, p) in &settings.sandbox.profiles {
+            let spec = crate::domain::spec::ContainerSpec {
+                hardening: crate::domain::spec::Hardening::from(
+                    p.hardening.as_ref().unwrap_or(&settings.sandbox.hardening),
+                ),
+                profile: Some(crate::domain::spec::ProfileSpec {
+                    name: name.clone(),
+                    runtime: p.runtime.clone(),
+                    egress: crate::egress::EgressPolicy {
+                        egress: p.egress,
+                        allow_cidrs: p.allow_cidrs.clone(),
+                        deny_cidrs: p.deny_cidrs.clone(),
+                    },
+                }),
+                ..Default::default()
+            };
+            if let Err(e) = placement::network_kind(&spec) {
+                problems.push(format!("profile {name}: {}", e.0));
+            }
+            if let Err(e) = placement::place(&placement::Needs::of(&spec), &nodes) {
+                problems.push(format!("profile {name}: {}", e.0));
+            }
+        }
+        problems
+    }
+
+    /// Service and node changes, as wake-ups (correctness never depends on them). The
+    /// manager sees no container events of other nodes; a task that ends is found by the
+    /// next pass.
+    pub fn events(
+        &self,
+        since: Option<i64>,
+    ) -> impl Stream<Item = Result<EngineEvent, SwarmError>> + Send + 'static {
+        // Node updates (drain, down, ready) and services changed by someone else; sandboxd's
+        // own creates would only wake a pass per call.
+        let filters = HashMap::from([
+            ("type", vec!["service".to_string(), "node".to_string()]),
+            ("event", vec!["update".to_string(), "remove".to_string()]),
+        ]);
+        let mut options = EventsOptionsBuilder::new().filters(&filters);
+        if let Some(since) = since {
+            options = options.since(&since.to_string());
+        }
+        let engine = self.docker.events(Some(options.build())).map(|r| {
+            r.map(|e| EngineEvent {
+                at: e.time.unwrap_or_default(),
+                action: e.action.unwrap_or_default(),
+                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
+                exit_code: None,
+            })
+            .map_err(api_err("events"))
+        });
+        futures::stream::select(engine, self.task_changes())
+    }
+
+    /// A wake-up whenever the running tasks change (one ends, one starts, one is told to
+    /// stop); polled every second, since the manager emits no task events. Ends on error.
+    fn task_changes(&self) -> impl Stream<Item = Result<EngineEvent, SwarmError>> + Send + 'static {
+        let raw = self.raw.clone();
+        async_stream::try_stream! {
+            let mut last: Option<Vec<(String, String, String)>> = None;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let tasks = raw.tasks(&json!({"desired-state": ["running", "shutdown"]})).await?;
+                let mut now: Vec<(String, String, String)> = tasks
+                    .into_iter()
+                    .filter(|t| t.status.state == "running" || t.desired_state == "running")
+                    .map(|t| (t.id, t.status.state, t.desired_state))
+                    .collect();
+                now.sort();
+                if last.as_ref().is_some_and(|l| *l != now) {
+                    yield EngineEvent {
+                        at: Utc::now().timestamp(),
+                        action: "task-change".into(),
+                        container_id: String::new(),
+                        exit_code: None,
+                    };
+                }
+                last = Some(now);
+            }
+        }
+    }
+
+    /// For logs.
+    pub fn manager(&self) -> &str {
+        &self.manager
+    }
+}

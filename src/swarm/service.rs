@@ -1,0 +1,220 @@
+//! The service sandboxd creates for a session: the docker backend's container, as a
+//! one-replica Swarm service. Pure, so what reaches the manager is tested here.
+
+use std::collections::HashMap;
+
+use bollard::models::{
+    EndpointSpec, EndpointSpecModeEnum, Limit, Mount, MountTmpfsOptions, MountType,
+    NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum,
+};
+
+use crate::docker::labels;
+use crate::domain::{ChatId, SessionId};
+use crate::runtime::StartRequest;
+
+/// The session's service name: deterministic (a start retried after a crash collides with
+/// the service the first attempt made), and a DNS label (at most 63 characters).
+pub fn service_name(chat_id: ChatId, session_id: SessionId) -> String {
+    let session = session_id.0.simple().to_string();
+    format!("sbx-{}-{}", chat_id.0.simple(), &session[..8])
+}
+
+/// Fixed parts of every service.
+#[derive(Debug, Clone)]
+pub struct ServiceDefaults<'a> {
+    pub instance: &'a str,
+    pub stop_grace_seconds: u64,
+}
+
+/// The service for a session, placed by `constraints`.
+pub fn service_spec(
+    req: &StartRequest<'_>,
+    defaults: &ServiceDefaults<'_>,
+    constraints: Vec<String>,
+) -> ServiceSpec {
+    let spec = req.spec;
+    let h = &spec.hardening;
+    let session_labels = labels::for_session(&labels::SessionLabels {
+        instance: defaults.instance,
+        chat_id: req.chat_id,
+        session_id: req.session_id,
+        spec_hash: req.spec_hash,
+        agent_id: req.agent_id,
+        volume_host_path: req.volume_host_path,
+        endpoint_port: spec.agent_port,
+        expires_at: req.expires_at,
+    });
+    let mut mounts: Vec<Mount> = spec
+        .mounts
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect();
+    if h.read_only_rootfs {
+        mounts.push(Mount {
+            target: Some("/tmp".into()),
+            typ: Some(MountType::TMPFS),
+            tmpfs_options: Some(MountTmpfsOptions {
+                size_bytes: i64::try_from(h.tmpfs_tmp_mb.saturating_mul(1024 * 1024)).ok(),
+                mode: Some(0o1777),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let container = TaskSpecContainerSpec {
+        image: Some(spec.image.clone()),
+        labels: Some(session_labels.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        user: h.user.clone(),
+        read_only: Some(h.read_only_rootfs),
+        mounts: Some(mounts),
+        // An init as PID 1 passes SIGTERM on, so a drain or removal waits the short grace
+        // below, not the engine's 10 s (busybox httpd ignores SIGTERM as PID 1).
+        init: Some(true),
+        stop_grace_period: i64::try_from(defaults.stop_grace_seconds)
+            .ok()
+            .map(|s| s.saturating_mul(1_000_000_000)),
+        capability_drop: Some(vec!["ALL".into()]),
+        capability_add: Some(h.cap_add.clone()),
+        // No `privileges.no_new_privileges`: at API 1.41 the engine ignores it silently.
+        // Placement puts such sandboxes on nodes whose engine enforces it (placement.rs).
+        ..Default::default()
+    };
+    ServiceSpec {
+        name: Some(service_name(req.chat_id, req.session_id)),
+        labels: Some(session_labels),
+        task_template: Some(TaskSpec {
+            container_spec: Some(container),
+            resources: Some(TaskSpecResources {
+                limits: Some(Limit {
+                    nano_cpus: i64::try_from(h.cpu_millis.saturating_mul(1_000_000)).ok(),
+                    memory_bytes: i64::try_from(h.memory_mb.saturating_mul(1024 * 1024)).ok(),
+                    pids: Some(h.pids_limit),
+                }),
+                ..Default::default()
+            }),
+            restart_policy: Some(TaskSpecRestartPolicy {
+                condition: Some(RESTART_CONDITION),
+                ..Default::default()
+            }),
+            placement: Some(TaskSpecPlacement {
+                constraints: (!constraints.is_empty()).then_some(constraints),
+                ..Default::default()
+            }),
+            networks: Some(vec![NetworkAttachmentConfig {
+                target: Some(spec.network.clone()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+            ..Default::default()
+        }),
+        // The task's own overlay address is the endpoint: VIP needs IPVS (absent here, and
+        // not needed for one replica).
+        endpoint_spec: Some(EndpointSpec {
+            mode: Some(EndpointSpecModeEnum::DNSRR),
+            ports: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Who restarts a task (docs/architecture.md, "Swarm mode: who restarts").
+pub const RESTART_CONDITION: TaskSpecRestartPolicyConditionEnum =
+    TaskSpecRestartPolicyConditionEnum::NONE;
+
+/// Labels a service carries that say whose it is (the same as the docker backend's).
+pub fn is_ours(service_labels: &HashMap<String, String>, instance: &str) -> bool {
+    service_labels.get(labels::INSTANCE).map(String::as_str) == Some(instance)
+        && service_labels.get(labels::MANAGED).map(String::as_str) == Some("true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::spec::tests_support::spec_with_profile;
+    use crate::egress::EgressMode;
+
+    fn ids() -> (ChatId, SessionId) {
+        (
+            "11111111-2222-3333-4444-555555555555"
+                .parse()
+                .expect("uuid"),
+            "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+                .parse()
+                .expect("uuid"),
+        )
+    }
+
+    #[test]
+    fn names_are_deterministic_dns_labels() {
+        let (chat, session) = ids();
+        let name = service_name(chat, session);
+        assert_eq!(name, "sbx-11111111222233334444555555555555-aaaaaaaa");
+        assert!(name.len() <= 63);
+    }
+
+    #[test]
+    fn the_service_carries_the_containers_mounts_env_labels_and_limits() {
+        let (chat, session) = ids();
+        let spec = spec_with_profile("runc", EgressMode::Allow, &[]);
+        let req = StartRequest {
+            chat_id: chat,
+            session_id: session,
+            agent_id: "agent-1",
+            spec: &spec,
+            spec_hash: "hash",
+            volume_host_path: "/data/vol",
+            expires_at: chrono::Utc::now(),
+        };
+        let defaults = ServiceDefaults {
+            instance: "inst",
+            stop_grace_seconds: 1,
+        };
+        let s = service_spec(&req, &defaults, vec!["node.labels.x==y".into()]);
+        let task = s.task_template.expect("task");
+        let c = task.container_spec.expect("container");
+        assert_eq!(c.mounts.as_ref().map(Vec::len), Some(4));
+        assert!(c
+            .env
+            .as_ref()
+            .expect("env")
+            .contains(&"AGENT_ID=agent-1".to_string()));
+        assert_eq!(c.capability_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(c.init, Some(true));
+        assert_eq!(c.stop_grace_period, Some(1_000_000_000));
+        let labels = s.labels.expect("labels");
+        assert!(is_ours(&labels, "inst"));
+        assert!(!is_ours(&labels, "other"));
+        assert_eq!(c.labels.as_ref(), Some(&labels));
+        let limits = task.resources.and_then(|r| r.limits).expect("limits");
+        assert_eq!(limits.pids, Some(spec.hardening.pids_limit));
+        assert_eq!(limits.nano_cpus, Some(1_000_000_000));
+        assert_eq!(
+            task.placement.and_then(|p| p.constraints),
+            Some(vec!["node.labels.x==y".to_string()])
+        );
+        assert_eq!(
+            s.mode.and_then(|m| m.replicated).and_then(|r| r.replicas),
+            Some(1)
+        );
+        assert_eq!(
+            s.endpoint_spec.and_then(|e| e.mode),
+            Some(EndpointSpecModeEnum::DNSRR)
+        );
+        assert_eq!(
+            task.networks.expect("networks")[0].target.as_deref(),
+            Some(spec.network.as_str())
+        );
+    }
+}
