@@ -23,6 +23,9 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 # gVisor, for isolation profiles with `runtime: runsc`; iptables for egress rules.
 command -v runsc >/dev/null 2>&1 || need_pkgs+=(runsc)
 command -v iptables-restore >/dev/null 2>&1 || need_pkgs+=(iptables)
+# The swarm lab (scripts/swarm-lab.sh): network namespaces, unshare/nsenter.
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need_pkgs+=(util-linux)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

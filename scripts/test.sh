@@ -14,3 +14,15 @@ cargo build --locked --bin sandboxd
 scripts/contract.sh
 # Stops and restarts the host's dockerd: never part of a plain `cargo test`.
 SANDBOXD_TEST_STOPS_ENGINE=1 cargo test --locked --test engine_restart -- --ignored
+# The swarm backend on a real 3-node swarm (scripts/swarm-lab.sh: three dockerd in network
+# namespaces, ~2 s up). Its tests drain and kill nodes, so they run one at a time. The trap
+# takes the lab down however this script ends.
+export SWARMLAB_DIR="${TMPDIR:-/tmp}/sandboxd-swarm-lab"
+trap 'scripts/swarm-lab.sh down >/dev/null 2>&1 || true; rm -rf "$SWARMLAB_DIR"' EXIT
+mkdir -p "$SWARMLAB_DIR"
+docker save -o "$SWARMLAB_DIR/agent.tar" sandboxd/agent-busybox:latest
+SWARMLAB_LOAD_IMAGES="$SWARMLAB_DIR/agent.tar" \
+  SWARMLAB_DAEMON_JSON_EXTRA='"no-new-privileges": true' \
+  SWARMLAB_NODE_LABELS=sandboxd.no-new-privileges=true \
+  scripts/swarm-lab.sh up
+SANDBOXD_SWARM_LAB="$SWARMLAB_DIR" cargo test --locked --test swarm -- --ignored --test-threads=1

@@ -38,6 +38,11 @@ pub struct Change {
     /// The chat's phase right after the change; `deleted` once its row is gone.
     pub phase: Option<String>,
     pub error: Option<String>,
+    /// Where the sandbox was recorded running (`{ip, port[, host_port]}`), on a start or
+    /// adopt: a moved sandbox's new address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub endpoint: Option<serde_json::Value>,
 }
 
 impl Change {
@@ -57,6 +62,11 @@ impl Change {
             outcome: e.outcome.clone(),
             phase,
             error: e.error.clone(),
+            endpoint: e
+                .detail
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                .and_then(|mut d| d.get_mut("endpoint").map(serde_json::Value::take)),
         }
     }
 }

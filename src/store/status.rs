@@ -57,6 +57,13 @@ impl Store {
         .rows_affected()
             == 1;
         let outcome = EventOutcome::of_write(done);
+        // The address it was recorded at: the history (and the watch stream) show where a
+        // sandbox moved to, e.g. after a swarm node was drained.
+        let mut endpoint = serde_json::json!({ "ip": ip, "port": port });
+        if let Some(p) = host_port {
+            endpoint["host_port"] = p.into();
+        }
+        let detail = serde_json::json!({ "endpoint": endpoint }).to_string();
         insert_event(
             &mut tx,
             &at,
@@ -68,7 +75,7 @@ impl Store {
                 outcome,
                 error: None,
                 actor: None,
-                detail: None,
+                detail: Some(&detail),
             },
         )
         .await?;

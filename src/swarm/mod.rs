@@ -95,6 +95,9 @@ fn status_of(e: &BollardError) -> Option<u16> {
 /// How long node facts (labels, each engine's `docker info`) are reused between starts.
 const NODE_FACTS_FOR: Duration = Duration::from_secs(5);
 
+/// Node facts, and when they were read.
+type FactsAt = (Instant, Vec<NodeFacts>);
+
 #[derive(Clone)]
 pub struct SwarmRuntime {
     docker: Docker,
@@ -106,7 +109,7 @@ pub struct SwarmRuntime {
     stop_grace_seconds: u64,
     /// Each node's own engine, by hostname (`swarm.nodes`).
     node_engines: Arc<BTreeMap<String, EngineAddress>>,
-    node_facts: Arc<tokio::sync::Mutex<Option<(Instant, Vec<NodeFacts>)>>>,
+    node_facts: Arc<tokio::sync::Mutex<Option<FactsAt>>>,
     metrics: Arc<Metrics>,
 }
 

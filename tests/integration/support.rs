@@ -294,6 +294,17 @@ impl TestApp {
         read(r).await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .put(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
     pub async fn delete(&self, chat: &str) -> (StatusCode, Value) {
         let r = self
             .client
