@@ -31,6 +31,9 @@ mod dataplane;
 #[path = "support/profiles.rs"]
 mod profiles;
 
+#[path = "support/swarm.rs"]
+mod swarm;
+
 const NETWORK: &str = "sandboxd-test";
 const IMAGE: &str = "sandboxd/agent-busybox:latest";
 
@@ -950,6 +953,10 @@ fn main() -> anyhow::Result<()> {
         }
         if want("profiles") {
             profiles::scenario_profiles(&docker, &mut out).await;
+        }
+        // Only on request: it needs the swarm lab (`scripts/bench.sh swarm` brings it up).
+        if args.iter().any(|a| a == "swarm") {
+            swarm::scenario_swarm(&mut out).await;
         }
         if want("restart") || want("rest") {
             scenario_restart_and_rest(&docker, &mut out, want("restart"), want("rest")).await;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Prints sandboxd's end-to-end figures next to the raw Engine API (see benches/e2e.rs).
+# `scripts/bench.sh swarm` runs the swarm figures (on the 3-node lab, benches/support/swarm.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh
@@ -7,5 +8,17 @@ SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh
 if ! command -v wrk >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
+fi
+# `swarm`: the swarm figures need the 3-node lab, up for the bench and down after it.
+if [[ " $* " == *" swarm "* ]]; then
+  export SWARMLAB_DIR="${TMPDIR:-/tmp}/sandboxd-swarm-lab"
+  trap 'scripts/swarm-lab.sh down >/dev/null 2>&1 || true; rm -rf "$SWARMLAB_DIR"' EXIT
+  mkdir -p "$SWARMLAB_DIR"
+  docker save -o "$SWARMLAB_DIR/agent.tar" sandboxd/agent-busybox:latest
+  SWARMLAB_LOAD_IMAGES="$SWARMLAB_DIR/agent.tar" \
+    SWARMLAB_DAEMON_JSON_EXTRA='"no-new-privileges": true' \
+    SWARMLAB_NODE_LABELS=sandboxd.no-new-privileges=true \
+    scripts/swarm-lab.sh up
+  export SANDBOXD_SWARM_LAB="$SWARMLAB_DIR"
 fi
 cargo bench --locked --bench e2e -- "$@"

@@ -162,12 +162,14 @@ pub(super) fn apply_overrides(
 }
 
 fn set_path(doc: &mut Value, dotted: &str, value: Value) -> Result<(), String> {
-    let (section, field) = dotted
-        .split_once('.')
-        .ok_or_else(|| format!("bad key {dotted}"))?;
     let root = doc
         .as_mapping_mut()
         .ok_or_else(|| "config root is not a mapping".to_string())?;
+    // A top-level key (`runtime`).
+    let Some((section, field)) = dotted.split_once('.') else {
+        root.insert(Value::String(dotted.into()), value);
+        return Ok(());
+    };
     let entry = root
         .entry(Value::String(section.into()))
         .or_insert_with(|| Value::Mapping(Mapping::new()));

@@ -136,12 +136,49 @@ fn the_shipped_config_is_the_embedded_defaults_plus_volume_roots() {
 fn every_env_override_names_a_real_key() {
     let defaults = serde_norway::to_value(Settings::default()).unwrap();
     for (var, key) in ENV_OVERRIDES {
-        let (section, field) = key.split_once('.').unwrap();
-        assert!(
-            defaults[section].get(field).is_some(),
-            "{var} points at unknown key {key}"
-        );
+        let known = match key.split_once('.') {
+            Some((section, field)) => defaults[section].get(field).is_some(),
+            None => defaults.get(*key).is_some(),
+        };
+        assert!(known, "{var} points at unknown key {key}");
     }
+}
+
+#[test]
+fn the_backend_is_chosen_by_runtime_and_swarm_refuses_what_it_cannot_do() {
+    assert_eq!(load("", &[]).unwrap().runtime, super::RuntimeKind::Docker);
+    let s = load("", &[("APP_RUNTIME", "swarm")]).unwrap();
+    assert_eq!(s.runtime, super::RuntimeKind::Swarm);
+    for (yaml, key) in [
+        (
+            "runtime: swarm\nsandbox: {publish_agent_port: true}",
+            "sandbox.publish_agent_port",
+        ),
+        (
+            "runtime: swarm\ndocker: {base_url: 'https://m:2376'}",
+            "docker.base_url",
+        ),
+        (
+            "swarm: {nodes: {n1: {base_url: 'https://n1:2376'}}}",
+            "swarm.nodes.n1.tls",
+        ),
+        (
+            "swarm: {nodes: {n1: {base_url: 'n1:2376'}}}",
+            "swarm.nodes.n1.base_url",
+        ),
+        (
+            "swarm: {start_timeout_seconds: 0}",
+            "swarm.start_timeout_seconds",
+        ),
+    ] {
+        let e = load(yaml, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{yaml}: {e}");
+    }
+    assert!(load(
+        "runtime: swarm\nswarm: {nodes: {n1: {base_url: 'https://n1:2376', tls: {ca: /c, cert: /e, key: /k}}}}",
+        &[]
+    )
+    .is_ok());
 }
 
 /// Dotted names of every leaf setting (`sandbox.env` is one map-valued setting).
