@@ -331,7 +331,21 @@ impl SwarmRuntime {
                 let found = spec.labels.unwrap_or_default();
                 let parsed = labels::parse(&found);
                 let tasks = by_service.remove(&id).unwrap_or_default();
-                if tasks::starting(&tasks) && tasks::serving(&tasks, &self.network).is_none() {
+                // On its way, and not for longer than a start may wait: a service no node can
+                // take is shown (not running) after that, so it is replaced or removed.
+                let young = s
+                    .created_at
+                    .as_deref()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .is_none_or(|t| {
+                        (Utc::now() - t.with_timezone(&Utc))
+                            .to_std()
+                            .is_ok_and(|age| age < self.start_timeout)
+                    });
+                if young
+                    && tasks::starting(&tasks)
+                    && tasks::serving(&tasks, &self.network).is_none()
+                {
                     return None;
                 }
                 let serving = tasks::serving(&tasks, &self.network);
