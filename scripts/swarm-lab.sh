@@ -273,13 +273,34 @@ label_nodes() {
 cmd_kill_node() {
   local n=${1:?usage: kill-node n1|n2|n3}
   [ -d "$LAB/$n" ] || die "no node $n in $LAB"
-  sweep_node "$n"
+  node_gone "$n" || die "node $n still has processes after 10 s"
   log "node $n killed (dockerd, containerd, shims, containers)"
+}
+
+# SIGKILLs everything of node n until nothing of it is left (processes can vanish mid-walk,
+# so each sweep runs outside errexit); fails after 10 s.
+node_gone() {
+  local n=$1 k p left
+  for ((k = 0; k < 100; k++)); do
+    sweep_node "$n" >/dev/null 2>&1 || true
+    left=0
+    for p in /proc/[0-9]*; do
+      p=${p#/proc/}
+      [ "$p" = $$ ] && continue
+      if is_lab_proc "$p" "$n"; then left=1; break; fi
+    done
+    [ -n "$(ip netns pids "swlab-$n" 2>/dev/null)" ] && left=1
+    [ $left = 0 ] && return 0
+    sleep 0.1
+  done
+  return 1
 }
 
 cmd_start_node() {
   local n=${1:?usage: start-node n1|n2|n3}
   [ -f "$LAB/$n/daemon.json" ] || die "node $n was never made in $LAB"
+  # Whatever is left of its last life (a containerd outliving its dockerd) must go first.
+  node_gone "$n" || die "node $n still has processes after 10 s"
   rm -f "$LAB/$n.sock" "$LAB/$n/dockerd.pid"
   start_node "$n"
   wait_node "$n"

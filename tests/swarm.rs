@@ -545,6 +545,20 @@ async fn a_lost_nodes_sandbox_runs_again_elsewhere() {
         .expect("kill-node")
         .success();
     assert!(ok, "kill-node {node}");
+    // Until the manager notices (its heartbeat, ≈ 12 s), the task still runs on the dead node
+    // as far as anyone knows: the data plane answers that the node's engine is away (503), or
+    // what the dying engine said (502), without hanging.
+    let (status, body) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/exec"),
+            &json!({"command": ["sh", "-c", "echo hi"]}),
+        )
+        .await;
+    assert!(
+        status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::BAD_GATEWAY,
+        "{status}: {body}"
+    );
+    assert!(!detail_text(&body).is_empty(), "{body}");
     let (_, new_node, ip) = moved_off(&app, &manager, &chat, node, Duration::from_secs(90)).await;
     println!(
         "loss of {node} -> running on {new_node} at {ip} after {:?}",
@@ -658,4 +672,216 @@ async fn exec_runs_on_the_sandboxs_node_and_an_unconfigured_node_answers_501() {
         ran > 0 && refused > 0,
         "sandboxes on n1 and elsewhere: {ran} ran, {refused} refused"
     );
+}
+
+/// The container of a service's running task, and the node it runs on.
+async fn task_container(docker: &Docker, service: &str) -> Option<(String, String)> {
+    let filters = HashMap::from([
+        ("service", vec![service.to_string()]),
+        ("desired-state", vec!["running".to_string()]),
+    ]);
+    let options = ListTasksOptionsBuilder::new().filters(&filters).build();
+    let t = docker
+        .list_tasks(Some(options))
+        .await
+        .ok()?
+        .into_iter()
+        .find(|t| t.service_id.as_deref() == Some(service))?;
+    let container = t.status?.container_status?.container_id?;
+    let node = docker.inspect_node(t.node_id.as_deref()?).await.ok()?;
+    Some((container, node.description?.hostname?))
+}
+
+fn services_of_chat(chat: &str) -> usize {
+    docker_cli(&[
+        "service",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=sandboxd.chat_id={chat}"),
+    ])
+    .lines()
+    .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the swarm lab: scripts/test.sh runs it"]
+async fn a_crash_is_restarted_with_its_count_and_delete_and_expiry_remove_the_service() {
+    let (app, _services) = spawn(&NODES, |s| s.sandbox.ttl_seconds = 15).await;
+    let manager = manager().await;
+    let made = create_many(&app, 2).await;
+    let (crashing, expiring) = (&made[0].0, &made[1].0);
+    let first = made[0].1["container_id"].as_str().expect("id").to_string();
+    // The agent dies (its container killed on its node): sandboxd, not Swarm, restarts it,
+    // and counts it into the chat's crash loop.
+    let (container, node) = task_container(&manager, &first)
+        .await
+        .expect("task container");
+    let out = Command::new("docker")
+        .args(["-H", &socket(&node), "kill", &container])
+        .output()
+        .expect("docker kill");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = wait_until(
+        Duration::from_secs(30),
+        "the crashed sandbox restarted",
+        || async {
+            let (_, view) = app.get(&format!("/api/v1/sandboxes/{crashing}")).await;
+            (view["phase"] == "running" && view["container_id"] != first.as_str()).then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(view["restarts"], 1, "{view}");
+    assert_eq!(
+        task_count(&manager, view["container_id"].as_str().expect("id")).await,
+        1
+    );
+    assert_eq!(services_of_chat(crashing), 1);
+    // Delete: the service goes, then the row.
+    let (status, body) = app.delete(crashing).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        services_of_chat(crashing),
+        0,
+        "deleted means its service is gone"
+    );
+    // Expiry: the service goes, the row stays `expired`.
+    wait_until(Duration::from_secs(40), "the session expired", || async {
+        let (_, view) = app.get(&format!("/api/v1/sandboxes/{expiring}")).await;
+        (view["phase"] == "expired").then_some(())
+    })
+    .await;
+    assert_eq!(
+        services_of_chat(expiring),
+        0,
+        "an expired session keeps no service"
+    );
+}
+
+/// Puts a label back on every node however the test ends.
+struct Relabel(&'static str);
+
+impl Drop for Relabel {
+    fn drop(&mut self) {
+        for n in NODES {
+            let _ = Command::new("docker")
+                .args([
+                    "-H",
+                    &socket("n1"),
+                    "node",
+                    "update",
+                    "--label-add",
+                    self.0,
+                    n,
+                ])
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the swarm lab: scripts/test.sh runs it"]
+async fn no_new_privileges_is_refused_by_name_when_no_node_says_it_enforces_it() {
+    let _back = Relabel("sandboxd.no-new-privileges=true");
+    for n in NODES {
+        docker_cli(&[
+            "node",
+            "update",
+            "--label-rm",
+            "sandboxd.no-new-privileges",
+            n,
+        ]);
+    }
+    let (app, _services) = spawn(&NODES, |_| {}).await;
+    let chat = new_chat();
+    let body = json!({"agent_id": "a", "volume_host_path": app.volume(&chat)});
+    let (status, _) = app
+        .put_json(&format!("/api/v1/sandboxes/{chat}"), &body)
+        .await;
+    assert!(status.is_success(), "{status}");
+    let view = wait_until(Duration::from_secs(20), "the refusal recorded", || async {
+        let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+        view["last_error"].as_str().is_some().then_some(view)
+    })
+    .await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("no-new-privileges"), "{error}");
+    assert_eq!(services_of_chat(&chat), 0, "nothing placed weaker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the swarm lab: scripts/test.sh runs it"]
+async fn egress_deny_runs_on_an_internal_overlay_that_reaches_nothing_outside() {
+    // A target this test starts: a listener on the lab's host link (10.77.0.254).
+    let listener = tokio::net::TcpListener::bind("10.77.0.254:0")
+        .await
+        .expect("the lab's host link (SWARMLAB_HOST_LINK=1)");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((_stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let (app, _services) = spawn(&NODES, |s| {
+        s.sandbox.profiles.insert(
+            "offline".into(),
+            ProfileSettings {
+                egress: sandboxd::egress::EgressMode::Deny,
+                deny_cidrs: Vec::new(),
+                allow_cidrs: Vec::new(),
+                network: Some("sandboxd-swarm-offline".into()),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let manager = manager().await;
+    let reach = format!("echo hi | nc -w 3 10.77.0.254 {port} && echo reached || echo blocked");
+    let mut results = Vec::new();
+    for profile in ["standard", "offline"] {
+        let chat = new_chat();
+        let body = json!({"chat_id": chat, "agent_id": "a", "volume_host_path": app.volume(&chat), "profile": profile});
+        let (status, view) = app.post_json("/api/v1/create", &body).await;
+        assert_eq!(status, StatusCode::OK, "{profile}: {view}");
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let (status, out) = app
+            .post_json(
+                &format!("/api/v1/sandboxes/{chat}/exec"),
+                &json!({"command": ["sh", "-c", reach.as_str()]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+        results.push((
+            profile,
+            out["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            got,
+        ));
+    }
+    // Control: the routed overlay reaches the target; the internal one does not.
+    assert_eq!(results[0].1, "reached", "{results:?}");
+    assert!(results[0].2 >= 1, "{results:?}");
+    assert_eq!(results[1].1, "blocked", "{results:?}");
+    assert_eq!(results[1].2, 0, "{results:?}");
+    let net = manager
+        .inspect_network(
+            "sandboxd-swarm-offline",
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .expect("the profile's network");
+    assert_eq!(net.internal, Some(true));
+    assert_eq!(net.driver.as_deref(), Some("overlay"));
+    server.abort();
 }

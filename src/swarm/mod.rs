@@ -433,8 +433,9 @@ impl SwarmRuntime {
     }
 
     /// Waits until the service's task runs, and returns its address on `network`. A task
-    /// that fails to start, or does not run within `swarm.start_timeout_seconds`, is an
-    /// error naming why (the executor then removes the service).
+    /// that ended without running (`tasks::ended`), or none running within
+    /// `swarm.start_timeout_seconds`, is an error naming why (the executor then removes the
+    /// service, and the retry is placed afresh).
     pub async fn wait_running(&self, id: &str, network: &str) -> Result<String, SwarmError> {
         let deadline = Instant::now() + self.start_timeout;
         let mut pause = Duration::from_millis(20);
@@ -450,7 +451,7 @@ impl SwarmRuntime {
                 });
             }
             let gave_up = Instant::now() >= deadline;
-            if gave_up || tasks::failed_to_start(&tasks) {
+            if gave_up || tasks::ended(&tasks) {
                 return Err(SwarmError::NotRunning {
                     service: id.to_string(),
                     seconds: self.start_timeout.as_secs(),

@@ -90,15 +90,12 @@ pub fn why_not_running(tasks: &[TaskView]) -> Option<String> {
     })
 }
 
-/// A task that will not run: it failed or was rejected before it ever ran (a missing image,
-/// a bind source missing on its node).
-pub fn failed_to_start(tasks: &[TaskView]) -> bool {
-    serving(tasks, "").is_none()
-        && !starting(tasks)
-        && tasks
-            .iter()
-            .max_by_key(|t| t.status.timestamp)
-            .is_some_and(|t| matches!(t.status.state.as_str(), "rejected" | "failed"))
+/// The service's task will not run: there was one, and none runs or is on its way now. It
+/// was rejected or failed (a missing image, a bind source missing on its node), or Swarm gave
+/// up on it (its node went down while the task was assigned there: the scheduler places on
+/// a dead node until the manager's heartbeat notices). Waiting longer would not help.
+pub fn ended(tasks: &[TaskView]) -> bool {
+    !tasks.is_empty() && serving(tasks, "").is_none() && !starting(tasks)
 }
 
 #[cfg(test)]
@@ -161,7 +158,7 @@ mod tests {
             exited(&tasks),
             Some((3, DateTime::from_timestamp(5, 0).unwrap()))
         );
-        assert!(failed_to_start(&tasks));
+        assert!(ended(&tasks));
     }
 
     #[test]
@@ -172,7 +169,17 @@ mod tests {
         ];
         assert!(starting(&tasks));
         assert_eq!(exited(&tasks), None);
-        assert!(!failed_to_start(&tasks));
+        assert!(!ended(&tasks));
+    }
+
+    #[test]
+    fn a_task_given_up_on_a_lost_node_has_ended_but_none_yet_has_not() {
+        // Assigned to a node that then went down: Swarm shuts it down, nothing replaces it.
+        let tasks = [task("t", "assigned", "shutdown", 3, None)];
+        assert!(ended(&tasks));
+        assert_eq!(exited(&tasks), None, "no crash of the agent");
+        assert!(!ended(&[]), "no task yet: the orchestrator has not made it");
+        assert!(!ended(&[task("t", "running", "running", 1, None)]));
     }
 
     #[test]
