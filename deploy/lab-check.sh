@@ -21,12 +21,7 @@ api() { curl -sS -m 10 -H "X-API-Token: $TOKEN" -H 'content-type: application/js
 scripts/provision.sh
 cargo build --release --locked --bin sandboxd
 trap 'scripts/swarm-lab.sh down >/dev/null 2>&1 || true; rm -rf "$SWARMLAB_DIR"' EXIT
-mkdir -p "$SWARMLAB_DIR"
-docker save -o "$SWARMLAB_DIR/agent.tar" sandboxd/agent-busybox:latest
-SWARMLAB_LOAD_IMAGES="$SWARMLAB_DIR/agent.tar" \
-  SWARMLAB_DAEMON_JSON_EXTRA='"no-new-privileges": true' \
-  SWARMLAB_NODE_LABELS=sandboxd.no-new-privileges=true \
-  scripts/swarm-lab.sh up
+scripts/swarm-lab.sh up-for-sandboxd
 
 log "building sandboxd:local on n1 (binary + its libraries, docker import)"
 rootfs="$SWARMLAB_DIR/rootfs"

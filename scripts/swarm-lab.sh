@@ -2,9 +2,11 @@
 # swarm-lab.sh - a throw-away 3-node Docker Swarm on ONE Linux host, no registry needed.
 #
 # sandboxd's copy of ../shared/swarm-lab (scripts/test.sh brings it up and down around the
-# swarm tests), with three additions: SWARMLAB_NODE_LABELS (labels put on every node after
-# the swarm forms), `kill-node nX` (node loss: SIGKILL its dockerd, containerd, shims and
-# containers, keeping its state) and `start-node nX` (it comes back with the same identity).
+# swarm tests), with these additions: SWARMLAB_NODE_LABELS (labels put on every node after
+# the swarm forms), `up-for-sandboxd` (up with the sandbox image on every node and
+# no-new-privileges enforced and labelled), `kill-node nX` (node loss: SIGKILL its dockerd,
+# containerd, shims and containers, keeping its state) and `start-node nX` (it comes back with
+# the same identity).
 #
 #   swarm-lab.sh up       build the lab from nothing (netns, 3 dockerd, image, swarm)
 #   swarm-lab.sh down     tear everything down (daemons, containers, netns, cgroups, files)
@@ -268,6 +270,17 @@ label_nodes() {
   for n in "${NODES[@]}"; do
     for l in ${SWARMLAB_NODE_LABELS:-}; do dk n1 node update --label-add "$l" "$n" >/dev/null; done
   done
+}
+
+# The lab sandboxd's tests, bench and deploy check use: the sandbox image loaded on every
+# node, no-new-privileges in every daemon.json, and the label that says so.
+cmd_up_for_sandboxd() {
+  mkdir -p "$LAB"
+  docker save -o "$LAB/agent.tar" "${SANDBOXD_IMAGE:-sandboxd/agent-busybox:latest}"
+  SWARMLAB_LOAD_IMAGES="$LAB/agent.tar"
+  SWARMLAB_DAEMON_JSON_EXTRA='"no-new-privileges": true'
+  SWARMLAB_NODE_LABELS=sandboxd.no-new-privileges=true
+  cmd_up
 }
 
 cmd_kill_node() {
@@ -620,6 +633,7 @@ cmd_bench() {
 
 case ${1:-} in
   up) cmd_up ;;
+  up-for-sandboxd) cmd_up_for_sandboxd ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cat "$LAB/env" ;;
@@ -628,5 +642,5 @@ case ${1:-} in
   kill-node) cmd_kill_node "${2:-}" ;;
   start-node) cmd_start_node "${2:-}" ;;
   _launch) launch_node "$2" ;;
-  *) echo "usage: $0 up|down|status|env|check|bench|kill-node nX|start-node nX" >&2; exit 2 ;;
+  *) echo "usage: $0 up|up-for-sandboxd|down|status|env|check|bench|kill-node nX|start-node nX" >&2; exit 2 ;;
 esac

@@ -19,10 +19,5 @@ SANDBOXD_TEST_STOPS_ENGINE=1 cargo test --locked --test engine_restart -- --igno
 # takes the lab down however this script ends.
 export SWARMLAB_DIR="${TMPDIR:-/tmp}/sandboxd-swarm-lab"
 trap 'scripts/swarm-lab.sh down >/dev/null 2>&1 || true; rm -rf "$SWARMLAB_DIR"' EXIT
-mkdir -p "$SWARMLAB_DIR"
-docker save -o "$SWARMLAB_DIR/agent.tar" sandboxd/agent-busybox:latest
-SWARMLAB_LOAD_IMAGES="$SWARMLAB_DIR/agent.tar" \
-  SWARMLAB_DAEMON_JSON_EXTRA='"no-new-privileges": true' \
-  SWARMLAB_NODE_LABELS=sandboxd.no-new-privileges=true \
-  scripts/swarm-lab.sh up
+scripts/swarm-lab.sh up-for-sandboxd
 SANDBOXD_SWARM_LAB="$SWARMLAB_DIR" cargo test --locked --test swarm -- --ignored --test-threads=1

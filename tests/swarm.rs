@@ -507,14 +507,7 @@ async fn a_drained_nodes_sandbox_runs_again_elsewhere_at_a_new_endpoint() {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     // Exactly one task runs for the chat.
-    let services = docker_cli(&[
-        "service",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("label=sandboxd.chat_id={chat}"),
-    ]);
-    assert_eq!(services.lines().count(), 1, "one service for the chat");
+    assert_eq!(services_of_chat(&chat), 1, "one service for the chat");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,14 +557,27 @@ async fn a_lost_nodes_sandbox_runs_again_elsewhere() {
         "loss of {node} -> running on {new_node} at {ip} after {:?}",
         killed.elapsed()
     );
-    let services = docker_cli(&[
-        "service",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("label=sandboxd.chat_id={chat}"),
-    ]);
-    assert_eq!(services.lines().count(), 1, "one service for the chat");
+    assert_eq!(services_of_chat(&chat), 1, "one service for the chat");
+}
+
+/// Declares a new chat (under `profile`) and waits until its row records an error; the chat
+/// and its view.
+async fn declare_and_wait_for_an_error(app: &TestApp, profile: Option<&str>) -> (String, Value) {
+    let chat = new_chat();
+    let mut body = json!({"agent_id": "a", "volume_host_path": app.volume(&chat)});
+    if let Some(p) = profile {
+        body["profile"] = p.into();
+    }
+    let (status, _) = app
+        .put_json(&format!("/api/v1/sandboxes/{chat}"), &body)
+        .await;
+    assert!(status.is_success(), "{status}");
+    let view = wait_until(Duration::from_secs(20), "the refusal recorded", || async {
+        let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+        view["last_error"].as_str().is_some().then_some(view)
+    })
+    .await;
+    (chat, view)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,30 +606,12 @@ async fn profiles_asking_more_than_the_nodes_give_are_refused_by_name() {
         ("gvisor", "runtime runsc"),
         ("ruled", "host firewall rules"),
     ] {
-        let chat = new_chat();
-        let body =
-            json!({"agent_id": "a", "volume_host_path": app.volume(&chat), "profile": profile});
-        let (status, _) = app
-            .put_json(&format!("/api/v1/sandboxes/{chat}"), &body)
-            .await;
-        assert!(status.is_success(), "{status}");
-        let view = wait_until(Duration::from_secs(20), "the refusal recorded", || async {
-            let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
-            view["last_error"].as_str().is_some().then_some(view)
-        })
-        .await;
+        let (chat, view) = declare_and_wait_for_an_error(&app, Some(profile)).await;
         let error = view["last_error"].as_str().unwrap_or_default();
         assert!(error.contains(named), "{profile}: {error}");
         assert_ne!(view["phase"], "running");
         // Nothing was placed, weaker or otherwise.
-        let services = docker_cli(&[
-            "service",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("label=sandboxd.chat_id={chat}"),
-        ]);
-        assert!(services.is_empty(), "{profile}: a service was made");
+        assert_eq!(services_of_chat(&chat), 0, "{profile}: a service was made");
     }
     // Readiness names both.
     let (_, ready) = app.get("/api/v1/ready").await;
@@ -797,17 +785,7 @@ async fn no_new_privileges_is_refused_by_name_when_no_node_says_it_enforces_it()
         ]);
     }
     let (app, _services) = spawn(&NODES, |_| {}).await;
-    let chat = new_chat();
-    let body = json!({"agent_id": "a", "volume_host_path": app.volume(&chat)});
-    let (status, _) = app
-        .put_json(&format!("/api/v1/sandboxes/{chat}"), &body)
-        .await;
-    assert!(status.is_success(), "{status}");
-    let view = wait_until(Duration::from_secs(20), "the refusal recorded", || async {
-        let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
-        view["last_error"].as_str().is_some().then_some(view)
-    })
-    .await;
+    let (chat, view) = declare_and_wait_for_an_error(&app, None).await;
     let error = view["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("no-new-privileges"), "{error}");
     assert_eq!(services_of_chat(&chat), 0, "nothing placed weaker");

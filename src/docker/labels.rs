@@ -49,6 +49,23 @@ pub struct SessionLabels<'a> {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The labels of the container (or service) a start request makes, for `instance`.
+pub fn for_request(
+    instance: &str,
+    req: &crate::runtime::StartRequest<'_>,
+) -> HashMap<String, String> {
+    for_session(&SessionLabels {
+        instance,
+        chat_id: req.chat_id,
+        session_id: req.session_id,
+        spec_hash: req.spec_hash,
+        agent_id: req.agent_id,
+        volume_host_path: req.volume_host_path,
+        endpoint_port: req.spec.agent_port,
+        expires_at: req.expires_at,
+    })
+}
+
 /// All labels of a session's container: sandboxd's own and the old service's.
 pub fn for_session(s: &SessionLabels<'_>) -> HashMap<String, String> {
     HashMap::from([

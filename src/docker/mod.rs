@@ -142,6 +142,62 @@ fn own_address(
     (ip.is_some().then_some(name), ip)
 }
 
+/// Runs one engine call and records its duration and outcome in the metrics; `benign`
+/// statuses (a 404 on remove, a 304 on start) count as success.
+pub(crate) async fn metered<T>(
+    metrics: &Metrics,
+    operation: &'static str,
+    benign: &[u16],
+    fut: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<T, BollardError> {
+    let started = Instant::now();
+    let result = fut.await;
+    let ok = match &result {
+        Ok(_) => true,
+        Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
+    };
+    metrics.docker_call(operation, ok, started.elapsed());
+    result
+}
+
+/// Creates a network; one someone else created in between counts as created.
+pub(crate) async fn create_network(
+    docker: &Docker,
+    metrics: &Metrics,
+    request: NetworkCreateRequest,
+) -> Result<(), DockerError> {
+    let (name, driver) = (request.name.clone(), request.driver.clone());
+    match metered(
+        metrics,
+        "create_network",
+        &[409],
+        docker.create_network(request),
+    )
+    .await
+    {
+        Ok(_) => {
+            tracing::info!(network = %name, driver = ?driver, "created sandbox network");
+            Ok(())
+        }
+        Err(e) if status_of(&e) == Some(409) => Ok(()),
+        Err(e) => Err(DockerError::api("create_network")(e)),
+    }
+}
+
+/// The spec's bind mounts, as the engine takes them (a container's, or a service's).
+pub(crate) fn bind_mounts(spec: &crate::domain::spec::ContainerSpec) -> Vec<Mount> {
+    spec.mounts
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// Where an engine is, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineAddress {
@@ -220,22 +276,14 @@ impl DockerRuntime {
         })
     }
 
-    /// Runs one Docker call and records its duration and outcome; `benign` statuses (a 404 on
-    /// remove, a 304 on start) count as success.
+    /// Runs one Docker call and records its duration and outcome (`metered`).
     async fn call<T>(
         &self,
         operation: &'static str,
         benign: &[u16],
         fut: impl std::future::Future<Output = Result<T, BollardError>>,
     ) -> Result<T, BollardError> {
-        let started = Instant::now();
-        let result = fut.await;
-        let ok = match &result {
-            Ok(_) => true,
-            Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
-        };
-        self.metrics.docker_call(operation, ok, started.elapsed());
-        result
+        metered(&self.metrics, operation, benign, fut).await
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
@@ -270,22 +318,7 @@ impl DockerRuntime {
             driver: Some("bridge".into()),
             ..Default::default()
         };
-        match self
-            .call(
-                "create_network",
-                &[409],
-                self.docker.create_network(request),
-            )
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(network, "created sandbox network");
-                Ok(())
-            }
-            // Someone else created it in between.
-            Err(e) if status_of(&e) == Some(409) => Ok(()),
-            Err(e) => Err(DockerError::api("create_network")(e)),
-        }
+        create_network(&self.docker, &self.metrics, request).await
     }
 
     /// The host interface of a bridge network (what egress rules match on).
@@ -583,30 +616,11 @@ impl DockerRuntime {
     pub fn create_body(&self, req: &StartRequest<'_>) -> ContainerCreateBody {
         let spec = req.spec;
         let h = &spec.hardening;
-        let mounts = spec
-            .mounts
-            .iter()
-            .map(|m| Mount {
-                target: Some(m.target.clone()),
-                source: Some(m.source.clone()),
-                typ: Some(MountType::BIND),
-                read_only: Some(m.read_only),
-                ..Default::default()
-            })
-            .collect();
+        let mounts = bind_mounts(spec);
         ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            labels: Some(labels::for_session(&labels::SessionLabels {
-                instance: &self.instance,
-                chat_id: req.chat_id,
-                session_id: req.session_id,
-                spec_hash: req.spec_hash,
-                agent_id: req.agent_id,
-                volume_host_path: req.volume_host_path,
-                endpoint_port: spec.agent_port,
-                expires_at: req.expires_at,
-            })),
+            labels: Some(labels::for_request(&self.instance, req)),
             user: h.user.clone(),
             exposed_ports: spec
                 .publish_host_ip

@@ -168,14 +168,7 @@ impl SwarmRuntime {
         benign: &[u16],
         fut: impl std::future::Future<Output = Result<T, BollardError>>,
     ) -> Result<T, BollardError> {
-        let started = Instant::now();
-        let result = fut.await;
-        let ok = match &result {
-            Ok(_) => true,
-            Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
-        };
-        self.metrics.docker_call(operation, ok, started.elapsed());
-        result
+        crate::docker::metered(&self.metrics, operation, benign, fut).await
     }
 
     /// The configured sandbox network, as an attachable overlay.
@@ -229,21 +222,7 @@ impl SwarmRuntime {
             internal: Some(internal),
             ..Default::default()
         };
-        match self
-            .call(
-                "create_network",
-                &[409],
-                self.docker.create_network(request),
-            )
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(network = name, internal, "created sandbox overlay network");
-                Ok(())
-            }
-            Err(e) if status_of(&e) == Some(409) => Ok(()),
-            Err(e) => Err(api_err("create_network")(e)),
-        }
+        Ok(crate::docker::create_network(&self.docker, &self.metrics, request).await?)
     }
 
     /// The swarm's nodes as placement sees them: labels from the manager, and what each

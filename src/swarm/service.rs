@@ -36,27 +36,8 @@ pub fn service_spec(
 ) -> ServiceSpec {
     let spec = req.spec;
     let h = &spec.hardening;
-    let session_labels = labels::for_session(&labels::SessionLabels {
-        instance: defaults.instance,
-        chat_id: req.chat_id,
-        session_id: req.session_id,
-        spec_hash: req.spec_hash,
-        agent_id: req.agent_id,
-        volume_host_path: req.volume_host_path,
-        endpoint_port: spec.agent_port,
-        expires_at: req.expires_at,
-    });
-    let mut mounts: Vec<Mount> = spec
-        .mounts
-        .iter()
-        .map(|m| Mount {
-            target: Some(m.target.clone()),
-            source: Some(m.source.clone()),
-            typ: Some(MountType::BIND),
-            read_only: Some(m.read_only),
-            ..Default::default()
-        })
-        .collect();
+    let session_labels = labels::for_request(defaults.instance, req);
+    let mut mounts = crate::docker::bind_mounts(spec);
     if h.read_only_rootfs {
         mounts.push(Mount {
             target: Some("/tmp".into()),
