@@ -9,6 +9,8 @@
 //! - [`swarm`]: Docker Swarm adapter: one-replica services through a manager, placement
 //!   (what a profile asks of a node), task readings.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
+//! - [`pool`]: warm starts: pre-started members claimed by new chats (mounts and env bound at
+//!   claim time through mount propagation and a wrapper entrypoint).
 //! - [`dataplane`]: exec, files and watch on running sandboxes, beside the loop: finds the
 //!   container in the store and talks to the engine (`docker::sandbox_io`).
 //! - [`egress`]: egress policy as host firewall rules (pure rendering and diff; `iptables`).
@@ -29,6 +31,7 @@ pub mod egress;
 pub mod http;
 pub mod metrics;
 pub mod planner;
+pub mod pool;
 pub mod runtime;
 pub mod store;
 pub mod swarm;

@@ -78,6 +78,10 @@ pub struct Metrics {
     pub data_plane_in_flight: Gauge<i64>,
     /// Finished execs by result (`ok`, `timeout`, `abandoned`, `error`).
     pub exec_total: Family<ResultLabel, Counter>,
+    /// Starts by how they went: `warm`, or `cold` with why (`pool_empty`, `pool_off`, …).
+    pub starts_total: Family<ResultLabel, Counter>,
+    /// Warm-pool members by state (`idle`, `starting`, `claimed`).
+    pub pool_members: Family<StateLabel, Gauge>,
     /// Egress rules found changed on the host and rewritten.
     pub egress_repairs_total: Counter,
 }
@@ -112,6 +116,8 @@ impl Metrics {
             last_pass_timestamp: Gauge::default(),
             data_plane_in_flight: Gauge::default(),
             exec_total: Family::default(),
+            starts_total: Family::default(),
+            pool_members: Family::default(),
             egress_repairs_total: Counter::default(),
             registry: Registry::default(),
         };
@@ -159,6 +165,16 @@ impl Metrics {
             "sandboxd_observed_containers",
             "Containers of this instance by state",
             m.observed.clone(),
+        );
+        r.register(
+            "sandboxd_starts",
+            "Sandbox starts: warm (a pool member claimed) or cold, with why",
+            m.starts_total.clone(),
+        );
+        r.register(
+            "sandboxd_pool_members",
+            "Warm-pool members by state",
+            m.pool_members.clone(),
         );
         r.register(
             "sandboxd_reconcile_pass_duration_seconds",

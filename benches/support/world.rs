@@ -31,6 +31,7 @@ pub fn converged(n: usize) -> (Vec<Desired>, Vec<Observed>) {
             running: true,
             ip: Some("10.0.0.1".into()),
             legacy: false,
+            pool_slot: None,
         });
     }
     (d, o)

@@ -55,6 +55,31 @@ pub struct Settings {
     /// The backend: one Docker engine, or Docker Swarm services through a manager's engine.
     pub runtime: RuntimeKind,
     pub swarm: SwarmSettings,
+    pub warm_pool: WarmPoolSettings,
+}
+
+/// Warm starts (`pool/`): containers of the default profile started ahead of need; a create
+/// for a new chat claims one (its mounts and env bound at claim) instead of starting cold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmPoolSettings {
+    /// Idle members kept started. 0: no pool, every create starts cold.
+    pub min_idle: usize,
+    /// Most members not yet claimed (idle and starting).
+    pub max: usize,
+    /// Each member's host directory (`<root>/<slot>`), onto which a claim bind-mounts the
+    /// chat directory and the request volume.
+    pub root: PathBuf,
+}
+
+impl Default for WarmPoolSettings {
+    fn default() -> Self {
+        Self {
+            min_idle: 0,
+            max: 20,
+            root: "var/sandbox/pool".into(),
+        }
+    }
 }
 
 /// Which backend runs sandboxes (`docs/scale-out.md`).

@@ -180,6 +180,9 @@ impl Settings {
         self.validate_data_plane()?;
         self.validate_profiles()?;
         self.validate_swarm()?;
+        let w = &self.warm_pool;
+        within("warm_pool.max", w.max as u64, 0, 1000)?;
+        within("warm_pool.min_idle", w.min_idle as u64, 0, w.max as u64)?;
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
         if s.publish_host_ip.parse::<IpAddr>().is_err() {

@@ -82,6 +82,7 @@ mod tests {
             running: true,
             ip: None,
             legacy: false,
+            pool_slot: None,
         }
     }
 

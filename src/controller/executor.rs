@@ -17,6 +17,7 @@ use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::{Action, Key, Observed, RemoveReason};
+use crate::pool::ClaimOutcome;
 use crate::runtime::{Runtime, StartRequest};
 use crate::store::{
     EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, Store, StoreError,
@@ -61,6 +62,8 @@ pub struct Executor {
     pub connection_failed: Arc<tokio::sync::Notify>,
     /// The host's egress rules: in place before a sandbox that needs them starts.
     pub egress: Arc<super::egress::EgressKeeper>,
+    /// Warm starts: a start claims a member when it can, else starts cold.
+    pub pool: Arc<crate::pool::WarmPool>,
 }
 
 /// A session's container that stopped on its own.
@@ -139,6 +142,7 @@ impl Executor {
                     ip: &ip,
                     port,
                     host_port,
+                    start: None,
                 };
                 // Record the healthy one first: a stale container that resists removal must
                 // not keep a working sandbox from being served.
@@ -227,6 +231,8 @@ impl Executor {
                 self.observed.invalidate();
                 return Err(e.into());
             }
+            // A claimed pool member's host mounts go with it.
+            self.pool.removed(id).await;
         }
         self.observed.removed(ids);
         Ok(())
@@ -266,17 +272,39 @@ impl Executor {
                     super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
                     super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
                 })?;
-            let started = self
-                .create_and_start(&StartRequest {
-                    chat_id,
-                    session_id,
-                    agent_id: &row.agent_id,
-                    spec: &spec,
-                    spec_hash: &row.spec_hash,
-                    volume_host_path: &row.volume_host_path,
-                    expires_at: row.expires_at,
-                })
-                .await?;
+            let req = StartRequest {
+                chat_id,
+                session_id,
+                agent_id: &row.agent_id,
+                spec: &spec,
+                spec_hash: &row.spec_hash,
+                volume_host_path: &row.volume_host_path,
+                expires_at: row.expires_at,
+            };
+            let started = match self.pool.claim(&self.runtime, &req).await {
+                ClaimOutcome::Warm(c) => {
+                    // Published ports are only known to the engine.
+                    let host_port = match &spec.publish_host_ip {
+                        Some(_) => {
+                            self.runtime
+                                .published_port(&c.container_id, spec.agent_port)
+                                .await?
+                        }
+                        None => None,
+                    };
+                    Started {
+                        container_id: c.container_id,
+                        ip: c.ip,
+                        host_port,
+                        adopted: false,
+                        how: "warm",
+                    }
+                }
+                ClaimOutcome::Cold(why) => Started {
+                    how: why,
+                    ..self.create_and_start(&req).await?
+                },
+            };
             Ok::<_, ActionError>((started, spec.agent_port))
         }
         .await;
@@ -291,6 +319,7 @@ impl Executor {
                     running: true,
                     ip: Some(started.ip.clone()),
                     legacy: false,
+                    pool_slot: None,
                 });
                 let action = if started.adopted {
                     EventAction::Adopt
@@ -307,6 +336,7 @@ impl Executor {
                             ip: &started.ip,
                             port,
                             host_port: started.host_port,
+                            start: Some(started.how),
                         },
                         action,
                         Utc::now(),
@@ -355,6 +385,8 @@ struct Started {
     host_port: Option<u16>,
     /// An earlier attempt had created it (and crashed before recording it).
     adopted: bool,
+    /// `warm` (a pool member claimed), or why the start went cold (`pool_empty`, …).
+    how: &'static str,
 }
 
 impl Executor {
@@ -393,6 +425,7 @@ impl Executor {
                 ip,
                 host_port,
                 adopted,
+                how: "cold",
             }),
             Err(e) => {
                 if let Err(cleanup) = rt.remove(&id).await {

@@ -22,6 +22,9 @@ mod scheduler;
 mod supervisor;
 mod takeover;
 
+pub use egress::EgressKeeper;
+pub use supervisor::Engine;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -43,7 +46,7 @@ use executor::Executor;
 use observed::ObservedCache;
 use runner::{Offer, Runner};
 use scheduler::{Reason, Scheduler, Target};
-use supervisor::{Engine, Supervisor};
+use supervisor::Supervisor;
 
 /// What the controller tells the rest of the process (readiness, status pages).
 #[derive(Debug)]
@@ -60,6 +63,8 @@ pub struct ControllerStatus {
     pub egress_error: std::sync::Mutex<Option<String>>,
     /// Profiles whose runtime the engine does not offer (readiness names them).
     pub profile_errors: std::sync::Mutex<Vec<String>>,
+    /// `on`, or `off: <why>` (readiness says it).
+    pub warm_pool: std::sync::Mutex<String>,
 }
 
 impl ControllerStatus {
@@ -71,6 +76,7 @@ impl ControllerStatus {
             takeover_done: watch::channel(!take_over_old_service).0,
             egress_error: std::sync::Mutex::new(None),
             profile_errors: std::sync::Mutex::new(Vec::new()),
+            warm_pool: std::sync::Mutex::new("off: not started".into()),
         }
     }
 
@@ -170,6 +176,26 @@ impl Controller {
         ));
         tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
         let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);
+        let pool = Arc::new(
+            crate::pool::WarmPool::new(
+                self.store.clone(),
+                self.settings.clone(),
+                self.metrics.clone(),
+            )
+            .await,
+        );
+        if let Ok(mut mode) = self.status.warm_pool.lock() {
+            *mode = match pool.mode() {
+                crate::pool::Mode::On => "on".into(),
+                crate::pool::Mode::Off(why) => format!("off: {why}"),
+            };
+        }
+        tokio::spawn(pool.clone().run(
+            engine.state.clone(),
+            runner.permits(),
+            egress.clone(),
+            shutdown.clone(),
+        ));
         let mut scheduler = Scheduler::default();
         let mut upkeep = Upkeep::new(resync);
         let mut pass_failures = 0u32;
@@ -226,7 +252,10 @@ impl Controller {
                 }
             };
             let list = due.iter().any(|(_, why)| why.needs_list());
-            match self.pass(&rt, &deaths, &observed, &images, list).await {
+            match self
+                .pass(&rt, &deaths, &observed, &images, &pool, list)
+                .await
+            {
                 Ok(plan) => {
                     pass_failures = 0;
                     self.passed();
@@ -243,7 +272,14 @@ impl Controller {
                         let key = action.key();
                         if let Offer::Held(at) = runner.offer(
                             action,
-                            self.executor(&rt, policy, &deaths, &observed, &engine, &egress),
+                            self.executor(
+                                &rt,
+                                policy,
+                                &deaths,
+                                &observed,
+                                &engine,
+                                (&egress, &pool),
+                            ),
                             now,
                         ) {
                             scheduler.schedule(Target::Key(key), at, Reason::Retry);
@@ -294,7 +330,7 @@ impl Controller {
         deaths: &Arc<deaths::RecentDeaths>,
         observed: &Arc<ObservedCache>,
         engine: &Supervisor,
-        egress: &Arc<egress::EgressKeeper>,
+        (egress, pool): (&Arc<egress::EgressKeeper>, &Arc<crate::pool::WarmPool>),
     ) -> Executor {
         Executor {
             store: self.store.clone(),
@@ -306,6 +342,7 @@ impl Controller {
             observed: observed.clone(),
             connection_failed: engine.failure_signal(),
             egress: egress.clone(),
+            pool: pool.clone(),
         }
     }
 
@@ -326,6 +363,7 @@ impl Controller {
         deaths: &deaths::RecentDeaths,
         cache: &ObservedCache,
         images: &images::AppearedImages,
+        pool: &crate::pool::WarmPool,
         list: bool,
     ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
@@ -349,6 +387,8 @@ impl Controller {
             }
         };
         deaths.apply(&mut observed, Instant::now());
+        // Pool members are the pool's; claimed ones are their chats' (from the store).
+        pool.join(&mut observed, &rows);
         let desired: Vec<_> = rows
             .iter()
             .map(|r| {

@@ -125,6 +125,7 @@ mod tests {
             running: true,
             ip: None,
             legacy: false,
+            pool_slot: None,
         }
     }
 

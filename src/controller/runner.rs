@@ -71,6 +71,12 @@ impl Runner {
         }
     }
 
+    /// The action slots (`controller.max_concurrent_actions`); the warm pool refills only
+    /// with one to spare.
+    pub fn permits(&self) -> Arc<Semaphore> {
+        self.permits.clone()
+    }
+
     /// Starts `action` unless its key is busy or held.
     pub fn offer(&mut self, action: Action, exec: Executor, now: Instant) -> Offer {
         let key = action.key();

@@ -130,6 +130,7 @@ fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> Legac
             ip,
             port: s.endpoint_port,
             host_port: None,
+            start: None,
         },
         created_at: c.created_at.unwrap_or_else(Utc::now),
         expires_at: s.expires_at,

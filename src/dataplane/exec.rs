@@ -219,7 +219,12 @@ impl DataPlane {
             .mounts
             .resolve(req.workdir.as_deref().unwrap_or(t.mounts.workdir()), None)?;
         let marker = format!("{EXEC_MARKER_VAR}={}", uuid::Uuid::new_v4().simple());
+        // The request's variables win over the session's (the first of a name is the one a
+        // process sees, so the session's come only for names the request leaves out).
         let mut env = req.env.clone();
+        let named = |e: &String| e.split('=').next().unwrap_or_default().to_string();
+        let given: std::collections::HashSet<String> = env.iter().map(named).collect();
+        env.extend(t.env.iter().filter(|e| !given.contains(&named(e))).cloned());
         env.push(marker.clone());
         let started = Instant::now();
         let spec = ExecSpec {

@@ -113,6 +113,9 @@ pub struct Target {
     pub container_id: String,
     /// That engine.
     pub io: SandboxIo,
+    /// The session's environment (`AGENT_ID`, the configured env): an exec gets it as the
+    /// agent does, also in a warm-started container, whose own env lacks what the claim set.
+    pub env: Vec<String>,
     pub mounts: Mounts,
     /// Owner for written files: the spec's user when it is numeric (`uid[:gid]`).
     pub owner: (u64, u64),
@@ -185,6 +188,7 @@ impl DataPlane {
                 session_id: row.session_id,
                 container_id,
                 io,
+                env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
                 mounts: Mounts::of(&spec),
                 owner: numeric_owner(spec.hardening.user.as_deref()),
             },

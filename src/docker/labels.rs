@@ -13,6 +13,10 @@ pub const CHAT_ID: &str = "sandboxd.chat_id";
 pub const SESSION_ID: &str = "sandboxd.session_id";
 pub const SPEC_HASH: &str = "sandboxd.spec_hash";
 pub const AGENT_ID: &str = "sandboxd.agent_id";
+/// A warm-pool member's slot (`pool/`): it belongs to no chat until claimed.
+pub const POOL_SLOT: &str = "sandboxd.pool_slot";
+/// A warm-pool member's class (the hash of what it was started with).
+pub const POOL_CLASS: &str = "sandboxd.pool_class";
 
 /// The old Python service's labels. Every sandboxd container carries them too, so its tooling
 /// (`docker ps --filter label=chat_id=…`) keeps working; sandboxd itself reads only its own
@@ -145,6 +149,7 @@ pub struct Parsed {
     pub chat_id: Option<ChatId>,
     pub session_id: Option<SessionId>,
     pub spec_hash: Option<String>,
+    pub pool_slot: Option<String>,
 }
 
 pub fn parse(labels: &HashMap<String, String>) -> Parsed {
@@ -152,6 +157,7 @@ pub fn parse(labels: &HashMap<String, String>) -> Parsed {
         chat_id: labels.get(CHAT_ID).and_then(|v| v.parse().ok()),
         session_id: labels.get(SESSION_ID).and_then(|v| v.parse().ok()),
         spec_hash: labels.get(SPEC_HASH).cloned(),
+        pool_slot: labels.get(POOL_SLOT).cloned(),
     }
 }
 

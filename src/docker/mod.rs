@@ -379,6 +379,7 @@ impl DockerRuntime {
                     running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
                     ip,
                     legacy: false,
+                    pool_slot: parsed.pool_slot,
                 })
             })
             .collect())
@@ -427,6 +428,7 @@ impl DockerRuntime {
                 running: c.running,
                 ip: c.ip,
                 legacy: true,
+                pool_slot: None,
             })
             .collect())
     }
@@ -495,6 +497,45 @@ impl DockerRuntime {
             session_id: parsed.session_id,
             spec_hash: parsed.spec_hash,
         })
+    }
+
+    /// The image's own entrypoint and command (a pool member runs them after its claim).
+    pub async fn image_command(
+        &self,
+        image: &str,
+    ) -> Result<(Vec<String>, Vec<String>), DockerError> {
+        let i = self
+            .call("inspect_image", &[], self.docker.inspect_image(image))
+            .await
+            .map_err(DockerError::api("inspect_image"))?;
+        let config = i.config.unwrap_or_default();
+        Ok((
+            config.entrypoint.unwrap_or_default(),
+            config.cmd.unwrap_or_default(),
+        ))
+    }
+
+    /// Creates a container from a body as given (a pool member's); a missing image or network
+    /// is an error here, not repaired (the cold path does that).
+    pub async fn create_named(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, DockerError> {
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        self.call(
+            "create",
+            &[],
+            self.docker.create_container(Some(options), body),
+        )
+        .await
+        .map(|r| r.id)
+        .map_err(DockerError::api("create_container"))
+    }
+
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Starts a created container and reads its address on `network` (the spec's network),

@@ -73,7 +73,13 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         failed.extend(errors.iter().cloned());
     }
     if failed.is_empty() {
-        Json(json!({ "status": "ready" })).into_response()
+        let warm_pool = state
+            .controller
+            .warm_pool
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        Json(json!({ "status": "ready", "warm_pool": warm_pool })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

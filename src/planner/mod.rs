@@ -40,6 +40,9 @@ pub struct Observed {
     /// Started by the old Python service and adopted at takeover: it has no spec hash, and is
     /// never replaced for drift (only when it stops running).
     pub legacy: bool,
+    /// A warm-pool member (`pool/`): the pool owns it until it is claimed, and the controller
+    /// fills in the chat, session and spec of a claimed one from the store before planning.
+    pub pool_slot: Option<String>,
 }
 
 /// Why containers are removed; decides what is recorded afterwards.

@@ -49,6 +49,7 @@ fn container(n: u8) -> Observed {
         running: true,
         ip: Some(format!("10.0.0.{n}")),
         legacy: false,
+        pool_slot: None,
     }
 }
 
@@ -243,6 +244,7 @@ fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, nex
                     running: true,
                     ip: Some(ip.clone()),
                     legacy: false,
+                    pool_slot: None,
                 });
                 row.phase = Phase::Running;
                 row.container_id = Some(id);
@@ -343,6 +345,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
                     running,
                     ip: has_ip.then(|| format!("10.0.0.{n}")),
                     legacy: false,
+                    pool_slot: None,
                 },
             )
             .collect::<Vec<_>>()
@@ -428,6 +431,7 @@ fn an_adopted_old_service_container_is_kept_despite_its_spec_until_it_stops() {
     let legacy = Observed {
         spec_hash: None,
         legacy: true,
+        pool_slot: None,
         ..container(1)
     };
     let p = plan(&[running_row(1)], std::slice::from_ref(&legacy), t0());

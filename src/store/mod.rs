@@ -13,6 +13,7 @@
 
 mod events;
 mod mirror;
+mod pool;
 mod retention;
 mod row;
 mod sessions;
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 use crate::domain::{ChatId, Phase};
 
 pub use events::{EventAction, EventOutcome, NewEvent};
+pub use pool::{Member, MemberState};
 pub use row::{SandboxRow, StoredEvent};
 pub use sessions::{ApplyOutcome, CreateOutcome, ImportOutcome, LegacyImport};
 pub use status::RunningContainer;

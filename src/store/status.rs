@@ -17,6 +17,8 @@ pub struct RunningContainer<'a> {
     pub port: u16,
     /// The published host port of the agent port, if published.
     pub host_port: Option<u16>,
+    /// How it started: `warm`, or why cold (`pool_empty`, …); for the event's detail.
+    pub start: Option<&'a str>,
 }
 
 impl Store {
@@ -34,6 +36,7 @@ impl Store {
             ip,
             port,
             host_port,
+            start,
         } = *running;
         let (mut tx, gate) = self.begin_write().await?;
         let at = format_time(now);
@@ -63,7 +66,11 @@ impl Store {
         if let Some(p) = host_port {
             endpoint["host_port"] = p.into();
         }
-        let detail = serde_json::json!({ "endpoint": endpoint }).to_string();
+        let mut detail = serde_json::json!({ "endpoint": endpoint });
+        if let Some(how) = start {
+            detail["start"] = how.into();
+        }
+        let detail = detail.to_string();
         insert_event(
             &mut tx,
             &at,

@@ -336,6 +336,7 @@ impl SwarmRuntime {
                     running: serving.is_some(),
                     ip: serving.and_then(|s| s.ip),
                     legacy: false,
+                    pool_slot: None,
                 })
             })
             .collect())

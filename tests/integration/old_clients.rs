@@ -564,6 +564,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         ip: "10.0.0.2",
         port: 8000,
         host_port: None,
+        start: None,
     };
     assert!(store
         .record_running(

@@ -88,6 +88,7 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
                 ip: "10.0.0.2",
                 port: 8000,
                 host_port: None,
+                start: None,
             };
             drop(
                 store

@@ -1,0 +1,592 @@
+//! Warm starts: containers of the default profile started ahead of need, so a create for a
+//! new chat claims one instead of paying a Docker create + start on the request path.
+//!
+//! Docker cannot add mounts or env to a running container, so what is per chat is bound at
+//! claim time (docs/architecture.md, "Warm starts"):
+//! - each member sees its slot's `chat/` and `volume/` (host directories under
+//!   `warm_pool.root`, a shared mount) at the chat and volume paths, with `rslave`
+//!   propagation; a claim bind-mounts the chat directory and the request volume onto them;
+//! - the member's entrypoint is a wrapper that waits on a FIFO, then sources the chat's env
+//!   (`AGENT_ID` and the configured env) and execs the image's own entrypoint and command, so
+//!   the agent starts only after the claim.
+//!
+//! A claim is durable in steps (`pool_members.state`): `idle` → `claiming` (taken atomically)
+//! → mounts, env, go → `claimed`. A member found `claiming` after a restart was never bound
+//! completely: it is removed and its chat starts cold. A claimed member is a session's
+//! container from then on and never returns to the pool; removing it undoes its mounts.
+//! The pool is desired state (`min_idle`, `max`) kept by [`WarmPool::run`], refilled only
+//! with a free action slot to spare, so refills never starve cold starts.
+
+pub mod class;
+pub mod mounts;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::models::{Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType};
+use chrono::Utc;
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::controller::Engine;
+use crate::docker::{labels, DockerRuntime};
+use crate::domain::spec::{ContainerSpec, MountKind};
+use crate::domain::{ChatId, SessionId};
+use crate::metrics::{Metrics, ResultLabel, StateLabel};
+use crate::planner::Observed;
+use crate::runtime::{Runtime, StartRequest};
+use crate::store::{Member, MemberState, SandboxRow, Store};
+
+use mounts::Slot;
+
+/// Whether warm starts can happen, and if not, why (readiness and logs say it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    On,
+    Off(String),
+}
+
+/// A member claimed for a chat.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub container_id: String,
+    pub ip: String,
+}
+
+/// What a start got from the pool.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    Warm(Claimed),
+    /// Start cold, for this reason (a metric label: `pool_off`, `pool_empty`, …).
+    Cold(&'static str),
+}
+
+pub struct WarmPool {
+    store: Store,
+    metrics: Arc<Metrics>,
+    settings: Arc<Settings>,
+    root: PathBuf,
+    mode: Mutex<Mode>,
+    /// The class members are started with (the default profile's spec, per-chat parts blank).
+    class: ContainerSpec,
+    class_hash: String,
+    /// Slots a claim or a member start is working on now (the reconciler leaves them alone).
+    busy: Mutex<HashSet<String>>,
+    /// Claimed members' containers → (chat, session), for the pass (`join`).
+    claimed: Mutex<HashMap<String, (ChatId, SessionId)>>,
+    /// Asks the reconciler to look now (after a claim, a removal).
+    pub poke: Notify,
+}
+
+impl WarmPool {
+    /// The pool for these settings (paths already absolute). Off, with the reason, when
+    /// `min_idle` is 0, the backend is not a single Docker engine, the default profile needs
+    /// another runtime than runc, or this process cannot share mounts.
+    pub async fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+        let s = &settings.sandbox;
+        let placeholder = ChatId(uuid::Uuid::nil());
+        let spec = crate::domain::spec::resolve(s, placeholder, "", Path::new(""), None);
+        let class = class::class_of(&spec);
+        let class_hash = class.hash();
+        let root = settings.warm_pool.root.clone();
+        let mode = Self::decide(&settings, &class, &root);
+        match &mode {
+            Mode::On => info!(
+                min_idle = settings.warm_pool.min_idle,
+                max = settings.warm_pool.max,
+                "warm pool on"
+            ),
+            Mode::Off(why) => info!("warm pool off: {why}"),
+        }
+        // Claimed members are sessions' containers: known before the first pass plans, so a
+        // restart adopts them instead of starting their chats again.
+        let claimed = match store.pool_members().await {
+            Ok(members) => members
+                .into_iter()
+                .filter(|m| m.state == MemberState::Claimed)
+                .filter_map(|m| Some((m.container_id?, (m.chat_id?, m.session_id?))))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "warm pool: cannot read members");
+                HashMap::new()
+            }
+        };
+        Self {
+            store,
+            metrics,
+            root,
+            mode: Mutex::new(mode),
+            class,
+            class_hash,
+            busy: Mutex::default(),
+            claimed: Mutex::new(claimed),
+            poke: Notify::new(),
+            settings,
+        }
+    }
+
+    fn decide(settings: &Settings, class: &ContainerSpec, root: &Path) -> Mode {
+        if settings.warm_pool.min_idle == 0 {
+            return Mode::Off("warm_pool.min_idle is 0".into());
+        }
+        if settings.runtime != crate::config::RuntimeKind::Docker {
+            return Mode::Off("warm starts need runtime: docker".into());
+        }
+        if class.runtime().is_some_and(|r| r != "runc") {
+            return Mode::Off(format!(
+                "the default profile runs under {}; mount propagation into a member needs runc",
+                class.runtime().unwrap_or_default()
+            ));
+        }
+        if let Some(problem) = class::env_problem(&class.env) {
+            return Mode::Off(problem);
+        }
+        if let Err(e) = std::fs::create_dir_all(root) {
+            return Mode::Off(format!("warm_pool.root {}: {e}", root.display()));
+        }
+        match mounts::can_share_mounts(root) {
+            Ok(()) => Mode::On,
+            Err(e) => Mode::Off(format!(
+                "this process cannot make shared mounts under {} ({e}); run sandboxd as root \
+                 (in a container: privileged, with the root mounted rshared)",
+                root.display()
+            )),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn on(&self) -> bool {
+        self.mode() == Mode::On
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claimed(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ChatId, SessionId)>> {
+        self.claimed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the pass what claimed members are: the chat, session and (from the chat's row)
+    /// spec of each; every other member is the pool's and is left out of the plan.
+    pub fn join(&self, observed: &mut Vec<Observed>, rows: &[SandboxRow]) {
+        if !observed.iter().any(|o| o.pool_slot.is_some()) {
+            return;
+        }
+        let claimed = self.claimed();
+        observed.retain_mut(|o| {
+            if o.pool_slot.is_none() {
+                return true;
+            }
+            let Some((chat, session)) = claimed.get(&o.container_id).copied() else {
+                return false;
+            };
+            o.chat_id = Some(chat);
+            o.session_id = Some(session);
+            o.spec_hash = rows
+                .iter()
+                .find(|r| r.chat_id == chat && r.session_id == session)
+                .map(|r| r.spec_hash.clone());
+            true
+        });
+    }
+
+    /// Takes an idle member for the session and binds it (mounts, env, go), or says why the
+    /// start goes cold. Never half-bound: a failed step undoes the claim and removes the
+    /// member.
+    pub async fn claim(&self, rt: &Runtime, req: &StartRequest<'_>) -> ClaimOutcome {
+        let outcome = self.try_claim(rt, req).await;
+        let label = match &outcome {
+            ClaimOutcome::Warm(_) => "warm",
+            ClaimOutcome::Cold(why) => why,
+        };
+        self.metrics
+            .starts_total
+            .get_or_create(&ResultLabel { result: label })
+            .inc();
+        self.poke.notify_one();
+        outcome
+    }
+
+    async fn try_claim(&self, rt: &Runtime, req: &StartRequest<'_>) -> ClaimOutcome {
+        let Runtime::Docker(docker) = rt else {
+            return ClaimOutcome::Cold("pool_off");
+        };
+        if !self.on() {
+            return ClaimOutcome::Cold("pool_off");
+        }
+        if class::class_hash(req.spec) != self.class_hash {
+            return ClaimOutcome::Cold("class_mismatch");
+        }
+        let (Some(chat_dir), Some(volume)) = (
+            source_of(req.spec, MountKind::Chat),
+            source_of(req.spec, MountKind::Volume),
+        ) else {
+            return ClaimOutcome::Cold("class_mismatch");
+        };
+        let member = match self
+            .store
+            .pool_take(&self.class_hash, req.chat_id, req.session_id, Utc::now())
+            .await
+        {
+            Ok(Some(m)) => m,
+            Ok(None) => return ClaimOutcome::Cold("pool_empty"),
+            Err(e) => {
+                warn!(error = %e, "warm pool: cannot take a member");
+                return ClaimOutcome::Cold("pool_error");
+            }
+        };
+        self.busy().insert(member.slot.clone());
+        let result = self.bind(&member, &chat_dir, &volume, req).await;
+        let outcome = match result {
+            Ok(claimed) => {
+                self.claimed()
+                    .insert(claimed.container_id.clone(), (req.chat_id, req.session_id));
+                ClaimOutcome::Warm(claimed)
+            }
+            Err(why) => {
+                warn!(slot = %member.slot, chat_id = %req.chat_id, error = %why, "warm claim failed; the member goes and the chat starts cold");
+                self.discard(docker, &member).await;
+                ClaimOutcome::Cold("claim_failed")
+            }
+        };
+        self.busy().remove(&member.slot);
+        outcome
+    }
+
+    /// The claim's steps after the member was taken.
+    async fn bind(
+        &self,
+        member: &Member,
+        chat_dir: &Path,
+        volume: &Path,
+        req: &StartRequest<'_>,
+    ) -> Result<Claimed, String> {
+        let (Some(container_id), Some(ip)) = (&member.container_id, &member.endpoint_ip) else {
+            return Err("the member has no container".into());
+        };
+        let slot = Slot::new(&self.root, &member.slot);
+        slot.bind(chat_dir, volume).map_err(|e| e.to_string())?;
+        let env = slot.claim().join("env");
+        std::fs::write(&env, class::env_script(&req.spec.env))
+            .map_err(|e| format!("writing {}: {e}", env.display()))?;
+        go(&slot.claim().join("go"))?;
+        self.store
+            .pool_claimed(&member.slot, Utc::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Claimed {
+            container_id: container_id.clone(),
+            ip: ip.clone(),
+        })
+    }
+
+    /// Removes a member's container, undoes its mounts and forgets it.
+    async fn discard(&self, rt: &DockerRuntime, member: &Member) {
+        if let Some(id) = &member.container_id {
+            if let Err(e) = rt.remove(id).await {
+                warn!(container_id = %id, error = %e, "warm pool: cannot remove a member; the next look tries again");
+                return;
+            }
+            self.claimed().remove(id);
+        }
+        self.forget(&member.slot).await;
+    }
+
+    async fn forget(&self, slot: &str) {
+        if let Err(e) = Slot::new(&self.root, slot).remove() {
+            warn!(slot, error = %e, "warm pool: cannot undo a slot's mounts; the next look tries again");
+            return;
+        }
+        if let Err(e) = self.store.pool_delete(slot).await {
+            warn!(slot, error = %e, "warm pool: cannot forget a member");
+        }
+    }
+
+    /// A container the executor removed: if it was a claimed member, its mounts go too.
+    pub async fn removed(&self, container_id: &str) {
+        let was_claimed = self.claimed().remove(container_id).is_some();
+        if !was_claimed {
+            return;
+        }
+        match self.store.pool_members().await {
+            Ok(members) => {
+                for m in members
+                    .iter()
+                    .filter(|m| m.container_id.as_deref() == Some(container_id))
+                {
+                    self.forget(&m.slot).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "warm pool: cannot read members"),
+        }
+        self.poke.notify_one();
+    }
+
+    /// Keeps the pool: a look every resync period and when poked. `permits` are the
+    /// controller's action slots: a refill takes one only while another stays free.
+    pub async fn run(
+        self: Arc<Self>,
+        engine: watch::Receiver<Engine>,
+        permits: Arc<Semaphore>,
+        egress: Arc<crate::controller::EgressKeeper>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = self.poke.notified() => {}
+                    _ = tokio::time::sleep(resync) => {}
+                }
+            }
+            let up = match &*engine.borrow() {
+                Engine::Up(Runtime::Docker(d)) => Some(d.clone()),
+                _ => None,
+            };
+            let Some(rt) = up else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            if let Err(e) = self.look(&rt, first).await {
+                warn!(error = %e, "warm pool: look failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            first = false;
+            if self.on() {
+                self.refill(&rt, &permits, &egress).await;
+            }
+        }
+    }
+
+    /// Brings the members in line with their containers: half-bound claims and dead or
+    /// outdated members go, orphan member containers go, claimed ones are remembered.
+    async fn look(&self, rt: &DockerRuntime, at_start: bool) -> Result<(), String> {
+        let members = self.store.pool_members().await.map_err(|e| e.to_string())?;
+        let containers: HashMap<String, Observed> = rt
+            .list_managed()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter_map(|o| o.pool_slot.clone().map(|s| (s, o)))
+            .collect();
+        let busy = self.busy().clone();
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for m in &members {
+            let running = containers.get(&m.slot).is_some_and(|c| c.running);
+            let stale = match m.state {
+                _ if busy.contains(&m.slot) => false,
+                // Never bound completely (sandboxd stopped mid-claim): its chat starts cold.
+                MemberState::Claiming => true,
+                MemberState::Starting => at_start || !containers.contains_key(&m.slot),
+                MemberState::Idle => !running || m.class_hash != self.class_hash,
+                MemberState::Claimed => !containers.contains_key(&m.slot),
+            };
+            if stale {
+                info!(slot = %m.slot, state = m.state.as_str(), "warm pool: removing a member");
+                self.discard(rt, m).await;
+                continue;
+            }
+            if m.state == MemberState::Claimed {
+                if let (Some(id), Some(chat), Some(session)) =
+                    (&m.container_id, m.chat_id, m.session_id)
+                {
+                    self.claimed().insert(id.clone(), (chat, session));
+                }
+            }
+            *counts.entry(m.state.as_str()).or_default() += 1;
+        }
+        for state in ["starting", "idle", "claimed"] {
+            self.metrics
+                .pool_members
+                .get_or_create(&StateLabel { state })
+                .set(counts.get(state).copied().unwrap_or(0));
+        }
+        let known: HashSet<&str> = members.iter().map(|m| m.slot.as_str()).collect();
+        for (slot, c) in &containers {
+            if !known.contains(slot.as_str()) && !busy.contains(slot) {
+                info!(slot, container_id = %c.container_id, "warm pool: removing a member no row knows");
+                if rt.remove(&c.container_id).await.is_ok() {
+                    if let Err(e) = Slot::new(&self.root, slot).remove() {
+                        warn!(slot, error = %e, "warm pool: cannot undo a slot's mounts");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts members until `min_idle` are idle or starting (at most `max`), each with an
+    /// action slot to spare.
+    async fn refill(
+        self: &Arc<Self>,
+        rt: &DockerRuntime,
+        permits: &Arc<Semaphore>,
+        egress: &Arc<crate::controller::EgressKeeper>,
+    ) {
+        let members = match self.store.pool_members().await {
+            Ok(m) => m,
+            Err(e) => return warn!(error = %e, "warm pool: cannot read members"),
+        };
+        let waiting = members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Idle | MemberState::Starting))
+            .count();
+        let want = self
+            .settings
+            .warm_pool
+            .min_idle
+            .min(self.settings.warm_pool.max)
+            .saturating_sub(waiting);
+        if want == 0 {
+            return;
+        }
+        let mut starts = tokio::task::JoinSet::new();
+        for _ in 0..want {
+            if permits.available_permits() < 2 {
+                break;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let slot = uuid::Uuid::new_v4().simple().to_string();
+            self.busy().insert(slot.clone());
+            let (rt, egress, pool) = (rt.clone(), egress.clone(), self.clone());
+            starts.spawn(async move {
+                let _permit = permit;
+                let result = pool.start_member(&slot, &rt, &egress).await;
+                pool.busy().remove(&slot);
+                result.map_err(|e| (slot, e))
+            });
+        }
+        while let Some(done) = starts.join_next().await {
+            if let Ok(Err((slot, e))) = done {
+                warn!(slot, error = %e, "warm pool: a member failed to start");
+            }
+        }
+        // More may be wanted (slots were short, or members failed): look again soon.
+        self.poke.notify_one();
+    }
+}
+
+/// The chat directory or the volume of a spec.
+fn source_of(spec: &ContainerSpec, kind: MountKind) -> Option<PathBuf> {
+    spec.mounts
+        .iter()
+        .find(|m| m.kind == kind)
+        .map(|m| PathBuf::from(&m.source))
+}
+
+/// Tells the member to go: one line on its FIFO. Opened without blocking, so a member whose
+/// wrapper is gone (no reader) is an error at once, not a hang.
+fn go(fifo: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(fifo)
+        .map_err(|e| format!("the member is not waiting ({}): {e}", fifo.display()))?;
+    f.write_all(b"go\n")
+        .map_err(|e| format!("signalling {}: {e}", fifo.display()))
+}
+
+impl WarmPool {
+    /// Starts one member: its row (`starting`), its slot, its container (the class spec,
+    /// the slot's directories at the chat and volume paths, the wrapper), then `idle`.
+    async fn start_member(
+        &self,
+        slot_id: &str,
+        rt: &DockerRuntime,
+        egress: &Arc<crate::controller::EgressKeeper>,
+    ) -> Result<(), String> {
+        let slot = Slot::new(&self.root, slot_id);
+        self.store
+            .pool_insert(slot_id, &self.class_hash, Utc::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        slot.prepare().map_err(|e| e.to_string())?;
+        let mut spec = self.class.clone();
+        for m in &mut spec.mounts {
+            match m.kind {
+                MountKind::Chat => m.source = slot.chat().display().to_string(),
+                MountKind::Volume => m.source = slot.volume().display().to_string(),
+                _ => {}
+            }
+        }
+        egress
+            .ensure_for_start(&Runtime::Docker(rt.clone()), &spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (entrypoint, cmd) = rt
+            .image_command(&spec.image)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (entrypoint, cmd) = class::wrapped_command(&entrypoint, &cmd)
+            .ok_or_else(|| format!("image {} has no entrypoint or command", spec.image))?;
+        let req = StartRequest {
+            chat_id: ChatId(uuid::Uuid::nil()),
+            session_id: SessionId(uuid::Uuid::nil()),
+            agent_id: "",
+            spec: &spec,
+            spec_hash: &self.class_hash,
+            volume_host_path: "",
+            expires_at: Utc::now(),
+        };
+        let mut body = rt.create_body(&req);
+        body.labels = Some(HashMap::from([
+            (labels::MANAGED.to_string(), "true".to_string()),
+            (labels::INSTANCE.to_string(), rt.instance().to_string()),
+            (labels::POOL_SLOT.to_string(), slot_id.to_string()),
+            (labels::POOL_CLASS.to_string(), self.class_hash.clone()),
+        ]));
+        body.entrypoint = Some(entrypoint);
+        body.cmd = Some(cmd);
+        if let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut()) {
+            let (chat, volume) = (slot.chat(), slot.volume());
+            for m in mounts.iter_mut() {
+                let src = m.source.as_deref().map(Path::new);
+                if src == Some(chat.as_path()) || src == Some(volume.as_path()) {
+                    m.bind_options = Some(MountBindOptions {
+                        propagation: Some(MountBindOptionsPropagationEnum::RSLAVE),
+                        ..Default::default()
+                    });
+                }
+            }
+            mounts.push(Mount {
+                target: Some(class::CLAIM_DIR.into()),
+                source: Some(slot.claim().display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+        let name = format!("sandboxd-{}-pool-{slot_id}", rt.instance());
+        let id = rt
+            .create_named(&name, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.store
+            .pool_created(slot_id, &id, Utc::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (ip, _) = rt
+            .start_container(&id, &spec.network, spec.agent_port)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.store
+            .pool_idle(slot_id, &ip, Utc::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
