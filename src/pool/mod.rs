@@ -78,6 +78,12 @@ pub struct WarmPool {
     busy: Mutex<HashSet<String>>,
     /// Claimed members' containers → (chat, session), for the pass (`join`).
     claimed: Mutex<HashMap<String, (ChatId, SessionId)>>,
+    /// Members found `claiming` or `starting` when this process began: left by the last
+    /// one mid-way, so never bound completely. Every other such row is this process's own,
+    /// in flight.
+    leftover: Mutex<HashSet<String>>,
+    /// Member starts in flight (each holds an action slot).
+    starting_now: std::sync::atomic::AtomicUsize,
     /// Asks the reconciler to look now (after a claim, a removal).
     pub poke: Notify,
 }
@@ -104,17 +110,20 @@ impl WarmPool {
         }
         // Claimed members are sessions' containers: known before the first pass plans, so a
         // restart adopts them instead of starting their chats again.
-        let claimed = match store.pool_members().await {
-            Ok(members) => members
-                .into_iter()
-                .filter(|m| m.state == MemberState::Claimed)
-                .filter_map(|m| Some((m.container_id?, (m.chat_id?, m.session_id?))))
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, "warm pool: cannot read members");
-                HashMap::new()
-            }
-        };
+        let members = store.pool_members().await.unwrap_or_else(|e| {
+            warn!(error = %e, "warm pool: cannot read members");
+            Vec::new()
+        });
+        let claimed = members
+            .iter()
+            .filter(|m| m.state == MemberState::Claimed)
+            .filter_map(|m| Some((m.container_id.clone()?, (m.chat_id?, m.session_id?))))
+            .collect();
+        let leftover = members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Claiming | MemberState::Starting))
+            .map(|m| m.slot.clone())
+            .collect();
         Self {
             store,
             metrics,
@@ -124,6 +133,8 @@ impl WarmPool {
             class_hash,
             busy: Mutex::default(),
             claimed: Mutex::new(claimed),
+            leftover: Mutex::new(leftover),
+            starting_now: Default::default(),
             poke: Notify::new(),
             settings,
         }
@@ -357,7 +368,7 @@ impl WarmPool {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
-            if let Err(e) = self.look(&rt, first).await {
+            if let Err(e) = self.look(&rt).await {
                 warn!(error = %e, "warm pool: look failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -371,7 +382,7 @@ impl WarmPool {
 
     /// Brings the members in line with their containers: half-bound claims and dead or
     /// outdated members go, orphan member containers go, claimed ones are remembered.
-    async fn look(&self, rt: &DockerRuntime, at_start: bool) -> Result<(), String> {
+    async fn look(&self, rt: &DockerRuntime) -> Result<(), String> {
         let members = self.store.pool_members().await.map_err(|e| e.to_string())?;
         let containers: HashMap<String, Observed> = rt
             .list_managed()
@@ -381,20 +392,24 @@ impl WarmPool {
             .filter_map(|o| o.pool_slot.clone().map(|s| (s, o)))
             .collect();
         let busy = self.busy().clone();
+        let leftover = self.leftover.lock().map(|l| l.clone()).unwrap_or_default();
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
         for m in &members {
             let running = containers.get(&m.slot).is_some_and(|c| c.running);
             let stale = match m.state {
                 _ if busy.contains(&m.slot) => false,
-                // Never bound completely (sandboxd stopped mid-claim): its chat starts cold.
-                MemberState::Claiming => true,
-                MemberState::Starting => at_start || !containers.contains_key(&m.slot),
+                // Left mid-way by the last process: never bound completely (a claim's chat
+                // starts cold) or never idle.
+                MemberState::Claiming | MemberState::Starting => leftover.contains(&m.slot),
                 MemberState::Idle => !running || m.class_hash != self.class_hash,
                 MemberState::Claimed => !containers.contains_key(&m.slot),
             };
             if stale {
                 info!(slot = %m.slot, state = m.state.as_str(), "warm pool: removing a member");
                 self.discard(rt, m).await;
+                if let Ok(mut l) = self.leftover.lock() {
+                    l.remove(&m.slot);
+                }
                 continue;
             }
             if m.state == MemberState::Claimed {
@@ -427,7 +442,8 @@ impl WarmPool {
     }
 
     /// Starts members until `min_idle` are idle or starting (at most `max`), each with an
-    /// action slot to spare.
+    /// action slot to spare. The starts run on their own and poke the pool when done, so a
+    /// claim during a refill is answered by the next one at once.
     async fn refill(
         self: &Arc<Self>,
         rt: &DockerRuntime,
@@ -438,10 +454,12 @@ impl WarmPool {
             Ok(m) => m,
             Err(e) => return warn!(error = %e, "warm pool: cannot read members"),
         };
-        let waiting = members
+        use std::sync::atomic::Ordering;
+        let idle = members
             .iter()
-            .filter(|m| matches!(m.state, MemberState::Idle | MemberState::Starting))
+            .filter(|m| m.state == MemberState::Idle)
             .count();
+        let waiting = idle + self.starting_now.load(Ordering::SeqCst);
         let want = self
             .settings
             .warm_pool
@@ -451,7 +469,6 @@ impl WarmPool {
         if want == 0 {
             return;
         }
-        let mut starts = tokio::task::JoinSet::new();
         for _ in 0..want {
             if permits.available_permits() < 2 {
                 break;
@@ -461,21 +478,37 @@ impl WarmPool {
             };
             let slot = uuid::Uuid::new_v4().simple().to_string();
             self.busy().insert(slot.clone());
+            self.starting_now.fetch_add(1, Ordering::SeqCst);
             let (rt, egress, pool) = (rt.clone(), egress.clone(), self.clone());
-            starts.spawn(async move {
+            tokio::spawn(async move {
                 let _permit = permit;
                 let result = pool.start_member(&slot, &rt, &egress).await;
+                if result.is_err() {
+                    // Whatever it got to (a row, a slot, a container) goes.
+                    let member = pool
+                        .store
+                        .pool_members()
+                        .await
+                        .ok()
+                        .and_then(|ms| ms.into_iter().find(|m| m.slot == slot));
+                    match member {
+                        Some(m) => pool.discard(&rt, &m).await,
+                        None => {
+                            let _ = Slot::new(&pool.root, &slot).remove();
+                        }
+                    }
+                }
                 pool.busy().remove(&slot);
-                result.map_err(|e| (slot, e))
+                pool.starting_now.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = result {
+                    warn!(slot, error = %e, "warm pool: a member failed to start");
+                    // Not at once again: a failing start (a missing image) waits a moment.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // More may be wanted (slots were short, or members were claimed meanwhile).
+                pool.poke.notify_one();
             });
         }
-        while let Some(done) = starts.join_next().await {
-            if let Ok(Err((slot, e))) = done {
-                warn!(slot, error = %e, "warm pool: a member failed to start");
-            }
-        }
-        // More may be wanted (slots were short, or members failed): look again soon.
-        self.poke.notify_one();
     }
 }
 

@@ -18,4 +18,6 @@ mod retries;
 mod store_mirror;
 mod support;
 mod takeover;
+mod warm;
+mod warm_support;
 mod watch;
