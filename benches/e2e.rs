@@ -34,6 +34,26 @@ mod profiles;
 #[path = "support/swarm.rs"]
 mod swarm;
 
+#[path = "support/warm.rs"]
+mod warm;
+
+/// One number from the bench's database (read-only, as an operator would with sqlite3).
+async fn db_count(db: &Path, sql: &'static str) -> i64 {
+    use sqlx::ConnectOptions;
+    let Ok(mut conn) = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .connect()
+        .await
+    else {
+        return 0;
+    };
+    sqlx::query_scalar(sql)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0)
+}
+
 const NETWORK: &str = "sandboxd-test";
 const IMAGE: &str = "sandboxd/agent-busybox:latest";
 
@@ -950,6 +970,9 @@ fn main() -> anyhow::Result<()> {
         }
         if want("watch") {
             dataplane::scenario_watch(&docker, &mut out).await;
+        }
+        if want("warm") {
+            warm::scenario_warm(&docker, &mut out).await;
         }
         if want("profiles") {
             profiles::scenario_profiles(&docker, &mut out).await;

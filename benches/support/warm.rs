@@ -1,0 +1,206 @@
+//! Warm-start figures (`scripts/bench.sh warm`): cold vs warm create p50/p99 against the raw
+//! Engine API's create + start of the same container, interleaved; bursts of 50 with pools of
+//! 50 and 10; the refill rate; the idle cost of 20 members.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use sandboxd::config::ProfileSettings;
+use serde_json::json;
+
+use super::{create, ms, new_chat, percentile, verdict, InProcess, MatchedRaw, Report};
+
+/// A pool of `min_idle`, and two profiles alike but for their names: `standard` (the pool's
+/// class) and `cold` (never in the pool, so its creates start cold on the same engine).
+async fn app_with_pool(tag: &str, min_idle: usize) -> InProcess {
+    InProcess::start_with(tag, |s| {
+        let dir = s.sandbox.chats_root.parent().expect("dir").to_path_buf();
+        s.warm_pool.min_idle = min_idle;
+        s.warm_pool.max = min_idle.max(1);
+        s.warm_pool.root = dir.join("pool");
+        s.controller.max_concurrent_actions = 4;
+        let open = ProfileSettings {
+            deny_cidrs: Vec::new(),
+            ..Default::default()
+        };
+        s.sandbox.profiles =
+            BTreeMap::from([("standard".into(), open.clone()), ("cold".into(), open)]);
+    })
+    .await
+}
+
+async fn idle_members(app: &InProcess) -> i64 {
+    super::db_count(
+        &app.db,
+        "SELECT count(*) FROM pool_members WHERE state = 'idle'",
+    )
+    .await
+}
+
+async fn wait_idle(app: &InProcess, n: i64, within: Duration) -> Duration {
+    let started = Instant::now();
+    while idle_members(app).await < n {
+        assert!(
+            started.elapsed() < within,
+            "the pool did not fill in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+async fn create_profile(client: &reqwest::Client, app: &InProcess, profile: &str) -> Duration {
+    let started = Instant::now();
+    let r = client
+        .post(format!("http://{}/api/v1/create", app.addr))
+        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": app.vol, "profile": profile}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status().as_u16(), 200, "{profile}");
+    let _ = r.bytes().await;
+    started.elapsed()
+}
+
+/// Undoes the mounts a pool left under its app's directory (after its containers went).
+fn unmount_under(dir: &std::path::Path) {
+    let mut left = sandboxd::pool::mounts::mounts_under(dir);
+    left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in left {
+        let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+async fn stop(app: InProcess, docker: &Docker) {
+    let dir = app.vol.parent().expect("dir").to_path_buf();
+    app.shutdown(docker).await;
+    unmount_under(&dir);
+}
+
+pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
+    const ROUNDS: usize = 30;
+    // 1. Interleaved: warm, cold (same engine, same sandboxd), raw create + start.
+    let app = app_with_pool("warm", ROUNDS + 2).await;
+    wait_idle(&app, (ROUNDS + 2) as i64, Duration::from_secs(120)).await;
+    let client = reqwest::Client::new();
+    let matched = MatchedRaw::new(&format!("{}-matched", app.instance)).await;
+    create_profile(&client, &app, "standard").await;
+    create_profile(&client, &app, "cold").await;
+    matched.start(docker, 10_000).await;
+    let (mut warm, mut cold, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        warm.push(create_profile(&client, &app, "standard").await);
+        cold.push(create_profile(&client, &app, "cold").await);
+        raw.push(matched.start(docker, i).await);
+    }
+    for v in [&mut warm, &mut cold, &mut raw] {
+        v.sort();
+    }
+    let (w50, w99) = (percentile(&warm, 0.5), percentile(&warm, 0.99));
+    let (c50, c99) = (percentile(&cold, 0.5), percentile(&cold, 0.99));
+    let r50 = percentile(&raw, 0.5);
+    out.line(format!(
+        "14 warm create p50 {:.1} ms (p99 {:.1}) vs cold {:.1} ms (p99 {:.1}) vs raw create+start {:.1} ms: warm/raw {:.3}×, cold/raw {:.3}×  target warm ≤50 ms p50, ≤100 ms p99 [{}] (n={ROUNDS} interleaved)",
+        ms(w50), ms(w99), ms(c50), ms(c99), ms(r50),
+        w50.as_secs_f64() / r50.as_secs_f64(), c50.as_secs_f64() / r50.as_secs_f64(),
+        verdict(w50 <= Duration::from_millis(50) && w99 <= Duration::from_millis(100)),
+    ));
+    super::remove_instance(docker, &format!("{}-matched", app.instance)).await;
+    stop(app, docker).await;
+
+    // 2. Bursts of 50 against pools of 50 and 10.
+    for pool in [50usize, 10] {
+        let app = app_with_pool(&format!("wburst{pool}"), pool).await;
+        wait_idle(&app, pool as i64, Duration::from_secs(180)).await;
+        let started = Instant::now();
+        let mut lat = futures::future::join_all((0..50).map(|_| {
+            let (client, vol, addr) = (client.clone(), app.vol.clone(), app.addr);
+            async move { create(&client, addr, &new_chat(), &vol).await }
+        }))
+        .await
+        .into_iter()
+        .map(|(status, took)| {
+            assert_eq!(status, 200);
+            took
+        })
+        .collect::<Vec<_>>();
+        let took = started.elapsed();
+        lat.sort();
+        out.line(format!(
+            "15 burst of 50 with a pool of {pool}: all running in {:.2} s; per create p50 {:.0} ms, p99 {:.0} ms",
+            took.as_secs_f64(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+        ));
+        stop(app, docker).await;
+    }
+
+    // 3. Refill: from nothing to 20 idle members.
+    let app = app_with_pool("wrefill", 20).await;
+    let took = wait_idle(&app, 20, Duration::from_secs(180)).await;
+    out.line(format!(
+        "16 refill: 20 members idle {:.2} s after start = {:.1} members/s (action slots: 4, one kept free for cold starts)",
+        took.as_secs_f64(),
+        20.0 / took.as_secs_f64()
+    ));
+
+    // 4. The idle cost of those 20: CPU over 10 s and memory, from their cgroups and shims.
+    let ids: Vec<String> = super::instance_containers(docker, &app.instance)
+        .await
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect();
+    let cpu = |ids: &[String]| {
+        ids.iter()
+            .filter_map(|id| {
+                std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"))
+                    .ok()
+                    .or_else(|| {
+                        std::fs::read_to_string(format!(
+                            "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
+                        ))
+                        .ok()
+                        .and_then(|s| {
+                            s.lines()
+                                .find_map(|l| l.strip_prefix("usage_usec "))
+                                .map(|u| format!("{}", u.trim().parse::<u64>().unwrap_or(0) * 1000))
+                        })
+                    })
+            })
+            .filter_map(|s| s.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let before = cpu(&ids);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used_ns = cpu(&ids).saturating_sub(before);
+    let mut mem = 0u64;
+    for id in &ids {
+        let options = bollard::query_parameters::StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        use futures::StreamExt;
+        if let Some(Ok(s)) = docker.stats(id, Some(options)).next().await {
+            mem += s.memory_stats.and_then(|m| m.usage).unwrap_or(0);
+        }
+    }
+    let shim_kb: u64 = std::process::Command::new("ps")
+        .args(["-o", "rss=,args=", "-C", "containerd-shim-runc-v2"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    out.line(format!(
+        "17 idle cost of {} members: CPU {:.3} core-ms/s over 10 s ({:.4}% of a core), memory {:.1} MB in their cgroups + {:.1} MB shim RSS",
+        ids.len(),
+        used_ns as f64 / 1e6 / 10.0,
+        used_ns as f64 / 1e9 / 10.0 * 100.0,
+        mem as f64 / 1e6,
+        shim_kb as f64 / 1024.0,
+    ));
+    stop(app, docker).await;
+}
