@@ -222,7 +222,13 @@ impl WarmPool {
             .starts_total
             .get_or_create(&ResultLabel { result: label })
             .inc();
-        self.poke.notify_one();
+        // The pool changed (or ran dry): the reconciler refills. Other cold starts leave it.
+        if matches!(
+            outcome,
+            ClaimOutcome::Warm(_) | ClaimOutcome::Cold("pool_empty" | "claim_failed")
+        ) {
+            self.poke.notify_one();
+        }
         outcome
     }
 
