@@ -242,3 +242,47 @@ async fn sigkill_during_claims_leaves_every_chat_bound_completely_or_started_col
     .await;
     assert_eq!(shared, 0);
 }
+
+/// The running containers that carry a pool slot (members, claimed or not).
+async fn member_ids(app: &TestApp) -> Vec<String> {
+    app.containers()
+        .await
+        .into_iter()
+        .filter(|c| c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING))
+        .filter(|c| {
+            c.labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key("sandboxd.pool_slot"))
+        })
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_changed_class_replaces_the_idle_members() {
+    let (app, _mounts) = spawn_warm(2, 2).await;
+    wait_idle(&app, 2).await;
+    let before = member_ids(&app).await;
+    assert_eq!(before.len(), 2);
+    let (dir, mut settings, _guard) = app.stop().await;
+    settings.sandbox.env.insert("NEW_VAR".into(), "new".into());
+    let app = TestApp::start(dir, settings).await;
+    wait_until(
+        Duration::from_secs(60),
+        "members of the new class",
+        || async {
+            let now = member_ids(&app).await;
+            let idle = idle(&app).await;
+            (idle == 2 && now.len() == 2 && now.iter().all(|id| !before.contains(id))).then_some(())
+        },
+    )
+    .await;
+    // A create is warm, and its agent has the new env.
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "a", &app.volume(&chat)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let how: HashMap<String, String> = starts(&app).await.into_iter().collect();
+    assert_eq!(how[&chat], "warm");
+    let environ = exec(&app, &chat, "tr '\\0' '\\n' < /proc/1/environ").await;
+    assert!(environ.contains("NEW_VAR=new\n"), "{environ}");
+}
