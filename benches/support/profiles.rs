@@ -12,7 +12,12 @@ use serde_json::json;
 
 use super::{ms, new_chat, percentile, verdict, InProcess, Report};
 
-async fn create_profile(client: &reqwest::Client, app: &InProcess, profile: &str) -> Duration {
+/// One create under `profile`, timed (the warm figures use it too).
+pub(super) async fn create_profile(
+    client: &reqwest::Client,
+    app: &InProcess,
+    profile: &str,
+) -> Duration {
     let started = Instant::now();
     let r = client
         .post(format!("http://{}/api/v1/create", app.addr))

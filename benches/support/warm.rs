@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use sandboxd::config::ProfileSettings;
-use serde_json::json;
 
+use super::profiles::create_profile;
 use super::{create, ms, new_chat, percentile, verdict, InProcess, MatchedRaw, Report};
 
 /// A pool of `min_idle`, and two profiles alike but for their names: `standard` (the pool's
@@ -47,19 +47,6 @@ async fn wait_idle(app: &InProcess, n: i64, within: Duration) -> Duration {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    started.elapsed()
-}
-
-async fn create_profile(client: &reqwest::Client, app: &InProcess, profile: &str) -> Duration {
-    let started = Instant::now();
-    let r = client
-        .post(format!("http://{}/api/v1/create", app.addr))
-        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": app.vol, "profile": profile}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(r.status().as_u16(), 200, "{profile}");
-    let _ = r.bytes().await;
     started.elapsed()
 }
 

@@ -587,14 +587,7 @@ impl DockerRuntime {
             },
             Err(e) => return Err(DockerError::api("create_container")(e)),
         }
-        self.call(
-            "create",
-            &[],
-            self.docker.create_container(Some(options), body),
-        )
-        .await
-        .map(|r| r.id)
-        .map_err(DockerError::api("create_container"))
+        self.create_named(name, body).await
     }
 
     async fn pull(&self, image: &str) -> Result<(), DockerError> {
