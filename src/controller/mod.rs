@@ -190,7 +190,7 @@ impl Controller {
                 crate::pool::Mode::Off(why) => format!("off: {why}"),
             };
         }
-        tokio::spawn(pool.clone().run(
+        let pool_task = tokio::spawn(pool.clone().run(
             engine.state.clone(),
             runner.permits(),
             egress.clone(),
@@ -303,6 +303,8 @@ impl Controller {
 
         info!(in_flight = runner.in_flight(), "controller stopping");
         runner.drain(Duration::from_secs(10)).await;
+        // The pool's member starts in flight finish first: nothing is made after the stop.
+        let _ = tokio::time::timeout(Duration::from_secs(10), pool_task).await;
     }
 
     fn supervisor_parts(

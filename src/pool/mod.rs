@@ -361,10 +361,13 @@ impl WarmPool {
         loop {
             if !first {
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => break,
                     _ = self.poke.notified() => {}
                     _ = tokio::time::sleep(resync) => {}
                 }
+            }
+            if *stop.borrow() {
+                break;
             }
             let up = match &*engine.borrow() {
                 Engine::Up(Runtime::Docker(d)) => Some(d.clone()),
@@ -383,6 +386,12 @@ impl WarmPool {
             if self.on() {
                 self.refill(&rt, &permits, &egress).await;
             }
+        }
+        // Member starts in flight finish (each is a create and a start): none is left
+        // half-made by a stop, and none is made after it.
+        use std::sync::atomic::Ordering;
+        while self.starting_now.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
