@@ -82,6 +82,10 @@ fn prepare_host(
         ensure_dir("sandbox.dependencies_host_path", &s.dependencies_host_path)?;
     s.lambda_tools_host_path =
         ensure_dir("sandbox.lambda_tools_host_path", &s.lambda_tools_host_path)?;
+    // Members' slots are bind sources: absolute, like the other sandbox directories.
+    if settings.warm_pool.min_idle > 0 {
+        settings.warm_pool.root = ensure_dir("warm_pool.root", &settings.warm_pool.root)?;
+    }
 
     let db_dir = settings
         .database
@@ -118,6 +122,8 @@ fn prepare_host(
         s.chats_root.clone(),
         s.dependencies_host_path.clone(),
         s.lambda_tools_host_path.clone(),
+        // Other chats' bound directories show through members' slots.
+        settings.warm_pool.root.clone(),
     ];
 
     let allowed_roots = match &s.allowed_volume_roots {
