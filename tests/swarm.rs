@@ -425,17 +425,22 @@ async fn an_orphan_service_is_removed_and_a_removed_one_replaced() {
     let (chat, body) = &made[0];
     let first = body["container_id"].as_str().expect("id").to_string();
     manager.delete_service(&first).await.expect("rm");
-    let view = wait_until(
-        Duration::from_secs(30),
-        "a new service for the chat",
-        || async {
-            let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
-            (view["phase"] == "running" && view["container_id"] != first.as_str()).then_some(view)
-        },
-    )
-    .await;
+    let view = running_on_another_service(&app, chat, &first).await;
     let second = view["container_id"].as_str().expect("id");
     assert!(running_task(&manager, second).await.is_some());
+}
+
+/// Waits until `chat` runs again on another service than `old`; its view.
+async fn running_on_another_service(app: &TestApp, chat: &str, old: &str) -> Value {
+    wait_until(
+        Duration::from_secs(30),
+        "the chat on a new service",
+        || async {
+            let (_, view) = app.get(&format!("/api/v1/sandboxes/{chat}")).await;
+            (view["phase"] == "running" && view["container_id"] != old).then_some(view)
+        },
+    )
+    .await
 }
 
 /// Waits until `chat` runs on another node than `from`; the new (service, node, ip) and when.
@@ -714,15 +719,7 @@ async fn a_crash_is_restarted_with_its_count_and_delete_and_expiry_remove_the_se
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let view = wait_until(
-        Duration::from_secs(30),
-        "the crashed sandbox restarted",
-        || async {
-            let (_, view) = app.get(&format!("/api/v1/sandboxes/{crashing}")).await;
-            (view["phase"] == "running" && view["container_id"] != first.as_str()).then_some(view)
-        },
-    )
-    .await;
+    let view = running_on_another_service(&app, crashing, &first).await;
     assert_eq!(view["restarts"], 1, "{view}");
     assert_eq!(
         task_count(&manager, view["container_id"].as_str().expect("id")).await,

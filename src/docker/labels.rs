@@ -138,6 +138,13 @@ fn parse_python_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
+/// Whether labels mark a container (or service) as this instance's: the only ones sandboxd
+/// ever touches.
+pub fn is_ours(labels: &HashMap<String, String>, instance: &str) -> bool {
+    labels.get(INSTANCE).map(String::as_str) == Some(instance)
+        && labels.get(MANAGED).map(String::as_str) == Some("true")
+}
+
 /// The Docker list filter selecting exactly this instance's containers.
 pub fn instance_filter(instance: &str) -> Vec<String> {
     vec![format!("{MANAGED}=true"), format!("{INSTANCE}={instance}")]

@@ -103,7 +103,8 @@ fn is_missing_network(e: &BollardError) -> bool {
     }
 }
 
-fn status_of(e: &BollardError) -> Option<u16> {
+/// The HTTP status of an engine answer (`None`: no answer).
+pub(crate) fn status_of(e: &BollardError) -> Option<u16> {
     match e {
         BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
@@ -488,8 +489,7 @@ impl DockerRuntime {
             .as_ref()
             .and_then(|c| c.labels.clone())
             .unwrap_or_default();
-        let ours = found.get(labels::INSTANCE).map(String::as_str) == Some(self.instance.as_str())
-            && found.get(labels::MANAGED).map(String::as_str) == Some("true");
+        let ours = labels::is_ours(&found, &self.instance);
         let parsed = labels::parse(&found);
         Ok(NameHolder {
             container_id: existing.id.unwrap_or_else(|| name.to_string()),

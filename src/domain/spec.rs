@@ -87,7 +87,7 @@ impl From<&HardeningSettings> for Hardening {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSpec {
     /// The stored form's version ([`SPEC_VERSION`]).
     #[serde(default = "version_one")]

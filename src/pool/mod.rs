@@ -192,6 +192,11 @@ impl WarmPool {
             return;
         }
         let claimed = self.claimed();
+        // Indexed once per pass: a busy pool may have as many claimed members as rows.
+        let specs: HashMap<(ChatId, SessionId), &str> = rows
+            .iter()
+            .map(|r| ((r.chat_id, r.session_id), r.spec_hash.as_str()))
+            .collect();
         observed.retain_mut(|o| {
             if o.pool_slot.is_none() {
                 return true;
@@ -201,10 +206,7 @@ impl WarmPool {
             };
             o.chat_id = Some(chat);
             o.session_id = Some(session);
-            o.spec_hash = rows
-                .iter()
-                .find(|r| r.chat_id == chat && r.session_id == session)
-                .map(|r| r.spec_hash.clone());
+            o.spec_hash = specs.get(&(chat, session)).map(|h| h.to_string());
             true
         });
     }

@@ -36,7 +36,7 @@ use futures::{Stream, StreamExt};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::docker::{labels, DockerError, EngineAddress};
+use crate::docker::{labels, status_of, DockerError, EngineAddress};
 use crate::domain::{ChatId, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::Observed;
@@ -85,13 +85,6 @@ fn api_err(op: &'static str) -> impl FnOnce(BollardError) -> SwarmError {
     move |e| SwarmError::Docker(DockerError::api(op)(e))
 }
 
-fn status_of(e: &BollardError) -> Option<u16> {
-    match e {
-        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
 /// How long node facts (labels, each engine's `docker info`) are reused between starts.
 const NODE_FACTS_FOR: Duration = Duration::from_secs(5);
 
@@ -102,7 +95,6 @@ type FactsAt = (Instant, Vec<NodeFacts>);
 pub struct SwarmRuntime {
     docker: Docker,
     raw: Arc<RawApi>,
-    manager: String,
     instance: String,
     network: String,
     start_timeout: Duration,
@@ -150,7 +142,6 @@ impl SwarmRuntime {
         Ok(Self {
             docker,
             raw: Arc::new(RawApi::new(&manager.base_url, timeout)?),
-            manager: manager.base_url,
             instance: settings.controller.instance.clone(),
             network: settings.sandbox.network_name.clone(),
             start_timeout: Duration::from_secs(settings.swarm.start_timeout_seconds),
@@ -406,7 +397,7 @@ impl SwarmRuntime {
         let parsed = labels::parse(&found);
         Ok(NameHolder {
             container_id: s.id.unwrap_or_else(|| name.to_string()),
-            ours: service::is_ours(&found, &self.instance),
+            ours: labels::is_ours(&found, &self.instance),
             session_id: parsed.session_id,
             spec_hash: parsed.spec_hash,
         })
@@ -492,22 +483,15 @@ impl SwarmRuntime {
             Err(e) => return vec![format!("cannot list the swarm's nodes: {e}")],
         };
         let mut problems = Vec::new();
-        for (name, p) in &settings.sandbox.profiles {
-            let spec = crate::domain::spec::ContainerSpec {
-                hardening: crate::domain::spec::Hardening::from(
-                    p.hardening.as_ref().unwrap_or(&settings.sandbox.hardening),
-                ),
-                profile: Some(crate::domain::spec::ProfileSpec {
-                    name: name.clone(),
-                    runtime: p.runtime.clone(),
-                    egress: crate::egress::EgressPolicy {
-                        egress: p.egress,
-                        allow_cidrs: p.allow_cidrs.clone(),
-                        deny_cidrs: p.deny_cidrs.clone(),
-                    },
-                }),
-                ..Default::default()
-            };
+        for name in settings.sandbox.profiles.keys() {
+            // The spec a session under this profile would freeze (its chat is irrelevant).
+            let spec = crate::domain::spec::resolve(
+                &settings.sandbox,
+                ChatId(uuid::Uuid::nil()),
+                "",
+                std::path::Path::new(""),
+                Some(name),
+            );
             if let Err(e) = placement::network_kind(&spec) {
                 problems.push(format!("profile {name}: {}", e.0));
             }
@@ -573,10 +557,5 @@ impl SwarmRuntime {
                 last = Some(now);
             }
         }
-    }
-
-    /// For logs.
-    pub fn manager(&self) -> &str {
-        &self.manager
     }
 }

@@ -1,8 +1,6 @@
 //! The service sandboxd creates for a session: the docker backend's container, as a
 //! one-replica Swarm service. Pure, so what reaches the manager is tested here.
 
-use std::collections::HashMap;
-
 use bollard::models::{
     EndpointSpec, EndpointSpecModeEnum, Limit, Mount, MountTmpfsOptions, MountType,
     NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
@@ -114,12 +112,6 @@ pub fn service_spec(
 pub const RESTART_CONDITION: TaskSpecRestartPolicyConditionEnum =
     TaskSpecRestartPolicyConditionEnum::NONE;
 
-/// Labels a service carries that say whose it is (the same as the docker backend's).
-pub fn is_ours(service_labels: &HashMap<String, String>, instance: &str) -> bool {
-    service_labels.get(labels::INSTANCE).map(String::as_str) == Some(instance)
-        && service_labels.get(labels::MANAGED).map(String::as_str) == Some("true")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,8 +167,8 @@ mod tests {
         assert_eq!(c.init, Some(true));
         assert_eq!(c.stop_grace_period, Some(1_000_000_000));
         let labels = s.labels.expect("labels");
-        assert!(is_ours(&labels, "inst"));
-        assert!(!is_ours(&labels, "other"));
+        assert!(labels::is_ours(&labels, "inst"));
+        assert!(!labels::is_ours(&labels, "other"));
         assert_eq!(c.labels.as_ref(), Some(&labels));
         let limits = task.resources.and_then(|r| r.limits).expect("limits");
         assert_eq!(limits.pids, Some(spec.hardening.pids_limit));
