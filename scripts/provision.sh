@@ -62,23 +62,32 @@ PY
 runsc_changed="$(register_runsc)"
 
 
-# An engine that is running but no longer answers (seen once here: dockerd 20.10 deadlocked in
-# libnetwork under a benchmark's burst of removals) is stopped, so a fresh one can start.
+# An engine that is running but no longer answers (dockerd 20.10.24 can deadlock in libnetwork
+# when two containers leave one network at once, moby/moby#46661: seen here under a benchmark's
+# burst of removals, and once in CI) is stopped, so a fresh one can start.
 if ! engine_answers && [ -f /var/run/docker.pid ] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
   pid="$(cat /var/run/docker.pid)"
   log "dockerd ($pid) does not answer; restarting it"
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
   kill -KILL "$pid" 2>/dev/null || true
-  sleep 1
+  # dockerd refuses to start while the pid in its pid file still exists: wait until the killed
+  # one is gone (reaped, not just dying) before starting another.
+  for _ in $(seq 1 60); do [ -e "/proc/$pid" ] || break; sleep 0.5; done
+  rm -f /var/run/docker.pid
 fi
 
 if ! engine_answers; then
   log "no Docker engine answers; starting dockerd (registry traffic goes to a closed loopback port)"
   # Anything that tries to pull is sent to 127.0.0.1:9, where nothing listens.
+  # Appended to (a restart keeps what led up to it), rotated once past 100 MB.
+  if [ "$(stat -c %s "$DOCKERD_LOG" 2>/dev/null || echo 0)" -gt 100000000 ]; then
+    mv "$DOCKERD_LOG" "$DOCKERD_LOG.1"
+  fi
   HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
-    nohup dockerd >"$DOCKERD_LOG" 2>&1 &
-  for _ in $(seq 1 60); do
+    nohup dockerd >>"$DOCKERD_LOG" 2>&1 &
+  # After a killed engine, start-up cleans up its stale shims and sandboxes: ~1 min here.
+  for _ in $(seq 1 240); do
     engine_answers && break
     sleep 0.5
   done

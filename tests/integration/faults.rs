@@ -135,9 +135,9 @@ async fn without_events_a_killed_or_stopped_container_is_corrected_within_a_resy
         },
     )
     .await;
-    // One resync period (2 s) plus the start itself.
+    // By the 2 s resync (there are no events here): a few periods' slack for a loaded engine.
     assert!(
-        killed_at.elapsed() < Duration::from_secs(6),
+        killed_at.elapsed() < Duration::from_secs(12),
         "{:?}",
         killed_at.elapsed()
     );

@@ -26,14 +26,16 @@ async fn an_expired_session_is_removed_on_time_and_replaced_by_a_new_one_on_crea
         .with_timezone(&chrono::Utc);
 
     let gone_at = wait_until(
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         "expired container removed",
         || async { app.containers().await.is_empty().then(chrono::Utc::now) },
     )
     .await;
     let late = (gone_at - expires).num_milliseconds();
     assert!(late >= 0, "removed {late} ms before expiry");
-    assert!(late < 2_000, "removed {late} ms after expiry");
+    // Well inside the 60 s resync tick: the expiry wake-up removed it. How soon after expiry
+    // is a latency figure for `scripts/bench.sh`, not a bound for a loaded test engine.
+    assert!(late < 30_000, "removed {late} ms after expiry");
 
     // The container goes first, then the status write: under load there is a moment between.
     let row = wait_until(Duration::from_secs(5), "phase expired", || async {
@@ -136,9 +138,9 @@ async fn orphans_are_removed_and_foreign_containers_are_untouched() {
         app.containers().await.is_empty().then_some(())
     })
     .await;
-    // Within one resync period (2 s here) plus a pass.
+    // By the 2 s resync, not by some later accident: a few periods' slack for a loaded engine.
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(12),
         "{:?}",
         started.elapsed()
     );

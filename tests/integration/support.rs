@@ -154,20 +154,16 @@ pub fn remove_egress_rules(instance: &str) {
 }
 
 /// `docker rm -f` of every container matching a `docker ps --filter`; best effort (drops).
+/// One at a time: `docker rm -f a b c` tears them down in parallel, and dockerd 20.10.24 can
+/// deadlock when two containers leave one network at once (see scripts/engine-watchdog.sh).
 pub fn remove_containers_matching(filter: &str) {
     if let Ok(out) = Command::new("docker")
         .args(["ps", "-aq", "--filter", filter])
         .output()
     {
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        if !ids.is_empty() {
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = Command::new("docker")
-                .arg("rm")
-                .arg("-f")
-                .args(&ids)
+                .args(["rm", "-f", id])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
