@@ -38,7 +38,7 @@ YAML
 PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-  docker ps -aq --filter "label=sandboxd.instance=$INSTANCE" | xargs -r docker rm -f >/dev/null
+  docker ps -aq --filter "label=sandboxd.instance=$INSTANCE" | xargs -r -n1 docker rm -f >/dev/null  # one at a time: see scripts/engine-watchdog.sh
   "$ROOT/scripts/egress-cleanup.sh" "$INSTANCE" || true
   rm -rf "$RUN"
 }
