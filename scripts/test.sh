@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh
+# Containers of test instances (`t-<hex>`) that nothing removed: a test whose clean-up ran while
+# the engine was wedged, or an earlier run that was killed. Removed one at a time.
+sweep_test_containers() {
+  docker ps -a --filter label=sandboxd.instance --format '{{.ID}} {{.Label "sandboxd.instance"}}' |
+    awk '$2 ~ /^t-[0-9a-f]+$/ {print $1}' | xargs -r -n1 docker rm -f >/dev/null 2>&1 || true
+}
+sweep_test_containers
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # Integration tests start real containers; 4 at a time keeps a 2-core engine responsive.
@@ -53,6 +60,7 @@ fi
 # The next test stops the engine on purpose: the watchdog must not take that for a deadlock.
 kill "$watchdog" 2>/dev/null || true
 trap - EXIT
+sweep_test_containers
 # Stops and restarts the host's dockerd: never part of a plain `cargo test`.
 SANDBOXD_TEST_STOPS_ENGINE=1 cargo test --locked --test engine_restart -- --ignored
 # The swarm backend on a real 3-node swarm (scripts/swarm-lab.sh: three dockerd in network
