@@ -74,14 +74,8 @@ async fn sigkill_and_restart_adopts_the_running_containers_untouched() {
             let chat = chats[2].clone();
             let removed_id = removed_id.clone();
             async move {
-                let v: Value = client
-                    .get(format!("http://{addr}/api/v1/sandboxes/{chat}"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = try_get_json(&client, &format!("http://{addr}/api/v1/sandboxes/{chat}"))
+                    .await?;
                 (v["phase"] == "running" && v["container_id"].as_str()? != removed_id).then_some(())
             }
         },

@@ -183,6 +183,11 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
         .expect("JSON body")
 }
 
+/// GET, JSON or nothing: for polls that a server still starting (or already gone) may miss.
+pub async fn try_get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    client.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// GET, expecting text (`/metrics`).
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client

@@ -153,16 +153,7 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
     let base = format!("http://{}", server.addr);
     let view = |chat: String| {
         let (client, base) = (client.clone(), base.clone());
-        async move {
-            client
-                .get(format!("{base}/api/v1/sandboxes/{chat}"))
-                .send()
-                .await
-                .ok()?
-                .json::<Value>()
-                .await
-                .ok()
-        }
+        async move { try_get_json(&client, &format!("{base}/api/v1/sandboxes/{chat}")).await }
     };
     // The very first request after start-up, a matching create, is given the old sandbox:
     // writes wait for the takeover instead of racing it. Another agent conflicts with it.

@@ -198,14 +198,7 @@ async fn sigkill_during_claims_leaves_every_chat_bound_completely_or_started_col
         }
         present += 1;
         wait_until(Duration::from_secs(60), "the chat running", || async {
-            let v: Value = client
-                .get(format!("{base}/api/v1/sandboxes/{chat}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = try_get_json(&client, &format!("{base}/api/v1/sandboxes/{chat}")).await?;
             (v["phase"] == "running").then_some(())
         })
         .await;
