@@ -29,6 +29,7 @@ use std::time::Duration;
 use bollard::models::{Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType};
 use chrono::Utc;
 use tokio::sync::{watch, Notify, Semaphore};
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
@@ -82,8 +83,9 @@ pub struct WarmPool {
     /// one mid-way, so never bound completely. Every other such row is this process's own,
     /// in flight.
     leftover: Mutex<HashSet<String>>,
-    /// Member starts in flight (each holds an action slot).
-    starting_now: std::sync::atomic::AtomicUsize,
+    /// Member starts in flight (each holds an action slot): counted by the refill, waited
+    /// for at stop.
+    starts: TaskTracker,
     /// Asks the reconciler to look now (after a claim, a removal).
     pub poke: Notify,
 }
@@ -134,7 +136,7 @@ impl WarmPool {
             busy: Mutex::default(),
             claimed: Mutex::new(claimed),
             leftover: Mutex::new(leftover),
-            starting_now: Default::default(),
+            starts: TaskTracker::new(),
             poke: Notify::new(),
             settings,
         }
@@ -391,10 +393,8 @@ impl WarmPool {
         }
         // Member starts in flight finish (each is a create and a start): none is left
         // half-made by a stop, and none is made after it.
-        use std::sync::atomic::Ordering;
-        while self.starting_now.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.starts.close();
+        self.starts.wait().await;
     }
 
     /// Brings the members in line with their containers: half-bound claims and dead or
@@ -471,12 +471,11 @@ impl WarmPool {
             Ok(m) => m,
             Err(e) => return warn!(error = %e, "warm pool: cannot read members"),
         };
-        use std::sync::atomic::Ordering;
         let idle = members
             .iter()
             .filter(|m| m.state == MemberState::Idle)
             .count();
-        let waiting = idle + self.starting_now.load(Ordering::SeqCst);
+        let waiting = idle + self.starts.len();
         let want = self
             .settings
             .warm_pool
@@ -495,9 +494,8 @@ impl WarmPool {
             };
             let slot = uuid::Uuid::new_v4().simple().to_string();
             self.busy().insert(slot.clone());
-            self.starting_now.fetch_add(1, Ordering::SeqCst);
             let (rt, egress, pool) = (rt.clone(), egress.clone(), self.clone());
-            tokio::spawn(async move {
+            self.starts.spawn(async move {
                 let _permit = permit;
                 let result = pool.start_member(&slot, &rt, &egress).await;
                 if result.is_err() {
@@ -516,14 +514,19 @@ impl WarmPool {
                     }
                 }
                 pool.busy().remove(&slot);
-                pool.starting_now.fetch_sub(1, Ordering::SeqCst);
-                if let Err(e) = result {
-                    warn!(slot, error = %e, "warm pool: a member failed to start");
-                    // Not at once again: a failing start (a missing image) waits a moment.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
                 // More may be wanted (slots were short, or members were claimed meanwhile).
-                pool.poke.notify_one();
+                match result {
+                    Ok(()) => pool.poke.notify_one(),
+                    Err(e) => {
+                        warn!(slot, error = %e, "warm pool: a member failed to start");
+                        // Not at once again: a failing start (a missing image) waits a
+                        // moment, outside the starts a stop waits for.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            pool.poke.notify_one();
+                        });
+                    }
+                }
             });
         }
     }
