@@ -23,23 +23,25 @@ suite_log="$(mktemp)"
 scripts/engine-watchdog.sh "$engine_log" &
 watchdog=$!
 trap 'kill "$watchdog" 2>/dev/null || true' EXIT
+# True, after saying so, when the watchdog restarted a wedged engine since the last call.
+engine_was_restarted() {
+  [ -s "$engine_log" ] || return 1
+  echo "== the engine had to be restarted during $1:"
+  cat "$engine_log"
+  : >"$engine_log"
+}
 set +e
 cargo test --locked --no-fail-fast -- --test-threads=4 2>&1 | tee "$suite_log"
 suite=${PIPESTATUS[0]}
 set -e
 if [ "$suite" -ne 0 ]; then
-  if [ ! -s "$engine_log" ]; then
-    exit "$suite"
-  fi
+  engine_was_restarted "the suite" || exit "$suite"
   mapfile -t failed < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$suite_log" | sort -u)
-  echo "== the engine had to be restarted during the suite:"
-  cat "$engine_log"
   if [ "${#failed[@]}" -eq 0 ]; then
     echo "== ...and no single test is named as failed: the suite fails as it is"
     exit "$suite"
   fi
   echo "== running the ${#failed[@]} tests that failed meanwhile once more: ${failed[*]}"
-  : >"$engine_log"
   cargo test --locked --no-fail-fast -- --test-threads=4 --exact "${failed[@]}"
 fi
 # The HTTP contract: the OpenAPI document is valid and schemathesis (all checks, stateful
@@ -48,13 +50,8 @@ fi
 cargo build --locked --bin sandboxd
 : >"$engine_log"
 if ! scripts/contract.sh; then
-  if [ ! -s "$engine_log" ]; then
-    exit 1
-  fi
-  echo "== the engine had to be restarted during the contract check:"
-  cat "$engine_log"
+  engine_was_restarted "the contract check" || exit 1
   echo "== running the contract check once more"
-  : >"$engine_log"
   scripts/contract.sh
 fi
 # The next test stops the engine on purpose: the watchdog must not take that for a deadlock.
