@@ -151,7 +151,7 @@ async fn create_start_inspect(docker: &Docker, name: &str, body: ContainerCreate
 /// bind mounts, env, labels, limits, dropped capabilities) from sandboxd's own builder, sent
 /// with plain create + start + inspect. The difference to sandboxd is sandboxd's alone.
 struct MatchedRaw {
-    rt: sandboxd::docker::DockerRuntime,
+    rt: sandboxd::backend::docker::DockerRuntime,
     settings: Settings,
     vol: std::path::PathBuf,
     _dir: tempfile::TempDir,
@@ -172,14 +172,10 @@ impl MatchedRaw {
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
         let vol = std::fs::canonicalize(vol).expect("canonical vol");
-        let rt = sandboxd::docker::DockerRuntime::connect(
-            &s.docker,
-            instance,
-            NETWORK,
-            Default::default(),
-        )
-        .await
-        .expect("connect");
+        s.sandbox.network_name = NETWORK.into();
+        let rt = sandboxd::backend::docker::DockerRuntime::connect(&s, Default::default())
+            .await
+            .expect("connect");
         Self {
             rt,
             settings: s,
@@ -196,7 +192,7 @@ impl MatchedRaw {
         std::fs::create_dir_all(&spec.mounts[0].source).expect("chat dir");
         let hash = spec.hash();
         let vol = self.vol.display().to_string();
-        let body = self.rt.create_body(&sandboxd::runtime::StartRequest {
+        let body = self.rt.create_body(&sandboxd::backend::StartRequest {
             chat_id: chat,
             session_id: session,
             agent_id: "agent",

@@ -282,6 +282,10 @@ impl Application {
             wake: self.state.wake.clone(),
             status: self.state.controller.clone(),
             metrics: self.state.metrics.clone(),
+            connector: Arc::new(crate::backend::FromSettings {
+                settings: self.state.settings.clone(),
+                metrics: self.state.metrics.clone(),
+            }),
         };
         let controller = tokio::spawn(controller.run(stop_rx.clone()));
         let mut http_stop = stop_rx;

@@ -4,15 +4,15 @@
 //! - [`domain`]: identifiers, phases, the frozen container spec, input validation.
 //! - [`planner`]: the pure core, `plan(desired, observed, now) -> actions`. No I/O.
 //! - [`store`]: SQLite adapter: desired state, observed status, event log.
-//! - [`runtime`]: the seam between the controller and a container backend.
-//! - [`docker`]: Docker adapter (bollard): labels, create/start/inspect/remove, events.
-//! - [`swarm`]: Docker Swarm adapter: one-replica services through a manager, placement
-//!   (what a profile asks of a node), task readings.
+//! - [`backend`]: the seam between sandboxd and a container engine: the `Backend` trait
+//!   (lifecycle) with its optional capabilities, the data plane's `SandboxIo`, one error
+//!   with typed kinds, one hardening translation; the engines behind it: `docker`,
+//!   `swarm` (one-replica services through a manager), and an in-memory `fake` for tests.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`pool`]: warm starts: pre-started members claimed by new chats (mounts and env bound at
 //!   claim time through mount propagation and a wrapper entrypoint).
 //! - [`dataplane`]: exec, files and watch on running sandboxes, beside the loop: finds the
-//!   container in the store and talks to the engine (`docker::sandbox_io`).
+//!   container in the store and talks to the engine (`backend::io`).
 //! - [`egress`]: egress policy as host firewall rules (pure rendering and diff; `iptables`).
 //! - [`http`]: the thin axum API; its desired-state routes write desired state and read
 //!   status and never call Docker; its data-plane routes call [`dataplane`].
@@ -21,18 +21,16 @@
 //! - [`app`]: wiring in one place; [`cli`]: the command line.
 
 pub mod app;
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
-pub mod docker;
 pub mod domain;
 pub mod egress;
 pub mod http;
 pub mod metrics;
 pub mod planner;
 pub mod pool;
-pub mod runtime;
 pub mod store;
-pub mod swarm;
 pub mod telemetry;

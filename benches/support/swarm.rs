@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use bollard::query_parameters::ListTasksOptionsBuilder;
 use bollard::Docker;
+use sandboxd::backend::swarm::service::{service_spec, ServiceDefaults};
+use sandboxd::backend::StartRequest;
 use sandboxd::config::{NodeEngine, ProfileSettings, RuntimeKind};
 use sandboxd::domain::{ChatId, SessionId};
-use sandboxd::runtime::StartRequest;
-use sandboxd::swarm::service::{service_spec, ServiceDefaults};
 use serde_json::json;
 
 use super::{ms, new_chat, percentile, verdict, InProcess, Report};

@@ -21,12 +21,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::supervisor::Engine;
+use crate::backend::{HostRules, SharedBackend};
 use crate::domain::spec::ContainerSpec;
 use crate::domain::Phase;
 use crate::egress::iptables::{self, FirewallError};
 use crate::egress::{self as rules, Desired, Ruleset};
 use crate::metrics::Metrics;
-use crate::runtime::Runtime;
 use crate::store::Store;
 
 /// Why the rules of a start could not be made sure of.
@@ -35,7 +35,7 @@ pub enum EgressError {
     /// The engine did not answer a network lookup: the executor treats it like any engine
     /// failure (the supervisor reconnects).
     #[error(transparent)]
-    Engine(#[from] crate::runtime::RuntimeError),
+    Engine(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Firewall(#[from] FirewallError),
 }
@@ -114,10 +114,13 @@ impl EgressKeeper {
             }
             let rt = match &*engine.borrow() {
                 // In swarm mode sandboxes run on other hosts: no rules here (swarm/placement.rs).
-                Engine::Up(rt) if rt.keeps_host_rules() => rt.clone(),
+                Engine::Up(rt) => rt.clone(),
                 _ => continue,
             };
-            let result = self.reconcile(&rt, None, verify).await;
+            let Some(rules) = rt.host_rules() else {
+                continue;
+            };
+            let result = self.reconcile(rules, None, verify).await;
             let mut error = self
                 .status
                 .egress_error
@@ -136,22 +139,23 @@ impl EgressKeeper {
     /// Makes sure the rules a sandbox with `spec` needs are on the host, before it starts.
     pub async fn ensure_for_start(
         &self,
-        rt: &Runtime,
+        rt: &SharedBackend,
         spec: &ContainerSpec,
     ) -> Result<(), EgressError> {
-        let Some(policy) = spec.egress_rules().filter(|_| rt.keeps_host_rules()) else {
+        // Backends without host rules (swarm: sandboxes run on other hosts) keep none here.
+        let (Some(policy), Some(rules)) = (spec.egress_rules(), rt.host_rules()) else {
             return Ok(());
         };
         // The network must exist (and its bridge be known) before rules can name it; its
         // bridge is looked up afresh, since a network removed and made again has a new one.
-        let bridge = match rt.bridge_of(&spec.network).await {
+        let bridge = match rules.bridge_of(&spec.network).await {
             Ok(b) => b,
             // The engine did not answer: an engine failure (the supervisor reconnects).
             Err(e) if e.unavailable() => return Err(e.into()),
             // Missing (never made, or removed): made now, then looked up.
             Err(_) => {
                 rt.ensure_network_named(&spec.network).await?;
-                rt.bridge_of(&spec.network).await?
+                rules.bridge_of(&spec.network).await?
             }
         };
         {
@@ -169,7 +173,7 @@ impl EgressKeeper {
                 return Ok(());
             }
         }
-        Ok(self.reconcile(rt, Some(spec), false).await?)
+        Ok(self.reconcile(rules, Some(spec), false).await?)
     }
 
     /// Computes the wanted rules (the live rows, plus `extra`), and brings the host there.
@@ -177,7 +181,7 @@ impl EgressKeeper {
     /// trusted; with it, the host is read back.
     async fn reconcile(
         &self,
-        rt: &Runtime,
+        rules: &dyn HostRules,
         extra: Option<&ContainerSpec>,
         verify: bool,
     ) -> Result<(), FirewallError> {
@@ -194,7 +198,7 @@ impl EgressKeeper {
             }
             let bridge = match kept.bridges.get(network) {
                 Some(b) => b.clone(),
-                None => match rt.bridge_of(network).await {
+                None => match rules.bridge_of(network).await {
                     Ok(b) => {
                         kept.bridges.insert(network.clone(), b.clone());
                         b

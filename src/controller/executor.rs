@@ -12,13 +12,13 @@ use tracing::{info, warn};
 use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
 use super::observed::ObservedCache;
+use crate::backend::{SharedBackend, StartRequest};
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::{Action, Key, Observed, RemoveReason};
 use crate::pool::ClaimOutcome;
-use crate::runtime::{Runtime, StartRequest};
 use crate::store::{
     EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, Store, StoreError,
 };
@@ -27,7 +27,7 @@ use crate::store::{
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
+    Runtime(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("host directory {path}: {reason}")]
@@ -50,7 +50,7 @@ pub enum Outcome {
 
 pub struct Executor {
     pub store: Store,
-    pub runtime: Runtime,
+    pub runtime: SharedBackend,
     pub backoff: BackoffPolicy,
     pub volumes: Arc<VolumePolicy>,
     pub metrics: Arc<Metrics>,
@@ -420,10 +420,10 @@ impl Executor {
             .start_container(&id, &req.spec.network, req.spec.agent_port)
             .await
         {
-            Ok((ip, host_port)) => Ok(Started {
+            Ok(started) => Ok(Started {
                 container_id: id,
-                ip,
-                host_port,
+                ip: started.ip,
+                host_port: started.host_port,
                 adopted,
                 how: "cold",
             }),
@@ -438,7 +438,10 @@ impl Executor {
 
     /// Writes image builds the start caused to the event log (their output's tail included).
     async fn record_builds(&self, chat_id: ChatId, session_id: SessionId) {
-        for b in self.runtime.take_build_reports() {
+        let Some(images) = self.runtime.images() else {
+            return;
+        };
+        for b in images.take_build_reports() {
             let (chat, session) = (chat_id.to_string(), session_id.to_string());
             let detail = serde_json::json!({
                 "image": b.image,
@@ -469,7 +472,7 @@ impl Executor {
 
     /// After a failed call: if the engine did not answer at all, what the loop knows of it is
     /// doubtful (it lists again) and the connection may be gone (the supervisor reconnects).
-    fn engine_unanswered(&self, e: &crate::runtime::RuntimeError) {
+    fn engine_unanswered(&self, e: &crate::backend::BackendError) {
         if e.unavailable() {
             self.observed.invalidate();
             self.connection_failed.notify_one();

@@ -35,11 +35,11 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::backend::SharedBackend;
 use crate::config::Settings;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::{Metrics, PhaseLabel, StateLabel};
 use crate::planner::{self, Action, Key};
-use crate::runtime::Runtime;
 use crate::store::Store;
 use backoff::BackoffPolicy;
 use executor::Executor;
@@ -107,6 +107,8 @@ pub struct Controller {
     /// Shared with readiness.
     pub status: Arc<ControllerStatus>,
     pub metrics: Arc<Metrics>,
+    /// Makes the backend: the settings' engine, or the fake in unit tests.
+    pub connector: Arc<dyn crate::backend::Connect>,
 }
 
 /// Housekeeping between passes: retention hourly, and a re-read of the table every resync
@@ -194,6 +196,7 @@ impl Controller {
             engine.state.clone(),
             runner.permits(),
             egress.clone(),
+            self.status.clone(),
             shutdown.clone(),
         ));
         let mut scheduler = Scheduler::default();
@@ -315,6 +318,7 @@ impl Controller {
     ) -> supervisor::Parts {
         supervisor::Parts {
             settings: self.settings.clone(),
+            connector: self.connector.clone(),
             store: self.store.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
@@ -327,7 +331,7 @@ impl Controller {
 
     fn executor(
         &self,
-        rt: &Runtime,
+        rt: &SharedBackend,
         policy: BackoffPolicy,
         deaths: &Arc<deaths::RecentDeaths>,
         observed: &Arc<ObservedCache>,
@@ -361,7 +365,7 @@ impl Controller {
     /// valid, else from `cache`), the plan.
     async fn pass(
         &self,
-        rt: &Runtime,
+        rt: &SharedBackend,
         deaths: &deaths::RecentDeaths,
         cache: &ObservedCache,
         images: &images::AppearedImages,
@@ -383,7 +387,9 @@ impl Controller {
                     .filter(|r| r.phase != crate::domain::Phase::Expired)
                     .filter_map(|r| r.legacy_container_id.clone())
                     .collect();
-                listed.extend(rt.observe_legacy(&legacy).await?);
+                if let Some(takeover) = rt.legacy() {
+                    listed.extend(takeover.observe_legacy(&legacy).await?);
+                }
                 cache.replace(&listed);
                 listed
             }
@@ -510,5 +516,8 @@ enum PassError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::RuntimeError),
+    Runtime(#[from] crate::backend::BackendError),
 }
+
+#[cfg(test)]
+mod tests;

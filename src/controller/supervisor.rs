@@ -17,9 +17,9 @@ use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
 use super::images::AppearedImages;
 use super::{takeover, ControllerStatus};
+use crate::backend::{Connect, SharedBackend};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::runtime::Runtime;
 use crate::store::Store;
 
 /// The connection as the loop sees it.
@@ -29,12 +29,14 @@ pub enum Engine {
     Connecting,
     /// The last connect failed, with this error: sessions due now fail fast with it.
     Down(String),
-    Up(Runtime),
+    Up(SharedBackend),
 }
 
 /// What the supervisor needs; built by the controller.
 pub struct Parts {
     pub settings: Arc<Settings>,
+    /// Makes the backend (the settings' engine; the fake in unit tests).
+    pub connector: Arc<dyn Connect>,
     pub store: Store,
     pub status: Arc<ControllerStatus>,
     pub metrics: Arc<Metrics>,
@@ -87,7 +89,7 @@ async fn supervise(
         if *shutdown.borrow() {
             return;
         }
-        match connect(&p.settings, &p.metrics).await {
+        match p.connector.connect().await.map_err(|e| e.to_string()) {
             Ok(rt) => {
                 info!("connected to {}", rt.describe());
                 failures = 0;
@@ -106,13 +108,25 @@ async fn supervise(
                     p.images.clone(),
                 ));
                 if p.settings.controller.take_over_old_service {
-                    takeover = Some(tokio::spawn(take_over_old_service(
-                        rt.clone(),
+                    if rt.legacy().is_none() {
+                        // Nothing of the old service's can be on this backend (swarm).
+                        p.status.takeover_done.send_replace(true);
+                    }
+                    let parts = (
                         p.store.clone(),
                         p.settings.clone(),
                         p.engine_changed.clone(),
-                        p.status.clone(),
-                    )));
+                    );
+                    takeover = rt.legacy().is_some().then(|| {
+                        let (store, settings, wake) = parts;
+                        tokio::spawn(take_over_old_service(
+                            rt.clone(),
+                            store,
+                            settings,
+                            wake,
+                            p.status.clone(),
+                        ))
+                    });
                 }
                 tx.send_replace(Engine::Up(rt));
                 tokio::select! {
@@ -144,7 +158,7 @@ async fn supervise(
 
 /// Names every configured profile whose runtime the engine does not offer (readiness shows
 /// them; their sandboxes fail to start with the engine's error, never fall back to runc).
-async fn check_profiles(p: &Parts, rt: &Runtime) {
+async fn check_profiles(p: &Parts, rt: &SharedBackend) {
     let missing = match rt.profile_problems(&p.settings).await {
         Ok(m) => m,
         Err(e) => {
@@ -165,25 +179,19 @@ fn set_connected(p: &Parts, up: bool) {
     p.metrics.docker_connected.set(i64::from(up));
 }
 
-async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Runtime, String> {
-    Runtime::connect(settings, metrics.clone())
-        .await
-        .map_err(|e| e.to_string())
-}
-
 /// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
 /// not delayed; wakes the loop when it changed anything, and marks the takeover done after
 /// its first complete look (writes wait for that). Containers that failed are tried again
 /// every 30 s until none is left (the connection may stay up for days).
 async fn take_over_old_service(
-    rt: Runtime,
+    rt: SharedBackend,
     store: Store,
     settings: Arc<Settings>,
     wake: Arc<Notify>,
     status: Arc<ControllerStatus>,
 ) {
     loop {
-        let failed = match takeover::run(&rt, &store, &settings).await {
+        let failed = match takeover::run(rt.as_ref(), &store, &settings).await {
             Ok(done) => {
                 if done.adopted + done.removed > 0 {
                     info!(
@@ -211,10 +219,15 @@ async fn take_over_old_service(
 
 /// Notes images as they appear and wakes the loop (`images.rs`); reconnects with a delay
 /// when the stream ends.
-async fn watch_images(rt: Runtime, wake: Arc<Notify>, images: Arc<AppearedImages>) {
+async fn watch_images(rt: SharedBackend, wake: Arc<Notify>, images: Arc<AppearedImages>) {
+    // Backends without image events (swarm: images are each node's) have nothing to watch.
+    if rt.images().is_none() {
+        return;
+    }
     let mut reconnects = Reconnects::default();
     loop {
-        let mut stream = Box::pin(rt.image_events());
+        let Some(watch) = rt.images() else { return };
+        let mut stream = watch.image_events();
         let opened = Instant::now();
         let mut received = false;
         while let Some(Ok(name)) = stream.next().await {
@@ -268,7 +281,7 @@ impl Reconnects {
 /// and 250 ms later) for whatever else the list is late with; coalesced by the `Notify`, they
 /// cost at most two cheap passes per burst of events.
 async fn watch_events(
-    rt: Runtime,
+    rt: SharedBackend,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     deaths: Arc<RecentDeaths>,
@@ -278,7 +291,7 @@ async fn watch_events(
     let mut reconnects = Reconnects::default();
     loop {
         // The request times out with the client's timeout; `since` replays the gap.
-        let mut events = Box::pin(rt.events(since));
+        let mut events = rt.events(since);
         metrics.events_connected.set(1);
         let opened = Instant::now();
         let mut received = false;

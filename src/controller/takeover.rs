@@ -9,9 +9,9 @@ use std::path::Path;
 use chrono::Utc;
 use tracing::{info, warn};
 
+use crate::backend::{Backend, BackendError, LegacyContainer};
 use crate::config::Settings;
 use crate::domain::spec;
-use crate::runtime::{LegacyContainer, Runtime, RuntimeError};
 use crate::store::{
     EventAction, EventOutcome, ImportOutcome, LegacyImport, NewEvent, RunningContainer, Store,
     StoreError,
@@ -20,7 +20,7 @@ use crate::store::{
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
     #[error(transparent)]
-    Runtime(#[from] RuntimeError),
+    Runtime(#[from] BackendError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -37,12 +37,15 @@ pub struct Takeover {
 /// One look at the old service's containers. A failure with one container is logged and
 /// counted, and the others are still handled.
 pub async fn run(
-    rt: &Runtime,
+    rt: &dyn Backend,
     store: &Store,
     settings: &Settings,
 ) -> Result<Takeover, TakeoverError> {
     let mut done = Takeover::default();
-    for c in rt.list_legacy().await? {
+    let Some(legacy) = rt.legacy() else {
+        return Ok(done);
+    };
+    for c in legacy.list_legacy().await? {
         match take_over(rt, store, settings, &c).await {
             Ok(Some(Taken::Adopted)) => done.adopted += 1,
             Ok(Some(Taken::Removed)) => done.removed += 1,
@@ -62,7 +65,7 @@ enum Taken {
 }
 
 async fn take_over(
-    rt: &Runtime,
+    rt: &dyn Backend,
     store: &Store,
     settings: &Settings,
     c: &LegacyContainer,

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::output::{Capture, Utf8Chunker};
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
-use crate::docker::sandbox_io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
+use crate::backend::io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
 use crate::store::{EventAction, EventOutcome};
 
@@ -56,7 +56,7 @@ pub struct ExecEnd {
 
 /// A started exec, before its output is pumped.
 struct Begun {
-    exec: crate::docker::sandbox_io::StartedExec,
+    exec: crate::backend::io::StartedExec,
     marker: String,
     started: Instant,
     deadline: Instant,

@@ -1,12 +1,11 @@
 //! The data plane: exec, files and watch on running sandboxes, beside the control loop. It
 //! finds a sandbox's container in the store (never in Docker: the store is the truth about
-//! what should run) and talks to the engine directly (`docker::sandbox_io`). The
-//! desired-state API never comes here.
+//! what should run) and talks to the engine directly, through the backend's
+//! [`crate::backend::io`] seam. The desired-state API never comes here.
 //!
 //! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding) are
 //! pure; `exec.rs` and `files.rs` run calls; `watch.rs` is the change stream.
 
-pub mod engines;
 pub mod exec;
 pub mod files;
 pub mod limits;
@@ -18,14 +17,13 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
+use crate::backend::io::{Locate, SandboxIo};
+use crate::backend::{BackendError, ErrorKind};
 use crate::config::Settings;
-use crate::docker::sandbox_io::SandboxIo;
-use crate::docker::DockerError;
 use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::metrics::Metrics;
 use crate::store::{EventAction, EventOutcome, NewEvent, Store, StoreError};
-use engines::Engines;
 
 use limits::{Busy, Slot, Slots};
 use paths::{Mounts, PathError};
@@ -57,10 +55,9 @@ pub enum DataPlaneError {
     Refused(String),
     #[error("docker engine unavailable: {0}")]
     EngineDown(String),
-    /// Swarm mode: the sandbox runs on a node whose engine `swarm.nodes` does not list.
-    #[error(
-        "the sandbox runs on swarm node {0}, whose engine is not configured (swarm.nodes.{0})"
-    )]
+    /// The backend cannot reach the sandbox's engine (swarm mode: a node whose engine
+    /// `swarm.nodes` does not list).
+    #[error("{0}")]
     NodeNotConfigured(String),
     #[error("docker engine error: {0}")]
     Engine(String),
@@ -73,33 +70,24 @@ pub enum DataPlaneError {
 type Result<T, E = DataPlaneError> = std::result::Result<T, E>;
 
 impl DataPlaneError {
-    /// An engine failure as the client should see it.
-    fn engine(e: DockerError, path: Option<&str>) -> Self {
-        if e.unavailable() {
-            return DataPlaneError::EngineDown(e.to_string());
-        }
-        let (status, message) = match &e {
-            DockerError::Api { source, .. } => match source {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code,
-                    message,
-                } => (*status_code, message.clone()),
-                other => (0, other.to_string()),
-            },
-            other => (0, other.to_string()),
-        };
-        let lower = message.to_ascii_lowercase();
-        match status {
-            404 if path.is_some() && !lower.contains("no such container") => {
+    /// An engine failure as the client should see it, by its kind.
+    fn engine(e: BackendError, path: Option<&str>) -> Self {
+        let message = e.engine_message().unwrap_or(&e.to_string()).to_string();
+        match e.kind() {
+            ErrorKind::Unavailable => DataPlaneError::EngineDown(e.to_string()),
+            ErrorKind::NoSuchPath => {
                 DataPlaneError::NoSuchPath(path.unwrap_or_default().to_string())
             }
-            404 => DataPlaneError::NotRunning("gone (its container was removed)".into()),
-            409 => DataPlaneError::NotRunning(format!("not running ({message})")),
-            403 => DataPlaneError::Forbidden(message),
-            400 => DataPlaneError::Refused(message),
-            // "mounted volume is marked read-only", "read-only file system".
-            _ if lower.contains("read-only") => DataPlaneError::Forbidden(message),
-            _ => DataPlaneError::Engine(e.to_string()),
+            ErrorKind::NotFound => {
+                DataPlaneError::NotRunning("gone (its container was removed)".into())
+            }
+            ErrorKind::Conflict => DataPlaneError::NotRunning(format!("not running ({message})")),
+            ErrorKind::Forbidden => DataPlaneError::Forbidden(message),
+            ErrorKind::Refused => DataPlaneError::Refused(message),
+            ErrorKind::Unsupported => DataPlaneError::NodeNotConfigured(message),
+            ErrorKind::NameTaken | ErrorKind::ImageMissing | ErrorKind::Other => {
+                DataPlaneError::Engine(e.to_string())
+            }
         }
     }
 }
@@ -112,7 +100,7 @@ pub struct Target {
     /// The container on the engine that runs it (a swarm node's, in swarm mode).
     pub container_id: String,
     /// That engine.
-    pub io: SandboxIo,
+    pub io: Arc<dyn SandboxIo>,
     /// The session's environment (`AGENT_ID`, the configured env): an exec gets it as the
     /// agent does, also in a warm-started container, whose own env lacks what the claim set.
     pub env: Vec<String>,
@@ -132,7 +120,7 @@ pub struct Caller {
 #[derive(Clone)]
 pub struct DataPlane {
     store: Store,
-    engines: Engines,
+    engines: Arc<dyn Locate>,
     slots: Slots,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
@@ -142,7 +130,7 @@ impl DataPlane {
     pub fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
         let d = &settings.data_plane;
         Self {
-            engines: Engines::new(settings.clone(), metrics.clone()),
+            engines: crate::backend::locator(&settings, &metrics),
             slots: Slots::new(
                 d.max_concurrent,
                 d.max_concurrent_per_sandbox,
@@ -173,7 +161,11 @@ impl DataPlane {
         };
         let spec = ContainerSpec::from_json(&row.spec_json)
             .map_err(|e| DataPlaneError::Spec(e.to_string()))?;
-        let (io, container_id) = self.engines.locate(&container_id).await?;
+        let (io, container_id) = self
+            .engines
+            .locate(&container_id)
+            .await
+            .map_err(|e| DataPlaneError::engine(e, None))?;
         let slot = self.slots.try_take(chat_id).map_err(|b| {
             DataPlaneError::Busy(match b {
                 Busy::Overall(n) => format!("data_plane.max_concurrent is {n}"),

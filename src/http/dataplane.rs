@@ -23,12 +23,12 @@ use super::error::ChatPath;
 use super::input::{self, Problems, QueryParams, Source};
 use super::views::{ErrorBody, ValidationErrorBody};
 use super::{ApiError, AppState};
+use crate::backend::io::{ExecChunk, EXEC_MARKER_VAR};
 use crate::dataplane::exec::{ExecEnd, ExecEvent, ExecRequest};
 use crate::dataplane::files::{Listing, Written};
 use crate::dataplane::output::{encode, Encoding};
 use crate::dataplane::paths::PathError;
 use crate::dataplane::{Caller, DataPlaneError};
-use crate::docker::sandbox_io::{ExecChunk, EXEC_MARKER_VAR};
 
 /// An exec request. `command` is an argv list, or a string run by `sh -c`.
 // Documents the input for OpenAPI; `parse_exec` reads it field by field.

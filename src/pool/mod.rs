@@ -26,20 +26,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bollard::models::{Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType};
 use chrono::Utc;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backend::labels;
+use crate::backend::{MemberRequest, SharedBackend, StartRequest};
 use crate::config::Settings;
 use crate::controller::Engine;
-use crate::docker::{labels, DockerRuntime};
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::{ChatId, SessionId};
 use crate::metrics::{Metrics, ResultLabel, StateLabel};
 use crate::planner::Observed;
-use crate::runtime::{Runtime, StartRequest};
 use crate::store::{Member, MemberState, SandboxRow, Store};
 
 use mounts::Slot;
@@ -146,9 +145,6 @@ impl WarmPool {
         if settings.warm_pool.min_idle == 0 {
             return Mode::Off("warm_pool.min_idle is 0".into());
         }
-        if settings.runtime != crate::config::RuntimeKind::Docker {
-            return Mode::Off("warm starts need runtime: docker".into());
-        }
         if class.runtime().is_some_and(|r| r != "runc") {
             return Mode::Off(format!(
                 "the default profile runs under {}; mount propagation into a member needs runc",
@@ -216,7 +212,7 @@ impl WarmPool {
     /// Takes an idle member for the session and binds it (mounts, env, go), or says why the
     /// start goes cold. Never half-bound: a failed step undoes the claim and removes the
     /// member.
-    pub async fn claim(&self, rt: &Runtime, req: &StartRequest<'_>) -> ClaimOutcome {
+    pub async fn claim(&self, rt: &SharedBackend, req: &StartRequest<'_>) -> ClaimOutcome {
         let outcome = self.try_claim(rt, req).await;
         let label = match &outcome {
             ClaimOutcome::Warm(_) => "warm",
@@ -236,11 +232,8 @@ impl WarmPool {
         outcome
     }
 
-    async fn try_claim(&self, rt: &Runtime, req: &StartRequest<'_>) -> ClaimOutcome {
-        let Runtime::Docker(docker) = rt else {
-            return ClaimOutcome::Cold("pool_off");
-        };
-        if !self.on() {
+    async fn try_claim(&self, rt: &SharedBackend, req: &StartRequest<'_>) -> ClaimOutcome {
+        if !self.on() || rt.warm().is_none() {
             return ClaimOutcome::Cold("pool_off");
         }
         if class::class_hash(req.spec) != self.class_hash {
@@ -274,7 +267,7 @@ impl WarmPool {
             }
             Err(why) => {
                 warn!(slot = %member.slot, chat_id = %req.chat_id, error = %why, "warm claim failed; the member goes and the chat starts cold");
-                self.discard(docker, &member).await;
+                self.discard(rt, &member).await;
                 ClaimOutcome::Cold("claim_failed")
             }
         };
@@ -310,7 +303,7 @@ impl WarmPool {
     }
 
     /// Removes a member's container, undoes its mounts and forgets it.
-    async fn discard(&self, rt: &DockerRuntime, member: &Member) {
+    async fn discard(&self, rt: &SharedBackend, member: &Member) {
         if let Some(id) = &member.container_id {
             if let Err(e) = rt.remove(id).await {
                 warn!(container_id = %id, error = %e, "warm pool: cannot remove a member; the next look tries again");
@@ -358,6 +351,7 @@ impl WarmPool {
         engine: watch::Receiver<Engine>,
         permits: Arc<Semaphore>,
         egress: Arc<crate::controller::EgressKeeper>,
+        status: Arc<crate::controller::ControllerStatus>,
         mut stop: watch::Receiver<bool>,
     ) {
         let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
@@ -374,13 +368,21 @@ impl WarmPool {
                 break;
             }
             let up = match &*engine.borrow() {
-                Engine::Up(Runtime::Docker(d)) => Some(d.clone()),
+                Engine::Up(rt) => Some(rt.clone()),
                 _ => None,
             };
             let Some(rt) = up else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
+            if rt.warm().is_none() && self.on() {
+                let why = format!("{} offers no warm starts", rt.describe());
+                info!("warm pool off: {why}");
+                if let Ok(mut shown) = status.warm_pool.lock() {
+                    *shown = format!("off: {why}");
+                }
+                *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = Mode::Off(why);
+            }
             if let Err(e) = self.look(&rt).await {
                 warn!(error = %e, "warm pool: look failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -399,10 +401,10 @@ impl WarmPool {
 
     /// Brings the members in line with their containers: half-bound claims and dead or
     /// outdated members go, orphan member containers go, claimed ones are remembered.
-    async fn look(&self, rt: &DockerRuntime) -> Result<(), String> {
+    async fn look(&self, rt: &SharedBackend) -> Result<(), String> {
         let members = self.store.pool_members().await.map_err(|e| e.to_string())?;
         let containers: HashMap<String, Observed> = rt
-            .list_managed()
+            .list()
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -463,7 +465,7 @@ impl WarmPool {
     /// claim during a refill is answered by the next one at once.
     async fn refill(
         self: &Arc<Self>,
-        rt: &DockerRuntime,
+        rt: &SharedBackend,
         permits: &Arc<Semaphore>,
         egress: &Arc<crate::controller::EgressKeeper>,
     ) {
@@ -559,7 +561,7 @@ impl WarmPool {
     async fn start_member(
         &self,
         slot_id: &str,
-        rt: &DockerRuntime,
+        rt: &SharedBackend,
         egress: &Arc<crate::controller::EgressKeeper>,
     ) -> Result<(), String> {
         let slot = Slot::new(&self.root, slot_id);
@@ -577,67 +579,53 @@ impl WarmPool {
             }
         }
         egress
-            .ensure_for_start(&Runtime::Docker(rt.clone()), &spec)
+            .ensure_for_start(rt, &spec)
             .await
             .map_err(|e| e.to_string())?;
-        let (entrypoint, cmd) = rt
+        let warm = rt
+            .warm()
+            .ok_or_else(|| format!("{} offers no warm starts", rt.describe()))?;
+        let (entrypoint, cmd) = warm
             .image_command(&spec.image)
             .await
             .map_err(|e| e.to_string())?;
         let (entrypoint, cmd) = class::wrapped_command(&entrypoint, &cmd)
             .ok_or_else(|| format!("image {} has no entrypoint or command", spec.image))?;
-        let req = StartRequest {
-            chat_id: ChatId(uuid::Uuid::nil()),
-            session_id: SessionId(uuid::Uuid::nil()),
-            agent_id: "",
+        let name = format!("sandboxd-{}-pool-{slot_id}", warm.instance());
+        let member = MemberRequest {
+            name: &name,
             spec: &spec,
-            spec_hash: &self.class_hash,
-            volume_host_path: "",
-            expires_at: Utc::now(),
+            labels: HashMap::from([
+                (labels::MANAGED.to_string(), "true".to_string()),
+                (labels::INSTANCE.to_string(), warm.instance().to_string()),
+                (labels::POOL_SLOT.to_string(), slot_id.to_string()),
+                (labels::POOL_CLASS.to_string(), self.class_hash.clone()),
+            ]),
+            entrypoint,
+            cmd,
+            propagated: vec![
+                slot.chat().display().to_string(),
+                slot.volume().display().to_string(),
+            ],
+            claim_dir: (
+                slot.claim().display().to_string(),
+                class::CLAIM_DIR.to_string(),
+            ),
         };
-        let mut body = rt.create_body(&req);
-        body.labels = Some(HashMap::from([
-            (labels::MANAGED.to_string(), "true".to_string()),
-            (labels::INSTANCE.to_string(), rt.instance().to_string()),
-            (labels::POOL_SLOT.to_string(), slot_id.to_string()),
-            (labels::POOL_CLASS.to_string(), self.class_hash.clone()),
-        ]));
-        body.entrypoint = Some(entrypoint);
-        body.cmd = Some(cmd);
-        if let Some(mounts) = body.host_config.as_mut().and_then(|h| h.mounts.as_mut()) {
-            let (chat, volume) = (slot.chat(), slot.volume());
-            for m in mounts.iter_mut() {
-                let src = m.source.as_deref().map(Path::new);
-                if src == Some(chat.as_path()) || src == Some(volume.as_path()) {
-                    m.bind_options = Some(MountBindOptions {
-                        propagation: Some(MountBindOptionsPropagationEnum::RSLAVE),
-                        ..Default::default()
-                    });
-                }
-            }
-            mounts.push(Mount {
-                target: Some(class::CLAIM_DIR.into()),
-                source: Some(slot.claim().display().to_string()),
-                typ: Some(MountType::BIND),
-                read_only: Some(true),
-                ..Default::default()
-            });
-        }
-        let name = format!("sandboxd-{}-pool-{slot_id}", rt.instance());
-        let id = rt
-            .create_named(&name, body)
+        let id = warm
+            .create_member(&member)
             .await
             .map_err(|e| e.to_string())?;
         self.store
             .pool_created(slot_id, &id, Utc::now())
             .await
             .map_err(|e| e.to_string())?;
-        let (ip, _) = rt
+        let started = rt
             .start_container(&id, &spec.network, spec.agent_port)
             .await
             .map_err(|e| e.to_string())?;
         self.store
-            .pool_idle(slot_id, &ip, Utc::now())
+            .pool_idle(slot_id, &started.ip, Utc::now())
             .await
             .map_err(|e| e.to_string())?;
         Ok(())

@@ -183,7 +183,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second_container() {
-    use sandboxd::docker::{DockerRuntime, StartRequest};
+    use sandboxd::backend::docker::DockerRuntime;
+    use sandboxd::backend::{Backend, StartRequest};
 
     // A pending row that no sandboxd has acted on: written while the engine is unreachable.
     let dir = tempfile::tempdir().unwrap();
@@ -211,7 +212,10 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let store = sandboxd::store::Store::open(&settings.database.path, Duration::from_secs(5), 1)
         .await
         .unwrap();
-    let runtime = DockerRuntime::connect(&real, &instance, TEST_NETWORK, Default::default())
+    let mut real_settings = settings.clone();
+    real_settings.docker = real.clone();
+    real_settings.sandbox.network_name = TEST_NETWORK.into();
+    let runtime = DockerRuntime::connect(&real_settings, Default::default())
         .await
         .unwrap();
     let row0 = store.get(chats[0].parse().unwrap()).await.unwrap().unwrap();
@@ -235,11 +239,11 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
         .unwrap();
     let started_at = app_docker_started_at(&id0).await;
     let row1 = store.get(chats[1].parse().unwrap()).await.unwrap().unwrap();
-    let name1 = sandboxd::docker::labels::container_name(&instance, row1.chat_id, row1.session_id);
+    let name1 = sandboxd::backend::labels::container_name(&instance, row1.chat_id, row1.session_id);
     let body = bollard::models::ContainerCreateBody {
         image: Some(TEST_IMAGE.into()),
-        labels: Some(sandboxd::docker::labels::for_session(
-            &sandboxd::docker::labels::SessionLabels {
+        labels: Some(sandboxd::backend::labels::for_session(
+            &sandboxd::backend::labels::SessionLabels {
                 instance: &instance,
                 chat_id: row1.chat_id,
                 session_id: row1.session_id,

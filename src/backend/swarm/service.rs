@@ -2,15 +2,16 @@
 //! one-replica Swarm service. Pure, so what reaches the manager is tested here.
 
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, Limit, Mount, MountTmpfsOptions, MountType,
-    NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
-    TaskSpecRestartPolicyConditionEnum,
+    EndpointSpec, EndpointSpecModeEnum, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement,
+    TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum,
 };
 
-use crate::docker::labels;
+use crate::backend::engine::bind_mounts;
+use crate::backend::hardening::Translated;
+use crate::backend::labels;
+use crate::backend::StartRequest;
 use crate::domain::{ChatId, SessionId};
-use crate::runtime::StartRequest;
 
 /// The session's service name: deterministic (a start retried after a crash collides with
 /// the service the first attempt made), and a DNS label (at most 63 characters).
@@ -33,51 +34,28 @@ pub fn service_spec(
     constraints: Vec<String>,
 ) -> ServiceSpec {
     let spec = req.spec;
-    let h = &spec.hardening;
+    let hardening = Translated::of(&spec.hardening);
     let session_labels = labels::for_request(defaults.instance, req);
-    let mut mounts = crate::docker::bind_mounts(spec);
-    if h.read_only_rootfs {
-        mounts.push(Mount {
-            target: Some("/tmp".into()),
-            typ: Some(MountType::TMPFS),
-            tmpfs_options: Some(MountTmpfsOptions {
-                size_bytes: i64::try_from(h.tmpfs_tmp_mb.saturating_mul(1024 * 1024)).ok(),
-                mode: Some(0o1777),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    let container = TaskSpecContainerSpec {
+    let container = hardening.task_container(TaskSpecContainerSpec {
         image: Some(spec.image.clone()),
         labels: Some(session_labels.clone()),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-        user: h.user.clone(),
-        read_only: Some(h.read_only_rootfs),
-        mounts: Some(mounts),
+        mounts: Some(bind_mounts(spec)),
         // An init as PID 1 passes SIGTERM on, so a drain or removal waits the short grace
         // below, not the engine's 10 s (busybox httpd ignores SIGTERM as PID 1).
         init: Some(true),
         stop_grace_period: i64::try_from(defaults.stop_grace_seconds)
             .ok()
             .map(|s| s.saturating_mul(1_000_000_000)),
-        capability_drop: Some(vec!["ALL".into()]),
-        capability_add: Some(h.cap_add.clone()),
-        // No `privileges.no_new_privileges`: at API 1.41 the engine ignores it silently.
-        // Placement puts such sandboxes on nodes whose engine enforces it (placement.rs).
         ..Default::default()
-    };
+    });
     ServiceSpec {
         name: Some(service_name(req.chat_id, req.session_id)),
         labels: Some(session_labels),
         task_template: Some(TaskSpec {
             container_spec: Some(container),
             resources: Some(TaskSpecResources {
-                limits: Some(Limit {
-                    nano_cpus: i64::try_from(h.cpu_millis.saturating_mul(1_000_000)).ok(),
-                    memory_bytes: i64::try_from(h.memory_mb.saturating_mul(1024 * 1024)).ok(),
-                    pids: Some(h.pids_limit),
-                }),
+                limits: Some(hardening.task_limits()),
                 ..Default::default()
             }),
             restart_policy: Some(TaskSpecRestartPolicy {

@@ -56,7 +56,7 @@ pub struct SessionLabels<'a> {
 /// The labels of the container (or service) a start request makes, for `instance`.
 pub fn for_request(
     instance: &str,
-    req: &crate::runtime::StartRequest<'_>,
+    req: &crate::backend::StartRequest<'_>,
 ) -> HashMap<String, String> {
     for_session(&SessionLabels {
         instance,

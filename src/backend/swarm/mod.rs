@@ -17,6 +17,7 @@
 //! `events` polls the task list every second and turns a change into a wake-up.
 
 pub mod api;
+pub mod nodes;
 pub mod placement;
 pub mod service;
 pub mod tasks;
@@ -25,64 +26,35 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bollard::errors::Error as BollardError;
 use bollard::models::{NetworkCreateRequest, NodeSpecAvailabilityEnum, NodeState};
 use bollard::query_parameters::{
     EventsOptionsBuilder, InspectNetworkOptions, ListNodesOptions, ListServicesOptionsBuilder,
 };
-use bollard::Docker;
 use chrono::{DateTime, Utc};
-use futures::{Stream, StreamExt};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde_json::json;
 
+use crate::backend::engine::{Engine, EngineAddress};
+use crate::backend::error::{status_of, BackendError, ErrorKind, Result};
+use crate::backend::{labels, Backend, EngineEvent, NameHolder, StartRequest, Started};
 use crate::config::Settings;
-use crate::docker::{labels, status_of, DockerError, EngineAddress};
 use crate::domain::{ChatId, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::Observed;
-use crate::runtime::{EngineEvent, NameHolder, StartRequest};
 
 use api::RawApi;
 use placement::{EngineFacts, NetworkKind, NodeFacts, Refusal};
 
-#[derive(Debug, thiserror::Error)]
-pub enum SwarmError {
-    #[error(transparent)]
-    Docker(#[from] DockerError),
-    #[error("swarm manager unavailable: {0}")]
-    Unavailable(String),
-    #[error("swarm: {0}")]
-    Unexpected(String),
-    #[error("swarm: {0}")]
-    Config(String),
-    #[error("the engine at {0} is not a swarm manager (runtime: swarm needs one)")]
-    NotManager(String),
-    /// The profile asks for more than the swarm's nodes give (`placement.rs`).
-    #[error("{0}")]
-    Refused(#[from] Refusal),
-    #[error("service {service} did not run within {seconds} s: {why}")]
-    NotRunning {
-        service: String,
-        seconds: u64,
-        why: String,
-    },
-    #[error("the service name {name} is taken")]
-    NameTaken { name: String },
-}
-
-impl SwarmError {
-    /// The manager did not answer.
-    pub fn unavailable(&self) -> bool {
-        match self {
-            SwarmError::Docker(e) => e.unavailable(),
-            SwarmError::Unavailable(_) => true,
-            _ => false,
-        }
+impl From<Refusal> for BackendError {
+    fn from(r: Refusal) -> Self {
+        BackendError::new(ErrorKind::Refused, r.0)
     }
 }
 
-fn api_err(op: &'static str) -> impl FnOnce(BollardError) -> SwarmError {
-    move |e| SwarmError::Docker(DockerError::api(op)(e))
+/// A failure of the swarm backend's own (not an engine call's).
+fn swarm_error(kind: ErrorKind, message: impl std::fmt::Display) -> BackendError {
+    BackendError::new(kind, format!("swarm: {message}"))
 }
 
 /// How long node facts (labels, each engine's `docker info`) are reused between starts.
@@ -93,36 +65,49 @@ type FactsAt = (Instant, Vec<NodeFacts>);
 
 #[derive(Clone)]
 pub struct SwarmRuntime {
-    docker: Docker,
+    engine: Engine,
     raw: Arc<RawApi>,
-    instance: String,
     network: String,
     start_timeout: Duration,
     stop_grace_seconds: u64,
     /// Each node's own engine, by hostname (`swarm.nodes`).
     node_engines: Arc<BTreeMap<String, EngineAddress>>,
     node_facts: Arc<tokio::sync::Mutex<Option<FactsAt>>>,
-    metrics: Arc<Metrics>,
 }
 
 impl SwarmRuntime {
+    /// Connects to the manager's engine, checks that it is one, and makes sure the sandbox
+    /// network exists (an attachable overlay).
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self> {
+        let rt = Self::connect_manager(settings, metrics).await?;
+        rt.ensure_overlay(&settings.sandbox.network_name, NetworkKind::Open)
+            .await?;
+        Ok(rt)
+    }
+
     /// Connects to the manager's engine and checks that it is one.
-    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, SwarmError> {
+    pub async fn connect_manager(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self> {
         let timeout = Duration::from_secs(settings.docker.timeout_seconds);
-        let manager = EngineAddress {
-            base_url: settings.docker.base_url.clone(),
-            tls: None,
-            timeout,
-        };
-        let docker = manager.connect().await?;
-        let info = docker.info().await.map_err(api_err("info"))?;
+        let manager = EngineAddress::plain(&settings.docker.base_url, timeout);
+        let engine = Engine::connect(&manager, &settings.controller.instance, metrics).await?;
+        let info = engine
+            .docker
+            .info()
+            .await
+            .map_err(BackendError::from_engine("info"))?;
         let is_manager = info
             .swarm
             .as_ref()
             .and_then(|s| s.control_available)
             .unwrap_or(false);
         if !is_manager {
-            return Err(SwarmError::NotManager(manager.base_url));
+            return Err(BackendError::new(
+                ErrorKind::Refused,
+                format!(
+                    "the engine at {} is not a swarm manager (runtime: swarm needs one)",
+                    manager.base_url
+                ),
+            ));
         }
         let node_engines = settings
             .swarm
@@ -140,85 +125,68 @@ impl SwarmRuntime {
             })
             .collect();
         Ok(Self {
-            docker,
+            engine,
             raw: Arc::new(RawApi::new(&manager.base_url, timeout)?),
-            instance: settings.controller.instance.clone(),
             network: settings.sandbox.network_name.clone(),
             start_timeout: Duration::from_secs(settings.swarm.start_timeout_seconds),
             stop_grace_seconds: settings.swarm.stop_grace_seconds,
             node_engines: Arc::new(node_engines),
             node_facts: Arc::default(),
-            metrics,
         })
     }
 
-    /// Runs one call and records its duration and outcome, as the docker backend does.
+    /// Runs one call, metered.
     async fn call<T>(
         &self,
         operation: &'static str,
         benign: &[u16],
-        fut: impl std::future::Future<Output = Result<T, BollardError>>,
-    ) -> Result<T, BollardError> {
-        crate::docker::metered(&self.metrics, operation, benign, fut).await
-    }
-
-    /// The configured sandbox network, as an attachable overlay.
-    pub async fn ensure_network(&self) -> Result<(), SwarmError> {
-        self.ensure_overlay(&self.network, NetworkKind::Open).await
+        fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+    ) -> Result<T, bollard::errors::Error> {
+        self.engine.call(operation, benign, fut).await
     }
 
     /// An attachable overlay of this kind; an existing network of another kind is refused
     /// (an `egress: deny` profile needs its own, internal, network).
-    pub async fn ensure_overlay(&self, name: &str, kind: NetworkKind) -> Result<(), SwarmError> {
+    pub async fn ensure_overlay(&self, name: &str, kind: NetworkKind) -> Result<()> {
         let internal = kind == NetworkKind::Internal;
         let options = InspectNetworkOptions {
             scope: Some("swarm".into()),
             ..Default::default()
         };
-        match self
-            .call(
-                "inspect_network",
-                &[404],
-                self.docker.inspect_network(name, Some(options)),
-            )
-            .await
-        {
-            Ok(n) => {
-                let driver = n.driver.unwrap_or_default();
-                if driver != "overlay" || n.attachable != Some(true) {
-                    return Err(Refusal(format!(
-                        "network `{name}` is a {driver} network; swarm sandboxes need an \
-                         attachable overlay"
-                    ))
-                    .into());
-                }
-                if n.internal.unwrap_or(false) != internal {
-                    return Err(Refusal(format!(
-                        "network `{name}` is {}internal, but the profile's egress needs it {}: \
-                         give profiles with `egress: deny` their own `network`",
-                        if internal { "not " } else { "" },
-                        if internal { "internal" } else { "routed" },
-                    ))
-                    .into());
-                }
-                return Ok(());
+        if let Some(n) = self.engine.network(name, Some(options)).await? {
+            let driver = n.driver.unwrap_or_default();
+            if driver != "overlay" || n.attachable != Some(true) {
+                return Err(Refusal(format!(
+                    "network `{name}` is a {driver} network; swarm sandboxes need an \
+                     attachable overlay"
+                ))
+                .into());
             }
-            Err(e) if status_of(&e) == Some(404) => {}
-            Err(e) => return Err(api_err("inspect_network")(e)),
+            if n.internal.unwrap_or(false) != internal {
+                return Err(Refusal(format!(
+                    "network `{name}` is {}internal, but the profile's egress needs it {}: \
+                     give profiles with `egress: deny` their own `network`",
+                    if internal { "not " } else { "" },
+                    if internal { "internal" } else { "routed" },
+                ))
+                .into());
+            }
+            return Ok(());
         }
-        let request = NetworkCreateRequest {
-            name: name.to_string(),
-            driver: Some("overlay".into()),
-            attachable: Some(true),
-            internal: Some(internal),
-            ..Default::default()
-        };
-        Ok(crate::docker::create_network(&self.docker, &self.metrics, request).await?)
+        self.engine
+            .create_network(NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("overlay".into()),
+                attachable: Some(true),
+                internal: Some(internal),
+                ..Default::default()
+            })
+            .await
     }
 
     /// The swarm's nodes as placement sees them: labels from the manager, and what each
     /// node's own engine enforces where `swarm.nodes` reaches it. Reused for a few seconds.
-    pub async fn nodes(&self) -> Result<Vec<NodeFacts>, SwarmError> {
+    pub async fn nodes(&self) -> Result<Vec<NodeFacts>> {
         let mut cached = self.node_facts.lock().await;
         if let Some((at, facts)) = cached.as_ref() {
             if at.elapsed() < NODE_FACTS_FOR {
@@ -229,10 +197,10 @@ impl SwarmRuntime {
             .call(
                 "list_nodes",
                 &[],
-                self.docker.list_nodes(None::<ListNodesOptions>),
+                self.engine.docker.list_nodes(None::<ListNodesOptions>),
             )
             .await
-            .map_err(api_err("list_nodes"))?;
+            .map_err(BackendError::from_engine("list_nodes"))?;
         let mut facts = Vec::with_capacity(nodes.len());
         for n in nodes {
             let spec = n.spec.unwrap_or_default();
@@ -271,17 +239,17 @@ impl SwarmRuntime {
 
     /// Every service of this instance whose task runs or has ended, as the planner sees
     /// them. One on its way (placed or moved by Swarm) is left out: see the module comment.
-    pub async fn list_managed(&self) -> Result<Vec<Observed>, SwarmError> {
-        let filters = HashMap::from([("label", labels::instance_filter(&self.instance))]);
+    async fn list_managed(&self) -> Result<Vec<Observed>> {
+        let filters = HashMap::from([("label", labels::instance_filter(&self.engine.instance))]);
         let options = ListServicesOptionsBuilder::new().filters(&filters).build();
         let services = self
             .call(
                 "list_services",
                 &[],
-                self.docker.list_services(Some(options)),
+                self.engine.docker.list_services(Some(options)),
             )
             .await
-            .map_err(api_err("list_services"))?;
+            .map_err(BackendError::from_engine("list_services"))?;
         if services.is_empty() {
             return Ok(Vec::new());
         }
@@ -334,10 +302,11 @@ impl SwarmRuntime {
     }
 
     /// The tasks of one service, in any state.
-    async fn tasks_of(&self, service: &str) -> Result<Vec<api::TaskView>, SwarmError> {
+    async fn tasks_of(&self, service: &str) -> Result<Vec<api::TaskView>> {
         let started = Instant::now();
         let result = self.raw.tasks(&json!({ "service": [service] })).await;
-        self.metrics
+        self.engine
+            .metrics
             .docker_call("list_tasks", result.is_ok(), started.elapsed());
         // Keep this service's own, whatever else the filter matched.
         Ok(result?
@@ -346,115 +315,43 @@ impl SwarmRuntime {
             .collect())
     }
 
-    /// The session's deterministic service name.
-    pub fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
-        service::service_name(chat_id, session_id)
-    }
-
-    /// Checks what the profile asks against what the nodes give, then creates the service
-    /// (Swarm starts its task). A taken name is `NameTaken`.
-    pub async fn create_service(&self, req: &StartRequest<'_>) -> Result<String, SwarmError> {
-        let kind = placement::network_kind(req.spec)?;
-        let nodes = self.nodes().await?;
-        let placed = placement::place(&placement::Needs::of(req.spec), &nodes)?;
-        if !placed.contradicted.is_empty() {
-            tracing::warn!(nodes = ?placed.contradicted, "node labels claim protections their engine does not enforce; those nodes are left out");
-        }
-        self.ensure_overlay(&req.spec.network, kind).await?;
-        let defaults = service::ServiceDefaults {
-            instance: &self.instance,
-            stop_grace_seconds: self.stop_grace_seconds,
-        };
-        let spec = service::service_spec(req, &defaults, placed.constraints);
-        let name = self.container_name(req.chat_id, req.session_id);
-        match self
-            .call(
-                "create_service",
-                &[409],
-                self.docker.create_service(spec, None),
-            )
-            .await
-        {
-            Ok(r) => {
-                r.id.ok_or_else(|| SwarmError::Unexpected("service create returned no id".into()))
-            }
-            Err(e) if status_of(&e) == Some(409) => Err(SwarmError::NameTaken { name }),
-            Err(e) => Err(api_err("create_service")(e)),
-        }
-    }
-
-    /// Who holds a service name.
-    pub async fn name_holder(&self, name: &str) -> Result<NameHolder, SwarmError> {
-        let s = self
-            .call(
-                "inspect_service",
-                &[],
-                self.docker.inspect_service(name, None),
-            )
-            .await
-            .map_err(api_err("inspect_service"))?;
-        let found = s.spec.and_then(|s| s.labels).unwrap_or_default();
-        let parsed = labels::parse(&found);
-        Ok(NameHolder {
-            container_id: s.id.unwrap_or_else(|| name.to_string()),
-            ours: labels::is_ours(&found, &self.instance),
-            session_id: parsed.session_id,
-            spec_hash: parsed.spec_hash,
-        })
-    }
-
     /// Waits until the service's task runs, and returns its address on `network`. A task
     /// that ended without running (`tasks::ended`), or none running within
     /// `swarm.start_timeout_seconds`, is an error naming why (the executor then removes the
     /// service, and the retry is placed afresh).
-    pub async fn wait_running(&self, id: &str, network: &str) -> Result<String, SwarmError> {
+    pub async fn wait_running(&self, id: &str, network: &str) -> Result<String> {
         let deadline = Instant::now() + self.start_timeout;
         let mut pause = Duration::from_millis(20);
         loop {
             let tasks = self.tasks_of(id).await?;
             if let Some(s) = tasks::serving(&tasks, network) {
                 return s.ip.ok_or_else(|| {
-                    DockerError::NoEndpoint {
-                        container: id.to_string(),
-                        network: network.to_string(),
-                    }
-                    .into()
+                    BackendError::new(
+                        ErrorKind::Other,
+                        format!("service {id} has no IP address on network `{network}`"),
+                    )
                 });
             }
             let gave_up = Instant::now() >= deadline;
             if gave_up || tasks::ended(&tasks) {
-                return Err(SwarmError::NotRunning {
-                    service: id.to_string(),
-                    seconds: self.start_timeout.as_secs(),
-                    why: tasks::why_not_running(&tasks)
-                        .unwrap_or_else(|| "no task was created".into()),
-                });
+                let why =
+                    tasks::why_not_running(&tasks).unwrap_or_else(|| "no task was created".into());
+                return Err(swarm_error(
+                    ErrorKind::Other,
+                    format!(
+                        "service {id} did not run within {} s: {why}",
+                        self.start_timeout.as_secs()
+                    ),
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
-    /// Removes a service (Swarm stops its task); one already gone counts as removed.
-    pub async fn remove(&self, id: &str) -> Result<(), SwarmError> {
-        match self
-            .call("remove", &[404], self.docker.delete_service(id))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if status_of(&e) == Some(404) => Ok(()),
-            Err(e) => Err(api_err("remove_service")(e)),
-        }
-    }
-
-    /// How the service's agent ended, when it exited on its own (`tasks::exited`).
-    pub async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>, SwarmError> {
-        Ok(tasks::exited(&self.tasks_of(id).await?))
-    }
-
     /// The task serving a service: its node's hostname and its container there (for the
     /// data plane). `None` when no task runs.
-    pub async fn locate(&self, id: &str) -> Result<Option<(String, String)>, SwarmError> {
+    pub async fn locate(&self, id: &str) -> Result<Option<(String, String)>> {
         let tasks = self.tasks_of(id).await?;
         let Some(s) = tasks::serving(&tasks, &self.network) else {
             return Ok(None);
@@ -463,9 +360,9 @@ impl SwarmRuntime {
             return Ok(None);
         };
         let n = self
-            .call("inspect_node", &[], self.docker.inspect_node(&node))
+            .call("inspect_node", &[], self.engine.docker.inspect_node(&node))
             .await
-            .map_err(api_err("inspect_node"))?;
+            .map_err(BackendError::from_engine("inspect_node"))?;
         let hostname = n.description.and_then(|d| d.hostname).unwrap_or(node);
         Ok(Some((hostname, container)))
     }
@@ -475,65 +372,9 @@ impl SwarmRuntime {
         self.node_engines.get(hostname)
     }
 
-    /// Problems with the configured profiles in this swarm, for readiness: what would be
-    /// refused at placement.
-    pub async fn profile_problems(&self, settings: &Settings) -> Vec<String> {
-        let nodes = match self.nodes().await {
-            Ok(n) => n,
-            Err(e) => return vec![format!("cannot list the swarm's nodes: {e}")],
-        };
-        let mut problems = Vec::new();
-        for name in settings.sandbox.profiles.keys() {
-            // The spec a session under this profile would freeze (its chat is irrelevant).
-            let spec = crate::domain::spec::resolve(
-                &settings.sandbox,
-                ChatId(uuid::Uuid::nil()),
-                "",
-                std::path::Path::new(""),
-                Some(name),
-            );
-            if let Err(e) = placement::network_kind(&spec) {
-                problems.push(format!("profile {name}: {}", e.0));
-            }
-            if let Err(e) = placement::place(&placement::Needs::of(&spec), &nodes) {
-                problems.push(format!("profile {name}: {}", e.0));
-            }
-        }
-        problems
-    }
-
-    /// Service and node changes, as wake-ups (correctness never depends on them). The
-    /// manager sees no container events of other nodes; a task that ends is found by the
-    /// next pass.
-    pub fn events(
-        &self,
-        since: Option<i64>,
-    ) -> impl Stream<Item = Result<EngineEvent, SwarmError>> + Send + 'static {
-        // Node updates (drain, down, ready) and services changed by someone else; sandboxd's
-        // own creates would only wake a pass per call.
-        let filters = HashMap::from([
-            ("type", vec!["service".to_string(), "node".to_string()]),
-            ("event", vec!["update".to_string(), "remove".to_string()]),
-        ]);
-        let mut options = EventsOptionsBuilder::new().filters(&filters);
-        if let Some(since) = since {
-            options = options.since(&since.to_string());
-        }
-        let engine = self.docker.events(Some(options.build())).map(|r| {
-            r.map(|e| EngineEvent {
-                at: e.time.unwrap_or_default(),
-                action: e.action.unwrap_or_default(),
-                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
-                exit_code: None,
-            })
-            .map_err(api_err("events"))
-        });
-        futures::stream::select(engine, self.task_changes())
-    }
-
     /// A wake-up whenever the running tasks change (one ends, one starts, one is told to
     /// stop); polled every second, since the manager emits no task events. Ends on error.
-    fn task_changes(&self) -> impl Stream<Item = Result<EngineEvent, SwarmError>> + Send + 'static {
+    fn task_changes(&self) -> BoxStream<'static, Result<EngineEvent>> {
         let raw = self.raw.clone();
         async_stream::try_stream! {
             let mut last: Option<Vec<(String, String, String)>> = None;
@@ -557,5 +398,152 @@ impl SwarmRuntime {
                 last = Some(now);
             }
         }
+        .boxed()
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for SwarmRuntime {
+    fn describe(&self) -> &'static str {
+        "the Docker Swarm manager"
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>> {
+        self.list_managed().await
+    }
+
+    /// The session's deterministic service name.
+    fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
+        service::service_name(chat_id, session_id)
+    }
+
+    /// Checks what the profile asks against what the nodes give, then creates the service
+    /// (Swarm starts its task). A taken name is `NameTaken`.
+    async fn create_container(&self, req: &StartRequest<'_>) -> Result<String> {
+        let kind = placement::network_kind(req.spec)?;
+        let nodes = self.nodes().await?;
+        let placed = placement::place(&placement::Needs::of(req.spec), &nodes)?;
+        if !placed.contradicted.is_empty() {
+            tracing::warn!(nodes = ?placed.contradicted, "node labels claim protections their engine does not enforce; those nodes are left out");
+        }
+        self.ensure_overlay(&req.spec.network, kind).await?;
+        let defaults = service::ServiceDefaults {
+            instance: &self.engine.instance,
+            stop_grace_seconds: self.stop_grace_seconds,
+        };
+        let spec = service::service_spec(req, &defaults, placed.constraints);
+        let name = self.container_name(req.chat_id, req.session_id);
+        match self
+            .call(
+                "create_service",
+                &[409],
+                self.engine.docker.create_service(spec, None),
+            )
+            .await
+        {
+            Ok(r) => {
+                r.id.ok_or_else(|| swarm_error(ErrorKind::Other, "service create returned no id"))
+            }
+            Err(e) if status_of(&e) == Some(409) => Err(BackendError::new(
+                ErrorKind::NameTaken,
+                format!("the service name {name} is taken"),
+            )),
+            Err(e) => Err(BackendError::engine("create_service", e)),
+        }
+    }
+
+    async fn name_holder(&self, name: &str) -> Result<NameHolder> {
+        let s = self
+            .call(
+                "inspect_service",
+                &[],
+                self.engine.docker.inspect_service(name, None),
+            )
+            .await
+            .map_err(BackendError::from_engine("inspect_service"))?;
+        let found = s.spec.and_then(|s| s.labels).unwrap_or_default();
+        let id = s.id.unwrap_or_else(|| name.to_string());
+        Ok(self.engine.holder(id, &found))
+    }
+
+    /// Waits for the service's task to run (`wait_running`); nothing is published.
+    async fn start_container(&self, id: &str, network: &str, _port: u16) -> Result<Started> {
+        Ok(Started {
+            ip: self.wait_running(id, network).await?,
+            host_port: None,
+        })
+    }
+
+    async fn ensure_network_named(&self, network: &str) -> Result<()> {
+        self.ensure_overlay(network, NetworkKind::Open).await
+    }
+
+    /// Removes a service (Swarm stops its task); one already gone counts as removed.
+    async fn remove(&self, id: &str) -> Result<()> {
+        match self
+            .call("remove", &[404], self.engine.docker.delete_service(id))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(BackendError::engine("remove_service", e)),
+        }
+    }
+
+    /// How the service's agent ended, when it exited on its own (`tasks::exited`).
+    async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>> {
+        Ok(tasks::exited(&self.tasks_of(id).await?))
+    }
+
+    /// What would be refused at placement.
+    async fn profile_problems(&self, settings: &Settings) -> Result<Vec<String>> {
+        let nodes = match self.nodes().await {
+            Ok(n) => n,
+            Err(e) => return Ok(vec![format!("cannot list the swarm's nodes: {e}")]),
+        };
+        let mut problems = Vec::new();
+        for name in settings.sandbox.profiles.keys() {
+            // The spec a session under this profile would freeze (its chat is irrelevant).
+            let spec = crate::domain::spec::resolve(
+                &settings.sandbox,
+                ChatId(uuid::Uuid::nil()),
+                "",
+                std::path::Path::new(""),
+                Some(name),
+            );
+            if let Err(e) = placement::network_kind(&spec) {
+                problems.push(format!("profile {name}: {}", e.0));
+            }
+            if let Err(e) = placement::place(&placement::Needs::of(&spec), &nodes) {
+                problems.push(format!("profile {name}: {}", e.0));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Service and node changes, as wake-ups (correctness never depends on them). The
+    /// manager sees no container events of other nodes; a task that ends is found by the
+    /// next pass.
+    fn events(&self, since: Option<i64>) -> BoxStream<'static, Result<EngineEvent>> {
+        // Node updates (drain, down, ready) and services changed by someone else; sandboxd's
+        // own creates would only wake a pass per call.
+        let filters = HashMap::from([
+            ("type", vec!["service".to_string(), "node".to_string()]),
+            ("event", vec!["update".to_string(), "remove".to_string()]),
+        ]);
+        let mut options = EventsOptionsBuilder::new().filters(&filters);
+        if let Some(since) = since {
+            options = options.since(&since.to_string());
+        }
+        let engine = self.engine.docker.events(Some(options.build())).map(|r| {
+            r.map(|e| EngineEvent {
+                at: e.time.unwrap_or_default(),
+                action: e.action.unwrap_or_default(),
+                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
+                exit_code: None,
+            })
+            .map_err(BackendError::from_engine("events"))
+        });
+        futures::stream::select(engine, self.task_changes()).boxed()
     }
 }

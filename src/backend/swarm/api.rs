@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::SwarmError;
+use crate::backend::error::{BackendError, ErrorKind, Result};
 
 /// The API version this reads (Docker 20.10 and later speak it).
 const API: &str = "v1.41";
@@ -97,7 +97,7 @@ pub struct RawApi {
 impl RawApi {
     /// `unix:///path`, `tcp://host:port` or `http://host:port` (config validation refuses
     /// the rest in swarm mode).
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, SwarmError> {
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self> {
         let transport = if let Some(socket) = base_url.strip_prefix("unix://") {
             Transport::Unix {
                 socket: socket.to_string(),
@@ -112,25 +112,33 @@ impl RawApi {
                 client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             }
         } else {
-            return Err(SwarmError::Config(format!(
-                "the manager's engine must be a unix://, tcp:// or http:// address, not {base_url}"
-            )));
+            return Err(BackendError::new(
+                ErrorKind::Refused,
+                format!(
+                    "swarm: the manager's engine must be a unix://, tcp:// or http:// address, \
+                     not {base_url}"
+                ),
+            ));
         };
         Ok(Self { transport, timeout })
     }
 
     /// Tasks matching `filters` (the API's `filters` JSON object).
-    pub async fn tasks(&self, filters: &serde_json::Value) -> Result<Vec<TaskView>, SwarmError> {
+    pub async fn tasks(&self, filters: &serde_json::Value) -> Result<Vec<TaskView>> {
         let query = serde_urlencoded::to_string([("filters", filters.to_string())])
-            .map_err(|e| SwarmError::Unexpected(format!("task filter: {e}")))?;
+            .map_err(|e| other(format!("task filter: {e}")))?;
         let body = self.get(&format!("/{API}/tasks?{query}")).await?;
         serde_json::from_slice(&body)
-            .map_err(|e| SwarmError::Unexpected(format!("task list is not what the API says: {e}")))
+            .map_err(|e| other(format!("task list is not what the API says: {e}")))
     }
 
-    async fn get(&self, path_and_query: &str) -> Result<Bytes, SwarmError> {
-        let unavailable =
-            |message: String| SwarmError::Unavailable(format!("GET tasks: {message}"));
+    async fn get(&self, path_and_query: &str) -> Result<Bytes> {
+        let unavailable = |message: String| {
+            BackendError::new(
+                ErrorKind::Unavailable,
+                format!("swarm manager unavailable: GET tasks: {message}"),
+            )
+        };
         let request = async {
             let response = match &self.transport {
                 Transport::Unix { socket, client } => {
@@ -153,7 +161,7 @@ impl RawApi {
                 .map_err(|e| unavailable(e.to_string()))?
                 .to_bytes();
             if !status.is_success() {
-                return Err(SwarmError::Unexpected(format!(
+                return Err(other(format!(
                     "GET tasks answered {status}: {}",
                     String::from_utf8_lossy(&body)
                 )));
@@ -164,6 +172,11 @@ impl RawApi {
             .await
             .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))?
     }
+}
+
+/// An answer that is not what the API says.
+fn other(message: String) -> BackendError {
+    BackendError::new(ErrorKind::Other, format!("swarm: {message}"))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::time::Instant;
 use bollard::query_parameters::BuildImageOptionsBuilder;
 use futures::StreamExt;
 
-use super::{status_of, DockerError, DockerRuntime};
+use super::DockerRuntime;
+use crate::backend::error::{status_of, BackendError, ErrorKind, Result};
 
 /// Output kept per build for the event log (its tail).
 const LOG_TAIL_BYTES: usize = 8 * 1024;
@@ -31,37 +32,29 @@ pub struct BuildReport {
 #[derive(Debug, Default)]
 pub struct BuildGate {
     lock: tokio::sync::Mutex<Option<(Instant, String)>>,
-    reports: std::sync::Mutex<Vec<BuildReport>>,
+    pub(super) reports: std::sync::Mutex<Vec<BuildReport>>,
 }
 
 impl DockerRuntime {
     /// Builds `image` from the configured context unless it exists by the time this caller
     /// holds the build lock.
-    pub(super) async fn build_once(&self, image: &str) -> Result<(), DockerError> {
+    pub(super) async fn build_once(&self, image: &str) -> Result<()> {
         let context = self
             .build_context
             .clone()
-            .ok_or_else(|| DockerError::BuildFailed {
-                image: image.to_string(),
-                context: "-".into(),
-                message: "docker.build_context is not set".into(),
-            })?;
+            .ok_or_else(|| build_failed(image, "-", "docker.build_context is not set"))?;
         let waited_from = Instant::now();
         let gate: Arc<BuildGate> = self.builds.clone();
         let mut last_failure = gate.lock.lock().await;
         // Another caller built it (or failed to) while this one waited.
-        match self.docker.inspect_image(image).await {
+        match self.engine.docker.inspect_image(image).await {
             Ok(_) => return Ok(()),
             Err(e) if status_of(&e) == Some(404) => {}
-            Err(e) => return Err(DockerError::api("inspect_image")(e)),
+            Err(e) => return Err(BackendError::engine("inspect_image", e)),
         }
         if let Some((at, message)) = last_failure.as_ref() {
             if *at > waited_from {
-                return Err(DockerError::BuildFailed {
-                    image: image.to_string(),
-                    context: context.display().to_string(),
-                    message: message.clone(),
-                });
+                return Err(build_failed(image, context.display(), message));
             }
         }
         let started = Instant::now();
@@ -88,22 +81,9 @@ impl DockerRuntime {
             }
             Some(message) => {
                 *last_failure = Some((Instant::now(), message.clone()));
-                Err(DockerError::BuildFailed {
-                    image: image.to_string(),
-                    context: context.display().to_string(),
-                    message,
-                })
+                Err(build_failed(image, context.display(), message))
             }
         }
-    }
-
-    /// Builds sent since the last call (the executor writes them to the event log).
-    pub fn take_build_reports(&self) -> Vec<BuildReport> {
-        self.builds
-            .reports
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default()
     }
 
     /// Tars the context and runs the build; the output either way.
@@ -127,7 +107,7 @@ impl DockerRuntime {
             .rm(true)
             .forcerm(true)
             .build();
-        let mut stream = Box::pin(self.docker.build_image(
+        let mut stream = Box::pin(self.engine.docker.build_image(
             options,
             None,
             Some(bollard::body_full(archive.into())),
@@ -149,6 +129,18 @@ impl DockerRuntime {
         }
         Ok(log)
     }
+}
+
+/// A failed build, as the start that waited for it reports it.
+fn build_failed(
+    image: &str,
+    context: impl std::fmt::Display,
+    message: impl std::fmt::Display,
+) -> BackendError {
+    BackendError::new(
+        ErrorKind::Other,
+        format!("building image `{image}` from {context} failed: {message}"),
+    )
 }
 
 fn tail(log: &str) -> String {

@@ -1,0 +1,189 @@
+//! The engine core every backend stands on: where an engine is and how to connect (API
+//! version negotiated), metered calls, networks, and the reading of a name holder's labels.
+//! Docker, Podman (its Docker-compatible API) and a Swarm manager all speak this API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{Mount, MountType, NetworkCreateRequest, NetworkInspect};
+use bollard::query_parameters::InspectNetworkOptions;
+use bollard::Docker;
+
+use super::error::{status_of, BackendError, ErrorKind, Result};
+use super::{labels, NameHolder};
+use crate::metrics::Metrics;
+
+/// Where an engine is, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineAddress {
+    /// `unix://`, `tcp://`/`http://`, or `https://` (with `tls`).
+    pub base_url: String,
+    pub tls: Option<crate::config::NodeTls>,
+    /// Per request.
+    pub timeout: Duration,
+}
+
+impl EngineAddress {
+    /// A local engine without TLS.
+    pub fn plain(base_url: &str, timeout: Duration) -> Self {
+        Self {
+            base_url: base_url.to_string(),
+            tls: None,
+            timeout,
+        }
+    }
+
+    /// Connects and negotiates the API version (20.10 speaks 1.41).
+    pub async fn connect(&self) -> Result<Docker> {
+        let url = self.base_url.clone();
+        let connect_err = |source: BollardError| {
+            BackendError::new(
+                ErrorKind::Unavailable,
+                format!("cannot connect to the Docker engine at {url}: {source}"),
+            )
+        };
+        let docker = match &self.tls {
+            Some(tls) => Docker::connect_with_ssl(
+                &self.base_url,
+                &tls.key,
+                &tls.cert,
+                &tls.ca,
+                self.timeout.as_secs().max(1),
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None => Docker::connect_with_host(&self.base_url),
+        }
+        .map_err(connect_err)?
+        .with_timeout(self.timeout);
+        docker.negotiate_version().await.map_err(connect_err)
+    }
+}
+
+/// Runs one engine call and records its duration and outcome in the metrics; `benign`
+/// statuses (a 404 on remove, a 304 on start) count as success.
+pub async fn metered<T>(
+    metrics: &Metrics,
+    operation: &'static str,
+    benign: &[u16],
+    fut: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<T, BollardError> {
+    let started = Instant::now();
+    let result = fut.await;
+    let ok = match &result {
+        Ok(_) => true,
+        Err(e) => status_of(e).is_some_and(|s| benign.contains(&s)),
+    };
+    metrics.docker_call(operation, ok, started.elapsed());
+    result
+}
+
+/// One connected engine of one sandboxd instance: the client, the metrics its calls are
+/// counted in, and the instance whose labels mark what is ours.
+#[derive(Clone)]
+pub struct Engine {
+    pub docker: Docker,
+    pub instance: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// Connects to `address` and pings it.
+    pub async fn connect(
+        address: &EngineAddress,
+        instance: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let docker = address.connect().await?;
+        docker.ping().await.map_err(|e| {
+            BackendError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot connect to the Docker engine at {}: {e}",
+                    address.base_url
+                ),
+            )
+        })?;
+        Ok(Self {
+            docker,
+            instance: instance.to_string(),
+            metrics,
+        })
+    }
+
+    /// Runs one call, metered (see [`metered`]).
+    pub async fn call<T>(
+        &self,
+        operation: &'static str,
+        benign: &[u16],
+        fut: impl std::future::Future<Output = Result<T, BollardError>>,
+    ) -> Result<T, BollardError> {
+        metered(&self.metrics, operation, benign, fut).await
+    }
+
+    /// A network, or `None` when there is none of that name.
+    pub async fn network(
+        &self,
+        name: &str,
+        options: Option<InspectNetworkOptions>,
+    ) -> Result<Option<NetworkInspect>> {
+        match self
+            .call(
+                "inspect_network",
+                &[404],
+                self.docker.inspect_network(name, options),
+            )
+            .await
+        {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(BackendError::engine("inspect_network", e)),
+        }
+    }
+
+    /// Creates a network; one someone else created in between counts as created.
+    pub async fn create_network(&self, request: NetworkCreateRequest) -> Result<()> {
+        let (name, driver) = (request.name.clone(), request.driver.clone());
+        match self
+            .call(
+                "create_network",
+                &[409],
+                self.docker.create_network(request),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(network = %name, driver = ?driver, "created sandbox network");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(BackendError::engine("create_network", e)),
+        }
+    }
+
+    /// Who holds a name, from the holder's id and labels.
+    pub fn holder(&self, id: String, found: &HashMap<String, String>) -> NameHolder {
+        let parsed = labels::parse(found);
+        NameHolder {
+            container_id: id,
+            ours: labels::is_ours(found, &self.instance),
+            session_id: parsed.session_id,
+            spec_hash: parsed.spec_hash,
+        }
+    }
+}
+
+/// The spec's bind mounts, as the engine takes them (a container's, or a service's).
+pub fn bind_mounts(spec: &crate::domain::spec::ContainerSpec) -> Vec<Mount> {
+    spec.mounts
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(m.source.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect()
+}

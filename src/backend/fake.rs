@@ -1,0 +1,385 @@
+//! An in-memory engine behind the same [`Backend`] seam, for fast unit tests of the
+//! controller's moving parts (executor, runner, supervisor, takeover): containers are rows
+//! in a map, events a broadcast channel, and faults are injected by the test: an engine
+//! that is down, refused creates, a missing image, lost events, slow starts, crashes and
+//! hand removals. It implements no optional capability, as the swarm backend does not.
+//!
+//! Never a stand-in for the real engines in integration tests: those run against Docker,
+//! Podman and a swarm.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+
+use super::error::{BackendError, ErrorKind, Result};
+use super::{
+    labels, Backend, Connect, EngineEvent, NameHolder, SharedBackend, StartRequest, Started,
+};
+use crate::config::Settings;
+use crate::domain::{ChatId, SessionId};
+use crate::planner::Observed;
+
+/// One container of the fake engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeContainer {
+    pub id: String,
+    pub name: String,
+    /// Labelled for this instance (a foreign container is not).
+    pub ours: bool,
+    pub chat_id: Option<ChatId>,
+    pub session_id: Option<SessionId>,
+    pub spec_hash: Option<String>,
+    pub image: String,
+    pub running: bool,
+    pub ip: Option<String>,
+    /// Exit code and time, once it stopped.
+    pub exit: Option<(i64, DateTime<Utc>)>,
+    /// How often it was started.
+    pub starts: u32,
+}
+
+/// Faults a test turns on.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Every call fails as if the engine did not answer.
+    down: bool,
+    /// The next this many creates are refused (an engine error, not a taken name).
+    refuse_creates: u32,
+    /// The next this many starts fail (the container is left created).
+    fail_starts: u32,
+    /// Images the engine does not have.
+    missing_images: HashSet<String>,
+    /// Events are not delivered (the loop must converge by listing).
+    lose_events: bool,
+    /// Each start takes this long.
+    start_delay: Duration,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    containers: BTreeMap<String, FakeContainer>,
+    next_id: u64,
+    faults: Faults,
+    /// Calls made, in order (`create`, `start`, `remove`, `list`, …).
+    calls: Vec<&'static str>,
+    connects: u32,
+}
+
+/// The fake engine; clones share one world.
+#[derive(Clone)]
+pub struct FakeBackend {
+    instance: String,
+    world: Arc<Mutex<World>>,
+    events: broadcast::Sender<EngineEvent>,
+}
+
+impl FakeBackend {
+    pub fn new(instance: &str) -> Self {
+        Self {
+            instance: instance.to_string(),
+            world: Arc::default(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the call, and fails it when the engine is down.
+    fn enter(&self, call: &'static str) -> Result<MutexGuard<'_, World>> {
+        let mut w = self.world();
+        w.calls.push(call);
+        if w.faults.down {
+            return Err(BackendError::new(
+                ErrorKind::Unavailable,
+                format!("fake engine unavailable: {call}"),
+            ));
+        }
+        Ok(w)
+    }
+
+    fn emit(&self, action: &str, id: &str, exit_code: Option<i64>) {
+        if self.world().faults.lose_events {
+            return;
+        }
+        let _ = self.events.send(EngineEvent {
+            at: Utc::now().timestamp(),
+            action: action.into(),
+            container_id: id.into(),
+            exit_code,
+        });
+    }
+
+    // Faults.
+
+    /// The engine stops (or starts again) answering.
+    pub fn set_down(&self, down: bool) {
+        self.world().faults.down = down;
+    }
+
+    pub fn refuse_creates(&self, n: u32) {
+        self.world().faults.refuse_creates = n;
+    }
+
+    pub fn fail_starts(&self, n: u32) {
+        self.world().faults.fail_starts = n;
+    }
+
+    pub fn set_image_missing(&self, image: &str, missing: bool) {
+        let mut w = self.world();
+        if missing {
+            w.faults.missing_images.insert(image.to_string());
+        } else {
+            w.faults.missing_images.remove(image);
+        }
+    }
+
+    pub fn lose_events(&self, lose: bool) {
+        self.world().faults.lose_events = lose;
+    }
+
+    pub fn slow_starts(&self, delay: Duration) {
+        self.world().faults.start_delay = delay;
+    }
+
+    // What happens to containers outside sandboxd.
+
+    /// The agent exits with `code` (a `die` event, unless events are lost).
+    pub fn crash(&self, id: &str, code: i64) {
+        let crashed = {
+            let mut w = self.world();
+            match w.containers.get_mut(id) {
+                Some(c) if c.running => {
+                    c.running = false;
+                    c.exit = Some((code, Utc::now()));
+                    true
+                }
+                _ => false,
+            }
+        };
+        if crashed {
+            self.emit("die", id, Some(code));
+        }
+    }
+
+    /// Someone removes the container by hand.
+    pub fn remove_by_hand(&self, id: &str) {
+        if self.world().containers.remove(id).is_some() {
+            self.emit("destroy", id, None);
+        }
+    }
+
+    /// A container of someone else (or of this instance, when `ours`) under `name`.
+    pub fn add_container(&self, c: FakeContainer) {
+        self.world().containers.insert(c.id.clone(), c);
+    }
+
+    // What a test reads.
+
+    pub fn containers(&self) -> Vec<FakeContainer> {
+        self.world().containers.values().cloned().collect()
+    }
+
+    pub fn running(&self) -> Vec<FakeContainer> {
+        self.containers()
+            .into_iter()
+            .filter(|c| c.running)
+            .collect()
+    }
+
+    /// How often `call` was made.
+    pub fn count(&self, call: &str) -> usize {
+        self.world().calls.iter().filter(|c| **c == call).count()
+    }
+
+    /// How often the supervisor connected.
+    pub fn connects(&self) -> u32 {
+        self.world().connects
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for FakeBackend {
+    fn describe(&self) -> &'static str {
+        "the fake engine"
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>> {
+        let w = self.enter("list")?;
+        Ok(w.containers
+            .values()
+            .filter(|c| c.ours)
+            .map(|c| Observed {
+                container_id: c.id.clone(),
+                chat_id: c.chat_id,
+                session_id: c.session_id,
+                spec_hash: c.spec_hash.clone(),
+                running: c.running,
+                ip: c.ip.clone(),
+                legacy: false,
+                pool_slot: None,
+            })
+            .collect())
+    }
+
+    fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
+        labels::container_name(&self.instance, chat_id, session_id)
+    }
+
+    async fn create_container(&self, req: &StartRequest<'_>) -> Result<String> {
+        let name = self.container_name(req.chat_id, req.session_id);
+        let mut w = self.enter("create")?;
+        if w.faults.refuse_creates > 0 {
+            w.faults.refuse_creates -= 1;
+            return Err(BackendError::new(
+                ErrorKind::Other,
+                "injected failure: create",
+            ));
+        }
+        if w.faults.missing_images.contains(&req.spec.image) {
+            return Err(BackendError::new(
+                ErrorKind::ImageMissing,
+                format!(
+                    "image `{}` is not present locally and the pull policy is `never`",
+                    req.spec.image
+                ),
+            ));
+        }
+        if w.containers.values().any(|c| c.name == name) {
+            return Err(BackendError::new(
+                ErrorKind::NameTaken,
+                format!("the container name {name} is taken"),
+            ));
+        }
+        w.next_id += 1;
+        let id = format!("fake{:04}", w.next_id);
+        w.containers.insert(
+            id.clone(),
+            FakeContainer {
+                id: id.clone(),
+                name,
+                ours: true,
+                chat_id: Some(req.chat_id),
+                session_id: Some(req.session_id),
+                spec_hash: Some(req.spec_hash.to_string()),
+                image: req.spec.image.clone(),
+                running: false,
+                ip: None,
+                exit: None,
+                starts: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn name_holder(&self, name: &str) -> Result<NameHolder> {
+        let w = self.enter("inspect")?;
+        let c = w
+            .containers
+            .values()
+            .find(|c| c.name == name)
+            .ok_or_else(|| {
+                BackendError::new(ErrorKind::NotFound, format!("no container {name}"))
+            })?;
+        Ok(NameHolder {
+            container_id: c.id.clone(),
+            ours: c.ours,
+            session_id: c.session_id,
+            spec_hash: c.spec_hash.clone(),
+        })
+    }
+
+    async fn start_container(&self, id: &str, _network: &str, _port: u16) -> Result<Started> {
+        let delay = self.enter("start")?.faults.start_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut w = self.enter("start_done")?;
+        if w.faults.fail_starts > 0 {
+            w.faults.fail_starts -= 1;
+            return Err(BackendError::new(
+                ErrorKind::Other,
+                "injected failure: start",
+            ));
+        }
+        let n = w.next_id;
+        let c = w
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| BackendError::new(ErrorKind::NotFound, format!("no container {id}")))?;
+        let ip =
+            c.ip.get_or_insert_with(|| format!("10.99.{}.{}", n / 250, n % 250 + 2))
+                .clone();
+        c.running = true;
+        c.exit = None;
+        c.starts += 1;
+        Ok(Started {
+            ip,
+            host_port: None,
+        })
+    }
+
+    async fn ensure_network_named(&self, _network: &str) -> Result<()> {
+        self.enter("ensure_network").map(|_| ())
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        let removed = self.enter("remove")?.containers.remove(id).is_some();
+        if removed {
+            self.emit("destroy", id, None);
+        }
+        Ok(())
+    }
+
+    async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>> {
+        let w = self.enter("inspect")?;
+        Ok(w.containers.get(id).and_then(|c| c.exit))
+    }
+
+    async fn profile_problems(&self, _settings: &Settings) -> Result<Vec<String>> {
+        self.enter("info").map(|_| Vec::new())
+    }
+
+    fn events(&self, _since: Option<i64>) -> BoxStream<'static, Result<EngineEvent>> {
+        let down = self.world().faults.down;
+        if down {
+            let e = BackendError::new(ErrorKind::Unavailable, "fake engine unavailable: events");
+            return futures::stream::iter([Err(e)]).boxed();
+        }
+        tokio_stream_of(self.events.subscribe())
+    }
+}
+
+/// A broadcast receiver as a stream that ends when the channel closes or lags.
+fn tokio_stream_of(
+    rx: broadcast::Receiver<EngineEvent>,
+) -> BoxStream<'static, Result<EngineEvent>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Ok(e) => Some((Ok(e), rx)),
+            Err(_) => None,
+        }
+    })
+    .boxed()
+}
+
+#[async_trait::async_trait]
+impl Connect for FakeBackend {
+    async fn connect(&self) -> Result<SharedBackend> {
+        let mut w = self.world();
+        w.connects += 1;
+        if w.faults.down {
+            return Err(BackendError::new(
+                ErrorKind::Unavailable,
+                "cannot connect to the fake engine",
+            ));
+        }
+        Ok(Arc::new(self.clone()))
+    }
+}

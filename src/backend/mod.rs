@@ -1,0 +1,269 @@
+//! The seam between sandboxd and a container engine. The controller, its executor,
+//! supervisor, takeover and warm pool speak only to [`Backend`]; the data plane only to
+//! [`io::SandboxIo`] through [`io::Locate`]. The planner, the store and the HTTP code know
+//! nothing of either. Three engines enter through it:
+//! - `docker/`: one Docker engine (bollard);
+//! - `podman/`: Podman's Docker-compatible API, the docker backend with Podman's differences;
+//! - `swarm/`: Docker Swarm services through a manager, where a service stands in for a
+//!   container (its id is the "container id") and its task's overlay address is the endpoint;
+//!
+//! and `fake.rs`, an in-memory engine with injectable faults for the controller's unit tests.
+//! Under them: `engine.rs` (connect, metered calls, networks), `error.rs` (one error, typed
+//! kinds), `hardening.rs` (the one translation of a session's hardening), `labels.rs`.
+//!
+//! The policies stay above the seam: what a taken container name means (adopt or clear) is
+//! the executor's, crash-loop pacing too. A backend offers primitives: list, create, start,
+//! remove, inspect an exit, and an event stream; what only some engines can do is declared
+//! as an optional capability ([`Backend::host_rules`], [`Backend::legacy`],
+//! [`Backend::images`], [`Backend::warm`]), never matched on by name.
+
+pub mod docker;
+pub mod engine;
+pub mod error;
+pub mod fake;
+pub mod hardening;
+pub mod io;
+pub mod labels;
+pub mod swarm;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+
+use crate::config::{RuntimeKind, Settings};
+use crate::domain::spec::ContainerSpec;
+use crate::domain::{ChatId, SessionId};
+use crate::metrics::Metrics;
+use crate::planner::Observed;
+
+pub use error::{BackendError, ErrorKind, Result};
+
+/// The backend the controller holds: one per connection, shared by its tasks.
+pub type SharedBackend = Arc<dyn Backend>;
+
+/// What a start needs besides the spec.
+#[derive(Debug, Clone)]
+pub struct StartRequest<'a> {
+    pub chat_id: ChatId,
+    pub session_id: SessionId,
+    pub agent_id: &'a str,
+    pub spec: &'a ContainerSpec,
+    pub spec_hash: &'a str,
+    /// For the old service's labels only.
+    pub volume_host_path: &'a str,
+    /// For the old service's labels only (the expiry at creation).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The container holding a name, as its labels describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameHolder {
+    pub container_id: String,
+    /// Labelled for this instance (`sandboxd.managed` and `sandboxd.instance`).
+    pub ours: bool,
+    pub session_id: Option<SessionId>,
+    pub spec_hash: Option<String>,
+}
+
+/// A started container: its address on the spec's network, and the host port its agent
+/// port is published on (when the spec publishes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub ip: String,
+    pub host_port: Option<u16>,
+}
+
+/// A container event of this instance.
+#[derive(Debug, Clone)]
+pub struct EngineEvent {
+    /// Unix seconds.
+    pub at: i64,
+    /// `die`, `destroy`, …
+    pub action: String,
+    pub container_id: String,
+    /// The process's exit code, on `die`.
+    pub exit_code: Option<i64>,
+}
+
+/// A container the old Python service started (its six labels, no sandboxd labels).
+#[derive(Debug, Clone)]
+pub struct LegacyContainer {
+    pub container_id: String,
+    pub session: labels::LegacySession,
+    pub running: bool,
+    /// The network it joined and its address there.
+    pub network: Option<String>,
+    pub ip: Option<String>,
+    /// When Docker created it.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// A container engine, as the controller uses it.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// The backend's name, for logs and readiness ("the Docker engine").
+    fn describe(&self) -> &'static str;
+
+    /// Every container (service) of this instance, in any state.
+    async fn list(&self) -> Result<Vec<Observed>>;
+
+    /// The session's deterministic container (service) name: a start retried after a crash
+    /// collides with what the first attempt made.
+    fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String;
+
+    /// Creates the session's container (a service, whose task Swarm starts at once); a
+    /// taken name is an error of kind `NameTaken`.
+    async fn create_container(&self, req: &StartRequest<'_>) -> Result<String>;
+
+    /// Who holds a container (service) name.
+    async fn name_holder(&self, name: &str) -> Result<NameHolder>;
+
+    /// Starts a created container (waits for a service's task to run) and reads where it
+    /// serves.
+    async fn start_container(&self, id: &str, network: &str, port: u16) -> Result<Started>;
+
+    /// Creates a sandbox network unless it exists.
+    async fn ensure_network_named(&self, network: &str) -> Result<()>;
+
+    /// Removes a container (service); one already gone counts as removed.
+    async fn remove(&self, id: &str) -> Result<()>;
+
+    /// How a container ended (exit code, when), `None` while it runs or when it is gone.
+    async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>>;
+
+    /// What would keep the configured profiles' sandboxes from starting (readiness names
+    /// them): a runtime the engine does not offer; in swarm mode, what no node gives.
+    async fn profile_problems(&self, settings: &Settings) -> Result<Vec<String>>;
+
+    /// The host port a running container publishes `port` on, if any (for adoption).
+    async fn published_port(&self, _id: &str, _port: u16) -> Result<Option<u16>> {
+        Ok(None)
+    }
+
+    /// Changes sandboxd does not make itself, as wake-ups; ends on error (the caller
+    /// reconnects). `since` (unix seconds) replays a gap.
+    fn events(&self, since: Option<i64>) -> BoxStream<'static, Result<EngineEvent>>;
+
+    /// Sandboxes on host bridges whose egress sandboxd keeps in the host's firewall.
+    fn host_rules(&self) -> Option<&dyn HostRules> {
+        None
+    }
+
+    /// Containers the old Python service started on this engine, to take over.
+    fn legacy(&self) -> Option<&dyn LegacyTakeover> {
+        None
+    }
+
+    /// Image events and builds (an accelerator for missing-image retries; the event log).
+    fn images(&self) -> Option<&dyn ImageWatch> {
+        None
+    }
+
+    /// Warm starts: pool members made and bound through host mount propagation.
+    fn warm(&self) -> Option<&dyn WarmStarts> {
+        None
+    }
+}
+
+/// Host egress rules: the backend's sandboxes sit on host bridges.
+#[async_trait::async_trait]
+pub trait HostRules: Send + Sync {
+    /// The host interface of a sandbox network (egress rules match on it).
+    async fn bridge_of(&self, network: &str) -> Result<String>;
+}
+
+/// Takeover of the old service's containers.
+#[async_trait::async_trait]
+pub trait LegacyTakeover: Send + Sync {
+    /// Every container the old Python service started.
+    async fn list_legacy(&self) -> Result<Vec<LegacyContainer>>;
+
+    /// The old service's containers among `ids`, as the planner sees them.
+    async fn observe_legacy(&self, ids: &[String]) -> Result<Vec<Observed>>;
+}
+
+/// Images as the engine sees them.
+pub trait ImageWatch: Send + Sync {
+    /// Names of images that appeared on the engine; ends on error (the caller reconnects).
+    fn image_events(&self) -> BoxStream<'static, Result<String>>;
+
+    /// Image builds done since the last call (`docker.pull_policy: build`).
+    fn take_build_reports(&self) -> Vec<docker::BuildReport>;
+}
+
+/// A warm pool member's container: the class spec, with the slot's directories where the
+/// chat's will be bound, and the wrapper that waits for a claim.
+#[derive(Debug, Clone)]
+pub struct MemberRequest<'a> {
+    pub name: &'a str,
+    pub spec: &'a ContainerSpec,
+    /// The member's labels (instance, pool slot and class; no session).
+    pub labels: std::collections::HashMap<String, String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// Bind sources mounted with `rslave` propagation: a claim's mounts under them appear
+    /// inside the running member.
+    pub propagated: Vec<String>,
+    /// A read-only bind of the claim directory: (host source, container target).
+    pub claim_dir: (String, String),
+}
+
+/// Warm starts.
+#[async_trait::async_trait]
+pub trait WarmStarts: Send + Sync {
+    /// The instance whose labels the members carry.
+    fn instance(&self) -> &str;
+
+    /// The image's own entrypoint and command (a member runs them after its claim).
+    async fn image_command(&self, image: &str) -> Result<(Vec<String>, Vec<String>)>;
+
+    /// Creates a member's container (not started).
+    async fn create_member(&self, req: &MemberRequest<'_>) -> Result<String>;
+}
+
+/// How the controller's supervisor gets a backend: at start and again after a failed call.
+/// The settings' engine in production ([`FromSettings`]); the fake in unit tests.
+#[async_trait::async_trait]
+pub trait Connect: Send + Sync {
+    async fn connect(&self) -> Result<SharedBackend>;
+}
+
+/// Connects as the settings say ([`connect`]).
+pub struct FromSettings {
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait::async_trait]
+impl Connect for FromSettings {
+    async fn connect(&self) -> Result<SharedBackend> {
+        connect(&self.settings, self.metrics.clone()).await
+    }
+}
+
+/// Connects to the engine the settings name, and makes sure the sandbox network exists.
+/// The one place that knows the backends by name.
+pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<SharedBackend> {
+    Ok(match settings.runtime {
+        RuntimeKind::Docker => Arc::new(docker::DockerRuntime::connect(settings, metrics).await?),
+        RuntimeKind::Swarm => Arc::new(swarm::SwarmRuntime::connect(settings, metrics).await?),
+    })
+}
+
+/// How the data plane finds the engine of a sandbox, for the settings' backend. It holds
+/// connections of its own, made on first use.
+pub fn locator(settings: &Arc<Settings>, metrics: &Arc<Metrics>) -> Arc<dyn io::Locate> {
+    match settings.runtime {
+        RuntimeKind::Docker => Arc::new(io::OneEngine(Arc::new(docker::io::EngineIo::at(
+            engine::EngineAddress::plain(
+                &settings.docker.base_url,
+                std::time::Duration::from_secs(settings.docker.timeout_seconds),
+            ),
+        )))),
+        RuntimeKind::Swarm => Arc::new(swarm::nodes::SwarmNodes::new(
+            settings.clone(),
+            metrics.clone(),
+        )),
+    }
+}

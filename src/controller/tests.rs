@@ -1,0 +1,398 @@
+//! The controller's moving parts (supervisor, scheduler, runner, executor) on the in-memory
+//! fake backend: convergence, adoption, orphans, the crash-loop backoff, retries at
+//! `next_attempt_at`, reconnects after the engine went away, lost events. Fast and
+//! deterministic in what they check; the same behaviours are tested against real engines
+//! in `tests/`. Every wait is for a state (a row, a container, a pass), bounded.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{watch, Notify};
+
+use super::{Controller, ControllerStatus};
+use crate::backend::fake::{FakeBackend, FakeContainer};
+use crate::config::Settings;
+use crate::domain::spec::resolve;
+use crate::domain::volume::VolumePolicy;
+use crate::domain::{ChatId, Phase, SessionId};
+use crate::metrics::Metrics;
+use crate::store::{NewSession, SandboxRow, Store};
+
+const INSTANCE: &str = "unit";
+/// Long enough for a loaded CI machine, short enough that a hang is seen.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `$check` (an expression giving an `Option`) until it is `Some`, at most [`WAIT`].
+macro_rules! until {
+    ($h:expr, $what:expr, $check:expr) => {{
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(v) = $check {
+                break v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {}; containers: {:?}",
+                $what,
+                $h.fake.containers()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }};
+}
+
+struct Harness {
+    store: Store,
+    fake: FakeBackend,
+    settings: Arc<Settings>,
+    status: Arc<ControllerStatus>,
+    wake: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_on(FakeBackend::new(INSTANCE), tweak).await
+    }
+
+    async fn start_on(fake: FakeBackend, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Settings::default();
+        s.controller.instance = INSTANCE.into();
+        s.controller.backoff_initial_ms = 100;
+        s.controller.backoff_max_seconds = 1;
+        s.controller.take_over_old_service = false;
+        s.sandbox.cleanup_interval_seconds = 1;
+        s.sandbox.chats_root = dir.path().join("chats");
+        s.sandbox.dependencies_host_path = dir.path().join("deps");
+        s.sandbox.lambda_tools_host_path = dir.path().join("tools");
+        s.database.path = dir.path().join("sandboxd.db");
+        s.warm_pool.min_idle = 0;
+        tweak(&mut s);
+        for d in [
+            &s.sandbox.chats_root,
+            &s.sandbox.dependencies_host_path,
+            &s.sandbox.lambda_tools_host_path,
+        ] {
+            std::fs::create_dir_all(d).expect("host directory");
+        }
+        let store = Store::open(&s.database.path, Duration::from_secs(5), 2)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        let store = store.serve_reads_from_memory().await.expect("mirror");
+        let settings = Arc::new(s);
+        let status = Arc::new(ControllerStatus::new(false));
+        let wake = Arc::new(Notify::new());
+        let (stop, stopped) = watch::channel(false);
+        let controller = Controller {
+            store: store.clone(),
+            settings: settings.clone(),
+            volumes: Arc::new(VolumePolicy::default()),
+            wake: wake.clone(),
+            status: status.clone(),
+            metrics: Arc::new(Metrics::new()),
+            connector: Arc::new(fake.clone()),
+        };
+        let task = tokio::spawn(controller.run(stopped));
+        Self {
+            store,
+            fake,
+            settings,
+            status,
+            wake,
+            stop,
+            task: Some(task),
+            dir,
+        }
+    }
+
+    /// Writes a desired sandbox for a new chat, as the API does, and wakes the loop.
+    async fn want(&self, ttl_seconds: i64) -> ChatId {
+        let chat = ChatId(uuid::Uuid::new_v4());
+        let vol = self.dir.path().join(format!("vol-{}", chat.0.simple()));
+        std::fs::create_dir_all(&vol).expect("volume");
+        let spec = resolve(&self.settings.sandbox, chat, "agent", &vol, None);
+        let new = NewSession {
+            chat_id: chat,
+            agent_id: "agent".into(),
+            volume_host_path: vol.display().to_string(),
+            spec_json: serde_json::to_string(&spec).expect("spec"),
+            spec_hash: spec.hash(),
+            ttl: chrono::Duration::seconds(ttl_seconds),
+            profile: None,
+        };
+        self.store.apply(&new, Utc::now()).await.expect("apply");
+        self.wake.notify_one();
+        chat
+    }
+
+    async fn row(&self, chat: ChatId) -> Option<SandboxRow> {
+        self.store.get(chat).await.expect("row")
+    }
+
+    /// The chat's row once it runs.
+    async fn running(&self, chat: ChatId) -> SandboxRow {
+        until!(self, "running", {
+            self.row(chat)
+                .await
+                .filter(|r| r.phase == Phase::Running && r.container_id.is_some())
+        })
+    }
+
+    /// Waits for `n` more completed passes: a check that nothing changed needs them to have
+    /// happened.
+    async fn passes(&self, n: usize) {
+        for _ in 0..n {
+            let before = self.status.last_pass_ms.load(Ordering::Relaxed);
+            self.wake.notify_one();
+            until!(self, "a pass", {
+                (self.status.last_pass_ms.load(Ordering::Relaxed) > before).then_some(())
+            });
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+fn ours(fake: &FakeBackend, chat: ChatId) -> Vec<FakeContainer> {
+    fake.containers()
+        .into_iter()
+        .filter(|c| c.chat_id == Some(chat))
+        .collect()
+}
+
+#[tokio::test]
+async fn desired_sandboxes_converge_and_a_converged_world_stays_put() {
+    let h = Harness::start(|_| {}).await;
+    let chats = [h.want(300).await, h.want(300).await, h.want(300).await];
+    for chat in chats {
+        let row = h.running(chat).await;
+        let c = ours(&h.fake, chat);
+        assert_eq!(c.len(), 1, "one container per chat");
+        assert_eq!(row.container_id.as_deref(), Some(c[0].id.as_str()));
+        assert_eq!(row.endpoint_ip, c[0].ip);
+    }
+    let (creates, starts) = (h.fake.count("create"), h.fake.count("start"));
+    h.passes(3).await;
+    assert_eq!(h.fake.count("create"), creates, "nothing created again");
+    assert_eq!(h.fake.count("start"), starts, "nothing started again");
+    assert_eq!(h.fake.count("remove"), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_loop_is_restarted_at_once_then_with_growing_backoff() {
+    let h = Harness::start(|s| s.controller.backoff_max_seconds = 30).await;
+    let chat = h.want(300).await;
+    let first = h.running(chat).await;
+    // The first exit in a row is restarted at once.
+    h.fake.crash(first.container_id.as_deref().unwrap(), 3);
+    let second = until!(h, "the first restart", {
+        h.row(chat)
+            .await
+            .filter(|r| r.restarts == 1 && r.phase == Phase::Running)
+    });
+    assert_ne!(second.container_id, first.container_id, "a new container");
+    // A second quick exit waits its backoff: the row says when, and nothing runs before.
+    h.fake.crash(second.container_id.as_deref().unwrap(), 3);
+    let waiting = until!(h, "a backoff", {
+        h.row(chat).await.filter(|r| r.next_attempt_at.is_some())
+    });
+    let due = waiting.next_attempt_at.unwrap();
+    assert!(due > Utc::now(), "the retry is in the future: {due}");
+    assert!(
+        waiting.last_error.as_deref().unwrap_or("").contains('3'),
+        "the exit code is named: {:?}",
+        waiting.last_error
+    );
+    let third = until!(h, "the second restart", {
+        h.row(chat)
+            .await
+            .filter(|r| r.restarts == 2 && r.phase == Phase::Running)
+    });
+    assert!(
+        third.running_since.unwrap() >= due,
+        "restarted at next_attempt_at ({due}), not before ({:?})",
+        third.running_since
+    );
+    assert_eq!(h.fake.running().len(), 1, "one container per chat");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_create_is_recorded_and_retried_at_next_attempt_at() {
+    let h = Harness::start(|_| {}).await;
+    h.fake.refuse_creates(2);
+    let chat = h.want(300).await;
+    let failed = until!(h, "a recorded failure", {
+        h.row(chat).await.filter(|r| r.attempts >= 1)
+    });
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("injected failure"),
+        "{:?}",
+        failed.last_error
+    );
+    assert!(failed.next_attempt_at.is_some());
+    let row = h.running(chat).await;
+    assert_eq!(h.fake.count("create"), 3, "two refused, one made");
+    assert_eq!(row.attempts, 0, "a success resets the count");
+    assert_eq!(row.last_error, None);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_start_removes_what_it_created() {
+    let h = Harness::start(|_| {}).await;
+    h.fake.fail_starts(1);
+    let chat = h.want(300).await;
+    h.running(chat).await;
+    assert_eq!(ours(&h.fake, chat).len(), 1, "the failed one was removed");
+    assert!(h.fake.count("remove") >= 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_supervisor_reconnects_when_the_engine_comes_back() {
+    let fake = FakeBackend::new(INSTANCE);
+    fake.set_down(true);
+    let h = Harness::start_on(fake, |_| {}).await;
+    let chat = h.want(300).await;
+    // Down from the start: connects are retried (with backoff), the row fails fast.
+    until!(h, "three connect attempts", {
+        (h.fake.connects() >= 3).then_some(())
+    });
+    assert!(!h.status.docker_connected.load(Ordering::Relaxed));
+    assert!(h.row(chat).await.unwrap().phase != Phase::Running);
+    h.fake.set_down(false);
+    let row = h.running(chat).await;
+    assert!(h.status.docker_connected.load(Ordering::Relaxed));
+    // Gone while connected: the failed call makes the supervisor connect again.
+    let connects = h.fake.connects();
+    h.fake.set_down(true);
+    h.wake.notify_one();
+    until!(h, "a reconnect after a failed call", {
+        (h.fake.connects() > connects).then_some(())
+    });
+    h.fake.set_down(false);
+    h.passes(2).await;
+    let after = h.running(chat).await;
+    assert_eq!(
+        after.container_id, row.container_id,
+        "the running sandbox was left alone"
+    );
+    assert_eq!(h.fake.count("create"), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_whose_event_was_lost_is_found_by_the_resync() {
+    let h = Harness::start(|_| {}).await;
+    let chat = h.want(300).await;
+    let first = h.running(chat).await;
+    h.fake.lose_events(true);
+    h.fake.crash(first.container_id.as_deref().unwrap(), 1);
+    // No event, no wake from the test: only the periodic resync can see it.
+    let again = until!(h, "a restart without an event", {
+        h.row(chat).await.filter(|r| r.restarts == 1)
+    });
+    assert_ne!(again.container_id, first.container_id);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_container_made_before_a_crash_is_adopted_not_duplicated() {
+    // Another process created (and started) the session's container, then died before it
+    // recorded it: the name is taken by ours, for this session and spec.
+    let fake = FakeBackend::new(INSTANCE);
+    let h = Harness::start_on(fake.clone(), |_| {}).await;
+    fake.set_down(true);
+    let chat = h.want(300).await;
+    let row = h.row(chat).await.unwrap();
+    fake.add_container(FakeContainer {
+        id: "made-before".into(),
+        name: crate::backend::labels::container_name(INSTANCE, chat, row.session_id),
+        ours: true,
+        chat_id: Some(chat),
+        session_id: Some(row.session_id),
+        spec_hash: Some(row.spec_hash.clone()),
+        image: "img".into(),
+        running: true,
+        ip: Some("10.99.0.200".into()),
+        exit: None,
+        starts: 1,
+    });
+    fake.set_down(false);
+    let running = h.running(chat).await;
+    assert_eq!(running.container_id.as_deref(), Some("made-before"));
+    assert_eq!(fake.count("create"), 0, "adopted, never created");
+    assert_eq!(fake.containers()[0].starts, 1, "never restarted");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn orphans_of_this_instance_go_and_foreign_containers_stay() {
+    let fake = FakeBackend::new(INSTANCE);
+    let orphan = |id: &str, ours: bool| FakeContainer {
+        id: id.into(),
+        name: id.into(),
+        ours,
+        chat_id: Some(ChatId(uuid::Uuid::new_v4())),
+        session_id: Some(SessionId(uuid::Uuid::new_v4())),
+        spec_hash: Some("h".into()),
+        image: "img".into(),
+        running: true,
+        ip: Some("10.99.1.2".into()),
+        exit: None,
+        starts: 1,
+    };
+    fake.add_container(orphan("orphan", true));
+    fake.add_container(orphan("foreign", false));
+    let h = Harness::start_on(fake.clone(), |_| {}).await;
+    until!(h, "the orphan's removal", {
+        (!h.fake.containers().iter().any(|c| c.id == "orphan")).then_some(())
+    });
+    h.passes(2).await;
+    assert!(fake.containers().iter().any(|c| c.id == "foreign"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_with_its_name_and_recovers_when_it_appears() {
+    let h = Harness::start(|_| {}).await;
+    let image = h.settings.sandbox.image.clone();
+    h.fake.set_image_missing(&image, true);
+    let chat = h.want(300).await;
+    let failed = until!(h, "the image error", {
+        h.row(chat).await.filter(|r| r.last_error.is_some())
+    });
+    assert!(failed.last_error.unwrap().contains(&image));
+    h.fake.set_image_missing(&image, false);
+    h.running(chat).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_sandbox_is_removed() {
+    let h = Harness::start(|_| {}).await;
+    let chat = h.want(2).await;
+    let row = h.running(chat).await;
+    let id = row.container_id.unwrap();
+    until!(h, "the expiry's removal", {
+        (!h.fake.containers().iter().any(|c| c.id == id)).then_some(())
+    });
+    h.stop().await;
+}
