@@ -196,3 +196,83 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use crate::domain::{ChatId, SessionId};
+    use crate::store::{MemberState, Store};
+
+    /// Thirty claims race for ten idle members over four connections: each member goes to
+    /// exactly one chat, twenty claims find the pool empty, a member of another class or
+    /// still starting is never taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_claims_never_share_a_member() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), Duration::from_secs(5), 4)
+            .await
+            .expect("store");
+        store.migrate().await.expect("migrate");
+        let now = Utc::now();
+        for i in 0..10 {
+            let slot = format!("s{i}");
+            store
+                .pool_insert(&slot, "class-a", now)
+                .await
+                .expect("insert");
+            store
+                .pool_created(&slot, &format!("c{i}"), now)
+                .await
+                .expect("created");
+            assert!(store.pool_idle(&slot, "10.0.0.2", now).await.expect("idle"));
+        }
+        store
+            .pool_insert("other", "class-b", now)
+            .await
+            .expect("insert");
+        store
+            .pool_idle("other", "10.0.0.3", now)
+            .await
+            .expect("idle");
+        store
+            .pool_insert("starting", "class-a", now)
+            .await
+            .expect("insert");
+        let claims = (0..30).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let chat = ChatId(uuid::Uuid::new_v4());
+                let taken = store
+                    .pool_take("class-a", chat, SessionId(uuid::Uuid::new_v4()), Utc::now())
+                    .await
+                    .expect("take");
+                taken.map(|m| (m.slot, m.chat_id, chat))
+            })
+        });
+        let mut won = Vec::new();
+        for c in claims {
+            if let Some(w) = c.await.expect("task") {
+                won.push(w);
+            }
+        }
+        assert_eq!(won.len(), 10, "every idle member once: {won:?}");
+        let slots: HashSet<_> = won.iter().map(|(s, _, _)| s.clone()).collect();
+        assert_eq!(slots.len(), 10, "no member twice");
+        assert!(won
+            .iter()
+            .all(|(_, recorded, chat)| *recorded == Some(*chat)));
+        let members = store.pool_members().await.expect("members");
+        for m in &members {
+            let expected = match m.slot.as_str() {
+                "other" => MemberState::Idle,
+                "starting" => MemberState::Starting,
+                _ => MemberState::Claiming,
+            };
+            assert_eq!(m.state, expected, "{}", m.slot);
+        }
+    }
+}
