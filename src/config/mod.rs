@@ -93,6 +93,16 @@ pub enum RuntimeKind {
     Swarm,
 }
 
+impl RuntimeKind {
+    /// The name in config, logs and readiness.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Swarm => "swarm",
+        }
+    }
+}
+
 /// Swarm mode (`runtime: swarm`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

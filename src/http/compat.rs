@@ -55,7 +55,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
             .controller
             .error()
             .unwrap_or_else(|| "not connected".into());
-        failed.push(format!("docker: {why}"));
+        failed.push(format!("{}: {why}", state.settings.runtime.as_str()));
     }
     if !fresh {
         failed.push("controller: no reconcile pass completed recently".into());
