@@ -1,6 +1,7 @@
 //! The vocabulary shared by every layer: identifiers, phases, the frozen container spec and
 //! the validation of client input. No I/O here except path canonicalisation in [`request`].
 
+pub mod egress;
 pub mod request;
 pub mod spec;
 pub mod volume;

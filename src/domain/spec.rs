@@ -116,7 +116,7 @@ pub struct ContainerSpec {
 pub struct ProfileSpec {
     pub name: String,
     pub runtime: String,
-    pub egress: crate::egress::EgressPolicy,
+    pub egress: super::egress::EgressPolicy,
 }
 
 impl ContainerSpec {
@@ -126,7 +126,7 @@ impl ContainerSpec {
     }
 
     /// The egress policy, when it needs host rules.
-    pub fn egress_rules(&self) -> Option<&crate::egress::EgressPolicy> {
+    pub fn egress_rules(&self) -> Option<&super::egress::EgressPolicy> {
         self.profile
             .as_ref()
             .map(|p| &p.egress)
@@ -218,7 +218,7 @@ pub fn resolve(
         profile: chosen.map(|p| ProfileSpec {
             name: name.to_string(),
             runtime: p.runtime.clone(),
-            egress: crate::egress::EgressPolicy {
+            egress: super::egress::EgressPolicy {
                 egress: p.egress,
                 allow_cidrs: p.allow_cidrs.clone(),
                 deny_cidrs: p.deny_cidrs.clone(),
@@ -238,7 +238,7 @@ pub mod tests_support {
     /// The default spec of a chat, under a profile with this runtime and egress.
     pub fn spec_with_profile(
         runtime: &str,
-        egress: crate::egress::EgressMode,
+        egress: crate::domain::egress::EgressMode,
         deny_cidrs: &[&str],
     ) -> ContainerSpec {
         let mut s = SandboxSettings::default();
