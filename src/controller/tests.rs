@@ -192,7 +192,12 @@ async fn desired_sandboxes_converge_and_a_converged_world_stays_put() {
 
 #[tokio::test]
 async fn a_crash_loop_is_restarted_at_once_then_with_growing_backoff() {
-    let h = Harness::start(|s| s.controller.backoff_max_seconds = 30).await;
+    // A backoff long enough that the test sees the wait even on a loaded machine.
+    let h = Harness::start(|s| {
+        s.controller.backoff_initial_ms = 1000;
+        s.controller.backoff_max_seconds = 30;
+    })
+    .await;
     let chat = h.want(300).await;
     let first = h.running(chat).await;
     // The first exit in a row is restarted at once.
@@ -204,12 +209,16 @@ async fn a_crash_loop_is_restarted_at_once_then_with_growing_backoff() {
     });
     assert_ne!(second.container_id, first.container_id, "a new container");
     // A second quick exit waits its backoff: the row says when, and nothing runs before.
+    let crashed_at = Utc::now();
     h.fake.crash(second.container_id.as_deref().unwrap(), 3);
     let waiting = until!(h, "a backoff", {
         h.row(chat).await.filter(|r| r.next_attempt_at.is_some())
     });
     let due = waiting.next_attempt_at.unwrap();
-    assert!(due > Utc::now(), "the retry is in the future: {due}");
+    assert!(
+        due > crashed_at,
+        "the retry waits: due {due}, crashed {crashed_at}"
+    );
     assert!(
         waiting.last_error.as_deref().unwrap_or("").contains('3'),
         "the exit code is named: {:?}",
@@ -231,7 +240,8 @@ async fn a_crash_loop_is_restarted_at_once_then_with_growing_backoff() {
 
 #[tokio::test]
 async fn a_refused_create_is_recorded_and_retried_at_next_attempt_at() {
-    let h = Harness::start(|_| {}).await;
+    // Retries a second apart: the test sees the recorded failure even on a loaded machine.
+    let h = Harness::start(|s| s.controller.backoff_initial_ms = 1000).await;
     h.fake.refuse_creates(2);
     let chat = h.want(300).await;
     let failed = until!(h, "a recorded failure", {
