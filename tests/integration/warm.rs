@@ -14,7 +14,8 @@ use crate::warm_support::*;
 use sandboxd::pool::mounts::mounts_under;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_creates_against_a_pool_of_ten_take_ten_warm_and_forty_cold() {
+async fn fifty_concurrent_creates_against_a_pool_of_ten_take_every_member_and_start_the_rest_cold()
+{
     let (app, _mounts) = spawn_warm(10, 10).await;
     wait_idle(&app, 10).await;
     let mut set = tokio::task::JoinSet::new();
@@ -41,7 +42,12 @@ async fn fifty_concurrent_creates_against_a_pool_of_ten_take_ten_warm_and_forty_
     assert_eq!(how.len(), 50, "{how:?}");
     let warm = how.iter().filter(|(_, h)| h == "warm").count();
     let cold = how.iter().filter(|(_, h)| h == "pool_empty").count();
-    assert_eq!((warm, cold), (10, 40), "{how:?}");
+    // Every one of the ten idle members is claimed, and every other chat starts cold because
+    // the pool is empty. A refill may finish a member while the burst's last creates still
+    // queue (it takes an action slot whenever two are free), and a claim may take that one
+    // too: seen once on a loaded machine, 11 warm and 39 cold. Never fewer than ten.
+    assert!(warm >= 10, "{how:?}");
+    assert_eq!(warm + cold, 50, "{how:?}");
     assert_one_container_per_chat(&app).await;
 }
 
