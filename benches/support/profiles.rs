@@ -100,7 +100,8 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
         let found = sandboxd::egress::iptables::read(&instance, v4)
             .await
             .expect("read");
-        let changes = sandboxd::egress::diff(&wanted, &found, false, v4);
+        let hooks = v4.hooks(sandboxd::egress::DOCKER_USER);
+        let changes = sandboxd::egress::diff(&wanted, &found, false, hooks);
         sandboxd::egress::iptables::apply(&instance, &wanted, &changes, v4)
             .await
             .expect("apply");

@@ -158,7 +158,11 @@ impl Engine {
                 Ok(())
             }
             Err(e) if status_of(&e) == Some(409) => Ok(()),
-            Err(e) => Err(BackendError::engine("create_network", e)),
+            // Podman answers 500 when the name exists: its inspect tells.
+            Err(e) => match self.network(&name, None).await {
+                Ok(Some(_)) => Ok(()),
+                _ => Err(BackendError::engine("create_network", e)),
+            },
         }
     }
 

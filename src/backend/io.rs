@@ -79,6 +79,9 @@ pub struct PathStat {
     pub size: i64,
     pub is_dir: bool,
     pub is_symlink: bool,
+    /// For a symlink, where it points as the engine reports it (dockerd: as written; Podman:
+    /// resolved).
+    pub link_target: String,
 }
 
 /// Exec and files on one engine. Implementations connect on first use and again after a

@@ -3,7 +3,6 @@
 //! [`io::SandboxIo`] through [`io::Locate`]. The planner, the store and the HTTP code know
 //! nothing of either. Three engines enter through it:
 //! - `docker/`: one Docker engine (bollard);
-//! - `podman/`: Podman's Docker-compatible API, the docker backend with Podman's differences;
 //! - `swarm/`: Docker Swarm services through a manager, where a service stands in for a
 //!   container (its id is the "container id") and its task's overlay address is the endpoint;
 //!
@@ -24,6 +23,7 @@ pub mod fake;
 pub mod hardening;
 pub mod io;
 pub mod labels;
+pub mod raw;
 pub mod swarm;
 
 use std::sync::Arc;
@@ -171,6 +171,19 @@ pub trait Backend: Send + Sync {
 pub trait HostRules: Send + Sync {
     /// The host interface of a sandbox network (egress rules match on it).
     async fn bridge_of(&self, network: &str) -> Result<String>;
+
+    /// The IPv4 chain of `FORWARD` traffic whose first rule jumps to sandboxd's rules:
+    /// dockerd's `DOCKER-USER` (its own rules come after it).
+    fn forward_hook(&self) -> &'static str {
+        "DOCKER-USER"
+    }
+
+    /// The engine may put its own rules above sandboxd's jump when it starts a container
+    /// (netavark does, on a network's first start): the rules are read back after each
+    /// start, not only every resync.
+    fn reorders_on_start(&self) -> bool {
+        false
+    }
 }
 
 /// Takeover of the old service's containers.
@@ -254,13 +267,14 @@ pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Share
 /// How the data plane finds the engine of a sandbox, for the settings' backend. It holds
 /// connections of its own, made on first use.
 pub fn locator(settings: &Arc<Settings>, metrics: &Arc<Metrics>) -> Arc<dyn io::Locate> {
+    let local = || {
+        docker::io::EngineIo::at(engine::EngineAddress::plain(
+            &settings.docker.base_url,
+            std::time::Duration::from_secs(settings.docker.timeout_seconds),
+        ))
+    };
     match settings.runtime {
-        RuntimeKind::Docker => Arc::new(io::OneEngine(Arc::new(docker::io::EngineIo::at(
-            engine::EngineAddress::plain(
-                &settings.docker.base_url,
-                std::time::Duration::from_secs(settings.docker.timeout_seconds),
-            ),
-        )))),
+        RuntimeKind::Docker => Arc::new(io::OneEngine(Arc::new(local()))),
         RuntimeKind::Swarm => Arc::new(swarm::nodes::SwarmNodes::new(
             settings.clone(),
             metrics.clone(),

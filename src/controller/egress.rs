@@ -117,10 +117,10 @@ impl EgressKeeper {
                 Engine::Up(rt) => rt.clone(),
                 _ => continue,
             };
-            let Some(rules) = rt.host_rules() else {
+            let Some(host) = rt.host_rules() else {
                 continue;
             };
-            let result = self.reconcile(rules, None, verify).await;
+            let result = self.reconcile(host, None, verify).await;
             let mut error = self
                 .status
                 .egress_error
@@ -136,6 +136,18 @@ impl EgressKeeper {
         }
     }
 
+    /// After a start on an engine that may have put its rules above sandboxd's jump: reads
+    /// the host back and moves the jump first again. A failure is the next resync's to mend
+    /// (and readiness names it), never a failed start: the sandbox runs already.
+    pub async fn after_start(&self, rt: &SharedBackend) {
+        let Some(host) = rt.host_rules().filter(|h| h.reorders_on_start()) else {
+            return;
+        };
+        if let Err(e) = self.reconcile(host, None, true).await {
+            warn!(error = %e, "egress rules: re-check after a start failed");
+        }
+    }
+
     /// Makes sure the rules a sandbox with `spec` needs are on the host, before it starts.
     pub async fn ensure_for_start(
         &self,
@@ -143,19 +155,19 @@ impl EgressKeeper {
         spec: &ContainerSpec,
     ) -> Result<(), EgressError> {
         // Backends without host rules (swarm: sandboxes run on other hosts) keep none here.
-        let (Some(policy), Some(rules)) = (spec.egress_rules(), rt.host_rules()) else {
+        let (Some(policy), Some(host)) = (spec.egress_rules(), rt.host_rules()) else {
             return Ok(());
         };
         // The network must exist (and its bridge be known) before rules can name it; its
         // bridge is looked up afresh, since a network removed and made again has a new one.
-        let bridge = match rules.bridge_of(&spec.network).await {
+        let bridge = match host.bridge_of(&spec.network).await {
             Ok(b) => b,
             // The engine did not answer: an engine failure (the supervisor reconnects).
             Err(e) if e.unavailable() => return Err(e.into()),
             // Missing (never made, or removed): made now, then looked up.
             Err(_) => {
                 rt.ensure_network_named(&spec.network).await?;
-                rules.bridge_of(&spec.network).await?
+                host.bridge_of(&spec.network).await?
             }
         };
         {
@@ -173,7 +185,7 @@ impl EgressKeeper {
                 return Ok(());
             }
         }
-        Ok(self.reconcile(rules, Some(spec), false).await?)
+        Ok(self.reconcile(host, Some(spec), false).await?)
     }
 
     /// Computes the wanted rules (the live rows, plus `extra`), and brings the host there.
@@ -181,7 +193,7 @@ impl EgressKeeper {
     /// trusted; with it, the host is read back.
     async fn reconcile(
         &self,
-        rules: &dyn HostRules,
+        host: &dyn HostRules,
         extra: Option<&ContainerSpec>,
         verify: bool,
     ) -> Result<(), FirewallError> {
@@ -198,7 +210,7 @@ impl EgressKeeper {
             }
             let bridge = match kept.bridges.get(network) {
                 Some(b) => b.clone(),
-                None => match rules.bridge_of(network).await {
+                None => match host.bridge_of(network).await {
                     Ok(b) => {
                         kept.bridges.insert(network.clone(), b.clone());
                         b
@@ -262,7 +274,8 @@ impl EgressKeeper {
                 continue;
             }
             let found = iptables::read(&self.instance, family).await?;
-            let changes = rules::diff(&set, &found, desired.is_empty(), family);
+            let hooks = family.hooks(host.forward_hook());
+            let changes = rules::diff(&set, &found, desired.is_empty(), hooks);
             if !changes.is_empty() {
                 if self.stopping() {
                     return Err(FirewallError("sandboxd is stopping".into()));

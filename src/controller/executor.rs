@@ -309,6 +309,9 @@ impl Executor {
         }
         .await;
         self.record_builds(chat_id, session_id).await;
+        if result.is_ok() {
+            self.egress.after_start(&self.runtime).await;
+        }
         match result {
             Ok((started, port)) => {
                 self.observed.started(Observed {

@@ -64,7 +64,7 @@ pub fn host_has_ipv6() -> bool {
 pub async fn read(instance: &str, family: Family) -> Result<Found> {
     let save = format!("{}-save", family.tool());
     let saved = run(&save, &["-t", "filter"], None).await?;
-    Ok(super::parse_saved(instance, &saved, family))
+    Ok(super::parse_saved(instance, &saved))
 }
 
 /// Makes the host match: rewrites the chains and adds missing jumps (first in their hook,
@@ -110,10 +110,8 @@ pub async fn remove(instance: &str) -> Result<()> {
 async fn remove_family(instance: &str, family: Family) -> Result<()> {
     let (top, tool) = (top_chain(instance), family.tool());
     let found = read(instance, family).await?;
-    for hook in family.hooks() {
-        if found.jumps.contains_key(hook) {
-            run(tool, &["-w", "-D", hook, "-j", &top], None).await?;
-        }
+    for hook in found.jumps.keys() {
+        run(tool, &["-w", "-D", hook, "-j", &top], None).await?;
     }
     for chain in found.chains.keys() {
         run(tool, &["-w", "-F", chain], None).await?;

@@ -194,8 +194,8 @@ pub struct Found {
 }
 
 /// Reads an instance's chains out of `iptables-save` text.
-pub fn parse_saved(instance: &str, saved: &str, family: Family) -> Found {
-    let hooks = family.hooks();
+pub fn parse_saved(instance: &str, saved: &str) -> Found {
+    let hooks = KNOWN_HOOKS;
     let prefix = top_chain(instance);
     let mut found = Found::default();
     let mut in_filter = false;
@@ -257,9 +257,14 @@ fn is_ours(chain: &str, prefix: &str) -> bool {
             .is_some_and(|r| r.starts_with('-'))
 }
 
-/// The hooks the top chain must be jumped to from (IPv4: Docker's `DOCKER-USER` in FORWARD,
-/// and INPUT).
-pub const HOOKS: [&str; 2] = ["DOCKER-USER", "INPUT"];
+/// dockerd's chain for user rules in FORWARD, before its own: the IPv4 forward hook on the
+/// docker backend. Podman (netavark) accepts in FORWARD above it, so there the hook is
+/// FORWARD itself (`backend::HostRules::forward_hook`).
+pub const DOCKER_USER: &str = "DOCKER-USER";
+
+/// Every chain sandboxd may have jumped from (read back, and cleared on removal, whatever
+/// the backend).
+pub const KNOWN_HOOKS: [&str; 3] = [DOCKER_USER, "FORWARD", "INPUT"];
 
 /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,11 +274,11 @@ pub enum Family {
 }
 
 impl Family {
-    /// Where the top chain is jumped to from. IPv6 has no `DOCKER-USER` unless Docker manages
-    /// ip6tables, so FORWARD itself.
-    pub fn hooks(self) -> [&'static str; 2] {
+    /// Where the top chain is jumped to from: IPv4's `forward` hook (the backend's) and
+    /// INPUT. IPv6 has no `DOCKER-USER` unless Docker manages ip6tables, so FORWARD itself.
+    pub fn hooks(self, forward: &'static str) -> [&'static str; 2] {
         match self {
-            Family::V4 => HOOKS,
+            Family::V4 => [forward, "INPUT"],
             Family::V6 => ["FORWARD", "INPUT"],
         }
     }
@@ -326,8 +331,12 @@ impl Changes {
 }
 
 /// Compares the wanted set with what the host has.
-pub fn diff(wanted: &Ruleset, found: &Found, nothing_wanted: bool, family: Family) -> Changes {
-    let hooks = family.hooks();
+pub fn diff(
+    wanted: &Ruleset,
+    found: &Found,
+    nothing_wanted: bool,
+    hooks: [&'static str; 2],
+) -> Changes {
     if nothing_wanted {
         let remove_all = !found.chains.is_empty() || !found.jumps.is_empty();
         return Changes {
@@ -471,11 +480,11 @@ mod tests {
             }
         }
         saved.push_str("COMMIT\n");
-        let found = parse_saved("inst", &saved, Family::V4);
+        let found = parse_saved("inst", &saved);
         assert!(
-            diff(&want, &found, false, Family::V4).is_empty(),
+            diff(&want, &found, false, Family::V4.hooks(DOCKER_USER)).is_empty(),
             "{:?}",
-            diff(&want, &found, false, Family::V4)
+            diff(&want, &found, false, Family::V4.hooks(DOCKER_USER))
         );
         // Flushed by hand: rewritten. A jump gone: added back. Another instance: ignored.
         let flushed: String = saved
@@ -486,9 +495,9 @@ mod tests {
         assert!(
             diff(
                 &want,
-                &parse_saved("inst", &flushed, Family::V4),
+                &parse_saved("inst", &flushed),
                 false,
-                Family::V4
+                Family::V4.hooks(DOCKER_USER)
             )
             .rewrite
         );
@@ -496,17 +505,31 @@ mod tests {
         assert_eq!(
             diff(
                 &want,
-                &parse_saved("inst", &no_jump, Family::V4),
+                &parse_saved("inst", &no_jump),
                 false,
-                Family::V4
+                Family::V4.hooks(DOCKER_USER)
             )
             .add_jumps,
             ["INPUT"]
         );
-        assert!(parse_saved("other", &saved, Family::V4).chains.is_empty());
+        assert!(parse_saved("other", &saved).chains.is_empty());
         // Nothing wanted: everything of ours goes.
-        assert!(diff(&Ruleset::default(), &found, true, Family::V4).remove_all);
-        assert!(diff(&Ruleset::default(), &Found::default(), true, Family::V4).is_empty());
+        assert!(
+            diff(
+                &Ruleset::default(),
+                &found,
+                true,
+                Family::V4.hooks(DOCKER_USER)
+            )
+            .remove_all
+        );
+        assert!(diff(
+            &Ruleset::default(),
+            &Found::default(),
+            true,
+            Family::V4.hooks(DOCKER_USER)
+        )
+        .is_empty());
     }
 
     #[test]
@@ -515,7 +538,8 @@ mod tests {
         let top = &set.chains[&top_chain("inst")];
         assert!(top[0].starts_with("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"));
         assert!(top[1].starts_with("-i br-abc -j REJECT"));
-        assert_eq!(Family::V6.hooks(), ["FORWARD", "INPUT"]);
+        assert_eq!(Family::V6.hooks(DOCKER_USER), ["FORWARD", "INPUT"]);
+        assert_eq!(Family::V4.hooks("FORWARD"), ["FORWARD", "INPUT"]);
     }
 
     #[test]

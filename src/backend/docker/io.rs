@@ -50,8 +50,20 @@ impl EngineIo {
         }
     }
 
+    /// Whether the container runs.
+    pub async fn running(&self, container: &str) -> Result<bool> {
+        let docker = self.client().await?;
+        match docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(i) => Ok(i.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) => Err(self.failed("inspect_container", e).await),
+        }
+    }
+
     /// The connection, made (and the API version negotiated) on first use.
-    async fn client(&self) -> Result<Docker> {
+    pub(crate) async fn client(&self) -> Result<Docker> {
         let mut slot = self.docker.lock().await;
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());
@@ -178,6 +190,7 @@ impl SandboxIo for EngineIo {
                 size: s.size,
                 is_dir: s.file_mode & MODE_DIR != 0,
                 is_symlink: s.file_mode & MODE_SYMLINK != 0,
+                link_target: s.link_target,
             })),
             Err(e) if status_of(&e) == Some(404) => {
                 match self.missing("stat_path", container, e).await {

@@ -63,15 +63,34 @@ fn own_address(
     fallback: &str,
 ) -> (Option<String>, Option<String>) {
     let mut networks = networks.unwrap_or_default();
+    // Podman reports every container's mode as `bridge` (and none in a list): a container
+    // on one network is on that one.
+    let only = (networks.len() == 1)
+        .then(|| networks.keys().next().cloned())
+        .flatten();
     let name = network_mode
         .filter(|m| networks.contains_key(*m))
-        .unwrap_or(fallback)
-        .to_string();
+        .map(str::to_string)
+        .or_else(|| {
+            networks
+                .contains_key(fallback)
+                .then(|| fallback.to_string())
+        })
+        .or(only)
+        .unwrap_or_else(|| fallback.to_string());
     let ip = networks
         .remove(&name)
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
     (ip.is_some().then_some(name), ip)
+}
+
+/// The error of a create whose name another container holds.
+fn name_taken(name: &str) -> BackendError {
+    BackendError::new(
+        ErrorKind::NameTaken,
+        format!("the container name {name} is taken"),
+    )
 }
 
 /// What a backend on the Docker API may change in the container body: Podman's
@@ -81,6 +100,9 @@ pub struct BodyOptions {
     /// Resource limits set explicitly on every container (`nofile`, `nproc`), as
     /// (name, soft = hard).
     pub ulimits: Vec<(String, i64)>,
+    /// With a read-only root: directories the engine would make writable on its own,
+    /// mounted as empty read-only tmpfs instead.
+    pub read_only_tmpfs: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -270,16 +292,13 @@ impl DockerRuntime {
                     .create_container(Some(options.clone()), body.clone()),
             )
             .await;
+        // What a failed create means is read from the engine's state, never from its message:
+        // dockerd answers 409 for a taken name and 404 for a missing network or image; Podman
+        // answers 500 for a taken name and a missing network, 404 for a missing image.
         match first {
             Ok(r) => return Ok(r.id),
-            Err(e) if status_of(&e) == Some(409) => {
-                return Err(BackendError::new(
-                    ErrorKind::NameTaken,
-                    format!("the container name {name} is taken"),
-                ))
-            }
-            // A 404 names either the network or the image: the network's own inspect tells.
-            Err(e) if status_of(&e) == Some(404) => {
+            Err(e) if status_of(&e) == Some(409) => return Err(name_taken(name)),
+            Err(e) => {
                 if self
                     .engine
                     .network(&req.spec.network, None)
@@ -288,7 +307,7 @@ impl DockerRuntime {
                 {
                     // Removed under us (e.g. `docker network prune`): recreate it.
                     self.ensure_bridge(&req.spec.network).await?;
-                } else {
+                } else if status_of(&e) == Some(404) {
                     match self.pull_policy {
                         PullPolicy::Never => {
                             return Err(BackendError::new(
@@ -303,13 +322,28 @@ impl DockerRuntime {
                         PullPolicy::IfNotPresent => self.pull(&req.spec.image).await?,
                         PullPolicy::Build => self.build_once(&req.spec.image).await?,
                     }
+                } else if self.holds_name(name).await? {
+                    return Err(name_taken(name));
+                } else {
+                    return Err(BackendError::engine("create_container", e));
                 }
             }
-            Err(e) => return Err(BackendError::engine("create_container", e)),
         }
         match self.create_named(name, body).await {
-            Err(e) if e.kind() == ErrorKind::Conflict => Err(e.with_kind(ErrorKind::NameTaken)),
+            Err(e) if e.kind() == ErrorKind::Conflict => Err(name_taken(name)),
+            Err(e) if e.kind() == ErrorKind::Other && self.holds_name(name).await? => {
+                Err(name_taken(name))
+            }
             other => other,
+        }
+    }
+
+    /// Whether a container holds `name`.
+    async fn holds_name(&self, name: &str) -> Result<bool> {
+        match self.inspect(name, &[404]).await {
+            Ok(_) => Ok(true),
+            Err(e) if status_of(&e) == Some(404) => Ok(false),
+            Err(e) => Err(BackendError::engine("inspect_container", e)),
         }
     }
 
@@ -368,7 +402,10 @@ impl DockerRuntime {
                 .publish_host_ip
                 .as_ref()
                 .map(|_| vec![format!("{}/tcp", spec.agent_port)]),
-            host_config: Some(hardening.host_config(base, &self.body.ulimits)),
+            host_config: Some(self.read_only_tmpfs(
+                hardening.host_config(base, &self.body.ulimits),
+                hardening.read_only_rootfs,
+            )),
             networking_config: Some(NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(
                     spec.network.clone(),
@@ -377,6 +414,17 @@ impl DockerRuntime {
             }),
             ..Default::default()
         }
+    }
+
+    /// The backend's extra read-only tmpfs on a read-only root.
+    fn read_only_tmpfs(&self, mut hc: HostConfig, read_only_rootfs: bool) -> HostConfig {
+        if read_only_rootfs && !self.body.read_only_tmpfs.is_empty() {
+            let tmpfs = hc.tmpfs.get_or_insert_with(HashMap::new);
+            for path in &self.body.read_only_tmpfs {
+                tmpfs.insert(path.clone(), "ro,nosuid,nodev,noexec,size=4k".into());
+            }
+        }
+        hc
     }
 
     /// Inspects a container (by id or name); `benign` statuses count as success in metrics.

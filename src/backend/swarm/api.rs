@@ -2,17 +2,11 @@
 //! model has no `NetworksAttachments`, and that is where a task's overlay address is, so the
 //! task list is read as JSON through hyper (the client bollard itself runs on).
 
-use std::time::Duration;
-
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use crate::backend::error::{BackendError, ErrorKind, Result};
+use crate::backend::raw::RawApi;
 
 /// The API version this reads (Docker 20.10 and later speak it).
 const API: &str = "v1.41";
@@ -77,101 +71,13 @@ pub struct NetworkSpecView {
     pub name: String,
 }
 
-enum Transport {
-    Unix {
-        socket: String,
-        client: Client<hyperlocal::UnixConnector, Empty<Bytes>>,
-    },
-    Tcp {
-        base: String,
-        client: Client<HttpConnector, Empty<Bytes>>,
-    },
-}
-
-/// A read-only JSON link to the manager's engine.
-pub struct RawApi {
-    transport: Transport,
-    timeout: Duration,
-}
-
-impl RawApi {
-    /// `unix:///path`, `tcp://host:port` or `http://host:port` (config validation refuses
-    /// the rest in swarm mode).
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Self> {
-        let transport = if let Some(socket) = base_url.strip_prefix("unix://") {
-            Transport::Unix {
-                socket: socket.to_string(),
-                client: Client::builder(TokioExecutor::new()).build(hyperlocal::UnixConnector),
-            }
-        } else if let Some(rest) = base_url
-            .strip_prefix("tcp://")
-            .or_else(|| base_url.strip_prefix("http://"))
-        {
-            Transport::Tcp {
-                base: format!("http://{}", rest.trim_end_matches('/')),
-                client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-            }
-        } else {
-            return Err(BackendError::new(
-                ErrorKind::Refused,
-                format!(
-                    "swarm: the manager's engine must be a unix://, tcp:// or http:// address, \
-                     not {base_url}"
-                ),
-            ));
-        };
-        Ok(Self { transport, timeout })
-    }
-
-    /// Tasks matching `filters` (the API's `filters` JSON object).
-    pub async fn tasks(&self, filters: &serde_json::Value) -> Result<Vec<TaskView>> {
-        let query = serde_urlencoded::to_string([("filters", filters.to_string())])
-            .map_err(|e| other(format!("task filter: {e}")))?;
-        let body = self.get(&format!("/{API}/tasks?{query}")).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| other(format!("task list is not what the API says: {e}")))
-    }
-
-    async fn get(&self, path_and_query: &str) -> Result<Bytes> {
-        let unavailable = |message: String| {
-            BackendError::new(
-                ErrorKind::Unavailable,
-                format!("swarm manager unavailable: GET tasks: {message}"),
-            )
-        };
-        let request = async {
-            let response = match &self.transport {
-                Transport::Unix { socket, client } => {
-                    let uri: hyper::Uri = hyperlocal::Uri::new(socket, path_and_query).into();
-                    client.get(uri).await
-                }
-                Transport::Tcp { base, client } => {
-                    let uri: hyper::Uri = format!("{base}{path_and_query}")
-                        .parse()
-                        .map_err(|e| unavailable(format!("{e}")))?;
-                    client.get(uri).await
-                }
-            }
-            .map_err(|e| unavailable(e.to_string()))?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(other(format!(
-                    "GET tasks answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                )));
-            }
-            Ok(body)
-        };
-        tokio::time::timeout(self.timeout, request)
-            .await
-            .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))?
-    }
+/// Tasks matching `filters` (the API's `filters` JSON object).
+pub async fn tasks(raw: &RawApi, filters: &serde_json::Value) -> Result<Vec<TaskView>> {
+    let query = serde_urlencoded::to_string([("filters", filters.to_string())])
+        .map_err(|e| other(format!("task filter: {e}")))?;
+    let body = raw.get(&format!("/{API}/tasks?{query}")).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| other(format!("task list is not what the API says: {e}")))
 }
 
 /// An answer that is not what the API says.

@@ -43,7 +43,7 @@ use crate::domain::{ChatId, SessionId};
 use crate::metrics::Metrics;
 use crate::planner::Observed;
 
-use api::RawApi;
+use crate::backend::raw::RawApi;
 use placement::{EngineFacts, NetworkKind, NodeFacts, Refusal};
 
 impl From<Refusal> for BackendError {
@@ -254,11 +254,7 @@ impl SwarmRuntime {
             return Ok(Vec::new());
         }
         let mut by_service: HashMap<String, Vec<api::TaskView>> = HashMap::new();
-        for t in self
-            .raw
-            .tasks(&json!({"desired-state": ["running"]}))
-            .await?
-        {
+        for t in api::tasks(&self.raw, &json!({"desired-state": ["running"]})).await? {
             by_service.entry(t.service_id.clone()).or_default().push(t);
         }
         Ok(services
@@ -304,7 +300,7 @@ impl SwarmRuntime {
     /// The tasks of one service, in any state.
     async fn tasks_of(&self, service: &str) -> Result<Vec<api::TaskView>> {
         let started = Instant::now();
-        let result = self.raw.tasks(&json!({ "service": [service] })).await;
+        let result = api::tasks(&self.raw, &json!({ "service": [service] })).await;
         self.engine
             .metrics
             .docker_call("list_tasks", result.is_ok(), started.elapsed());
@@ -380,7 +376,7 @@ impl SwarmRuntime {
             let mut last: Option<Vec<(String, String, String)>> = None;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let tasks = raw.tasks(&json!({"desired-state": ["running", "shutdown"]})).await?;
+                let tasks = api::tasks(&raw, &json!({"desired-state": ["running", "shutdown"]})).await?;
                 let mut now: Vec<(String, String, String)> = tasks
                     .into_iter()
                     .filter(|t| t.status.state == "running" || t.desired_state == "running")

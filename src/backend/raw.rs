@@ -1,0 +1,106 @@
+//! A plain JSON GET on an engine's API, for the reads bollard's models cannot give: a swarm
+//! task's network attachments, a Podman network's bridge (libpod). Through hyper, the client
+//! bollard itself runs on.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::error::{BackendError, ErrorKind, Result};
+
+enum Transport {
+    Unix {
+        socket: String,
+        client: Client<hyperlocal::UnixConnector, Empty<Bytes>>,
+    },
+    Tcp {
+        base: String,
+        client: Client<HttpConnector, Empty<Bytes>>,
+    },
+}
+
+/// A read-only link to an engine.
+pub struct RawApi {
+    transport: Transport,
+    timeout: Duration,
+}
+
+impl RawApi {
+    /// `unix:///path`, `tcp://host:port` or `http://host:port` (config validation refuses
+    /// the rest where this is used).
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self> {
+        let transport = if let Some(socket) = base_url.strip_prefix("unix://") {
+            Transport::Unix {
+                socket: socket.to_string(),
+                client: Client::builder(TokioExecutor::new()).build(hyperlocal::UnixConnector),
+            }
+        } else if let Some(rest) = base_url
+            .strip_prefix("tcp://")
+            .or_else(|| base_url.strip_prefix("http://"))
+        {
+            Transport::Tcp {
+                base: format!("http://{}", rest.trim_end_matches('/')),
+                client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            }
+        } else {
+            return Err(BackendError::new(
+                ErrorKind::Refused,
+                format!("the engine must be a unix://, tcp:// or http:// address, not {base_url}"),
+            ));
+        };
+        Ok(Self { transport, timeout })
+    }
+
+    /// The body of a successful GET; a 404 is `NotFound`, no answer `Unavailable`.
+    pub async fn get(&self, path_and_query: &str) -> Result<Bytes> {
+        let unavailable = |message: String| {
+            BackendError::new(
+                ErrorKind::Unavailable,
+                format!("engine unavailable: GET {path_and_query}: {message}"),
+            )
+        };
+        let request = async {
+            let response = match &self.transport {
+                Transport::Unix { socket, client } => {
+                    let uri: hyper::Uri = hyperlocal::Uri::new(socket, path_and_query).into();
+                    client.get(uri).await
+                }
+                Transport::Tcp { base, client } => {
+                    let uri: hyper::Uri = format!("{base}{path_and_query}")
+                        .parse()
+                        .map_err(|e| unavailable(format!("{e}")))?;
+                    client.get(uri).await
+                }
+            }
+            .map_err(|e| unavailable(e.to_string()))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                let kind = match status.as_u16() {
+                    404 => ErrorKind::NotFound,
+                    _ => ErrorKind::Other,
+                };
+                return Err(BackendError::new(
+                    kind,
+                    format!(
+                        "GET {path_and_query} answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                ));
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))?
+    }
+}
