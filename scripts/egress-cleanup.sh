@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Removes the egress rules of a sandboxd instance (`controller.instance`, default `default`):
-# the jumps from DOCKER-USER/INPUT (IPv4) and FORWARD/INPUT (IPv6) to its chain
+# the jumps from DOCKER-USER (docker) or FORWARD (podman) and INPUT to its chain
 # SBX-<first 8 hex of sha256(instance)>, then that chain and its per-network chains. The rules
 # outlive sandboxd on purpose (a restart must not open a gap); use this after retiring an
 # instance for good. Touches no other chain.

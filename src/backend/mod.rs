@@ -3,6 +3,7 @@
 //! [`io::SandboxIo`] through [`io::Locate`]. The planner, the store and the HTTP code know
 //! nothing of either. Three engines enter through it:
 //! - `docker/`: one Docker engine (bollard);
+//! - `podman/`: Podman's Docker-compatible API, the docker backend with Podman's differences;
 //! - `swarm/`: Docker Swarm services through a manager, where a service stands in for a
 //!   container (its id is the "container id") and its task's overlay address is the endpoint;
 //!
@@ -23,6 +24,7 @@ pub mod fake;
 pub mod hardening;
 pub mod io;
 pub mod labels;
+pub mod podman;
 pub mod raw;
 pub mod swarm;
 
@@ -260,6 +262,7 @@ impl Connect for FromSettings {
 pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<SharedBackend> {
     Ok(match settings.runtime {
         RuntimeKind::Docker => Arc::new(docker::DockerRuntime::connect(settings, metrics).await?),
+        RuntimeKind::Podman => Arc::new(podman::PodmanRuntime::connect(settings, metrics).await?),
         RuntimeKind::Swarm => Arc::new(swarm::SwarmRuntime::connect(settings, metrics).await?),
     })
 }
@@ -275,6 +278,9 @@ pub fn locator(settings: &Arc<Settings>, metrics: &Arc<Metrics>) -> Arc<dyn io::
     };
     match settings.runtime {
         RuntimeKind::Docker => Arc::new(io::OneEngine(Arc::new(local()))),
+        RuntimeKind::Podman => {
+            Arc::new(io::OneEngine(Arc::new(podman::io::PodmanIo::new(local()))))
+        }
         RuntimeKind::Swarm => Arc::new(swarm::nodes::SwarmNodes::new(
             settings.clone(),
             metrics.clone(),

@@ -28,6 +28,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_OTEL_METRICS_ENDPOINT", "otel.metrics_endpoint"),
     ("APP_OTEL_TRACES_ENDPOINT", "otel.traces_endpoint"),
     ("APP_RUNTIME", "runtime"),
+    ("APP_PODMAN_ULIMIT_NOFILE", "podman.ulimit_nofile"),
+    ("APP_PODMAN_ULIMIT_NPROC", "podman.ulimit_nproc"),
     ("APP_DOCKER_BASE_URL", "docker.base_url"),
     ("APP_DOCKER_PULL_POLICY", "docker.pull_policy"),
     ("APP_DOCKER_TIMEOUT_SECONDS", "docker.timeout_seconds"),

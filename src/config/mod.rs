@@ -55,6 +55,7 @@ pub struct Settings {
     /// The backend: one Docker engine, or Docker Swarm services through a manager's engine.
     pub runtime: RuntimeKind,
     pub swarm: SwarmSettings,
+    pub podman: PodmanSettings,
     pub warm_pool: WarmPoolSettings,
 }
 
@@ -91,6 +92,9 @@ pub enum RuntimeKind {
     Docker,
     /// One-replica Swarm services, through the manager engine at `docker.base_url`.
     Swarm,
+    /// Containers through the Podman service's Docker-compatible API at `docker.base_url`
+    /// (`podman system service`; docs/podman.md).
+    Podman,
 }
 
 impl RuntimeKind {
@@ -99,6 +103,30 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Docker => "docker",
             RuntimeKind::Swarm => "swarm",
+            RuntimeKind::Podman => "podman",
+        }
+    }
+}
+
+/// `runtime: podman`: resource limits Podman needs set on every container. Podman's own
+/// defaults exceed what the host allows here (a start then fails with "error setting
+/// rlimit"); dockerd's containers inherit the engine's. Each is capped at sandboxd's own hard
+/// limit when the backend connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodmanSettings {
+    /// Open files per sandbox process (`RLIMIT_NOFILE`, soft = hard).
+    pub ulimit_nofile: u64,
+    /// Processes per user (`RLIMIT_NPROC`, soft = hard). Counted per uid across the host, not
+    /// per sandbox (`sandbox.hardening.pids_limit` is the per-sandbox cap); root is exempt.
+    pub ulimit_nproc: u64,
+}
+
+impl Default for PodmanSettings {
+    fn default() -> Self {
+        Self {
+            ulimit_nofile: 65536,
+            ulimit_nproc: 32768,
         }
     }
 }

@@ -105,6 +105,17 @@ impl Settings {
                 _ => {}
             }
         }
+        if self.runtime == super::RuntimeKind::Podman
+            && !["unix://", "tcp://", "http://"]
+                .iter()
+                .any(|p| self.docker.base_url.starts_with(p))
+        {
+            return Err(invalid(
+                "docker.base_url",
+                "with runtime: podman, the Podman service is reached at a unix://, tcp:// or \
+                 http:// address (`podman system service unix:///run/podman/podman.sock`)",
+            ));
+        }
         if self.runtime != super::RuntimeKind::Swarm {
             return Ok(());
         }

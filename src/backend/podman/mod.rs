@@ -1,0 +1,305 @@
+//! Podman, through its Docker-compatible API (`podman system service`). The container body,
+//! create/start/inspect/remove and the list are the docker backend's (`DockerRuntime`, with
+//! Podman's body differences in [`BodyOptions`]); what Podman 4.3 answers differently is
+//! handled here, and every difference is listed in `docs/podman.md`:
+//! - every container gets explicit `nofile`/`nproc` limits (Podman's defaults exceed the
+//!   host's hard limits, and a start then fails); they are the limits sandboxd itself runs
+//!   with, which is what dockerd's containers inherit;
+//! - a read-only root gets `/run` and `/var/tmp` as read-only tmpfs (Podman would add them
+//!   writable);
+//! - `HostConfig.Runtime` is ignored by Podman 4.3 (a gVisor profile would run under runc
+//!   without a word): profiles with a runtime other than runc are refused by name;
+//! - events: Podman filters on `died`/`remove` and ORs several label filters, so the stream
+//!   filters on the instance label alone and checks the rest here;
+//! - host egress rules hook `FORWARD` (netavark's accept rules sit above `DOCKER-USER`), and
+//!   the bridge of a network is Podman's `network_interface` (libpod API), not `br-<id>`;
+//! - the data plane's differences are `io.rs`'s.
+
+pub mod io;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::docker::{BodyOptions, DockerRuntime};
+use super::error::{BackendError, ErrorKind, Result};
+use super::raw::RawApi;
+use super::{
+    labels, Backend, EngineEvent, HostRules, LegacyTakeover, NameHolder, StartRequest, Started,
+};
+use crate::config::{PodmanSettings, Settings};
+use crate::domain::{ChatId, SessionId};
+use crate::metrics::Metrics;
+use crate::planner::Observed;
+
+/// The libpod API version whose network inspect names the bridge (4.0 and later).
+const LIBPOD: &str = "v4.0.0";
+
+/// The only runtime Podman 4.3's compatible API honours.
+const RUNC: &str = "runc";
+
+/// Read-only tmpfs over the directories Podman makes writable on a read-only root.
+const READ_ONLY_TMPFS: [&str; 2] = ["/run", "/var/tmp"];
+
+#[derive(Clone)]
+pub struct PodmanRuntime {
+    docker: DockerRuntime,
+    raw: Arc<RawApi>,
+}
+
+/// The limits every container gets: the configured ones (`podman.ulimit_*`), capped at this
+/// process's own hard limits, so a start never asks for more than the host allows.
+pub fn ulimits(p: &PodmanSettings) -> Vec<(String, i64)> {
+    use rustix::process::{getrlimit, Resource};
+    [
+        ("nofile", Resource::Nofile, p.ulimit_nofile),
+        ("nproc", Resource::Nproc, p.ulimit_nproc),
+    ]
+    .into_iter()
+    .filter_map(|(name, resource, wanted)| {
+        let cap = getrlimit(resource).maximum.unwrap_or(u64::MAX);
+        Some((name.to_string(), i64::try_from(wanted.min(cap)).ok()?))
+    })
+    .collect()
+}
+
+/// Why a profile cannot run on Podman, if it cannot.
+fn runtime_refusal(runtime: Option<&str>) -> Option<String> {
+    let runtime = runtime.filter(|r| *r != RUNC)?;
+    Some(format!(
+        "runtime `{runtime}` is not available with runtime: podman (Podman 4.3 ignores a \
+         container's runtime and would run it under runc); run gVisor profiles on the docker \
+         backend"
+    ))
+}
+
+impl PodmanRuntime {
+    /// Connects to the Podman service at `docker.base_url` and makes sure the sandbox network
+    /// exists.
+    pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self> {
+        let body = BodyOptions {
+            ulimits: ulimits(&settings.podman),
+            read_only_tmpfs: READ_ONLY_TMPFS.iter().map(|p| p.to_string()).collect(),
+        };
+        let docker =
+            DockerRuntime::connect_with(settings, metrics, body, "the Podman service").await?;
+        let timeout = Duration::from_secs(settings.docker.timeout_seconds);
+        let rt = Self {
+            docker,
+            raw: Arc::new(RawApi::new(&settings.docker.base_url, timeout)?),
+        };
+        rt.ensure_network_named(&settings.sandbox.network_name)
+            .await?;
+        Ok(rt)
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for PodmanRuntime {
+    fn describe(&self) -> &'static str {
+        self.docker.describe()
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>> {
+        self.docker.list().await
+    }
+
+    fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
+        self.docker.container_name(chat_id, session_id)
+    }
+
+    async fn create_container(&self, req: &StartRequest<'_>) -> Result<String> {
+        if let Some(why) = runtime_refusal(req.spec.runtime()) {
+            return Err(BackendError::new(ErrorKind::Refused, why));
+        }
+        self.docker.create_container(req).await
+    }
+
+    async fn name_holder(&self, name: &str) -> Result<NameHolder> {
+        self.docker.name_holder(name).await
+    }
+
+    async fn start_container(&self, id: &str, network: &str, port: u16) -> Result<Started> {
+        self.docker.start_container(id, network, port).await
+    }
+
+    async fn ensure_network_named(&self, network: &str) -> Result<()> {
+        self.docker.ensure_network_named(network).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        self.docker.remove(id).await
+    }
+
+    async fn exit_state(&self, id: &str) -> Result<Option<(i64, DateTime<Utc>)>> {
+        self.docker.exit_state(id).await
+    }
+
+    /// Podman lists every runtime of its configuration, installed or not, and honours none
+    /// but its default: only runc profiles can run.
+    async fn profile_problems(&self, settings: &Settings) -> Result<Vec<String>> {
+        Ok(settings
+            .sandbox
+            .profiles
+            .iter()
+            .filter_map(|(name, profile)| {
+                runtime_refusal(Some(&profile.runtime)).map(|why| format!("profile {name}: {why}"))
+            })
+            .collect())
+    }
+
+    async fn published_port(&self, id: &str, port: u16) -> Result<Option<u16>> {
+        self.docker.published_port(id, port).await
+    }
+
+    /// Deaths and removals of this instance's containers. Podman filters on its own status
+    /// names (`died`, `remove`) and ORs label filters, so only the instance label is sent
+    /// and `managed` is checked here.
+    fn events(&self, since: Option<i64>) -> BoxStream<'static, Result<EngineEvent>> {
+        let instance = self.docker.engine().instance.clone();
+        let filters = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("label", vec![format!("{}={instance}", labels::INSTANCE)]),
+            (
+                "event",
+                ["died", "remove", "pause", "unpause", "rename"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        ]);
+        let mut options = bollard::query_parameters::EventsOptionsBuilder::new().filters(&filters);
+        if let Some(since) = since {
+            options = options.since(&since.to_string());
+        }
+        self.docker
+            .engine()
+            .docker
+            .events(Some(options.build()))
+            .filter_map(move |r| {
+                let instance = instance.clone();
+                async move {
+                    match r {
+                        Err(e) => Some(Err(BackendError::engine("events", e))),
+                        Ok(e) => {
+                            let actor = e.actor.unwrap_or_default();
+                            let attributes = actor.attributes.unwrap_or_default();
+                            if !labels::is_ours(&attributes, &instance) {
+                                return None;
+                            }
+                            Some(Ok(EngineEvent {
+                                at: e.time.unwrap_or_default(),
+                                action: e.action.unwrap_or_default(),
+                                container_id: actor.id.unwrap_or_default(),
+                                exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
+                            }))
+                        }
+                    }
+                }
+            })
+            .boxed()
+    }
+
+    fn host_rules(&self) -> Option<&dyn HostRules> {
+        Some(self)
+    }
+
+    fn legacy(&self) -> Option<&dyn LegacyTakeover> {
+        // The old service ran on dockerd; its labels are the same on any engine.
+        self.docker.legacy()
+    }
+}
+
+/// Podman's network inspect (libpod), the one field read.
+#[derive(Debug, Deserialize)]
+struct LibpodNetwork {
+    #[serde(default)]
+    network_interface: String,
+    #[serde(default)]
+    driver: String,
+}
+
+#[async_trait::async_trait]
+impl HostRules for PodmanRuntime {
+    async fn bridge_of(&self, network: &str) -> Result<String> {
+        let body = self
+            .raw
+            .get(&format!("/{LIBPOD}/libpod/networks/{network}/json"))
+            .await?;
+        let n: LibpodNetwork = serde_json::from_slice(&body).map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                format!("podman network inspect of `{network}` is not what the API says: {e}"),
+            )
+        })?;
+        if n.driver != "bridge" || n.network_interface.is_empty() {
+            return Err(BackendError::new(
+                ErrorKind::Refused,
+                format!(
+                    "network `{network}` uses driver `{}`: egress rules need a bridge network",
+                    n.driver
+                ),
+            ));
+        }
+        Ok(n.network_interface)
+    }
+
+    /// netavark puts its own accept rules at the top of `FORWARD`, above `DOCKER-USER`.
+    fn forward_hook(&self) -> &'static str {
+        "FORWARD"
+    }
+
+    /// netavark inserts its jumps at the top of `FORWARD` on a network's first start (after
+    /// its last container stopped, a reboot or a flush).
+    fn reorders_on_start(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_runc_profiles_run_on_podman() {
+        assert_eq!(runtime_refusal(None), None);
+        assert_eq!(runtime_refusal(Some("runc")), None);
+        let why = runtime_refusal(Some("runsc")).expect("refused");
+        assert!(why.contains("runsc") && why.contains("runc"), "{why}");
+    }
+
+    #[test]
+    fn the_limits_are_the_configured_ones_capped_at_the_hosts() {
+        let small = PodmanSettings {
+            ulimit_nofile: 100,
+            ulimit_nproc: 50,
+        };
+        assert_eq!(
+            ulimits(&small),
+            [("nofile".to_string(), 100), ("nproc".to_string(), 50)]
+        );
+        let huge = PodmanSettings {
+            ulimit_nofile: u64::MAX / 2,
+            ulimit_nproc: u64::MAX / 2,
+        };
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .maximum
+            .unwrap_or(u64::MAX / 2);
+        assert_eq!(ulimits(&huge)[0].1 as u64, hard.min(u64::MAX / 2));
+    }
+
+    #[test]
+    fn a_libpod_network_reads_with_its_bridge() {
+        let n: LibpodNetwork = serde_json::from_str(
+            r#"{"name":"sbx","id":"2899","driver":"bridge","network_interface":"podman1",
+                "subnets":[{"subnet":"10.89.0.0/24","gateway":"10.89.0.1"}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(n.network_interface, "podman1");
+        assert_eq!(n.driver, "bridge");
+    }
+}
