@@ -176,7 +176,7 @@ impl Controller {
             resync,
             shutdown.clone(),
         ));
-        tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
+        let egress_task = tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
         let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);
         let pool = Arc::new(
             crate::pool::WarmPool::new(
@@ -308,6 +308,8 @@ impl Controller {
         runner.drain(Duration::from_secs(10)).await;
         // The pool's member starts in flight finish first: nothing is made after the stop.
         let _ = tokio::time::timeout(Duration::from_secs(10), pool_task).await;
+        // So does a rules write under way: once this returns, nothing writes rules any more.
+        let _ = tokio::time::timeout(Duration::from_secs(10), egress_task).await;
     }
 
     fn supervisor_parts(
