@@ -369,8 +369,8 @@ async fn a_restarted_sandboxd_adopts_every_service_and_restarts_none() {
         );
         assert_eq!(task_count(&manager, service).await, 1, "no second task");
     }
-    // A pass later, still nothing restarted.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A few passes later, still nothing restarted.
+    app.wait_for_passes(3).await;
     for (_, service, task) in &before {
         assert_eq!(running_task(&manager, service).await.as_ref(), Some(task));
     }

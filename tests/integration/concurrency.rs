@@ -1,7 +1,5 @@
 //! Many requests at once: one container per chat, no matter what.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 
 use crate::support::*;
@@ -49,7 +47,7 @@ async fn fifty_chats_at_once_all_run() {
         50
     );
     // Nothing left to do: a few more passes change nothing.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    app.wait_for_passes(3).await;
     let again = app.containers().await;
     let ids = |v: &[bollard::models::ContainerSummary]| {
         let mut ids: Vec<_> = v.iter().map(|c| c.id.clone()).collect();

@@ -188,6 +188,48 @@ pub async fn try_get_json(client: &reqwest::Client, url: &str) -> Option<Value> 
     client.get(url).send().await.ok()?.json().await.ok()
 }
 
+/// The `/metrics` series that counts completed reconcile passes: the `_count` of the pass
+/// duration histogram (src/metrics.rs), observed once at the end of every pass.
+pub const PASSES_METRIC: &str = "sandboxd_reconcile_pass_duration_seconds_count";
+
+/// How many reconcile passes the sandboxd at `base` (`http://host:port`) has completed.
+pub async fn passes(client: &reqwest::Client, base: &str) -> Option<u64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(PASSES_METRIC)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Waits until the sandboxd at `base` has completed `n` more reconcile passes than it had.
+/// For "nothing changed" checks: the passes that would have changed something did run. The
+/// first of them may have started before the call; the ones after it did not, and a pass's
+/// actions are started before the next pass runs. A pass runs at least once every `resync`
+/// (`sandbox.cleanup_interval_seconds`): `n` passes come within `n + 1` periods, plus some
+/// slack for a loaded engine.
+pub async fn wait_for_passes(client: &reqwest::Client, base: &str, n: u64, resync: Duration) {
+    let from = passes(client, base)
+        .await
+        .unwrap_or_else(|| panic!("no {PASSES_METRIC} in {base}/metrics"));
+    let periods = u32::try_from(n + 1).expect("a few passes");
+    wait_until(
+        resync * periods + Duration::from_secs(10),
+        &format!("{n} reconcile passes after the first {from}"),
+        || async { (passes(client, base).await? >= from + n).then_some(()) },
+    )
+    .await;
+}
+
 /// GET, expecting text (`/metrics`).
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client
@@ -270,6 +312,12 @@ impl TestApp {
 
     pub fn instance(&self) -> &str {
         &self.settings.controller.instance
+    }
+
+    /// Waits until this app has completed `n` more reconcile passes (`wait_for_passes`).
+    pub async fn wait_for_passes(&self, n: u64) {
+        let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
+        wait_for_passes(&self.client, &self.url(""), n, resync).await;
     }
 
     /// A host directory to use as `volume_host_path`.

@@ -227,7 +227,8 @@ async fn the_old_services_containers_are_taken_over_not_restarted() {
 
     // Several passes later, and across a restart, it is the same container, never restarted:
     // not replaced for drift although sandboxd would create it differently.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resync = Duration::from_secs(fx.settings.sandbox.cleanup_interval_seconds);
+    wait_for_passes(&client, &base, 3, resync).await;
     server.kill9();
     let server = fx.start().await;
     let base = format!("http://{}", server.addr);
