@@ -120,7 +120,9 @@ pub fn test_settings(dir: &Path, instance: &str) -> Settings {
     s
 }
 
-/// Removes every container of an instance, also when a test panicked.
+/// Removes every container and the egress rules of an instance, also when a test panicked.
+/// Whatever ran the instance is gone for good by then, so one removal is enough: a `TestApp`
+/// waits for its tasks to end, a `ServerProcess` for the firewall calls of the killed binary.
 pub struct InstanceGuard(pub String);
 
 impl Drop for InstanceGuard {
@@ -130,8 +132,9 @@ impl Drop for InstanceGuard {
     }
 }
 
-/// Removes an instance's egress chains (they outlive sandboxd by design). Runs the async
-/// adapter on a thread of its own: drops happen inside the tests' runtime.
+/// Removes an instance's egress chains (they outlive sandboxd by design); again only when a
+/// removal failed. Runs the async adapter on a thread of its own: drops happen inside the
+/// tests' runtime.
 pub fn remove_egress_rules(instance: &str) {
     if instance.is_empty() {
         return;
@@ -142,13 +145,14 @@ pub fn remove_egress_rules(instance: &str) {
             .enable_all()
             .build()
             .expect("runtime");
-        // Again after a moment: a reconcile that was under way when the app stopped may
-        // finish after the first removal (the keeper writes nothing once it sees the stop).
-        let _ = rt.block_on(sandboxd::egress::iptables::remove(&instance));
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let _ = rt.block_on(sandboxd::egress::iptables::remove(&instance));
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        rt.block_on(sandboxd::egress::iptables::remove(&instance))
+        for _ in 0..3 {
+            if rt
+                .block_on(sandboxd::egress::iptables::remove(&instance))
+                .is_ok()
+            {
+                return;
+            }
+        }
     })
     .join();
 }
@@ -254,6 +258,10 @@ pub struct TestApp {
     pub guard: InstanceGuard,
 }
 
+/// How long a dropped `TestApp` waits for its app to end: `run_until_stopped` gives its
+/// controller and its server 15 s each.
+const APP_STOPS_WITHIN: Duration = Duration::from_secs(35);
+
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(|_| {}).await
@@ -267,8 +275,14 @@ impl TestApp {
         Self::start(dir, settings).await
     }
 
-    /// Starts (or restarts) an in-process sandboxd over `dir` with `settings`.
+    /// Starts (or restarts) an in-process sandboxd over `dir` with `settings`. Needs a
+    /// multi-thread runtime: a drop waits for the app's tasks, which other threads run.
     pub async fn start(dir: TempDir, settings: Settings) -> Self {
+        assert_eq!(
+            tokio::runtime::Handle::current().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread,
+            "TestApp needs a multi-thread runtime"
+        );
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = sandboxd::telemetry::init(&settings.logging, &Default::default());
         }
@@ -393,11 +407,27 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
+    /// Stops the app and waits until its task has ended: by then its controller has finished
+    /// what it had under way (actions, the pool's starts, the egress keeper's last write), so
+    /// nothing of it writes after the guard's clean-up. A drop cannot await: it blocks, in
+    /// `block_in_place`, while the runtime's workers run the app down.
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take() {
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        let ended = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .is_some_and(|h| {
+                tokio::task::block_in_place(|| {
+                    h.block_on(tokio::time::timeout(APP_STOPS_WITHIN, &mut task))
+                        .is_ok()
+                })
+            });
+        if !ended {
             task.abort();
         }
     }
@@ -494,7 +524,12 @@ async fn agent_answers_once(ip: &str, port: u64) -> bool {
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// `MARK=<this>` is in the server's environment, and so in its children's.
+    mark: String,
 }
+
+/// The environment variable that marks a server's processes (see `ServerProcess::kill9`).
+const MARK: &str = "SANDBOXD_TEST_SERVER";
 
 impl ServerProcess {
     pub async fn start(config: &Path, port: u16) -> Self {
@@ -505,9 +540,11 @@ impl ServerProcess {
     /// `iptables`).
     pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> Self {
         let log = std::fs::File::create(config.with_extension("log")).expect("log file");
+        let mark = uuid::Uuid::new_v4().simple().to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
             .args(["serve", "--config"])
             .arg(config)
+            .env(MARK, &mark)
             .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -527,13 +564,32 @@ impl ServerProcess {
             }
         })
         .await;
-        Self { child, addr }
+        Self { child, addr, mark }
     }
 
+    /// SIGKILL, as in a crash. Returns once the firewall calls the server had under way
+    /// (`iptables-restore` …, which outlive it and may still write rules) have ended too:
+    /// known by the mark they inherited.
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL on Unix
         let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while marked_processes(&self.mark) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
+}
+
+/// Whether a live process has `MARK=<mark>` in its environment (a zombie has none).
+fn marked_processes(mark: &str) -> bool {
+    let wanted = format!("{MARK}={mark}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read(p.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == wanted.as_bytes()))
+    })
 }
 
 impl Drop for ServerProcess {
