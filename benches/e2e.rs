@@ -8,19 +8,29 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, InspectContainerOptions,
-    KillContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    KillContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
-use sandboxd::app::Application;
-use sandboxd::config::{PullPolicy, Settings};
-use serde_json::{json, Value};
+use sandboxd::config::Settings;
+use serde_json::json;
+
+// The tests' harness, one copy for the tests and this bench: the in-process sandboxd
+// (`TestApp`), the built binary (`ProcessFixture`, `ServerProcess`), settings, the clean-up
+// guards (containers, egress rules, the pool's mounts), polls. Both files allow the dead code
+// of the parts this bench does not use.
+#[path = "../tests/integration/support.rs"]
+mod support;
+#[path = "../tests/integration/warm_support.rs"]
+mod warm_support;
+
+use support::*;
 
 #[path = "support/world.rs"]
 mod world;
@@ -36,26 +46,6 @@ mod swarm;
 
 #[path = "support/warm.rs"]
 mod warm;
-
-/// One number from the bench's database (read-only, as an operator would with sqlite3).
-async fn db_count(db: &Path, sql: &'static str) -> i64 {
-    use sqlx::ConnectOptions;
-    let Ok(mut conn) = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .connect()
-        .await
-    else {
-        return 0;
-    };
-    sqlx::query_scalar(sql)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap_or(0)
-}
-
-const NETWORK: &str = "sandboxd-test";
-const IMAGE: &str = "sandboxd/agent-busybox:latest";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -86,35 +76,27 @@ impl Report {
     }
 }
 
-fn settings(dir: &Path, instance: &str) -> Settings {
-    let mut s = Settings::default();
-    s.http.port = 0;
-    s.docker.pull_policy = PullPolicy::Never;
-    s.sandbox.image = IMAGE.into();
-    s.sandbox.network_name = NETWORK.into();
-    s.sandbox.chats_root = dir.join("chats");
-    s.sandbox.dependencies_host_path = dir.join("deps");
-    s.sandbox.lambda_tools_host_path = dir.join("tools");
-    s.database.path = dir.join("bench.db");
-    s.controller.instance = instance.into();
+/// The service's defaults on the test engine (`local_settings`), with a long create wait.
+fn bench_settings(dir: &Path, instance: &str) -> Settings {
+    let mut s = local_settings(dir, instance);
     s.controller.create_wait_seconds = 300;
     s
 }
 
 async fn raw_start(docker: &Docker, instance: &str, n: usize) -> Duration {
     let body = ContainerCreateBody {
-        image: Some(IMAGE.into()),
+        image: Some(TEST_IMAGE.into()),
         labels: Some(HashMap::from([(
             "sandboxd.instance".to_string(),
             instance.to_string(),
         )])),
         host_config: Some(HostConfig {
-            network_mode: Some(NETWORK.into()),
+            network_mode: Some(TEST_NETWORK.into()),
             ..Default::default()
         }),
         networking_config: Some(NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
-                NETWORK.to_string(),
+                TEST_NETWORK.to_string(),
                 EndpointSettings::default(),
             )])),
         }),
@@ -143,7 +125,7 @@ async fn create_start_inspect(docker: &Docker, name: &str, body: ContainerCreate
     assert!(c
         .network_settings
         .and_then(|n| n.networks)
-        .is_some_and(|n| n.contains_key(NETWORK)));
+        .is_some_and(|n| n.contains_key(TEST_NETWORK)));
     started.elapsed()
 }
 
@@ -160,7 +142,7 @@ struct MatchedRaw {
 impl MatchedRaw {
     async fn new(instance: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = settings(dir.path(), instance);
+        let mut s = bench_settings(dir.path(), instance);
         for p in [
             &mut s.sandbox.chats_root,
             &mut s.sandbox.dependencies_host_path,
@@ -172,7 +154,6 @@ impl MatchedRaw {
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
         let vol = std::fs::canonicalize(vol).expect("canonical vol");
-        s.sandbox.network_name = NETWORK.into();
         let rt = sandboxd::backend::docker::DockerRuntime::connect(&s, Default::default())
             .await
             .expect("connect");
@@ -206,37 +187,9 @@ impl MatchedRaw {
     }
 }
 
-async fn instance_containers(
-    docker: &Docker,
-    instance: &str,
-) -> Vec<bollard::models::ContainerSummary> {
-    let filters = HashMap::from([("label", vec![format!("sandboxd.instance={instance}")])]);
-    docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::new()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap_or_default()
-}
-
-async fn remove_instance(docker: &Docker, instance: &str) {
-    let rm = RemoveContainerOptionsBuilder::new().force(true).build();
-    futures::stream::iter(
-        instance_containers(docker, instance)
-            .await
-            .into_iter()
-            .filter_map(|c| c.id),
-    )
-    .for_each_concurrent(8, |id| {
-        let rm = rm.clone();
-        async move {
-            let _ = docker.remove_container(&id, Some(rm)).await;
-        }
-    })
-    .await;
+/// Removes the containers of an instance (the raw baselines'), one at a time as the tests do.
+fn remove_instance(instance: &str) {
+    remove_containers_matching(&format!("label=sandboxd.instance={instance}"));
 }
 
 /// A fresh instance label for one scenario (`bench-<tag>-<random>`).
@@ -247,100 +200,30 @@ fn instance_name(tag: &str) -> String {
     )
 }
 
-/// The built binary's working set: a temp database and config on a free port, a volume.
-struct BinarySetup {
-    dir: tempfile::TempDir,
-    instance: String,
-    config: std::path::PathBuf,
-    vol: std::path::PathBuf,
-    addr: std::net::SocketAddr,
-    base: String,
+/// A temp directory and, for a fresh instance, `bench_settings` in it with `tweak` applied.
+fn bench_setup(tag: &str, tweak: impl FnOnce(&mut Settings)) -> (tempfile::TempDir, Settings) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = bench_settings(dir.path(), &instance_name(tag));
+    tweak(&mut s);
+    (dir, s)
 }
 
-impl BinarySetup {
-    fn new(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let instance = instance_name(tag);
-        let port = free_port();
-        let mut s = settings(dir.path(), &instance);
-        s.http.port = port;
-        tweak(&mut s);
-        let config = dir.path().join("sandboxd.yaml");
-        std::fs::write(&config, s.to_yaml()).expect("config");
-        let vol = dir.path().join("vol");
-        std::fs::create_dir_all(&vol).expect("vol");
-        Self {
-            dir,
-            instance,
-            config,
-            vol,
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            base: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    /// Starts the binary and waits until it answers health.
-    async fn spawn(&self, client: &reqwest::Client) -> Proc {
-        let server = Proc::spawn(&self.config);
-        wait_http(
-            client,
-            &format!("{}/api/v1/health", self.base),
-            Duration::from_secs(20),
-        )
-        .await;
-        server
-    }
+/// The built binary on `bench_setup` (not yet started): a config on a free port, a volume;
+/// its containers and rules are removed when it is dropped.
+fn binary(tag: &str, tweak: impl FnOnce(&mut Settings)) -> ProcessFixture {
+    let (dir, s) = bench_setup(tag, tweak);
+    ProcessFixture::with_settings(dir, s)
 }
 
-/// An in-process sandboxd on a temp database.
-struct InProcess {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    instance: String,
-    _dir: tempfile::TempDir,
-    vol: std::path::PathBuf,
-    /// The database file.
-    db: std::path::PathBuf,
+/// An in-process sandboxd on `bench_setup`; dropped, it stops and its containers go.
+async fn in_process(tag: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let (dir, s) = bench_setup(tag, tweak);
+    TestApp::start(dir, s).await
 }
 
-impl InProcess {
-    async fn start(tag: &str) -> Self {
-        Self::start_with(tag, |_| {}).await
-    }
-
-    async fn start_with(tag: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let instance = instance_name(tag);
-        let vol = dir.path().join("vol");
-        std::fs::create_dir_all(&vol).expect("vol");
-        let mut s = settings(dir.path(), &instance);
-        tweak(&mut s);
-        let db = s.database.path.clone();
-        let app = Application::build(s, None).await.expect("build");
-        let addr = app.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until_stopped(async move {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            stop: Some(tx),
-            task,
-            instance,
-            _dir: dir,
-            vol,
-            db,
-        }
-    }
-
-    async fn shutdown(mut self, docker: &Docker) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
-        remove_instance(docker, &self.instance).await;
-    }
+/// The volume every bench sandbox of `app` mounts.
+fn volume(app: &TestApp) -> std::path::PathBuf {
+    app.volume("bench")
 }
 
 async fn create(
@@ -361,27 +244,24 @@ async fn create(
     (status, started.elapsed())
 }
 
-fn new_chat() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
 // ---- 1. sequential create ------------------------------------------------------------------
 
 async fn scenario_create(docker: &Docker, out: &mut Report) {
     const ROUNDS: usize = 20;
-    let app = InProcess::start("create").await;
-    let raw_instance = format!("{}-raw", app.instance);
-    let matched_instance = format!("{}-matched", app.instance);
+    let app = in_process("create", |_| {}).await;
+    let vol = volume(&app);
+    let raw_instance = format!("{}-raw", app.instance());
+    let matched_instance = format!("{}-matched", app.instance());
     let matched = MatchedRaw::new(&matched_instance).await;
     let client = reqwest::Client::new();
-    create(&client, app.addr, &new_chat(), &app.vol).await;
+    create(&client, app.addr, &new_chat(), &vol).await;
     raw_start(docker, &raw_instance, 10_000).await;
     matched.start(docker, 10_000).await;
     let (mut raw, mut same, mut ours) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..ROUNDS {
         raw.push(raw_start(docker, &raw_instance, i).await);
         same.push(matched.start(docker, i).await);
-        let (status, took) = create(&client, app.addr, &new_chat(), &app.vol).await;
+        let (status, took) = create(&client, app.addr, &new_chat(), &vol).await;
         assert_eq!(status, 200);
         ours.push(took);
     }
@@ -398,9 +278,8 @@ async fn scenario_create(docker: &Docker, out: &mut Report) {
         "1 create→running p50 (n={ROUNDS})      same container raw {:7.1} ms  sandboxd {:7.1} ms  ratio {ratio:.3}  p95 {:.1}/{:.1} ms  sandboxd's own {:+.1} ms  (bare container raw {:.1} ms)  target ≤1.02× [{}]",
         ms(m50), ms(o50), ms(percentile(&same, 0.95)), ms(percentile(&ours, 0.95)), ms(o50) - ms(m50), ms(r50), verdict(ratio <= 1.02)
     ));
-    remove_instance(docker, &raw_instance).await;
-    remove_instance(docker, &matched_instance).await;
-    app.shutdown(docker).await;
+    remove_instance(&raw_instance);
+    remove_instance(&matched_instance);
 }
 
 // ---- 2. burst of 50 ------------------------------------------------------------------------
@@ -417,24 +296,24 @@ async fn raw_burst(docker: &Docker, burst: usize, conc: usize) -> Duration {
         })
         .await;
     let took = started.elapsed();
-    remove_instance(docker, &raw_instance).await;
+    remove_instance(&raw_instance);
     took
 }
 
-async fn sandboxd_burst(docker: &Docker, burst: usize) -> Duration {
-    let app = InProcess::start("burst").await;
+async fn sandboxd_burst(burst: usize) -> Duration {
+    let app = in_process("burst", |_| {}).await;
+    let vol = volume(&app);
     let client = reqwest::Client::new();
     let started = Instant::now();
     let results = futures::future::join_all((0..burst).map(|_| {
         let client = client.clone();
-        let vol = app.vol.clone();
+        let vol = vol.clone();
         let addr = app.addr;
         async move { create(&client, addr, &new_chat(), &vol).await }
     }))
     .await;
     let took = started.elapsed();
     assert!(results.iter().all(|(s, _)| *s == 200));
-    app.shutdown(docker).await;
     took
 }
 
@@ -455,7 +334,7 @@ async fn scenario_burst(docker: &Docker, out: &mut Report) {
                 best = Some((conc, took));
             }
         }
-        let ours = sandboxd_burst(docker, BURST).await;
+        let ours = sandboxd_burst(BURST).await;
         let (conc, raw) = best.unwrap_or((4, ours));
         let ratio = ours.as_secs_f64() / raw.as_secs_f64();
         line.push_str(&format!(
@@ -546,25 +425,20 @@ fn run_wrk(script: &Path, base: &str, connections: usize, seconds: u64) -> WrkRu
     }
 }
 
-async fn scenario_api(docker: &Docker, out: &mut Report) {
+async fn scenario_api(out: &mut Report) {
     const CHATS: usize = 32;
     const CONNECTIONS: usize = 32;
     const SECONDS: u64 = 10;
-    let setup = BinarySetup::new("api", |s| {
+    let fx = binary("api", |s| {
         // Reuse must stay reuse for the whole run.
         s.sandbox.ttl_seconds = 3600;
         s.logging.level = "WARNING".into();
     });
-    let BinarySetup {
-        dir,
-        instance,
-        vol,
-        base,
-        ..
-    } = &setup;
-    let addr = setup.addr;
+    let (dir, vol) = (&fx.dir, &fx.vol);
     let client = reqwest::Client::new();
-    let server = setup.spawn(&client).await;
+    let server = fx.start().await;
+    let addr = server.addr;
+    let base = &format!("http://{addr}");
     let chats: Vec<String> = (0..CHATS).map(|_| new_chat()).collect();
     futures::stream::iter(chats.iter())
         .for_each_concurrent(4, |c| {
@@ -596,29 +470,28 @@ async fn scenario_api(docker: &Docker, out: &mut Report) {
         ));
     }
     let pid = server.child.id();
-    let cpu0 = Proc::cpu_seconds(pid);
+    let cpu0 = cpu_seconds(pid);
     let r = run_wrk(&script("mix"), base, CONNECTIONS, SECONDS);
-    let cores = (Proc::cpu_seconds(pid) - cpu0) / SECONDS as f64;
+    let cores = (cpu_seconds(pid) - cpu0) / SECONDS as f64;
     out.line(format!(
         "3 desired-state path (⅓ reuse, ⅓ GET, ⅓ list) @{CONNECTIONS} for {SECONDS}s, wrk: {:7.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  failed {}  (sandboxd used {cores:.2} cores)  target ≥3000 req/s, p99 ≤10 ms [{}]",
         r.rps, r.p50_ms, r.p99_ms, r.p999_ms, r.failed,
         verdict(r.failed == 0 && r.rps >= 3000.0 && r.p99_ms <= 10.0)
     ));
-    drop(server);
-    remove_instance(docker, instance).await;
 }
 
 // ---- 4. a sandbox killed by hand -----------------------------------------------------------
 
 async fn scenario_kill(docker: &Docker, out: &mut Report) {
     const ROUNDS: usize = 5;
-    let app = InProcess::start("kill").await;
+    let app = in_process("kill", |_| {}).await;
+    let vol = volume(&app);
     let client = reqwest::Client::new();
     // Some company for the pass: 30 running sandboxes.
     futures::stream::iter(0..30)
         .for_each_concurrent(4, |_| {
             let client = client.clone();
-            let vol = app.vol.clone();
+            let vol = vol.clone();
             let addr = app.addr;
             async move {
                 create(&client, addr, &new_chat(), &vol).await;
@@ -627,7 +500,10 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
         .await;
     let filters = HashMap::from([
         ("type", vec!["container".to_string()]),
-        ("label", vec![format!("sandboxd.instance={}", app.instance)]),
+        (
+            "label",
+            vec![format!("sandboxd.instance={}", app.instance())],
+        ),
     ]);
     let mut events =
         Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
@@ -635,29 +511,21 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
     // loop, whose restarts are backed off on purpose.
     let chats: Vec<String> = (0..ROUNDS).map(|_| new_chat()).collect();
     for chat in &chats {
-        create(&client, app.addr, chat, &app.vol).await;
+        create(&client, app.addr, chat, &vol).await;
     }
     let (mut to_create, mut to_start) = (Vec::new(), Vec::new());
-    let previous = String::new();
     for chat in &chats {
-        let mut victim = String::new();
-        for _ in 0..300 {
-            let v: Value = client
-                .get(format!("http://{}/api/v1/sandboxes/{chat}", app.addr))
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
-            let id = v["container_id"].as_str().unwrap_or_default().to_string();
-            if v["phase"] == "running" && !id.is_empty() && id != previous {
-                victim = id;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(!victim.is_empty(), "no running sandbox recorded");
+        let url = app.url(&format!("/api/v1/sandboxes/{chat}"));
+        let victim = wait_until(
+            Duration::from_secs(30),
+            "a running sandbox recorded",
+            || async {
+                let v = try_get_json(&client, &url).await?;
+                let id = v["container_id"].as_str().filter(|id| !id.is_empty())?;
+                (v["phase"] == "running").then(|| id.to_string())
+            },
+        )
+        .await;
         docker
             .kill_container(&victim, None::<KillContainerOptions>)
             .await
@@ -698,53 +566,28 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
         to_create.len(), ms(p50), ms(to_create.last().copied().unwrap_or_default()), ms(percentile(&to_start, 0.5)),
         verdict(!to_create.is_empty() && p50 <= Duration::from_millis(200))
     ));
-    app.shutdown(docker).await;
 }
 
 // ---- 5. restart and rest with 300 ----------------------------------------------------------
 
-struct Proc {
-    child: Child,
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
-impl Proc {
-    fn spawn(config: &Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sandboxd");
-        Self { child }
-    }
-
-    /// utime + stime of the process, in seconds.
-    fn cpu_seconds(pid: u32) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        ticks / 100.0
-    }
-
-    fn rss_mib(pid: u32) -> f64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 async fn wait_http(client: &reqwest::Client, url: &str, limit: Duration) -> Option<Duration> {
@@ -760,13 +603,6 @@ async fn wait_http(client: &reqwest::Client, url: &str, limit: Duration) -> Opti
     None
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
 fn dockerd_pid() -> Option<u32> {
     std::fs::read_to_string("/var/run/docker.pid")
         .ok()?
@@ -777,17 +613,12 @@ fn dockerd_pid() -> Option<u32> {
 
 async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: bool, rest: bool) {
     const SANDBOXES: usize = 300;
-    let setup = BinarySetup::new("300", |s| s.sandbox.hardening.memory_mb = 64);
-    let BinarySetup {
-        instance,
-        config,
-        vol,
-        base,
-        ..
-    } = &setup;
-    let addr = setup.addr;
+    let fx = binary("300", |s| s.sandbox.hardening.memory_mb = 64);
+    let (instance, vol) = (&fx.settings.controller.instance, &fx.vol);
     let client = reqwest::Client::new();
-    let mut server = setup.spawn(&client).await;
+    let mut server = fx.start().await;
+    let addr = server.addr;
+    let base = format!("http://{addr}");
     let started = Instant::now();
     futures::stream::iter(0..SANDBOXES)
         .for_each_concurrent(16, |_| {
@@ -806,7 +637,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
     if restart {
         let before: HashMap<String, Option<String>> = {
             let mut m = HashMap::new();
-            for c in instance_containers(docker, instance).await {
+            for c in containers_of(docker, instance).await {
                 let id = c.id.unwrap_or_default();
                 let st = docker
                     .inspect_container(&id, None::<InspectContainerOptions>)
@@ -817,10 +648,9 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
             }
             m
         };
-        let _ = server.child.kill();
-        let _ = server.child.wait();
+        server.kill9();
         let t0 = Instant::now();
-        server = Proc::spawn(config);
+        server = ServerProcess::spawn(&fx.config, fx.port, &[]);
         let serving = wait_http(
             &client,
             &format!("{base}/api/v1/health"),
@@ -835,7 +665,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         .await;
         let adopted = t0.elapsed();
         let mut restarted = 0;
-        let after = instance_containers(docker, instance).await;
+        let after = containers_of(docker, instance).await;
         for c in &after {
             let id = c.id.clone().unwrap_or_default();
             let st = docker
@@ -863,26 +693,19 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         let pid = server.child.id();
         let dpid = dockerd_pid();
         let window = Duration::from_secs(60);
-        let (c0, d0) = (
-            Proc::cpu_seconds(pid),
-            dpid.map(Proc::cpu_seconds).unwrap_or(0.0),
-        );
+        let (c0, d0) = (cpu_seconds(pid), dpid.map(cpu_seconds).unwrap_or(0.0));
         tokio::time::sleep(window).await;
-        let (c1, d1) = (
-            Proc::cpu_seconds(pid),
-            dpid.map(Proc::cpu_seconds).unwrap_or(0.0),
-        );
+        let (c1, d1) = (cpu_seconds(pid), dpid.map(cpu_seconds).unwrap_or(0.0));
         let ours = (c1 - c0) / window.as_secs_f64() * 100.0;
         let engine = (d1 - d0) / window.as_secs_f64() * 100.0;
-        let rss = Proc::rss_mib(pid);
+        let rss = rss_mib(pid);
         // The same 300 containers with sandboxd gone: what the engine does anyway. The
         // difference is the engine's work on sandboxd's behalf.
-        let _ = server.child.kill();
-        let _ = server.child.wait();
+        server.kill9();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let d2 = dpid.map(Proc::cpu_seconds).unwrap_or(0.0);
+        let d2 = dpid.map(cpu_seconds).unwrap_or(0.0);
         tokio::time::sleep(window).await;
-        let d3 = dpid.map(Proc::cpu_seconds).unwrap_or(0.0);
+        let d3 = dpid.map(cpu_seconds).unwrap_or(0.0);
         let engine_alone = (d3 - d2) / window.as_secs_f64() * 100.0;
         let on_our_behalf = engine - engine_alone;
         out.line(format!(
@@ -891,8 +714,6 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
             verdict(ours + on_our_behalf.max(0.0) <= 1.0 && rss <= 64.0)
         ));
     }
-    drop(server);
-    remove_instance(docker, instance).await;
 }
 
 // ---- 7. plan() -----------------------------------------------------------------------------
@@ -953,7 +774,7 @@ fn main() -> anyhow::Result<()> {
             scenario_burst(&docker, &mut out).await;
         }
         if want("api") {
-            scenario_api(&docker, &mut out).await;
+            scenario_api(&mut out).await;
         }
         if want("kill") {
             scenario_kill(&docker, &mut out).await;
@@ -962,16 +783,16 @@ fn main() -> anyhow::Result<()> {
             dataplane::scenario_exec(&docker, &mut out).await;
         }
         if want("execs") {
-            dataplane::scenario_concurrent_execs(&docker, &mut out).await;
+            dataplane::scenario_concurrent_execs(&mut out).await;
         }
         if want("watch") {
-            dataplane::scenario_watch(&docker, &mut out).await;
+            dataplane::scenario_watch(&mut out).await;
         }
         if want("warm") {
             warm::scenario_warm(&docker, &mut out).await;
         }
         if want("profiles") {
-            profiles::scenario_profiles(&docker, &mut out).await;
+            profiles::scenario_profiles(&mut out).await;
         }
         // Only on request: it needs the swarm lab (`scripts/bench.sh swarm` brings it up).
         if args.iter().any(|a| a == "swarm") {

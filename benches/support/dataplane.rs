@@ -14,7 +14,8 @@ use bollard::Docker;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::{create, ms, new_chat, percentile, verdict, InProcess, Report};
+use super::{create, in_process, ms, percentile, verdict, volume, Report};
+use crate::support::{new_chat, TestApp};
 
 /// The raw baseline: create + start (attached, output drained) + inspect for the exit code.
 async fn raw_exec(docker: &Docker, container: &str) -> Duration {
@@ -61,11 +62,12 @@ async fn sandboxd_exec(client: &reqwest::Client, url: &str, body: &Value) -> (u1
 }
 
 /// A running sandbox of `app`: its chat id and container id.
-async fn running(client: &reqwest::Client, app: &InProcess) -> (String, String) {
+async fn running(client: &reqwest::Client, app: &TestApp) -> (String, String) {
     let chat = new_chat();
+    let vol = volume(app);
     let r = client
         .post(format!("http://{}/api/v1/create", app.addr))
-        .json(&json!({"chat_id": chat, "agent_id": "bench", "volume_host_path": app.vol}))
+        .json(&json!({"chat_id": chat, "agent_id": "bench", "volume_host_path": vol}))
         .send()
         .await
         .expect("create");
@@ -79,7 +81,7 @@ async fn running(client: &reqwest::Client, app: &InProcess) -> (String, String) 
 
 pub async fn scenario_exec(docker: &Docker, out: &mut Report) {
     const ROUNDS: usize = 60;
-    let app = InProcess::start("exec").await;
+    let app = in_process("exec", |_| {}).await;
     let client = reqwest::Client::new();
     let (chat, container) = running(&client, &app).await;
     let url = format!("http://{}/api/v1/sandboxes/{chat}/exec", app.addr);
@@ -179,13 +181,12 @@ pub async fn scenario_exec(docker: &Docker, out: &mut Report) {
         ms(percentile(&r_raw, 0.5)), ms(percentile(&r_ours, 0.5)),
         percentile(&r_ours, 0.5).as_secs_f64() / percentile(&r_raw, 0.5).as_secs_f64(),
     ));
-    app.shutdown(docker).await;
 }
 
-pub async fn scenario_concurrent_execs(docker: &Docker, out: &mut Report) {
+pub async fn scenario_concurrent_execs(out: &mut Report) {
     const SANDBOXES: usize = 10;
     const EXECS: usize = 100;
-    let app = InProcess::start_with("execs", |s| {
+    let app = in_process("execs", |s| {
         s.data_plane.max_concurrent = EXECS;
         s.data_plane.max_concurrent_per_sandbox = EXECS / SANDBOXES;
     })
@@ -227,15 +228,15 @@ pub async fn scenario_concurrent_execs(docker: &Docker, out: &mut Report) {
         EXECS as f64 / took.as_secs_f64(),
         verdict(ok == EXECS)
     ));
-    app.shutdown(docker).await;
 }
 
-pub async fn scenario_watch(docker: &Docker, out: &mut Report) {
+pub async fn scenario_watch(out: &mut Report) {
     const CLIENTS: usize = 100;
     const BURST: usize = 50;
-    let app = InProcess::start("watch").await;
+    let app = in_process("watch", |_| {}).await;
+    let vol = volume(&app);
     let client = reqwest::Client::new();
-    let store_path = app.db.clone();
+    let store_path = app.settings.database.path.clone();
     let url = format!("http://{}/api/v1/sandboxes?watch=true", app.addr);
     // Every client connects first, then the burst; each collects ids until it has seen the
     // burst's last change or 60 s pass.
@@ -291,7 +292,7 @@ pub async fn scenario_watch(docker: &Docker, out: &mut Report) {
     let from = store.last_event_id().await.expect("last id");
     let started = Instant::now();
     let creates = futures::future::join_all((0..BURST).map(|_| {
-        let (client, vol, addr) = (client.clone(), app.vol.clone(), app.addr);
+        let (client, vol, addr) = (client.clone(), vol.clone(), app.addr);
         async move { create(&client, addr, &new_chat(), &vol).await.0 }
     }))
     .await;
@@ -323,5 +324,4 @@ pub async fn scenario_watch(docker: &Docker, out: &mut Report) {
         ms(delivered),
         verdict(complete == CLIENTS)
     ));
-    app.shutdown(docker).await;
 }

@@ -6,22 +6,23 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bollard::Docker;
 use sandboxd::config::ProfileSettings;
 use serde_json::json;
 
-use super::{ms, new_chat, percentile, verdict, InProcess, Report};
+use super::{in_process, ms, percentile, verdict, volume, Report};
+use crate::support::{new_chat, TestApp};
 
 /// One create under `profile`, timed (the warm figures use it too).
 pub(super) async fn create_profile(
     client: &reqwest::Client,
-    app: &InProcess,
+    app: &TestApp,
     profile: &str,
 ) -> Duration {
+    let vol = volume(app);
     let started = Instant::now();
     let r = client
         .post(format!("http://{}/api/v1/create", app.addr))
-        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": app.vol, "profile": profile}))
+        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": vol, "profile": profile}))
         .send()
         .await
         .expect("create");
@@ -30,7 +31,7 @@ pub(super) async fn create_profile(
     started.elapsed()
 }
 
-pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
+pub async fn scenario_profiles(out: &mut Report) {
     const ROUNDS: usize = 15;
     let open = ProfileSettings {
         deny_cidrs: vec![],
@@ -41,7 +42,7 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
         deny_cidrs: vec![],
         ..ProfileSettings::default()
     };
-    let app = InProcess::start_with("profiles", |s| {
+    let app = in_process("profiles", |s| {
         s.sandbox.profiles = BTreeMap::from([
             ("standard".into(), ProfileSettings::default()),
             ("open".into(), open),
@@ -76,7 +77,7 @@ pub async fn scenario_profiles(docker: &Docker, out: &mut Report) {
         "12 egress rules per create (steady: rules of the network in place)  runc without rules {:.1} ms, with {:.1} ms → {added:+.1} ms  target ≤5 ms [{}]",
         ms(c), ms(r), verdict(added <= 5.0)
     ));
-    app.shutdown(docker).await;
+    drop(app);
 
     // The first sandbox of a network: writing a fresh rule set (read, then one restore).
     let mut cold = Vec::new();

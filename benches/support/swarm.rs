@@ -13,7 +13,8 @@ use sandboxd::config::{NodeEngine, ProfileSettings, RuntimeKind};
 use sandboxd::domain::{ChatId, SessionId};
 use serde_json::json;
 
-use super::{ms, new_chat, percentile, verdict, InProcess, Report};
+use super::{in_process, ms, percentile, verdict, volume, Report};
+use crate::support::{new_chat, TestApp};
 
 const NETWORK: &str = "sandboxd-swarm";
 
@@ -37,7 +38,7 @@ async fn running_on(docker: &Docker, service: &str) -> Option<String> {
 /// sandboxd's: 20 ms doubling to 200 ms) until its task runs.
 async fn raw_create(
     docker: &Docker,
-    app: &InProcess,
+    app: &TestApp,
     spec: &sandboxd::domain::spec::ContainerSpec,
 ) -> Duration {
     let chat = ChatId(uuid::Uuid::new_v4());
@@ -51,7 +52,7 @@ async fn raw_create(
         volume_host_path: "/",
         expires_at: chrono::Utc::now(),
     };
-    let raw_instance = format!("{}-raw", app.instance);
+    let raw_instance = format!("{}-raw", app.instance());
     let defaults = ServiceDefaults {
         instance: &raw_instance,
         stop_grace_seconds: 1,
@@ -80,11 +81,12 @@ async fn raw_create(
     started.elapsed()
 }
 
-async fn sandboxd_create(client: &reqwest::Client, app: &InProcess) -> (String, Duration) {
+async fn sandboxd_create(client: &reqwest::Client, app: &TestApp) -> (String, Duration) {
+    let vol = volume(app);
     let started = Instant::now();
     let r = client
         .post(format!("http://{}/api/v1/create", app.addr))
-        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": app.vol}))
+        .json(&json!({"chat_id": new_chat(), "agent_id": "bench", "volume_host_path": vol}))
         .send()
         .await
         .expect("create");
@@ -125,7 +127,7 @@ pub async fn scenario_swarm(out: &mut Report) {
         .negotiate_version()
         .await
         .expect("the lab's manager");
-    let app = InProcess::start_with("swarm", |s| {
+    let app = in_process("swarm", |s| {
         s.runtime = RuntimeKind::Swarm;
         s.docker.base_url = sock("n1");
         s.sandbox.network_name = NETWORK.into();
@@ -152,24 +154,14 @@ pub async fn scenario_swarm(out: &mut Report) {
     .await;
     let client = reqwest::Client::new();
     // The spec sandboxd freezes for a session, for the raw baseline's identical service.
-    let dir = app.vol.parent().expect("the app's directory");
-    let mut settings = super::settings(dir, &app.instance);
-    settings.sandbox.network_name = NETWORK.into();
-    settings.sandbox.profiles = BTreeMap::from([(
-        "standard".into(),
-        ProfileSettings {
-            deny_cidrs: Vec::new(),
-            ..Default::default()
-        },
-    )]);
+    let sandbox = &app.settings.sandbox;
     let raw_chat = ChatId(uuid::Uuid::new_v4());
     std::fs::create_dir_all(sandboxd::domain::spec::chat_dir(
-        &settings.sandbox.chats_root,
+        &sandbox.chats_root,
         raw_chat,
     ))
     .expect("raw chat dir");
-    let spec =
-        sandboxd::domain::spec::resolve(&settings.sandbox, raw_chat, "bench", &app.vol, None);
+    let spec = sandboxd::domain::spec::resolve(sandbox, raw_chat, "bench", &volume(&app), None);
     // Warm-up: the overlay on every node, one of each.
     for _ in 0..3 {
         sandboxd_create(&client, &app).await;
@@ -192,8 +184,12 @@ pub async fn scenario_swarm(out: &mut Report) {
         ms(*ours.last().unwrap_or(&o)),
         ms(*raw.last().unwrap_or(&r)),
     ));
-    remove_services(&manager, &format!("sandboxd.instance={}-raw", app.instance)).await;
-    remove_services(&manager, &format!("sandboxd.instance={}", app.instance)).await;
+    remove_services(
+        &manager,
+        &format!("sandboxd.instance={}-raw", app.instance()),
+    )
+    .await;
+    remove_services(&manager, &format!("sandboxd.instance={}", app.instance())).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     // A burst of 30 at once.
@@ -201,7 +197,7 @@ pub async fn scenario_swarm(out: &mut Report) {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..BURST {
         let client = client.clone();
-        let (addr, vol) = (app.addr, app.vol.clone());
+        let (addr, vol) = (app.addr, volume(&app));
         set.spawn(async move {
             let r = client
                 .post(format!("http://{addr}/api/v1/create"))
@@ -241,7 +237,5 @@ pub async fn scenario_swarm(out: &mut Report) {
         BURST as f64 / took.as_secs_f64(),
         verdict(most * 2 <= BURST && per_node.len() == 3),
     ));
-    remove_services(&manager, &format!("sandboxd.instance={}", app.instance)).await;
-    let docker = Docker::connect_with_unix_defaults().expect("docker");
-    app.shutdown(&docker).await;
+    remove_services(&manager, &format!("sandboxd.instance={}", app.instance())).await;
 }

@@ -2,92 +2,73 @@
 //! Engine API's create + start of the same container, interleaved; bursts of 50 with pools of
 //! 50 and 10; the refill rate; the idle cost of 20 members.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
-use sandboxd::config::ProfileSettings;
 
 use super::profiles::create_profile;
-use super::{create, ms, new_chat, percentile, verdict, InProcess, MatchedRaw, Report};
+use super::{create, in_process, ms, percentile, verdict, volume, MatchedRaw, Report};
+use crate::support::{containers_of, new_chat, wait_until_every, TestApp};
+use crate::warm_support::{idle, warm, MountGuard};
 
-/// A pool of `min_idle`, and two profiles alike but for their names: `standard` (the pool's
-/// class) and `cold` (never in the pool, so its creates start cold on the same engine).
-async fn app_with_pool(tag: &str, min_idle: usize) -> InProcess {
-    InProcess::start_with(tag, |s| {
-        let dir = s.sandbox.chats_root.parent().expect("dir").to_path_buf();
-        s.warm_pool.min_idle = min_idle;
-        s.warm_pool.max = min_idle.max(1);
-        s.warm_pool.root = dir.join("pool");
+/// A pool of `min_idle` (the tests' `warm`), and two profiles alike but for their names:
+/// `standard` (the pool's class) and `cold` (never in the pool, so its creates start cold on
+/// the same engine). The mounts go after the app (`stop`).
+async fn app_with_pool(tag: &str, min_idle: usize) -> (TestApp, MountGuard) {
+    let app = in_process(tag, |s| {
+        warm(s, min_idle, min_idle.max(1));
         s.controller.max_concurrent_actions = 4;
-        let open = ProfileSettings {
-            deny_cidrs: Vec::new(),
-            ..Default::default()
-        };
-        s.sandbox.profiles =
-            BTreeMap::from([("standard".into(), open.clone()), ("cold".into(), open)]);
+        let open = s.sandbox.profiles["standard"].clone();
+        s.sandbox.profiles.insert("cold".into(), open);
     })
-    .await
+    .await;
+    let mounts = MountGuard(app.dir.path().to_path_buf());
+    (app, mounts)
 }
 
-async fn idle_members(app: &InProcess) -> i64 {
-    super::db_count(
-        &app.db,
-        "SELECT count(*) FROM pool_members WHERE state = 'idle'",
-    )
-    .await
-}
-
-async fn wait_idle(app: &InProcess, n: i64, within: Duration) -> Duration {
+/// How long until `n` members are idle (polled every 20 ms: it is a figure).
+async fn time_to_idle(app: &TestApp, n: i64, within: Duration) -> Duration {
     let started = Instant::now();
-    while idle_members(app).await < n {
-        assert!(
-            started.elapsed() < within,
-            "the pool did not fill in {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_every(
+        Duration::from_millis(20),
+        within,
+        "the pool filled",
+        || async { (idle(app).await >= n).then_some(()) },
+    )
+    .await;
     started.elapsed()
 }
 
-/// Undoes the mounts a pool left under its app's directory (after its containers went).
-fn unmount_under(dir: &std::path::Path) {
-    let mut left = sandboxd::pool::mounts::mounts_under(dir);
-    left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in left {
-        let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
-async fn stop(app: InProcess, docker: &Docker) {
-    let dir = app.vol.parent().expect("dir").to_path_buf();
-    app.shutdown(docker).await;
-    unmount_under(&dir);
+/// Stops the app (its containers go), then undoes its pool's mounts.
+fn stop((app, mounts): (TestApp, MountGuard)) {
+    drop(app);
+    drop(mounts);
 }
 
 pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
     const ROUNDS: usize = 30;
     // 1. Interleaved: warm, cold (same engine, same sandboxd), raw create + start.
-    let app = app_with_pool("warm", ROUNDS + 2).await;
-    wait_idle(&app, (ROUNDS + 2) as i64, Duration::from_secs(120)).await;
+    let pooled = app_with_pool("warm", ROUNDS + 2).await;
+    let app = &pooled.0;
+    time_to_idle(app, (ROUNDS + 2) as i64, Duration::from_secs(120)).await;
     let client = reqwest::Client::new();
-    let matched = MatchedRaw::new(&format!("{}-matched", app.instance)).await;
-    create_profile(&client, &app, "standard").await;
-    create_profile(&client, &app, "cold").await;
+    let matched = MatchedRaw::new(&format!("{}-matched", app.instance())).await;
+    create_profile(&client, app, "standard").await;
+    create_profile(&client, app, "cold").await;
     matched.start(docker, 10_000).await;
     let (mut warm, mut cold, mut raw) = (Vec::new(), Vec::new(), Vec::new());
     let full = (ROUNDS + 2) as i64;
     let mut under_refill = Vec::new();
     for i in 0..ROUNDS {
-        warm.push(create_profile(&client, &app, "standard").await);
+        warm.push(create_profile(&client, app, "standard").await);
         if i % 2 == 0 {
             // A cold start while the pool refills the member just claimed: two starts on the
             // engine at once.
-            under_refill.push(create_profile(&client, &app, "cold").await);
+            under_refill.push(create_profile(&client, app, "cold").await);
         }
         // Each path alone: the refill is done before the cold start and the raw baseline.
-        wait_idle(&app, full, Duration::from_secs(60)).await;
-        cold.push(create_profile(&client, &app, "cold").await);
+        time_to_idle(app, full, Duration::from_secs(60)).await;
+        cold.push(create_profile(&client, app, "cold").await);
         raw.push(matched.start(docker, i).await);
     }
     under_refill.sort();
@@ -109,16 +90,18 @@ pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
         ms(percentile(&under_refill, 0.99)),
         under_refill.len()
     ));
-    super::remove_instance(docker, &format!("{}-matched", app.instance)).await;
-    stop(app, docker).await;
+    super::remove_instance(&format!("{}-matched", app.instance()));
+    stop(pooled);
 
     // 2. Bursts of 50 against pools of 50 and 10.
     for pool in [50usize, 10] {
-        let app = app_with_pool(&format!("wburst{pool}"), pool).await;
-        wait_idle(&app, pool as i64, Duration::from_secs(180)).await;
+        let pooled = app_with_pool(&format!("wburst{pool}"), pool).await;
+        let app = &pooled.0;
+        time_to_idle(app, pool as i64, Duration::from_secs(180)).await;
+        let vol = volume(app);
         let started = Instant::now();
         let mut lat = futures::future::join_all((0..50).map(|_| {
-            let (client, vol, addr) = (client.clone(), app.vol.clone(), app.addr);
+            let (client, vol, addr) = (client.clone(), vol.clone(), app.addr);
             async move { create(&client, addr, &new_chat(), &vol).await }
         }))
         .await
@@ -136,12 +119,13 @@ pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
             ms(percentile(&lat, 0.5)),
             ms(percentile(&lat, 0.99)),
         ));
-        stop(app, docker).await;
+        stop(pooled);
     }
 
     // 3. Refill: from nothing to 20 idle members.
-    let app = app_with_pool("wrefill", 20).await;
-    let took = wait_idle(&app, 20, Duration::from_secs(180)).await;
+    let pooled = app_with_pool("wrefill", 20).await;
+    let app = &pooled.0;
+    let took = time_to_idle(app, 20, Duration::from_secs(180)).await;
     out.line(format!(
         "16 refill: 20 members idle {:.2} s after start = {:.1} members/s (action slots: 4, one kept free for cold starts)",
         took.as_secs_f64(),
@@ -149,7 +133,7 @@ pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
     ));
 
     // 4. The idle cost of those 20: CPU over 10 s and memory, from their cgroups and shims.
-    let ids: Vec<String> = super::instance_containers(docker, &app.instance)
+    let ids: Vec<String> = containers_of(docker, app.instance())
         .await
         .into_iter()
         .filter_map(|c| c.id)
@@ -206,5 +190,5 @@ pub async fn scenario_warm(docker: &Docker, out: &mut Report) {
         mem as f64 / 1e6,
         shim_kb as f64 / 1024.0,
     ));
-    stop(app, docker).await;
+    stop(pooled);
 }

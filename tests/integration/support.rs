@@ -2,7 +2,11 @@
 //! binary), its own temp dir and database, and its own `controller.instance` label, so tests run
 //! in parallel against the one real engine without touching each other. All tests share the
 //! `sandboxd-test` network (created by scripts/provision.sh), never one network per test.
+//!
+//! One copy serves every test binary (`integration`, and by `#[path]` `swarm`,
+//! `engine_restart`, `warm_refill`) and the e2e bench (`benches/e2e.rs`).
 
+// Each binary that includes this file uses a part of it.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -98,8 +102,9 @@ pub fn detail_text(body: &Value) -> String {
     }
 }
 
-/// Test settings: temp paths, the shared network, the local image, pull policy `never`.
-pub fn test_settings(dir: &Path, instance: &str) -> Settings {
+/// A sandboxd on this machine's engine: temp paths, the shared network, the local image, pull
+/// policy `never`, any free port; the service's defaults otherwise (what the benches measure).
+pub fn local_settings(dir: &Path, instance: &str) -> Settings {
     let mut s = Settings::default();
     s.http.port = 0;
     s.docker.pull_policy = PullPolicy::Never;
@@ -108,11 +113,18 @@ pub fn test_settings(dir: &Path, instance: &str) -> Settings {
     s.sandbox.chats_root = dir.join("chats");
     s.sandbox.dependencies_host_path = dir.join("deps");
     s.sandbox.lambda_tools_host_path = dir.join("tools");
+    s.database.path = dir.join("sandboxd.db");
+    s.controller.instance = instance.into();
+    s
+}
+
+/// Test settings: `local_settings` with a resync every 2 s, extra env, short backoffs and no
+/// takeover of the old service's containers.
+pub fn test_settings(dir: &Path, instance: &str) -> Settings {
+    let mut s = local_settings(dir, instance);
     s.sandbox.cleanup_interval_seconds = 2;
     s.sandbox.env.insert("EXTRA_ONE".into(), "1".into());
     s.sandbox.env.insert("EXTRA_TWO".into(), "two words".into());
-    s.database.path = dir.join("sandboxd.db");
-    s.controller.instance = instance.into();
     s.controller.backoff_initial_ms = 200;
     s.controller.backoff_max_seconds = 2;
     // Tests share one engine: only the takeover test may adopt old-service containers.
@@ -468,7 +480,21 @@ async fn read(r: reqwest::Response) -> (StatusCode, Value) {
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes. Never a fixed sleep.
-pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_until_every(Duration::from_millis(100), timeout, what, check).await
+}
+
+/// `wait_until`, polling every `every` (the benches time what they wait for).
+pub async fn wait_until_every<T, F, Fut>(
+    every: Duration,
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -482,7 +508,7 @@ where
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -539,18 +565,8 @@ impl ServerProcess {
     /// The same, with environment variables set for the server (e.g. a `PATH` without
     /// `iptables`).
     pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> Self {
-        let log = std::fs::File::create(config.with_extension("log")).expect("log file");
-        let mark = uuid::Uuid::new_v4().simple().to_string();
-        let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env(MARK, &mark)
-            .envs(env.iter().copied())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sandboxd");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let server = Self::spawn(config, port, env);
+        let addr = server.addr;
         let client = reqwest::Client::new();
         wait_until(Duration::from_secs(20), "sandboxd health", || {
             let client = client.clone();
@@ -564,6 +580,24 @@ impl ServerProcess {
             }
         })
         .await;
+        server
+    }
+
+    /// Starts the binary without waiting for it to answer; its output goes to
+    /// `<config>.log`.
+    pub fn spawn(config: &Path, port: u16, env: &[(&str, &str)]) -> Self {
+        let log = std::fs::File::create(config.with_extension("log")).expect("log file");
+        let mark = uuid::Uuid::new_v4().simple().to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_sandboxd"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env(MARK, &mark)
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn sandboxd");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         Self { child, addr, mark }
     }
 
@@ -622,12 +656,18 @@ pub struct ProcessFixture {
 impl ProcessFixture {
     pub fn new(tweak: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let instance = unique_instance();
-        let guard = InstanceGuard(instance.clone());
-        let port = free_port();
-        let mut settings = test_settings(dir.path(), &instance);
-        settings.http.port = port;
+        let mut settings = test_settings(dir.path(), &unique_instance());
         tweak(&mut settings);
+        Self::with_settings(dir, settings)
+    }
+
+    /// The same for settings of the caller's (on a free port when theirs is 0).
+    pub fn with_settings(dir: TempDir, mut settings: Settings) -> Self {
+        let guard = InstanceGuard(settings.controller.instance.clone());
+        if settings.http.port == 0 {
+            settings.http.port = free_port();
+        }
+        let port = settings.http.port;
         let config = write_config(dir.path(), &settings);
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");

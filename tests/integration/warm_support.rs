@@ -1,5 +1,7 @@
-//! Helpers of the warm-pool tests (`integration/warm.rs` and `warm_refill.rs`).
+//! Helpers of the warm-pool tests (`integration/warm.rs` and `warm_refill.rs`) and of the e2e
+//! bench's warm figures (`benches/support/warm.rs`).
 
+// Each binary that includes this file uses a part of it.
 #![allow(dead_code)]
 
 use std::collections::HashSet;
