@@ -47,6 +47,9 @@ mod swarm;
 #[path = "support/warm.rs"]
 mod warm;
 
+#[path = "support/engines.rs"]
+mod engines;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -141,6 +144,12 @@ struct MatchedRaw {
 
 impl MatchedRaw {
     async fn new(instance: &str) -> Self {
+        Self::new_on(instance, |_| {}).await
+    }
+
+    /// On the engine `tweak` names (`runtime`, `docker.base_url`): the body is that
+    /// backend's, Podman's differences included.
+    async fn new_on(instance: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = bench_settings(dir.path(), instance);
         for p in [
@@ -154,9 +163,19 @@ impl MatchedRaw {
         let vol = dir.path().join("vol");
         std::fs::create_dir_all(&vol).expect("vol");
         let vol = std::fs::canonicalize(vol).expect("canonical vol");
-        let rt = sandboxd::backend::docker::DockerRuntime::connect(&s, Default::default())
-            .await
-            .expect("connect");
+        tweak(&mut s);
+        let rt = match s.runtime {
+            sandboxd::config::RuntimeKind::Podman => {
+                sandboxd::backend::podman::PodmanRuntime::connect(&s, Default::default())
+                    .await
+                    .expect("connect")
+                    .inner()
+                    .clone()
+            }
+            _ => sandboxd::backend::docker::DockerRuntime::connect(&s, Default::default())
+                .await
+                .expect("connect"),
+        };
         Self {
             rt,
             settings: s,
@@ -793,6 +812,10 @@ fn main() -> anyhow::Result<()> {
         }
         if want("profiles") {
             profiles::scenario_profiles(&mut out).await;
+        }
+        // Only on request: it needs Podman (`scripts/bench.sh engines` brings it up).
+        if args.iter().any(|a| a == "engines") {
+            engines::scenario_engines(&mut out).await;
         }
         // Only on request: it needs the swarm lab (`scripts/bench.sh swarm` brings it up).
         if args.iter().any(|a| a == "swarm") {

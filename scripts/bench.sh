@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prints sandboxd's end-to-end figures next to the raw Engine API (see benches/e2e.rs).
-# `scripts/bench.sh swarm` runs the swarm figures (on the 3-node lab, benches/support/swarm.rs).
+# `scripts/bench.sh swarm` runs the swarm figures (on the 3-node lab, benches/support/swarm.rs);
+# `scripts/bench.sh engines` create→running on Docker and Podman (benches/support/engines.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh
@@ -8,6 +9,10 @@ SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh
 if ! command -v wrk >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
+fi
+# `engines`: Docker against Podman needs the Podman service.
+if [[ " $* " == *" engines "* ]]; then
+  SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision-podman.sh
 fi
 # `swarm`: the swarm figures need the 3-node lab, up for the bench and down after it.
 if [[ " $* " == *" swarm "* ]]; then

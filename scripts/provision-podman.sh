@@ -19,6 +19,21 @@ if ! command -v podman >/dev/null 2>&1; then
   apt-get install -y -qq podman >/dev/null
 fi
 
+# Containers the tests make themselves (not through sandboxd, which sets its own limits) need
+# limits within the host's hard ones too: Podman's defaults exceed them here.
+conf=/etc/containers/containers.conf
+if ! grep -q '^default_ulimits' "$conf" 2>/dev/null; then
+  nofile=$(( $(ulimit -Hn) < 65536 ? $(ulimit -Hn) : 65536 ))
+  nproc=$(( $(ulimit -Hu) < 32768 ? $(ulimit -Hu) : 32768 ))
+  mkdir -p /etc/containers
+  if grep -q '^\[containers\]' "$conf" 2>/dev/null; then
+    sed -i "/^\[containers\]/a default_ulimits = [\"nofile=$nofile:$nofile\", \"nproc=$nproc:$nproc\"]" "$conf"
+  else
+    printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' "$nofile" "$nofile" "$nproc" "$nproc" >>"$conf"
+  fi
+  log "set default_ulimits in $conf (nofile $nofile, nproc $nproc)"
+fi
+
 answers() { curl -sf --max-time 10 --unix-socket "$PODMAN_SOCKET" http://podman/_ping >/dev/null 2>&1; }
 
 if ! answers; then
@@ -40,9 +55,11 @@ if ! podman image exists "$IMAGE"; then
   docker save "$IMAGE" | podman load -q >/dev/null
 fi
 
+# Podman's networks are /24 by default; the load test runs hundreds of sandboxes on one.
 if [ "${SANDBOXD_PROVISION_TEST_NETWORK:-0}" = "1" ]; then
-  for net in "${SANDBOXD_TEST_NETWORK:-sandboxd-test}" "${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}"; do
-    podman network exists "$net" || podman network create "$net" >/dev/null
-  done
+  podman network exists "${SANDBOXD_TEST_NETWORK:-sandboxd-test}" ||
+    podman network create --subnet 10.90.0.0/16 "${SANDBOXD_TEST_NETWORK:-sandboxd-test}" >/dev/null
+  podman network exists "${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}" ||
+    podman network create --subnet 10.91.0.0/16 "${SANDBOXD_TEST_NETWORK_ALT:-sandboxd-test-alt}" >/dev/null
 fi
 log "ready: podman $(podman version --format '{{.Server.Version}}' 2>/dev/null || podman --version), socket $PODMAN_SOCKET"

@@ -122,23 +122,30 @@ impl Engine {
         metered(&self.metrics, operation, benign, fut).await
     }
 
-    /// A network, or `None` when there is none of that name.
+    /// A network, or `None` when there is none of that name. A 500 is asked again, twice:
+    /// Podman 4.3 fails a network's inspect when a container on it goes away meanwhile
+    /// ("getting container from store …: container not known").
     pub async fn network(
         &self,
         name: &str,
         options: Option<InspectNetworkOptions>,
     ) -> Result<Option<NetworkInspect>> {
-        match self
-            .call(
-                "inspect_network",
-                &[404],
-                self.docker.inspect_network(name, options),
-            )
-            .await
-        {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if status_of(&e) == Some(404) => Ok(None),
-            Err(e) => Err(BackendError::engine("inspect_network", e)),
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .call(
+                    "inspect_network",
+                    &[404],
+                    self.docker.inspect_network(name, options.clone()),
+                )
+                .await
+            {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if status_of(&e) == Some(404) => return Ok(None),
+                Err(e) if status_of(&e) == Some(500) && tries < 3 => continue,
+                Err(e) => return Err(BackendError::engine("inspect_network", e)),
+            }
         }
     }
 

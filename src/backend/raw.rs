@@ -60,7 +60,7 @@ impl RawApi {
         let unavailable = |message: String| {
             BackendError::new(
                 ErrorKind::Unavailable,
-                format!("engine unavailable: GET {path_and_query}: {message}"),
+                format!("docker engine unavailable: GET {path_and_query}: {message}"),
             )
         };
         let request = async {

@@ -183,8 +183,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second_container() {
-    use sandboxd::backend::docker::DockerRuntime;
-    use sandboxd::backend::{Backend, StartRequest};
+    use sandboxd::backend::StartRequest;
 
     // A pending row that no sandboxd has acted on: written while the engine is unreachable.
     let dir = tempfile::tempdir().unwrap();
@@ -215,7 +214,7 @@ async fn a_crash_between_docker_create_and_the_status_write_never_makes_a_second
     let mut real_settings = settings.clone();
     real_settings.docker = real.clone();
     real_settings.sandbox.network_name = TEST_NETWORK.into();
-    let runtime = DockerRuntime::connect(&real_settings, Default::default())
+    let runtime = sandboxd::backend::connect(&real_settings, Default::default())
         .await
         .unwrap();
     let row0 = store.get(chats[0].parse().unwrap()).await.unwrap().unwrap();

@@ -311,15 +311,33 @@ async fn a_volume_swapped_for_a_symlink_after_acceptance_is_refused_at_create_ti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_are_hardened_by_default() {
     let app = TestApp::spawn().await;
-    let (status, body) = app.create(&new_chat(), "agent", &app.volume("h")).await;
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "agent", &app.volume("h")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // What the kernel enforces on the agent, whatever the engine reports.
+    assert_eq!(
+        kernel_view(&app, &chat).await,
+        (
+            "0000000000000000".into(),
+            "0000000000000000".into(),
+            "1".into()
+        )
+    );
     let c = app.inspect(body["container_id"].as_str().unwrap()).await;
     let hc = c.host_config.unwrap();
-    assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
+    match engine() {
+        Engine::Docker => assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()])),
+        // Podman shows the default set it dropped, expanded (docs/podman.md).
+        Engine::Podman => assert!(hc.cap_drop.unwrap_or_default().len() >= 14),
+    }
     assert!(hc.cap_add.unwrap_or_default().is_empty());
     assert_eq!(hc.privileged, Some(false));
     let sec = hc.security_opt.unwrap_or_default();
-    assert!(sec.iter().any(|o| o == "no-new-privileges:true"), "{sec:?}");
+    let nnp = match engine() {
+        Engine::Docker => "no-new-privileges:true",
+        Engine::Podman => "no-new-privileges",
+    };
+    assert!(sec.iter().any(|o| o == nnp), "{sec:?}");
     assert!(
         !sec.iter().any(|o| o.contains("seccomp")),
         "default seccomp kept: {sec:?}"
@@ -366,14 +384,30 @@ async fn hardening_can_be_tightened_and_loosened_in_config() {
         h.cpu_millis = 500;
     })
     .await;
-    let (status, body) = app.create(&new_chat(), "agent", &app.volume("h2")).await;
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "agent", &app.volume("h2")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // NET_BIND_SERVICE (bit 10) is the one capability left in the bounding set.
+    let (_, bounding, no_new_privs) = kernel_view(&app, &chat).await;
+    assert_eq!(
+        (bounding.as_str(), no_new_privs.as_str()),
+        ("0000000000000400", "1")
+    );
     let c = app.inspect(body["container_id"].as_str().unwrap()).await;
     let hc = c.host_config.unwrap();
     assert_eq!(hc.readonly_rootfs, Some(true));
-    assert!(hc.tmpfs.unwrap()["/tmp"].contains("size=16m"));
+    let tmpfs = hc.tmpfs.unwrap();
+    assert!(tmpfs["/tmp"].contains("size=16m"));
+    if engine() == Engine::Podman {
+        // Podman would add these writable; sandboxd mounts them read-only.
+        for dir in ["/run", "/var/tmp"] {
+            assert!(tmpfs[dir].starts_with("ro,"), "{dir}: {tmpfs:?}");
+        }
+    }
     assert_eq!(c.config.unwrap().user.as_deref(), Some("65534:65534"));
-    assert_eq!(hc.cap_add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+    if engine() == Engine::Docker {
+        assert_eq!(hc.cap_add, Some(vec!["NET_BIND_SERVICE".to_string()]));
+    }
     assert_eq!(hc.pids_limit, Some(64));
     assert_eq!(hc.memory, Some(128 * 1024 * 1024));
     assert_eq!(hc.nano_cpus, Some(500_000_000));
@@ -382,4 +416,24 @@ async fn hardening_can_be_tightened_and_loosened_in_config() {
         agent_answers(ip, 8000).await,
         "agent works as nobody on a read-only root"
     );
+}
+
+/// The agent's effective and bounding capabilities and its no-new-privileges flag, as the
+/// kernel shows them (`/proc/1/status`), read through the data plane.
+async fn kernel_view(app: &TestApp, chat: &str) -> (String, String, String) {
+    let (status, out) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/exec"),
+            &json!({"command": ["cat", "/proc/1/status"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let text = out["stdout"].as_str().unwrap_or_default().to_string();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    (field("CapEff:"), field("CapBnd:"), field("NoNewPrivs:"))
 }

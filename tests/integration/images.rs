@@ -13,7 +13,7 @@ struct ImageGuard(String);
 
 impl Drop for ImageGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
+        let _ = std::process::Command::new(engine().cli())
             .args(["rmi", "-f", &self.0])
             .output();
     }

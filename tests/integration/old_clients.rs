@@ -483,7 +483,7 @@ async fn containers_carry_the_old_labels() {
     assert_eq!(labels["endpoint_port"], "8000");
     assert_eq!(labels["expires_at"], body["expires_at"].as_str().unwrap());
     // The old tooling's filter finds it.
-    let out = std::process::Command::new("docker")
+    let out = std::process::Command::new(engine().cli())
         .args([
             "ps",
             "-q",

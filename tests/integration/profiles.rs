@@ -23,7 +23,7 @@ impl OwnNetwork {
             "sandboxd-egress-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let out = Command::new("docker")
+        let out = Command::new(engine().cli())
             .args(["network", "create", &name])
             .output()
             .unwrap();
@@ -43,7 +43,7 @@ impl Drop for OwnNetwork {
         // test's own network goes.
         for _ in 0..50 {
             remove_containers_matching(&format!("network={}", self.0));
-            let out = Command::new("docker")
+            let out = Command::new(engine().cli())
                 .args(["network", "rm", &self.0])
                 .output();
             let gone = out.as_ref().is_ok_and(|o| {
@@ -401,7 +401,7 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     // A restart leaves the rules in place the whole time: blocked while sandboxd is down.
     let (dir, settings, guard) = app.stop().await;
     assert!(iptables_save().contains(&format!("-A DOCKER-USER -j {top}")));
-    let app_down_probe = Command::new("docker")
+    let app_down_probe = Command::new(engine().cli())
         .args(["exec", body["container_id"].as_str().unwrap(), "sh", "-c"])
         .arg(format!("nc -w 3 {gateway} {listener_port} </dev/null"))
         .output()

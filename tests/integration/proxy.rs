@@ -14,8 +14,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-const REAL_SOCKET: &str = "/var/run/docker.sock";
-
 #[derive(Default)]
 struct Faults {
     down: AtomicBool,
@@ -101,7 +99,7 @@ impl Drop for DockerProxy {
 }
 
 async fn serve(mut client: UnixStream, f: Arc<Faults>) {
-    let Ok(mut engine) = UnixStream::connect(REAL_SOCKET).await else {
+    let Ok(mut engine) = UnixStream::connect(crate::support::engine().socket()).await else {
         return;
     };
     let epoch = f.epoch.load(Ordering::SeqCst);

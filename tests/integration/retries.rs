@@ -32,7 +32,7 @@ impl TaggedImage {
 
 impl Drop for TaggedImage {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
+        let _ = std::process::Command::new(engine().cli())
             .args(["rmi", &self.0])
             .output();
     }
@@ -75,13 +75,13 @@ struct CrashingImage(String);
 
 impl CrashingImage {
     fn build(name: &str) -> Self {
-        let out = std::process::Command::new("docker")
+        let out = std::process::Command::new(engine().cli())
             .args(["create", TEST_IMAGE])
             .output()
             .expect("docker create");
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
         assert!(out.status.success(), "docker create: {out:?}");
-        let commit = std::process::Command::new("docker")
+        let commit = std::process::Command::new(engine().cli())
             .args([
                 "commit",
                 "--change",
@@ -91,7 +91,7 @@ impl CrashingImage {
             ])
             .output()
             .expect("docker commit");
-        let _ = std::process::Command::new("docker")
+        let _ = std::process::Command::new(engine().cli())
             .args(["rm", "-f", &id])
             .output();
         assert!(commit.status.success(), "docker commit: {commit:?}");
@@ -101,7 +101,7 @@ impl CrashingImage {
 
 impl Drop for CrashingImage {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
+        let _ = std::process::Command::new(engine().cli())
             .args(["rmi", "-f", &self.0])
             .output();
     }

@@ -53,12 +53,54 @@ pub fn new_chat() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// The engine this run of the integration binary tests against: `SANDBOXD_TEST_ENGINE`
+/// (`docker`, the default, or `podman`); scripts/test.sh runs the binary once for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+pub fn engine() -> Engine {
+    match std::env::var("SANDBOXD_TEST_ENGINE").as_deref() {
+        Ok("podman") => Engine::Podman,
+        Ok("docker") | Err(_) => Engine::Docker,
+        Ok(other) => panic!("SANDBOXD_TEST_ENGINE={other}: docker or podman"),
+    }
+}
+
+impl Engine {
+    /// The engine's API socket (scripts/provision.sh and provision-podman.sh start them).
+    pub fn socket(self) -> &'static str {
+        match self {
+            Engine::Docker => "/var/run/docker.sock",
+            Engine::Podman => "/run/podman/podman.sock",
+        }
+    }
+
+    /// Its command line tool, for the tests' own setup and clean-up.
+    pub fn cli(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+
+    pub fn runtime(self) -> sandboxd::config::RuntimeKind {
+        match self {
+            Engine::Docker => sandboxd::config::RuntimeKind::Docker,
+            Engine::Podman => sandboxd::config::RuntimeKind::Podman,
+        }
+    }
+}
+
+/// The engine under test, for the tests' own checks.
 pub async fn docker() -> Docker {
-    Docker::connect_with_unix_defaults()
-        .expect("docker socket")
+    Docker::connect_with_unix(engine().socket(), 120, bollard::API_DEFAULT_VERSION)
+        .expect("engine socket")
         .negotiate_version()
         .await
-        .expect("a Docker engine must answer (scripts/test.sh starts one)")
+        .expect("the engine under test must answer (scripts/test.sh starts it)")
 }
 
 /// The keys of the old service's session body (`POST /api/v1/create`).
@@ -105,7 +147,11 @@ pub fn detail_text(body: &Value) -> String {
 /// A sandboxd on this machine's engine: temp paths, the shared network, the local image, pull
 /// policy `never`, any free port; the service's defaults otherwise (what the benches measure).
 pub fn local_settings(dir: &Path, instance: &str) -> Settings {
-    let mut s = Settings::default();
+    let mut s = Settings {
+        runtime: engine().runtime(),
+        ..Default::default()
+    };
+    s.docker.base_url = format!("unix://{}", engine().socket());
     s.http.port = 0;
     s.docker.pull_policy = PullPolicy::Never;
     s.sandbox.image = TEST_IMAGE.into();
@@ -173,12 +219,17 @@ pub fn remove_egress_rules(instance: &str) {
 /// One at a time: `docker rm -f a b c` tears them down in parallel, and dockerd 20.10.24 can
 /// deadlock when two containers leave one network at once (see scripts/engine-watchdog.sh).
 pub fn remove_containers_matching(filter: &str) {
-    if let Ok(out) = Command::new("docker")
+    remove_containers_with(engine().cli(), filter);
+}
+
+/// The same with an engine's tool named (`docker`, `podman`).
+pub fn remove_containers_with(cli: &str, filter: &str) {
+    if let Ok(out) = Command::new(cli)
         .args(["ps", "-aq", "--filter", filter])
         .output()
     {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker")
+            let _ = Command::new(cli)
                 .args(["rm", "-f", id])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -461,6 +512,9 @@ pub async fn db_scalar(path: &Path, sql: &'static str) -> i64 {
 
 pub async fn containers_of(docker: &Docker, instance: &str) -> Vec<ContainerSummary> {
     let filters = HashMap::from([("label", vec![format!("sandboxd.instance={instance}")])]);
+    if engine() == Engine::Podman {
+        return podman_containers(&filters).await;
+    }
     docker
         .list_containers(Some(
             ListContainersOptionsBuilder::new()
@@ -470,6 +524,32 @@ pub async fn containers_of(docker: &Docker, instance: &str) -> Vec<ContainerSumm
         ))
         .await
         .expect("list containers")
+}
+
+/// Podman's list, read as JSON: it reports states bollard's model does not know (`stopped`,
+/// read here as `exited`), which would fail the whole list.
+async fn podman_containers(filters: &HashMap<&str, Vec<String>>) -> Vec<ContainerSummary> {
+    let raw = sandboxd::backend::raw::RawApi::new(
+        &format!("unix://{}", engine().socket()),
+        Duration::from_secs(60),
+    )
+    .expect("podman socket");
+    let query = serde_urlencoded::to_string([
+        ("all", "true".to_string()),
+        ("filters", json!(filters).to_string()),
+    ])
+    .expect("query");
+    let body = raw
+        .get(&format!("/v1.41/containers/json?{query}"))
+        .await
+        .expect("list containers");
+    let mut listed: Vec<Value> = serde_json::from_slice(&body).expect("a JSON list");
+    for c in &mut listed {
+        if c["State"] == "stopped" {
+            c["State"] = json!("exited");
+        }
+    }
+    serde_json::from_value(Value::Array(listed)).expect("container summaries")
 }
 
 async fn read(r: reqwest::Response) -> (StatusCode, Value) {

@@ -57,7 +57,7 @@ fn host_port(settings: Option<&bollard::models::NetworkSettings>, port: u16) -> 
 /// The container's address on the network it was created on (its `NetworkMode`, which
 /// sandboxd sets to the spec's network), else on `fallback`: a sandbox keeps its endpoint when
 /// `sandbox.network_name` changes after it was created.
-fn own_address(
+pub(crate) fn own_address(
     networks: Option<HashMap<String, EndpointSettings>>,
     network_mode: Option<&str>,
     fallback: &str,
@@ -159,6 +159,12 @@ impl DockerRuntime {
     /// The engine core (client, metrics, instance).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The configured sandbox network (where a container's address is looked up when its
+    /// own network is not told).
+    pub fn network(&self) -> &str {
+        &self.network
     }
 
     /// Runs one Docker call, metered.

@@ -30,7 +30,7 @@ use super::docker::{BodyOptions, DockerRuntime};
 use super::error::{BackendError, ErrorKind, Result};
 use super::raw::RawApi;
 use super::{
-    labels, Backend, EngineEvent, HostRules, LegacyTakeover, NameHolder, StartRequest, Started,
+    labels, Backend, EngineEvent, HostRules, NameHolder, StartRequest, Started, WarmStarts,
 };
 use crate::config::{PodmanSettings, Settings};
 use crate::domain::{ChatId, SessionId};
@@ -97,6 +97,12 @@ impl PodmanRuntime {
             .await?;
         Ok(rt)
     }
+
+    /// The docker backend under it, with Podman's body differences (the bench's raw
+    /// baseline sends its exact container body).
+    pub fn inner(&self) -> &DockerRuntime {
+        &self.docker
+    }
 }
 
 #[async_trait::async_trait]
@@ -105,8 +111,58 @@ impl Backend for PodmanRuntime {
         self.docker.describe()
     }
 
+    /// Read as plain JSON: Podman reports states bollard's model does not know
+    /// (`stopped`), and one such container would fail the whole list.
     async fn list(&self) -> Result<Vec<Observed>> {
-        self.docker.list().await
+        let instance = &self.docker.engine().instance;
+        let filters = serde_json::json!({ "label": labels::instance_filter(instance) });
+        let query =
+            serde_urlencoded::to_string([("all", "true"), ("filters", &filters.to_string())])
+                .map_err(|e| BackendError::new(ErrorKind::Other, format!("list filter: {e}")))?;
+        let started = std::time::Instant::now();
+        let body = self
+            .raw
+            .get(&format!("/v1.41/containers/json?{query}"))
+            .await;
+        self.docker
+            .engine()
+            .metrics
+            .docker_call("list", body.is_ok(), started.elapsed());
+        let listed: Vec<Summary> = serde_json::from_slice(&body?).map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                format!("podman container list is not what the API says: {e}"),
+            )
+        })?;
+        let network = self.docker.network().to_string();
+        Ok(listed
+            .into_iter()
+            .map(|c| {
+                let parsed = labels::parse(&c.labels.unwrap_or_default());
+                let networks = c.network_settings.and_then(|n| n.networks).map(|n| {
+                    n.into_iter()
+                        .map(|(name, e)| {
+                            let endpoint = bollard::models::EndpointSettings {
+                                ip_address: e.ip_address,
+                                ..Default::default()
+                            };
+                            (name, endpoint)
+                        })
+                        .collect()
+                });
+                let (_, ip) = super::docker::own_address(networks, None, &network);
+                Observed {
+                    container_id: c.id,
+                    chat_id: parsed.chat_id,
+                    session_id: parsed.session_id,
+                    spec_hash: parsed.spec_hash,
+                    running: c.state == "running",
+                    ip,
+                    legacy: false,
+                    pool_slot: parsed.pool_slot,
+                }
+            })
+            .collect())
     }
 
     fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
@@ -128,8 +184,26 @@ impl Backend for PodmanRuntime {
         self.docker.start_container(id, network, port).await
     }
 
+    /// Asked through libpod's `exists` (no container listing: see `Engine::network`).
     async fn ensure_network_named(&self, network: &str) -> Result<()> {
-        self.docker.ensure_network_named(network).await
+        match self
+            .raw
+            .get(&format!("/{LIBPOD}/libpod/networks/{network}/exists"))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.docker
+                    .engine()
+                    .create_network(bollard::models::NetworkCreateRequest {
+                        name: network.to_string(),
+                        driver: Some("bridge".into()),
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
@@ -208,10 +282,36 @@ impl Backend for PodmanRuntime {
         Some(self)
     }
 
-    fn legacy(&self) -> Option<&dyn LegacyTakeover> {
-        // The old service ran on dockerd; its labels are the same on any engine.
-        self.docker.legacy()
+    /// The docker backend's: the member body is the session body (Podman's differences
+    /// included), and Podman honours `rslave` bind propagation.
+    fn warm(&self) -> Option<&dyn WarmStarts> {
+        self.docker.warm()
     }
+}
+
+/// A container as Podman's list shows it (the fields read).
+#[derive(Debug, Deserialize)]
+struct Summary {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "Labels", default)]
+    labels: Option<HashMap<String, String>>,
+    #[serde(rename = "State", default)]
+    state: String,
+    #[serde(rename = "NetworkSettings", default)]
+    network_settings: Option<SummaryNetworks>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SummaryNetworks {
+    #[serde(rename = "Networks", default)]
+    networks: Option<HashMap<String, SummaryEndpoint>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SummaryEndpoint {
+    #[serde(rename = "IPAddress", default)]
+    ip_address: Option<String>,
 }
 
 /// Podman's network inspect (libpod), the one field read.
@@ -290,6 +390,18 @@ mod tests {
             .maximum
             .unwrap_or(u64::MAX / 2);
         assert_eq!(ulimits(&huge)[0].1 as u64, hard.min(u64::MAX / 2));
+    }
+
+    #[test]
+    fn a_listed_container_reads_whatever_its_state() {
+        let listed: Vec<Summary> = serde_json::from_str(
+            r#"[{"Id":"c1","State":"stopped","Labels":{"sandboxd.instance":"i"},
+                 "NetworkSettings":{"Networks":{"sbx":{"IPAddress":"10.89.0.3"}}}},
+                {"Id":"c2","State":"running"}]"#,
+        )
+        .expect("parses");
+        assert_eq!(listed[0].state, "stopped");
+        assert_eq!(listed[1].labels, None);
     }
 
     #[test]
