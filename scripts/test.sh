@@ -64,6 +64,8 @@ podman_skips=(
   profiles::egress_rules_block_the_host_and_private_targets_and_are_kept_true
   restart::graceful_stop_leaves_sandboxes_running_and_a_restart_is_a_no_op
   takeover::renaming_the_network_keeps_live_sandboxes_on_theirs
+  faults::engine_down_keeps_the_api_up_backs_off_and_converges_when_it_returns
+  retries::a_crash_looping_sandbox_is_restarted_at_growing_intervals
 )
 skip_args=()
 for t in "${podman_skips[@]}"; do skip_args+=(--skip "$t"); done
