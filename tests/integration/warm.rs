@@ -172,7 +172,11 @@ async fn sigkill_during_claims_leaves_every_chat_bound_completely_or_started_col
             (n >= 4).then_some(())
         })
         .await;
-        // Four creates in flight, then SIGKILL at a random moment among their claims.
+        // Four creates in flight, then SIGKILL at a random moment among their claims: after
+        // the first of them reached the store (on a loaded machine a fixed window can end
+        // before any request arrives, and the round tests nothing).
+        let rows_before =
+            db_scalar(&fx.settings.database.path, "SELECT count(*) FROM sandboxes").await;
         for _ in 0..4 {
             let chat = new_chat();
             let volume = fx.dir.path().join("volumes").join(&chat);
@@ -185,6 +189,11 @@ async fn sigkill_during_claims_leaves_every_chat_bound_completely_or_started_col
             });
             chats.push((chat, volume));
         }
+        wait_until(Duration::from_secs(30), "a create in the store", || async {
+            let n = db_scalar(&fx.settings.database.path, "SELECT count(*) FROM sandboxes").await;
+            (n > rows_before).then_some(())
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
         server.kill9();
         println!("round {round}: killed");
