@@ -235,13 +235,22 @@ async fn sigkill_during_claims_leaves_every_chat_bound_completely_or_started_col
         );
     }
     assert!(present > 0, "no create reached the store in three rounds");
-    // No member is left half-claimed, and no two chats share a container.
-    let claiming = db_scalar(
-        &fx.settings.database.path,
-        "SELECT count(*) FROM pool_members WHERE state = 'claiming'",
+    // No member is left half-claimed: the killed process's `claiming` rows go at the new
+    // process's first look at the pool (which removes their containers), and no two chats
+    // share a container.
+    wait_until(
+        Duration::from_secs(60),
+        "no member left claiming",
+        || async {
+            let claiming = db_scalar(
+                &fx.settings.database.path,
+                "SELECT count(*) FROM pool_members WHERE state = 'claiming'",
+            )
+            .await;
+            (claiming == 0).then_some(())
+        },
     )
     .await;
-    assert_eq!(claiming, 0);
     let shared = db_scalar(
         &fx.settings.database.path,
         "SELECT count(*) FROM (SELECT container_id FROM sandboxes WHERE container_id IS NOT NULL \
