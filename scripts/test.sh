@@ -45,27 +45,15 @@ if [ "$suite" -ne 0 ]; then
   cargo test --locked --no-fail-fast -- --test-threads=4 --exact "${failed[@]}"
 fi
 # The same integration binary against Podman (`runtime: podman`, docs/podman.md): rootful,
-# its own socket, provisioned here. Skipped by name, each for its reason:
-# - docker-only by design: gVisor (Podman 4.3 ignores a container's runtime: such profiles
-#   are refused), the old service's takeover (it ran on dockerd), the image-event
-#   accelerator and `pull_policy: build` (Podman reports neither like dockerd);
-# - not yet passing on Podman (issue 19's note says why): the rest of the list.
+# its own socket, provisioned here. Skipped by name, docker-only by design: gVisor (Podman
+# 4.3 ignores a container's runtime: such profiles are refused), the old service's takeover
+# (it ran on dockerd) and the image-event accelerator (Podman reports image loads unlike
+# dockerd).
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision-podman.sh
 podman_skips=(
   profiles::a_gvisor_profile_runs_under_runsc_and_serves_its_endpoint
   takeover::the_old_services_containers_are_taken_over_not_restarted
   retries::a_missing_image_is_used_as_soon_as_it_appears
-  images::a_failed_build_is_a_clear_start_error_with_backoff
-  images::a_missing_image_is_built_once_for_fifty_racing_creates
-  concurrency::fifty_chats_at_once_all_run
-  dataplane::hostile_file_paths_are_refused_and_symlinks_never_lead_off_the_mounts
-  load::two_thousand_mixed_requests_at_concurrency_64_over_500_chats
-  profiles::a_profile_network_that_does_not_exist_yet_is_made_before_its_rules
-  profiles::egress_rules_block_the_host_and_private_targets_and_are_kept_true
-  restart::graceful_stop_leaves_sandboxes_running_and_a_restart_is_a_no_op
-  takeover::renaming_the_network_keeps_live_sandboxes_on_theirs
-  faults::engine_down_keeps_the_api_up_backs_off_and_converges_when_it_returns
-  retries::a_crash_looping_sandbox_is_restarted_at_growing_intervals
 )
 skip_args=()
 for t in "${podman_skips[@]}"; do skip_args+=(--skip "$t"); done

@@ -242,7 +242,8 @@ impl Application {
         .context("starting the watch feed")?;
         let metrics = Arc::new(Metrics::new());
         let state = AppState {
-            data_plane: DataPlane::new(store.clone(), settings.clone(), metrics.clone()),
+            data_plane: DataPlane::new(store.clone(), settings.clone(), metrics.clone())
+                .context("the data plane's engine link")?,
             watch: feed,
             store,
             settings,

@@ -157,8 +157,14 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Image events and builds (an accelerator for missing-image retries; the event log).
+    /// Image events: an accelerator for missing-image retries.
     fn images(&self) -> Option<&dyn ImageWatch> {
+        None
+    }
+
+    /// Reports of the image builds its starts made (`docker.pull_policy: build`), for the
+    /// event log.
+    fn builds(&self) -> Option<&dyn ImageBuilds> {
         None
     }
 
@@ -202,7 +208,10 @@ pub trait LegacyTakeover: Send + Sync {
 pub trait ImageWatch: Send + Sync {
     /// Names of images that appeared on the engine; ends on error (the caller reconnects).
     fn image_events(&self) -> BoxStream<'static, Result<String>>;
+}
 
+/// Image builds made by starts.
+pub trait ImageBuilds: Send + Sync {
     /// Image builds done since the last call (`docker.pull_policy: build`).
     fn take_build_reports(&self) -> Vec<docker::BuildReport>;
 }
@@ -269,21 +278,26 @@ pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Share
 
 /// How the data plane finds the engine of a sandbox, for the settings' backend. It holds
 /// connections of its own, made on first use.
-pub fn locator(settings: &Arc<Settings>, metrics: &Arc<Metrics>) -> Arc<dyn io::Locate> {
+pub fn locator(settings: &Arc<Settings>, metrics: &Arc<Metrics>) -> Result<Arc<dyn io::Locate>> {
+    let timeout = std::time::Duration::from_secs(settings.docker.timeout_seconds);
     let local = || {
         docker::io::EngineIo::at(engine::EngineAddress::plain(
             &settings.docker.base_url,
-            std::time::Duration::from_secs(settings.docker.timeout_seconds),
+            timeout,
         ))
     };
-    match settings.runtime {
+    Ok(match settings.runtime {
         RuntimeKind::Docker => Arc::new(io::OneEngine(Arc::new(local()))),
         RuntimeKind::Podman => {
-            Arc::new(io::OneEngine(Arc::new(podman::io::PodmanIo::new(local()))))
+            let raw = raw::RawApi::new(&settings.docker.base_url, timeout)?;
+            Arc::new(io::OneEngine(Arc::new(podman::io::PodmanIo::new(
+                local(),
+                Arc::new(raw),
+            ))))
         }
         RuntimeKind::Swarm => Arc::new(swarm::nodes::SwarmNodes::new(
             settings.clone(),
             metrics.clone(),
         )),
-    }
+    })
 }

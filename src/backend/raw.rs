@@ -57,47 +57,72 @@ impl RawApi {
 
     /// The body of a successful GET; a 404 is `NotFound`, no answer `Unavailable`.
     pub async fn get(&self, path_and_query: &str) -> Result<Bytes> {
+        let (status, _, body) = self.send(hyper::Method::GET, path_and_query).await?;
+        if !status.is_success() {
+            let kind = match status.as_u16() {
+                404 => ErrorKind::NotFound,
+                _ => ErrorKind::Other,
+            };
+            return Err(BackendError::new(
+                kind,
+                format!(
+                    "GET {path_and_query} answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            ));
+        }
+        Ok(body)
+    }
+
+    /// A HEAD's status and headers, whatever the status: some answers carry what they say in
+    /// a header even on a 404 (Podman's archive stat of a symlink it cannot follow).
+    pub async fn head(
+        &self,
+        path_and_query: &str,
+    ) -> Result<(hyper::StatusCode, hyper::HeaderMap)> {
+        let (status, headers, _) = self.send(hyper::Method::HEAD, path_and_query).await?;
+        Ok((status, headers))
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path_and_query: &str,
+    ) -> Result<(hyper::StatusCode, hyper::HeaderMap, Bytes)> {
         let unavailable = |message: String| {
             BackendError::new(
                 ErrorKind::Unavailable,
-                format!("docker engine unavailable: GET {path_and_query}: {message}"),
+                format!("docker engine unavailable: {method} {path_and_query}: {message}"),
             )
         };
         let request = async {
+            let build = |uri: hyper::Uri| {
+                hyper::Request::builder()
+                    .method(method.clone())
+                    .uri(uri)
+                    .body(Empty::<Bytes>::new())
+                    .map_err(|e| unavailable(e.to_string()))
+            };
             let response = match &self.transport {
                 Transport::Unix { socket, client } => {
                     let uri: hyper::Uri = hyperlocal::Uri::new(socket, path_and_query).into();
-                    client.get(uri).await
+                    client.request(build(uri)?).await
                 }
                 Transport::Tcp { base, client } => {
                     let uri: hyper::Uri = format!("{base}{path_and_query}")
                         .parse()
                         .map_err(|e| unavailable(format!("{e}")))?;
-                    client.get(uri).await
+                    client.request(build(uri)?).await
                 }
             }
             .map_err(|e| unavailable(e.to_string()))?;
-            let status = response.status();
-            let body = response
-                .into_body()
+            let (parts, body) = response.into_parts();
+            let body = body
                 .collect()
                 .await
                 .map_err(|e| unavailable(e.to_string()))?
                 .to_bytes();
-            if !status.is_success() {
-                let kind = match status.as_u16() {
-                    404 => ErrorKind::NotFound,
-                    _ => ErrorKind::Other,
-                };
-                return Err(BackendError::new(
-                    kind,
-                    format!(
-                        "GET {path_and_query} answered {status}: {}",
-                        String::from_utf8_lossy(&body)
-                    ),
-                ));
-            }
-            Ok(body)
+            Ok((parts.status, parts.headers, body))
         };
         tokio::time::timeout(self.timeout, request)
             .await

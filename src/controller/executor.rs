@@ -441,10 +441,10 @@ impl Executor {
 
     /// Writes image builds the start caused to the event log (their output's tail included).
     async fn record_builds(&self, chat_id: ChatId, session_id: SessionId) {
-        let Some(images) = self.runtime.images() else {
+        let Some(builds) = self.runtime.builds() else {
             return;
         };
-        for b in images.take_build_reports() {
+        for b in builds.take_build_reports() {
             let (chat, session) = (chat_id.to_string(), session_id.to_string());
             let detail = serde_json::json!({
                 "image": b.image,

@@ -127,10 +127,14 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    pub fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Store,
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+    ) -> crate::backend::Result<Self> {
         let d = &settings.data_plane;
-        Self {
-            engines: crate::backend::locator(&settings, &metrics),
+        Ok(Self {
+            engines: crate::backend::locator(&settings, &metrics)?,
             slots: Slots::new(
                 d.max_concurrent,
                 d.max_concurrent_per_sandbox,
@@ -139,7 +143,7 @@ impl DataPlane {
             store,
             settings,
             metrics,
-        }
+        })
     }
 
     /// The chat's running container, and a slot for one call on it.

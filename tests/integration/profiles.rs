@@ -283,10 +283,13 @@ fn iptables_save() -> String {
     .into_owned()
 }
 
-fn docker_user_rules_but_ours() -> Vec<String> {
+/// The rules of the chain sandboxd hooks into that are not its own: the engine's and the
+/// operator's, which sandboxd must leave as they were.
+fn hook_rules_but_ours() -> Vec<String> {
+    let hook = format!("-A {} ", engine().forward_hook());
     iptables_save()
         .lines()
-        .filter(|l| l.starts_with("-A DOCKER-USER") && !l.contains("-j SBX-"))
+        .filter(|l| l.starts_with(&hook) && !l.contains("-j SBX-"))
         .map(str::to_string)
         .collect()
 }
@@ -298,7 +301,7 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     // Declared first: dropped last, after the sandboxes are gone.
     let network = OwnNetwork::create();
     let egress_network = network.0.clone();
-    let docker_user_before = docker_user_rules_but_ours();
+    let hook_rules_before = hook_rules_but_ours();
     let app = TestApp::spawn_with(|s| {
         s.sandbox.network_name = egress_network.clone();
         s.sandbox.cleanup_interval_seconds = 2;
@@ -379,10 +382,11 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
     assert!(out.status.success());
     // (Whether the sandbox gets through in the moment before the repair depends on when the
     // next verify falls: the control above shows it would. The repair is what is checked.)
+    let bridge = engine().bridge_of(&app.settings.sandbox.network_name);
     wait_until(Duration::from_secs(10), "the chain refilled", || async {
         iptables_save()
             .lines()
-            .any(|l| l.starts_with(&format!("-A {top} -i br-")))
+            .any(|l| l.starts_with(&format!("-A {top} -i {bridge} ")))
             .then_some(())
     })
     .await;
@@ -400,7 +404,8 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
 
     // A restart leaves the rules in place the whole time: blocked while sandboxd is down.
     let (dir, settings, guard) = app.stop().await;
-    assert!(iptables_save().contains(&format!("-A DOCKER-USER -j {top}")));
+    let hook = engine().forward_hook();
+    assert!(iptables_save().contains(&format!("-A {hook} -j {top}")));
     let app_down_probe = Command::new(engine().cli())
         .args(["exec", body["container_id"].as_str().unwrap(), "sh", "-c"])
         .arg(format!("nc -w 3 {gateway} {listener_port} </dev/null"))
@@ -441,7 +446,7 @@ async fn egress_rules_block_the_host_and_private_targets_and_are_kept_true() {
         || async { (!iptables_save().contains(&top)).then_some(()) },
     )
     .await;
-    assert_eq!(docker_user_rules_but_ours(), docker_user_before);
+    assert_eq!(hook_rules_but_ours(), hook_rules_before);
     // Stopped before the network goes, so no start under way can make it again.
     let (_dir, _settings, guard) = app.stop().await;
     drop(guard);
@@ -508,10 +513,7 @@ async fn a_profile_network_that_does_not_exist_yet_is_made_before_its_rules() {
     let inspect = app.inspect(body["container_id"].as_str().unwrap()).await;
     let networks = inspect.network_settings.unwrap().networks.unwrap();
     assert!(networks.contains_key(&network.0), "{networks:?}");
-    let bridge = {
-        let n = app.docker.inspect_network(&network.0, None).await.unwrap();
-        format!("br-{}", &n.id.unwrap()[..12])
-    };
+    let bridge = engine().bridge_of(&network.0);
     let top = sandboxd::egress::top_chain(app.instance());
     assert!(
         iptables_save().contains(&format!("-A {top} -i {bridge} ")),

@@ -86,6 +86,29 @@ impl Engine {
         }
     }
 
+    /// The host bridge of a (user-defined) network: dockerd names it `br-<id>`, Podman
+    /// `podman<n>`, as the engine says.
+    pub fn bridge_of(self, network: &str) -> String {
+        let format = match self {
+            Engine::Docker => "br-{{printf \"%.12s\" .Id}}",
+            Engine::Podman => "{{.NetworkInterface}}",
+        };
+        let out = Command::new(self.cli())
+            .args(["network", "inspect", network, "--format", format])
+            .output()
+            .expect("network inspect");
+        assert!(out.status.success(), "network inspect {network}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The chain sandboxd hooks its egress rules into (docs/podman.md says why they differ).
+    pub fn forward_hook(self) -> &'static str {
+        match self {
+            Engine::Docker => "DOCKER-USER",
+            Engine::Podman => "FORWARD",
+        }
+    }
+
     pub fn runtime(self) -> sandboxd::config::RuntimeKind {
         match self {
             Engine::Docker => sandboxd::config::RuntimeKind::Docker,
@@ -185,6 +208,10 @@ pub struct InstanceGuard(pub String);
 
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
+        // An emptied guard (`TestApp::stop` hands the real one on) removes nothing.
+        if self.0.is_empty() {
+            return;
+        }
         remove_containers_matching(&format!("label=sandboxd.instance={}", self.0));
         remove_egress_rules(&self.0);
     }
@@ -222,8 +249,13 @@ pub fn remove_containers_matching(filter: &str) {
     remove_containers_with(engine().cli(), filter);
 }
 
-/// The same with an engine's tool named (`docker`, `podman`).
+/// The same with an engine's tool named (`docker`, `podman`). A filter with an empty value
+/// (`label=k=`) removes nothing: Podman reads it as "has the label `k`", which would be every
+/// other test's containers too.
 pub fn remove_containers_with(cli: &str, filter: &str) {
+    if filter.ends_with('=') {
+        return;
+    }
     if let Ok(out) = Command::new(cli)
         .args(["ps", "-aq", "--filter", filter])
         .output()

@@ -34,8 +34,8 @@ use super::engine::{bind_mounts, Engine, EngineAddress};
 use super::error::{status_of, BackendError, ErrorKind, Result};
 use super::hardening::Translated;
 use super::{
-    labels, Backend, EngineEvent, HostRules, ImageWatch, LegacyContainer, LegacyTakeover,
-    MemberRequest, NameHolder, StartRequest, Started, WarmStarts,
+    labels, Backend, EngineEvent, HostRules, ImageBuilds, ImageWatch, LegacyContainer,
+    LegacyTakeover, MemberRequest, NameHolder, StartRequest, Started, WarmStarts,
 };
 use crate::config::{PullPolicy, Settings};
 use crate::domain::{ChatId, SessionId};
@@ -638,6 +638,10 @@ impl Backend for DockerRuntime {
         Some(self)
     }
 
+    fn builds(&self) -> Option<&dyn ImageBuilds> {
+        Some(self)
+    }
+
     fn warm(&self) -> Option<&dyn WarmStarts> {
         Some(self)
     }
@@ -738,7 +742,9 @@ impl ImageWatch for DockerRuntime {
             })
             .boxed()
     }
+}
 
+impl ImageBuilds for DockerRuntime {
     fn take_build_reports(&self) -> Vec<BuildReport> {
         self.builds
             .reports

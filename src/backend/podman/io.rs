@@ -3,14 +3,19 @@
 //! - an archive GET of a symlink follows it (as root, inside the container): the path is
 //!   stat'ed first, and a symlink is answered with a tar of the link itself, whose target
 //!   the data plane checks against the mounts before it reads anything;
+//! - the stat of a symlink whose target Podman cannot resolve from the host (`/proc/...`, a
+//!   dangling link) is a 404 that still carries the link's stat header: it is read from
+//!   there, so such a link is a symlink, as on dockerd, not a missing path;
 //! - an archive PUT into a missing directory creates it (root-owned): the directory is
 //!   stat'ed first, and a missing one is `NoSuchPath`, as dockerd's 404;
 //! - an exec's inspect shows exit code 0 before it ran: "started" is a pid, running, or
 //!   removable;
 //! - an exec in a stopped container is a 500: the container's state makes it `Conflict`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -18,16 +23,63 @@ use futures::StreamExt;
 use crate::backend::docker::io::EngineIo;
 use crate::backend::error::{BackendError, ErrorKind, Result};
 use crate::backend::io::{ExecSpec, PathStat, SandboxIo, StartedExec};
+use crate::backend::raw::RawApi;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PodmanIo {
     inner: EngineIo,
+    raw: Arc<RawApi>,
+}
+
+impl std::fmt::Debug for PodmanIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodmanIo")
+            .field("inner", &self.inner)
+            .finish()
+    }
 }
 
 impl PodmanIo {
-    pub fn new(inner: EngineIo) -> Self {
-        Self { inner }
+    pub fn new(inner: EngineIo, raw: Arc<RawApi>) -> Self {
+        Self { inner, raw }
     }
+
+    /// The symlink at `path` that Podman's stat answered 404 for, read from the stat header
+    /// it sends anyway; `None` when the path is really missing.
+    async fn unresolvable_link(&self, container: &str, path: &str) -> Result<Option<PathStat>> {
+        let query = serde_urlencoded::to_string([("path", path)])
+            .map_err(|e| BackendError::new(ErrorKind::Other, format!("stat query: {e}")))?;
+        let (_, headers) = self
+            .raw
+            .head(&format!("/v1.41/containers/{container}/archive?{query}"))
+            .await?;
+        Ok(headers
+            .get("X-Docker-Container-Path-Stat")
+            .and_then(|h| link_of_stat_header(h.as_bytes())))
+    }
+}
+
+/// The mode bit of a symlink in an engine's path stat (Go's `os.ModeSymlink`).
+const MODE_SYMLINK: u32 = 1 << 27;
+
+/// A path stat header (base64 JSON) that describes a symlink, as a [`PathStat`].
+fn link_of_stat_header(header: &[u8]) -> Option<PathStat> {
+    #[derive(serde::Deserialize)]
+    struct Stat {
+        mode: u32,
+        #[serde(rename = "linkTarget", default)]
+        link_target: String,
+    }
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(header)
+        .ok()?;
+    let stat: Stat = serde_json::from_slice(&json).ok()?;
+    (stat.mode & MODE_SYMLINK != 0 && !stat.link_target.is_empty()).then_some(PathStat {
+        size: 0,
+        is_dir: false,
+        is_symlink: true,
+        link_target: stat.link_target,
+    })
 }
 
 /// A tar holding one symlink entry, `name` → `target`: what dockerd answers for a symlink.
@@ -83,7 +135,10 @@ impl SandboxIo for PodmanIo {
     }
 
     async fn stat(&self, container: &str, path: &str) -> Result<Option<PathStat>> {
-        self.inner.stat(container, path).await
+        match self.inner.stat(container, path).await? {
+            Some(s) => Ok(Some(s)),
+            None => self.unresolvable_link(container, path).await,
+        }
     }
 
     async fn put_archive(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<()> {
@@ -101,7 +156,7 @@ impl SandboxIo for PodmanIo {
         container: &str,
         path: &str,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
-        if let Some(s) = self.inner.stat(container, path).await? {
+        if let Some(s) = self.stat(container, path).await? {
             if s.is_symlink {
                 let name = path.rsplit('/').next().unwrap_or(path);
                 let tar = symlink_tar(name, &s.link_target).await?;
@@ -115,6 +170,22 @@ impl SandboxIo for PodmanIo {
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
+
+    #[test]
+    fn a_stat_header_of_a_link_is_read_as_the_link() {
+        // Podman 4.3's 404 header for `env -> /proc/self/environ`.
+        let header = b"eyJuYW1lIjoiZW52aXJvbiIsInNpemUiOjE4LCJtb2RlIjoxMzQyMTgyMzksIm10aW1lIjoiMjAyNi0xMi0wNlQyMzoyMjo1Ni4wNjc4MTYyNjlaIiwiaXNEaXIiOmZhbHNlLCJsaW5rVGFyZ2V0IjoiL3Byb2Mvc2VsZi9lbnZpcm9uIn0=";
+        let stat = super::link_of_stat_header(header).expect("a link");
+        assert!(stat.is_symlink);
+        assert_eq!(stat.link_target, "/proc/self/environ");
+        // A plain file's stat (mode 0644) is no link; nor is garbage.
+        let plain = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            br#"{"name":"f","size":1,"mode":420,"linkTarget":""}"#,
+        );
+        assert!(super::link_of_stat_header(plain.as_bytes()).is_none());
+        assert!(super::link_of_stat_header(b"%%%").is_none());
+    }
 
     #[tokio::test]
     async fn a_symlink_is_answered_as_the_link_itself() {

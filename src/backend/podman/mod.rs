@@ -287,6 +287,12 @@ impl Backend for PodmanRuntime {
     fn warm(&self) -> Option<&dyn WarmStarts> {
         self.docker.warm()
     }
+
+    /// The docker backend's: Podman's compat build API takes the same context tar, and the
+    /// build runs inside the create, as on dockerd.
+    fn builds(&self) -> Option<&dyn super::ImageBuilds> {
+        self.docker.builds()
+    }
 }
 
 /// A container as Podman's list shows it (the fields read).
