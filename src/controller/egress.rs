@@ -136,16 +136,43 @@ impl EgressKeeper {
         }
     }
 
-    /// After a start on an engine that may have put its rules above sandboxd's jump: reads
-    /// the host back and moves the jump first again. A failure is the next resync's to mend
-    /// (and readiness names it), never a failed start: the sandbox runs already.
+    /// After a start on an engine that may have put its rules above sandboxd's jump: when
+    /// the jump is no longer first in its forward hook (one chain listed per family), reads
+    /// the host back and moves it first again. A failure is the next resync's to mend (and
+    /// readiness names it), never a failed start: the sandbox runs already.
     pub async fn after_start(&self, rt: &SharedBackend) {
         let Some(host) = rt.host_rules().filter(|h| h.reorders_on_start()) else {
             return;
         };
+        if self.kept.lock().await.applied_policies.is_empty() {
+            // No rules applied, so no jump to be put below anything.
+            return;
+        }
+        if self.jumps_are_first(host.forward_hook()).await {
+            return;
+        }
         if let Err(e) = self.reconcile(host, None, true).await {
             warn!(error = %e, "egress rules: re-check after a start failed");
         }
+    }
+
+    /// Whether the instance's jump is first in each family's forward hook (`false` when it
+    /// could not be read: the full check decides).
+    async fn jumps_are_first(&self, forward: &'static str) -> bool {
+        let mut families = vec![rules::Family::V4];
+        if iptables::host_has_ipv6() {
+            families.push(rules::Family::V6);
+        }
+        for family in families {
+            let [hook, _] = family.hooks(forward);
+            if !matches!(
+                iptables::jump_is_first(&self.instance, family, hook).await,
+                Ok(true)
+            ) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Makes sure the rules a sandbox with `spec` needs are on the host, before it starts.

@@ -67,6 +67,14 @@ pub async fn read(instance: &str, family: Family) -> Result<Found> {
     Ok(super::parse_saved(instance, &saved))
 }
 
+/// Whether the instance's jump is first in `hook` (other instances' jumps ahead of it do not
+/// count, as in [`super::parse_saved`]): one chain listed (`-S`), far cheaper than reading
+/// the table back, for the check after every start.
+pub async fn jump_is_first(instance: &str, family: Family, hook: &str) -> Result<bool> {
+    let listed = run(family.tool(), &["-w", "-S", hook], None).await?;
+    Ok(super::jump_first_in_listing(instance, hook, &listed))
+}
+
 /// Makes the host match: rewrites the chains and adds missing jumps (first in their hook,
 /// before Docker's own `RETURN`) in one atomic `iptables-restore`, then drops chains no
 /// longer wanted.

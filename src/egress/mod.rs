@@ -250,6 +250,18 @@ pub fn parse_saved(instance: &str, saved: &str) -> Found {
     found
 }
 
+/// Whether, in a listing of `hook` (`iptables -S hook`), the instance's jump comes before any
+/// rule but other instances' jumps.
+pub fn jump_first_in_listing(instance: &str, hook: &str, listed: &str) -> bool {
+    let ours = format!("-j {}", top_chain(instance));
+    let rule_of = format!("-A {hook} ");
+    listed
+        .lines()
+        .filter_map(|l| l.strip_prefix(&rule_of).map(str::trim))
+        .find(|rest| *rest == ours || !rest.starts_with("-j SBX-"))
+        .is_some_and(|rest| rest == ours)
+}
+
 fn is_ours(chain: &str, prefix: &str) -> bool {
     chain == prefix
         || chain
@@ -325,6 +337,7 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         !self.rewrite
             && self.add_jumps.is_empty()
+            && self.move_jumps.is_empty()
             && self.drop_chains.is_empty()
             && !self.remove_all
     }
@@ -450,6 +463,44 @@ mod tests {
     }
 
     #[test]
+    fn a_jump_is_first_when_only_other_instances_jumps_precede_it() {
+        let top = top_chain("i");
+        let other = top_chain("other");
+        let listing = |rules: &[String]| {
+            let mut text = "-P FORWARD ACCEPT\n".to_string();
+            for r in rules {
+                text.push_str(&format!("-A FORWARD {r}\n"));
+            }
+            text
+        };
+        let jump = format!("-j {top}");
+        let netavark = "-m comment --comment \"netavark\" -j NETAVARK_FORWARD".to_string();
+        assert!(jump_first_in_listing(
+            "i",
+            "FORWARD",
+            &listing(&[jump.clone()])
+        ));
+        assert!(jump_first_in_listing(
+            "i",
+            "FORWARD",
+            &listing(&[format!("-j {other}"), jump.clone(), netavark.clone()])
+        ));
+        assert!(!jump_first_in_listing(
+            "i",
+            "FORWARD",
+            &listing(&[netavark.clone(), jump.clone()])
+        ));
+        assert!(!jump_first_in_listing(
+            "i",
+            "FORWARD",
+            &listing(&[netavark])
+        ));
+        assert!(!jump_first_in_listing("i", "FORWARD", ""));
+        // Another hook's rules do not count.
+        assert!(!jump_first_in_listing("i", "INPUT", &listing(&[jump])));
+    }
+
+    #[test]
     fn instances_get_their_own_chains() {
         assert_ne!(top_chain("a"), top_chain("b"));
         assert!(top_chain("a").len() <= 28);
@@ -512,6 +563,19 @@ mod tests {
             .add_jumps,
             ["INPUT"]
         );
+        // A rule put above the jump: the jump is moved first again, a change of its own.
+        let below = saved.replace(
+            &format!("-A DOCKER-USER -j {top}\n"),
+            &format!("-A DOCKER-USER -s 192.0.2.1/32 -j ACCEPT\n-A DOCKER-USER -j {top}\n"),
+        );
+        let moved = diff(
+            &want,
+            &parse_saved("inst", &below),
+            false,
+            Family::V4.hooks(DOCKER_USER),
+        );
+        assert_eq!(moved.move_jumps, ["DOCKER-USER"]);
+        assert!(!moved.is_empty(), "a move alone is a change");
         assert!(parse_saved("other", &saved).chains.is_empty());
         // Nothing wanted: everything of ours goes.
         assert!(
