@@ -478,7 +478,7 @@ mod tests {
         assert!(jump_first_in_listing(
             "i",
             "FORWARD",
-            &listing(&[jump.clone()])
+            &listing(std::slice::from_ref(&jump))
         ));
         assert!(jump_first_in_listing(
             "i",
