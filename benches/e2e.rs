@@ -188,7 +188,7 @@ impl MatchedRaw {
         let chat: sandboxd::domain::ChatId = new_chat().parse().expect("chat");
         let session = sandboxd::domain::SessionId::new_random();
         let spec =
-            sandboxd::domain::spec::resolve(&self.settings.sandbox, chat, "agent", &self.vol, None);
+            sandboxd::config::spec::resolve(&self.settings.sandbox, chat, "agent", &self.vol, None);
         std::fs::create_dir_all(&spec.mounts[0].source).expect("chat dir");
         let hash = spec.hash();
         let vol = self.vol.display().to_string();

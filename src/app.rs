@@ -11,15 +11,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::config::Settings;
-use crate::controller::{Controller, ControllerStatus};
+use crate::controller::Controller;
 use crate::dataplane::watch::WatchFeed;
 use crate::dataplane::DataPlane;
 use crate::domain::volume::VolumePolicy;
 use crate::http::{self, AppState};
-use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct Application {
@@ -228,11 +227,7 @@ impl Application {
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        let status = Arc::new(ControllerStatus::new(
-            settings.controller.take_over_old_service,
-        ));
         let stop = watch::channel(false);
-        let settings = Arc::new(settings);
         let feed = WatchFeed::start(
             store.clone(),
             settings.data_plane.watch_buffer_events,
@@ -240,17 +235,15 @@ impl Application {
         )
         .await
         .context("starting the watch feed")?;
-        let metrics = Arc::new(Metrics::new());
-        let state = AppState {
-            data_plane: DataPlane::new(store.clone(), settings.clone(), metrics.clone())
-                .context("the data plane's engine link")?,
-            watch: feed,
+        let ctx = Arc::new(crate::context::Context::new(
             store,
-            settings,
+            Arc::new(settings),
             volumes,
-            wake: Arc::new(Notify::new()),
-            controller: status,
-            metrics,
+        ));
+        let state = AppState {
+            data_plane: DataPlane::new(ctx.clone()).context("the data plane's engine link")?,
+            watch: feed,
+            ctx,
         };
         Ok(Self {
             listener,
@@ -277,12 +270,7 @@ impl Application {
         let _db_lock = self.db_lock;
         let (stop_tx, stop_rx) = self.stop;
         let controller = Controller {
-            store: self.state.store.clone(),
-            settings: self.state.settings.clone(),
-            volumes: self.state.volumes.clone(),
-            wake: self.state.wake.clone(),
-            status: self.state.controller.clone(),
-            metrics: self.state.metrics.clone(),
+            ctx: self.state.ctx.clone(),
             connector: Arc::new(crate::backend::FromSettings {
                 settings: self.state.settings.clone(),
                 metrics: self.state.metrics.clone(),

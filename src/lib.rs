@@ -7,7 +7,8 @@
 //! - [`backend`]: the seam between sandboxd and a container engine: the `Backend` trait
 //!   (lifecycle) with its optional capabilities, the data plane's `SandboxIo`, one error
 //!   with typed kinds, one hardening translation; the engines behind it: `docker`,
-//!   `swarm` (one-replica services through a manager), and an in-memory `fake` for tests.
+//!   `podman`, `swarm` (one-replica services through a manager), and an in-memory `fake`
+//!   for tests.
 //! - [`controller`]: the level-triggered loop that runs the planner and executes actions.
 //! - [`pool`]: warm starts: pre-started members claimed by new chats (mounts and env bound at
 //!   claim time through mount propagation and a wrapper entrypoint).
@@ -18,12 +19,15 @@
 //!   status and never call Docker; its data-plane routes call [`dataplane`].
 //! - [`metrics`]: Prometheus metrics served at `/metrics`.
 //! - [`config`]: typed settings from YAML and `APP_*` environment overrides.
+//! - [`context`]: what the long-lived parts share (store, settings, metrics, status), built
+//!   once.
 //! - [`app`]: wiring in one place; [`cli`]: the command line.
 
 pub mod app;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod dataplane;
 pub mod domain;

@@ -161,7 +161,7 @@ pub async fn scenario_swarm(out: &mut Report) {
         raw_chat,
     ))
     .expect("raw chat dir");
-    let spec = sandboxd::domain::spec::resolve(sandbox, raw_chat, "bench", &volume(&app), None);
+    let spec = sandboxd::config::spec::resolve(sandbox, raw_chat, "bench", &volume(&app), None);
     // Warm-up: the overlay on every node, one of each.
     for _ in 0..3 {
         sandboxd_create(&client, &app).await;

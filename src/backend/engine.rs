@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use bollard::errors::Error as BollardError;
 use bollard::models::{Mount, MountType, NetworkCreateRequest, NetworkInspect};
-use bollard::query_parameters::InspectNetworkOptions;
+use bollard::query_parameters::{EventsOptionsBuilder, InspectNetworkOptions};
 use bollard::Docker;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 
 use super::error::{status_of, BackendError, ErrorKind, Result};
-use super::{labels, NameHolder};
+use super::{labels, EngineEvent, NameHolder};
 use crate::metrics::Metrics;
 
 /// Where an engine is, and how to reach it.
@@ -120,6 +122,37 @@ impl Engine {
         fut: impl std::future::Future<Output = Result<T, BollardError>>,
     ) -> Result<T, BollardError> {
         metered(&self.metrics, operation, benign, fut).await
+    }
+
+    /// The engine's events matching `filters` (from `since`, unix seconds, to replay a gap),
+    /// each with its actor's attributes (labels among them) for a backend that filters
+    /// further. Ends on error (the caller reconnects).
+    pub fn events(
+        &self,
+        filters: &HashMap<&str, Vec<String>>,
+        since: Option<i64>,
+    ) -> BoxStream<'static, Result<(EngineEvent, HashMap<String, String>)>> {
+        let mut options = EventsOptionsBuilder::new().filters(filters);
+        if let Some(since) = since {
+            options = options.since(&since.to_string());
+        }
+        self.docker
+            .events(Some(options.build()))
+            .map(|r| {
+                r.map(|message| {
+                    let actor = message.actor.unwrap_or_default();
+                    let attributes = actor.attributes.unwrap_or_default();
+                    let event = EngineEvent {
+                        at: message.time.unwrap_or_default(),
+                        action: message.action.unwrap_or_default(),
+                        container_id: actor.id.unwrap_or_default(),
+                        exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
+                    };
+                    (event, attributes)
+                })
+                .map_err(BackendError::from_engine("events"))
+            })
+            .boxed()
     }
 
     /// A network, or `None` when there is none of that name. A 500 is asked again, twice:

@@ -2,12 +2,14 @@
 //! controller's moving parts (executor, runner, supervisor, takeover): containers are rows
 //! in a map, events a broadcast channel, and faults are injected by the test: an engine
 //! that is down, refused creates, a missing image, lost events, slow starts, crashes and
-//! hand removals. It implements no optional capability, as the swarm backend does not.
+//! hand removals. Of the optional capabilities it offers warm starts when a test asks
+//! ([`FakeBackend::offer_warm_starts`]): a member "waits" on its claim FIFO once started, so
+//! the pool's claims run their real host side (slot mounts, env file, the `go` signal).
 //!
 //! Never a stand-in for the real engines in integration tests: those run against Docker,
 //! Podman and a swarm.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,14 +20,15 @@ use tokio::sync::broadcast;
 
 use super::error::{BackendError, ErrorKind, Result};
 use super::{
-    labels, Backend, Connect, EngineEvent, NameHolder, SharedBackend, StartRequest, Started,
+    labels, Backend, Connect, EngineEvent, MemberRequest, NameHolder, SharedBackend, StartRequest,
+    Started, WarmStarts,
 };
 use crate::config::Settings;
 use crate::domain::{ChatId, SessionId};
 use crate::planner::Observed;
 
 /// One container of the fake engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FakeContainer {
     pub id: String,
     pub name: String,
@@ -41,6 +44,10 @@ pub struct FakeContainer {
     pub exit: Option<(i64, DateTime<Utc>)>,
     /// How often it was started.
     pub starts: u32,
+    /// A warm pool member's slot.
+    pub pool_slot: Option<String>,
+    /// A member's claim directory on the host (its FIFO `go` is waited on once started).
+    pub claim_dir: Option<String>,
 }
 
 /// Faults a test turns on.
@@ -68,6 +75,14 @@ struct World {
     /// Calls made, in order (`create`, `start`, `remove`, `list`, …).
     calls: Vec<&'static str>,
     connects: u32,
+    /// Addresses handed out (each container keeps its first).
+    next_ip: u64,
+    /// Warm starts are offered.
+    warm: bool,
+    /// Started members' claim FIFOs, held open for reading as a member's wrapper does.
+    waiting: HashMap<String, std::fs::File>,
+    /// Members whose wrapper was told to go.
+    signalled: HashSet<String>,
 }
 
 /// The fake engine; clones share one world.
@@ -148,6 +163,11 @@ impl FakeBackend {
         self.world().faults.start_delay = delay;
     }
 
+    /// Offers warm starts (the `WarmStarts` capability).
+    pub fn offer_warm_starts(&self) {
+        self.world().warm = true;
+    }
+
     // What happens to containers outside sandboxd.
 
     /// The agent exits with `code` (a `die` event, unless events are lost).
@@ -202,6 +222,38 @@ impl FakeBackend {
     pub fn connects(&self) -> u32 {
         self.world().connects
     }
+
+    /// Whether the member `id` was told to go (a claim's last host-side step): reads what
+    /// arrived on its FIFO.
+    pub fn signalled(&self, id: &str) -> bool {
+        use std::io::Read;
+        let mut w = self.world();
+        let mut got = [0u8; 16];
+        let arrived = w
+            .waiting
+            .get_mut(id)
+            .is_some_and(|fifo| fifo.read(&mut got).is_ok_and(|n| n > 0));
+        if arrived {
+            w.signalled.insert(id.to_string());
+        }
+        w.signalled.contains(id)
+    }
+}
+
+/// Opens a member's FIFO for reading without blocking, as its wrapper would be waiting.
+fn wait_on(claim_dir: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = std::path::Path::new(claim_dir).join("go");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&fifo)
+        .map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                format!("the member cannot wait on {}: {e}", fifo.display()),
+            )
+        })
 }
 
 #[async_trait::async_trait]
@@ -223,7 +275,7 @@ impl Backend for FakeBackend {
                 running: c.running,
                 ip: c.ip.clone(),
                 legacy: false,
-                pool_slot: None,
+                pool_slot: c.pool_slot.clone(),
             })
             .collect())
     }
@@ -269,10 +321,7 @@ impl Backend for FakeBackend {
                 session_id: Some(req.session_id),
                 spec_hash: Some(req.spec_hash.to_string()),
                 image: req.spec.image.clone(),
-                running: false,
-                ip: None,
-                exit: None,
-                starts: 0,
+                ..FakeContainer::default()
             },
         );
         Ok(id)
@@ -308,7 +357,8 @@ impl Backend for FakeBackend {
                 "injected failure: start",
             ));
         }
-        let n = w.next_id;
+        w.next_ip += 1;
+        let n = w.next_ip;
         let c = w
             .containers
             .get_mut(id)
@@ -319,6 +369,10 @@ impl Backend for FakeBackend {
         c.running = true;
         c.exit = None;
         c.starts += 1;
+        if let Some(dir) = c.claim_dir.clone() {
+            let fifo = wait_on(&dir)?;
+            w.waiting.insert(id.to_string(), fifo);
+        }
         Ok(Started {
             ip,
             host_port: None,
@@ -330,7 +384,11 @@ impl Backend for FakeBackend {
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
-        let removed = self.enter("remove")?.containers.remove(id).is_some();
+        let removed = {
+            let mut w = self.enter("remove")?;
+            w.waiting.remove(id);
+            w.containers.remove(id).is_some()
+        };
         if removed {
             self.emit("destroy", id, None);
         }
@@ -346,6 +404,14 @@ impl Backend for FakeBackend {
         self.enter("info").map(|_| Vec::new())
     }
 
+    fn warm(&self) -> Option<&dyn WarmStarts> {
+        if self.world().warm {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
     fn events(&self, _since: Option<i64>) -> BoxStream<'static, Result<EngineEvent>> {
         let down = self.world().faults.down;
         if down {
@@ -353,6 +419,49 @@ impl Backend for FakeBackend {
             return futures::stream::iter([Err(e)]).boxed();
         }
         tokio_stream_of(self.events.subscribe())
+    }
+}
+
+#[async_trait::async_trait]
+impl WarmStarts for FakeBackend {
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    async fn image_command(&self, image: &str) -> Result<(Vec<String>, Vec<String>)> {
+        let w = self.enter("inspect_image")?;
+        if w.faults.missing_images.contains(image) {
+            return Err(BackendError::new(
+                ErrorKind::ImageMissing,
+                format!("no image `{image}`"),
+            ));
+        }
+        Ok((vec!["/agent".into()], Vec::new()))
+    }
+
+    async fn create_member(&self, req: &MemberRequest<'_>) -> Result<String> {
+        let mut w = self.enter("create_member")?;
+        if w.containers.values().any(|c| c.name == req.name) {
+            return Err(BackendError::new(
+                ErrorKind::NameTaken,
+                format!("the container name {} is taken", req.name),
+            ));
+        }
+        w.next_id += 1;
+        let id = format!("fake{:04}", w.next_id);
+        w.containers.insert(
+            id.clone(),
+            FakeContainer {
+                id: id.clone(),
+                name: req.name.to_string(),
+                ours: true,
+                image: req.spec.image.clone(),
+                pool_slot: req.labels.get(labels::POOL_SLOT).cloned(),
+                claim_dir: Some(req.claim_dir.0.clone()),
+                ..FakeContainer::default()
+            },
+        );
+        Ok(id)
     }
 }
 

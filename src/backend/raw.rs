@@ -2,6 +2,7 @@
 //! task's network attachments, a Podman network's bridge (libpod). Through hyper, the client
 //! bollard itself runs on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::error::{BackendError, ErrorKind, Result};
+use crate::metrics::Metrics;
 
 enum Transport {
     Unix {
@@ -27,6 +29,8 @@ enum Transport {
 pub struct RawApi {
     transport: Transport,
     timeout: Duration,
+    /// Where calls are counted and timed (`sandboxd_docker_call_seconds`), when given.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RawApi {
@@ -52,12 +56,26 @@ impl RawApi {
                 format!("the engine must be a unix://, tcp:// or http:// address, not {base_url}"),
             ));
         };
-        Ok(Self { transport, timeout })
+        Ok(Self {
+            transport,
+            timeout,
+            metrics: None,
+        })
+    }
+
+    /// Counts and times every call in `metrics`, as bollard's calls are (a 404 is an
+    /// answer, not an engine error).
+    pub fn metered(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The body of a successful GET; a 404 is `NotFound`, no answer `Unavailable`.
-    pub async fn get(&self, path_and_query: &str) -> Result<Bytes> {
-        let (status, _, body) = self.send(hyper::Method::GET, path_and_query).await?;
+    /// `operation` names the call in the metrics.
+    pub async fn get(&self, operation: &'static str, path_and_query: &str) -> Result<Bytes> {
+        let (status, _, body) = self
+            .send(operation, hyper::Method::GET, path_and_query)
+            .await?;
         if !status.is_success() {
             let kind = match status.as_u16() {
                 404 => ErrorKind::NotFound,
@@ -78,13 +96,33 @@ impl RawApi {
     /// a header even on a 404 (Podman's archive stat of a symlink it cannot follow).
     pub async fn head(
         &self,
+        operation: &'static str,
         path_and_query: &str,
     ) -> Result<(hyper::StatusCode, hyper::HeaderMap)> {
-        let (status, headers, _) = self.send(hyper::Method::HEAD, path_and_query).await?;
+        let (status, headers, _) = self
+            .send(operation, hyper::Method::HEAD, path_and_query)
+            .await?;
         Ok((status, headers))
     }
 
     async fn send(
+        &self,
+        operation: &'static str,
+        method: hyper::Method,
+        path_and_query: &str,
+    ) -> Result<(hyper::StatusCode, hyper::HeaderMap, Bytes)> {
+        let started = std::time::Instant::now();
+        let answer = self.exchange(method, path_and_query).await;
+        if let Some(metrics) = &self.metrics {
+            let ok = answer
+                .as_ref()
+                .is_ok_and(|(status, ..)| status.is_success() || status.as_u16() == 404);
+            metrics.docker_call(operation, ok, started.elapsed());
+        }
+        answer
+    }
+
+    async fn exchange(
         &self,
         method: hyper::Method,
         path_and_query: &str,

@@ -5,6 +5,7 @@
 //! Unknown keys and bad values fail at start with the dotted key in the message.
 
 mod env;
+pub mod spec;
 mod validate;
 
 use std::collections::BTreeMap;

@@ -22,12 +22,11 @@ use tracing::{info, warn};
 
 use super::supervisor::Engine;
 use crate::backend::{HostRules, SharedBackend};
+use crate::context::Context;
 use crate::domain::spec::ContainerSpec;
 use crate::domain::Phase;
 use crate::egress::iptables::{self, FirewallError};
 use crate::egress::{self as rules, Desired, Ruleset};
-use crate::metrics::Metrics;
-use crate::store::Store;
 
 /// Why the rules of a start could not be made sure of.
 #[derive(Debug, thiserror::Error)]
@@ -58,34 +57,23 @@ struct Kept {
 
 pub struct EgressKeeper {
     instance: String,
-    store: Store,
-    metrics: Arc<Metrics>,
+    /// The store (the rows' specs), metrics, and status (where the last failure is shown).
+    ctx: Arc<Context>,
     resync: Duration,
     kept: Mutex<Kept>,
     /// Asks for a reconcile without a read-back (after a pass).
     pub poke: Notify,
-    /// Where the last failure is shown (readiness).
-    status: Arc<super::ControllerStatus>,
     stop: watch::Receiver<bool>,
 }
 
 impl EgressKeeper {
-    pub fn new(
-        instance: &str,
-        store: Store,
-        metrics: Arc<Metrics>,
-        status: Arc<super::ControllerStatus>,
-        resync: Duration,
-        stop: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(ctx: Arc<Context>, resync: Duration, stop: watch::Receiver<bool>) -> Self {
         Self {
-            instance: instance.to_string(),
-            store,
-            metrics,
+            instance: ctx.settings.controller.instance.clone(),
+            ctx,
             resync,
             kept: Mutex::default(),
             poke: Notify::new(),
-            status,
             stop,
         }
     }
@@ -120,19 +108,14 @@ impl EgressKeeper {
             let Some(host) = rt.host_rules() else {
                 continue;
             };
-            let result = self.reconcile(host, None, verify).await;
-            let mut error = self
-                .status
-                .egress_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(()) => *error = None,
+            let error = match self.reconcile(host, None, verify).await {
+                Ok(()) => None,
                 Err(e) => {
                     warn!(error = %e, "egress rules: reconcile failed");
-                    *error = Some(e.to_string());
+                    Some(e.to_string())
                 }
-            }
+            };
+            self.ctx.status.update(|h| h.egress_error = error);
         }
     }
 
@@ -314,7 +297,7 @@ impl EgressKeeper {
             }
         }
         if repaired {
-            self.metrics.egress_repairs_total.inc();
+            self.ctx.metrics.egress_repairs_total.inc();
             warn!("egress rules were changed on the host; repaired");
         } else if changed {
             info!(networks = desired.len(), "egress rules applied");
@@ -334,6 +317,7 @@ impl EgressKeeper {
         extra: Option<&ContainerSpec>,
     ) -> Result<Vec<(String, rules::EgressPolicy)>, FirewallError> {
         let rows = self
+            .ctx
             .store
             .all()
             .await

@@ -13,15 +13,13 @@ use super::backoff::BackoffPolicy;
 use super::deaths::RecentDeaths;
 use super::observed::ObservedCache;
 use crate::backend::{SharedBackend, StartRequest};
+use crate::context::Context;
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
-use crate::metrics::Metrics;
 use crate::planner::{Action, Key, Observed, RemoveReason};
 use crate::pool::ClaimOutcome;
-use crate::store::{
-    EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, Store, StoreError,
-};
+use crate::store::{EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, StoreError};
 
 /// Why an action did not complete; the controller retries it with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +47,10 @@ pub enum Outcome {
 }
 
 pub struct Executor {
-    pub store: Store,
+    /// The store, metrics and volume policy the process shares.
+    pub ctx: Arc<Context>,
     pub runtime: SharedBackend,
     pub backoff: BackoffPolicy,
-    pub volumes: Arc<VolumePolicy>,
-    pub metrics: Arc<Metrics>,
     /// Deaths the engine reported, with exit codes: tells a crash from a removal or drift.
     pub deaths: Arc<RecentDeaths>,
     /// The loop's copy of the engine: what this action changes is written into it.
@@ -94,11 +91,11 @@ impl Executor {
             Ok(Outcome::Skipped) => "skipped",
             Err(_) => "error",
         };
-        self.metrics.action(kind, outcome);
+        self.ctx.metrics.action(kind, outcome);
         if expiring {
             let counter = match &result {
-                Ok(_) => &self.metrics.cleanup_total,
-                Err(_) => &self.metrics.cleanup_errors_total,
+                Ok(_) => &self.ctx.metrics.cleanup_total,
+                Err(_) => &self.ctx.metrics.cleanup_errors_total,
             };
             counter.inc();
         }
@@ -125,7 +122,7 @@ impl Executor {
                 ip,
                 stale,
             } => {
-                let Some(row) = self.store.get(chat_id).await? else {
+                let Some(row) = self.ctx.store.get(chat_id).await? else {
                     return Ok(Outcome::Skipped);
                 };
                 span.record("session_id", tracing::field::display(session_id));
@@ -146,7 +143,8 @@ impl Executor {
                 };
                 // Record the healthy one first: a stale container that resists removal must
                 // not keep a working sandbox from being served.
-                self.store
+                self.ctx
+                    .store
                     .record_running(
                         chat_id,
                         session_id,
@@ -166,7 +164,7 @@ impl Executor {
             } => {
                 if let (Key::Chat(chat_id), RemoveReason::Expire { session_id }) = (&key, &reason) {
                     // A renew may have landed since the plan: re-read before removing.
-                    let row = self.store.get(*chat_id).await?;
+                    let row = self.ctx.store.get(*chat_id).await?;
                     let renewed =
                         row.is_some_and(|r| r.session_id == *session_id && r.is_live(Utc::now()));
                     if renewed {
@@ -177,13 +175,15 @@ impl Executor {
                 let now = Utc::now();
                 match (key, reason) {
                     (Key::Chat(chat_id), RemoveReason::Expire { session_id }) => {
-                        self.store
+                        self.ctx
+                            .store
                             .record_expired(chat_id, session_id, &containers, now)
                             .await?;
                         info!(%chat_id, %session_id, "session expired; container removed");
                     }
                     (Key::Chat(chat_id), RemoveReason::Finalize { session_id }) => {
-                        self.store
+                        self.ctx
+                            .store
                             .purge(chat_id, session_id, &containers, now)
                             .await?;
                         info!(%chat_id, %session_id, "deleted");
@@ -209,7 +209,7 @@ impl Executor {
                                 actor: None,
                                 detail: None,
                             };
-                            self.store.event(&event, now).await?;
+                            self.ctx.store.event(&event, now).await?;
                         }
                         info!(
                             ?key,
@@ -244,7 +244,7 @@ impl Executor {
         session_id: SessionId,
         stale: &[String],
     ) -> Result<Outcome, ActionError> {
-        let Some(row) = self.store.get(chat_id).await? else {
+        let Some(row) = self.ctx.store.get(chat_id).await? else {
             return Ok(Outcome::Skipped);
         };
         if row.session_id != session_id || !row.is_live(Utc::now()) {
@@ -263,7 +263,7 @@ impl Executor {
         let result = async {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
-            prepare_host(&spec, &self.volumes)?;
+            prepare_host(&spec, &self.ctx.volumes)?;
             // Never a sandbox without its rules: a failure here is a failed start.
             self.egress
                 .ensure_for_start(&self.runtime, &spec)
@@ -330,6 +330,7 @@ impl Executor {
                     EventAction::Start
                 };
                 let recorded = self
+                    .ctx
                     .store
                     .record_running(
                         chat_id,
@@ -347,7 +348,8 @@ impl Executor {
                     .await?;
                 if recorded {
                     let waited = (Utc::now() - row.created_at).to_std().unwrap_or_default();
-                    self.metrics
+                    self.ctx
+                        .metrics
                         .time_to_running_seconds
                         .observe(waited.as_secs_f64());
                 }
@@ -361,6 +363,7 @@ impl Executor {
                 }
                 let message = e.to_string();
                 let attempts = self
+                    .ctx
                     .store
                     .record_failure(
                         chat_id,
@@ -467,7 +470,7 @@ impl Executor {
                 actor: None,
                 detail: Some(&detail),
             };
-            if let Err(e) = self.store.event(&event, Utc::now()).await {
+            if let Err(e) = self.ctx.store.event(&event, Utc::now()).await {
                 warn!(error = %e, "cannot record an image build");
             }
         }
@@ -522,7 +525,8 @@ impl Executor {
             now + chrono::Duration::from_std(self.backoff.delay(restarts - 1))
                 .unwrap_or(chrono::Duration::seconds(60))
         });
-        self.store
+        self.ctx
+            .store
             .record_exit(
                 row.chat_id,
                 row.session_id,

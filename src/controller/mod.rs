@@ -19,14 +19,15 @@ mod images;
 mod observed;
 mod runner;
 mod scheduler;
+mod status;
 mod supervisor;
 mod takeover;
 
 pub use egress::EgressKeeper;
+pub use status::{ControllerStatus, Health};
 pub use supervisor::Engine;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,11 +37,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backend::SharedBackend;
-use crate::config::Settings;
-use crate::domain::volume::VolumePolicy;
-use crate::metrics::{Metrics, PhaseLabel, StateLabel};
+use crate::context::Context;
+use crate::metrics::{PhaseLabel, StateLabel};
 use crate::planner::{self, Action, Key};
-use crate::store::Store;
 use backoff::BackoffPolicy;
 use executor::Executor;
 use observed::ObservedCache;
@@ -48,65 +47,10 @@ use runner::{Offer, Runner};
 use scheduler::{Reason, Scheduler, Target};
 use supervisor::Supervisor;
 
-/// What the controller tells the rest of the process (readiness, status pages).
-#[derive(Debug)]
-pub struct ControllerStatus {
-    pub docker_connected: AtomicBool,
-    /// Unix millis of the last completed pass; 0 before the first.
-    pub last_pass_ms: AtomicI64,
-    pub last_error: std::sync::Mutex<Option<String>>,
-    /// True once the old service's containers were taken over (or when that is off): writes
-    /// for a chat wait for it (bounded), so a create in the first moments after start-up is
-    /// given the old container instead of racing it.
-    pub takeover_done: watch::Sender<bool>,
-    /// The last egress reconcile's failure (readiness names it).
-    pub egress_error: std::sync::Mutex<Option<String>>,
-    /// Profiles whose runtime the engine does not offer (readiness names them).
-    pub profile_errors: std::sync::Mutex<Vec<String>>,
-    /// `on`, or `off: <why>` (readiness says it).
-    pub warm_pool: std::sync::Mutex<String>,
-}
-
-impl ControllerStatus {
-    pub fn new(take_over_old_service: bool) -> Self {
-        Self {
-            docker_connected: AtomicBool::new(false),
-            last_pass_ms: AtomicI64::new(0),
-            last_error: std::sync::Mutex::new(None),
-            takeover_done: watch::channel(!take_over_old_service).0,
-            egress_error: std::sync::Mutex::new(None),
-            profile_errors: std::sync::Mutex::new(Vec::new()),
-            warm_pool: std::sync::Mutex::new("off: not started".into()),
-        }
-    }
-
-    /// Waits (at most `limit`) until the old service's containers were taken over.
-    pub async fn takeover_settled(&self, limit: Duration) {
-        let mut done = self.takeover_done.subscribe();
-        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
-    }
-
-    fn set_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = e;
-        }
-    }
-
-    pub fn error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|g| g.clone())
-    }
-}
-
 /// What the loop works with; built once in `app.rs`.
 pub struct Controller {
-    pub store: Store,
-    pub settings: Arc<Settings>,
-    pub volumes: Arc<VolumePolicy>,
-    /// Notified by API writes and Docker events.
-    pub wake: Arc<Notify>,
-    /// Shared with readiness.
-    pub status: Arc<ControllerStatus>,
-    pub metrics: Arc<Metrics>,
+    /// The store, settings, metrics and status the process shares.
+    pub ctx: Arc<Context>,
     /// Makes the backend: the settings' engine, or the fake in unit tests.
     pub connector: Arc<dyn crate::backend::Connect>,
 }
@@ -136,7 +80,7 @@ impl Upkeep {
             self.next_prune = now + Duration::from_secs(3600);
         }
         if now >= self.next_reload {
-            if let Err(e) = c.store.reload_mirror().await {
+            if let Err(e) = c.ctx.store.reload_mirror().await {
                 warn!(error = %e, "re-reading the sandboxes table failed");
             }
             self.next_reload = now + self.resync;
@@ -146,7 +90,7 @@ impl Upkeep {
 
 impl Controller {
     fn backoff(&self) -> BackoffPolicy {
-        let c = &self.settings.controller;
+        let c = &self.ctx.settings.controller;
         BackoffPolicy {
             initial: Duration::from_millis(c.backoff_initial_ms),
             max: Duration::from_secs(c.backoff_max_seconds),
@@ -158,7 +102,7 @@ impl Controller {
     /// Every trigger becomes a request to the scheduler; when one falls due, one pass plans
     /// over everything and the runner starts what is not already running.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
+        let resync = Duration::from_secs(self.ctx.settings.sandbox.cleanup_interval_seconds);
         let policy = self.backoff();
         let deaths = Arc::new(deaths::RecentDeaths::default());
         let observed = Arc::new(ObservedCache::default());
@@ -169,34 +113,22 @@ impl Controller {
             shutdown.clone(),
         );
         let egress = Arc::new(egress::EgressKeeper::new(
-            &self.settings.controller.instance,
-            self.store.clone(),
-            self.metrics.clone(),
-            self.status.clone(),
+            self.ctx.clone(),
             resync,
             shutdown.clone(),
         ));
         let egress_task = tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
-        let mut runner = Runner::new(self.settings.controller.max_concurrent_actions, policy);
-        let pool = Arc::new(
-            crate::pool::WarmPool::new(
-                self.store.clone(),
-                self.settings.clone(),
-                self.metrics.clone(),
-            )
-            .await,
-        );
-        if let Ok(mut mode) = self.status.warm_pool.lock() {
-            *mode = match pool.mode() {
-                crate::pool::Mode::On => "on".into(),
-                crate::pool::Mode::Off(why) => format!("off: {why}"),
-            };
-        }
+        let mut runner = Runner::new(self.ctx.settings.controller.max_concurrent_actions, policy);
+        let pool = Arc::new(crate::pool::WarmPool::new(self.ctx.clone()).await);
+        let mode = match pool.mode() {
+            crate::pool::Mode::On => "on".into(),
+            crate::pool::Mode::Off(why) => format!("off: {why}"),
+        };
+        self.ctx.status.update(|h| h.warm_pool = mode);
         let pool_task = tokio::spawn(pool.clone().run(
             engine.state.clone(),
             runner.permits(),
             egress.clone(),
-            self.status.clone(),
             shutdown.clone(),
         ));
         let mut scheduler = Scheduler::default();
@@ -205,6 +137,8 @@ impl Controller {
         // After failed passes, no pass before this, whatever asks: backoff, not a hot loop.
         let mut passes_not_before = Instant::now();
         scheduler.schedule(Target::All, Instant::now(), Reason::Connected);
+        // The actions' executor, built once per connection (it holds the backend).
+        let mut executor: Option<Arc<Executor>> = None;
 
         loop {
             let next = scheduler
@@ -213,7 +147,7 @@ impl Controller {
                 .max(passes_not_before);
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = self.wake.notified() => {
+                _ = self.ctx.wake.notified() => {
                     scheduler.schedule(Target::All, Instant::now(), Reason::Changed);
                 }
                 _ = engine_changed.notified() => {
@@ -224,7 +158,7 @@ impl Controller {
                 }
                 Some(done) = runner.next_finished() => {
                     if done.failed {
-                        self.metrics.retries_total.inc();
+                        self.ctx.metrics.retries_total.inc();
                     }
                     if let Some((at, why)) = done.follow_up {
                         scheduler.schedule(Target::Key(done.key), at, why);
@@ -271,29 +205,33 @@ impl Controller {
                     }
                     let planned: HashSet<Key> = plan.actions.iter().map(Action::key).collect();
                     runner.retain_holds(&planned);
-                    for action in plan.actions {
-                        let key = action.key();
-                        if let Offer::Held(at) = runner.offer(
-                            action,
-                            self.executor(
+                    let exec = match &executor {
+                        Some(e) if Arc::ptr_eq(&e.runtime, &rt) => e.clone(),
+                        _ => executor
+                            .insert(Arc::new(self.executor(
                                 &rt,
                                 policy,
                                 &deaths,
                                 &observed,
                                 &engine,
                                 (&egress, &pool),
-                            ),
-                            now,
-                        ) {
+                            )))
+                            .clone(),
+                    };
+                    for action in plan.actions {
+                        let key = action.key();
+                        if let Offer::Held(at) = runner.offer(action, exec.clone(), now) {
                             scheduler.schedule(Target::Key(key), at, Reason::Retry);
                         }
                     }
                 }
                 Err(e) => {
                     pass_failures += 1;
-                    self.metrics.pass_errors_total.inc();
+                    self.ctx.metrics.pass_errors_total.inc();
                     warn!(error = %e, attempt = pass_failures, "reconcile pass failed");
-                    self.status.set_error(Some(e.to_string()));
+                    self.ctx
+                        .status
+                        .update(|h| h.last_error = Some(e.to_string()));
                     if matches!(e, PassError::Runtime(_)) {
                         engine.connection_failed();
                     }
@@ -301,7 +239,7 @@ impl Controller {
                     scheduler.schedule(Target::All, passes_not_before, Reason::PassFailed);
                 }
             }
-            self.metrics.queue_depth.set(runner.in_flight() as i64);
+            self.ctx.metrics.queue_depth.set(runner.in_flight() as i64);
         }
 
         info!(in_flight = runner.in_flight(), "controller stopping");
@@ -319,11 +257,8 @@ impl Controller {
         images: &Arc<images::AppearedImages>,
     ) -> supervisor::Parts {
         supervisor::Parts {
-            settings: self.settings.clone(),
+            ctx: self.ctx.clone(),
             connector: self.connector.clone(),
-            store: self.store.clone(),
-            status: self.status.clone(),
-            metrics: self.metrics.clone(),
             engine_changed: engine_changed.clone(),
             deaths: deaths.clone(),
             images: images.clone(),
@@ -341,11 +276,9 @@ impl Controller {
         (egress, pool): (&Arc<egress::EgressKeeper>, &Arc<crate::pool::WarmPool>),
     ) -> Executor {
         Executor {
-            store: self.store.clone(),
+            ctx: self.ctx.clone(),
             runtime: rt.clone(),
             backoff: policy,
-            volumes: self.volumes.clone(),
-            metrics: self.metrics.clone(),
             deaths: deaths.clone(),
             observed: observed.clone(),
             connection_failed: engine.failure_signal(),
@@ -356,10 +289,15 @@ impl Controller {
 
     /// A pass completed: readiness and the last-pass metric.
     fn passed(&self) {
-        self.status.set_error(None);
-        let now_ms = Utc::now().timestamp_millis();
-        self.status.last_pass_ms.store(now_ms, Ordering::Relaxed);
-        self.metrics.last_pass_timestamp.set(now_ms as f64 / 1000.0);
+        let now = Utc::now();
+        self.ctx.status.update(|h| {
+            h.last_error = None;
+            h.last_pass = Some(now);
+        });
+        self.ctx
+            .metrics
+            .last_pass_timestamp
+            .set(now.timestamp_millis() as f64 / 1000.0);
     }
 
     #[tracing::instrument(name = "reconcile_pass", skip_all, fields(rows, containers, actions))]
@@ -375,7 +313,7 @@ impl Controller {
         list: bool,
     ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
-        let rows = self.store.all().await?;
+        let rows = self.ctx.store.all().await?;
         let cached = if list { None } else { cache.snapshot() };
         let mut observed = match cached {
             Some(observed) => observed,
@@ -432,7 +370,7 @@ impl Controller {
         observed: &[planner::Observed],
         took: Duration,
     ) {
-        let m = &self.metrics;
+        let m = &self.ctx.metrics;
         m.pass_seconds.observe(took.as_secs_f64());
         for phase in crate::domain::Phase::ALL {
             let n = rows.iter().filter(|r| r.phase == phase).count();
@@ -460,11 +398,12 @@ impl Controller {
 
     /// Enforces the retention settings (events, expired rows).
     async fn prune(&self) {
-        let db = &self.settings.database;
+        let db = &self.ctx.settings.database;
         // Bounded to 1..=36500 by config validation.
         let days = |d: u64| chrono::Duration::days(i64::try_from(d).unwrap_or(36_500));
         let now = Utc::now();
         match self
+            .ctx
             .store
             .prune(
                 now - days(db.event_retention_days),
@@ -486,7 +425,7 @@ impl Controller {
     /// With no engine, pending sessions that are due are failed at once (so a waiting create
     /// answers 503 instead of hanging); they are retried with backoff like any failure.
     async fn fail_unattempted(&self, error: &str, policy: BackoffPolicy) {
-        let Ok(rows) = self.store.all().await else {
+        let Ok(rows) = self.ctx.store.all().await else {
             return;
         };
         let now = Utc::now();
@@ -495,6 +434,7 @@ impl Controller {
             if row.phase == crate::domain::Phase::Pending && due && row.is_live(now) {
                 let message = format!("docker engine unavailable: {error}");
                 if let Err(e) = self
+                    .ctx
                     .store
                     .record_failure(
                         row.chat_id,

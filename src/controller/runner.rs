@@ -78,7 +78,7 @@ impl Runner {
     }
 
     /// Starts `action` unless its key is busy or held.
-    pub fn offer(&mut self, action: Action, exec: Executor, now: Instant) -> Offer {
+    pub fn offer(&mut self, action: Action, exec: Arc<Executor>, now: Instant) -> Offer {
         let key = action.key();
         if let Some(running) = self.in_flight.get(&key) {
             if !running.settles(&action) {

@@ -19,6 +19,7 @@ use super::images::AppearedImages;
 use super::{takeover, ControllerStatus};
 use crate::backend::{Connect, SharedBackend};
 use crate::config::Settings;
+use crate::context::Context;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -34,12 +35,9 @@ pub enum Engine {
 
 /// What the supervisor needs; built by the controller.
 pub struct Parts {
-    pub settings: Arc<Settings>,
+    pub ctx: Arc<Context>,
     /// Makes the backend (the settings' engine; the fake in unit tests).
     pub connector: Arc<dyn Connect>,
-    pub store: Store,
-    pub status: Arc<ControllerStatus>,
-    pub metrics: Arc<Metrics>,
     /// Engine events (and the takeover) say "the engine changed" through it.
     pub engine_changed: Arc<Notify>,
     pub deaths: Arc<RecentDeaths>,
@@ -94,12 +92,12 @@ async fn supervise(
                 info!("connected to {}", rt.describe());
                 failures = 0;
                 set_connected(&p, true);
-                p.status.set_error(None);
+                p.ctx.status.update(|h| h.last_error = None);
                 check_profiles(&p, &rt).await;
                 let events = tokio::spawn(watch_events(
                     rt.clone(),
                     p.engine_changed.clone(),
-                    p.metrics.clone(),
+                    p.ctx.metrics.clone(),
                     p.deaths.clone(),
                 ));
                 let images = tokio::spawn(watch_images(
@@ -107,14 +105,14 @@ async fn supervise(
                     p.engine_changed.clone(),
                     p.images.clone(),
                 ));
-                if p.settings.controller.take_over_old_service {
+                if p.ctx.settings.controller.take_over_old_service {
                     if rt.legacy().is_none() {
                         // Nothing of the old service's can be on this backend (swarm).
-                        p.status.takeover_done.send_replace(true);
+                        p.ctx.status.update(|h| h.takeover_done = true);
                     }
                     let parts = (
-                        p.store.clone(),
-                        p.settings.clone(),
+                        p.ctx.store.clone(),
+                        p.ctx.settings.clone(),
                         p.engine_changed.clone(),
                     );
                     takeover = rt.legacy().is_some().then(|| {
@@ -124,7 +122,7 @@ async fn supervise(
                             store,
                             settings,
                             wake,
-                            p.status.clone(),
+                            p.ctx.status.clone(),
                         ))
                     });
                 }
@@ -144,7 +142,7 @@ async fn supervise(
             Err(e) => {
                 failures += 1;
                 set_connected(&p, false);
-                p.status.set_error(Some(e.clone()));
+                p.ctx.status.update(|h| h.last_error = Some(e.clone()));
                 warn!(error = %e, attempt = failures, "Docker engine unavailable");
                 tx.send_replace(Engine::Down(e));
                 tokio::select! {
@@ -159,7 +157,7 @@ async fn supervise(
 /// Names every configured profile whose runtime the engine does not offer (readiness shows
 /// them; their sandboxes fail to start with the engine's error, never fall back to runc).
 async fn check_profiles(p: &Parts, rt: &SharedBackend) {
-    let missing = match rt.profile_problems(&p.settings).await {
+    let missing = match rt.profile_problems(&p.ctx.settings).await {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "cannot read what the engine offers the profiles");
@@ -169,14 +167,12 @@ async fn check_profiles(p: &Parts, rt: &SharedBackend) {
     for m in &missing {
         warn!("{m}");
     }
-    if let Ok(mut errors) = p.status.profile_errors.lock() {
-        *errors = missing;
-    }
+    p.ctx.status.update(|h| h.profile_errors = missing);
 }
 
 fn set_connected(p: &Parts, up: bool) {
-    p.status.docker_connected.store(up, Ordering::Relaxed);
-    p.metrics.docker_connected.set(i64::from(up));
+    p.ctx.status.update(|h| h.engine_connected = up);
+    p.ctx.metrics.docker_connected.set(i64::from(up));
 }
 
 /// Adopts the old service's containers (`takeover.rs`) beside the loop, so the first pass is
@@ -202,7 +198,7 @@ async fn take_over_old_service(
                     );
                     wake.notify_one();
                 }
-                status.takeover_done.send_replace(true);
+                status.update(|h| h.takeover_done = true);
                 done.failed > 0
             }
             Err(e) => {
@@ -221,12 +217,9 @@ async fn take_over_old_service(
 /// when the stream ends.
 async fn watch_images(rt: SharedBackend, wake: Arc<Notify>, images: Arc<AppearedImages>) {
     // Backends without image events (swarm: images are each node's) have nothing to watch.
-    if rt.images().is_none() {
-        return;
-    }
+    let Some(watch) = rt.images() else { return };
     let mut reconnects = Reconnects::default();
     loop {
-        let Some(watch) = rt.images() else { return };
         let mut stream = watch.image_events();
         let opened = Instant::now();
         let mut received = false;

@@ -11,7 +11,6 @@ use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendError, LegacyContainer};
 use crate::config::Settings;
-use crate::domain::spec;
 use crate::store::{
     EventAction, EventOutcome, ImportOutcome, LegacyImport, NewEvent, RunningContainer, Store,
     StoreError,
@@ -110,7 +109,7 @@ async fn take_over(
 /// the container stopped: the current config, with the container's own network and port.
 fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> LegacyImport<'a> {
     let s = &c.session;
-    let mut spec = spec::resolve(
+    let mut spec = crate::config::spec::resolve(
         &settings.sandbox,
         s.chat_id,
         &s.agent_id,

@@ -1,10 +1,10 @@
-//! The controller's moving parts (supervisor, scheduler, runner, executor) on the in-memory
-//! fake backend: convergence, adoption, orphans, the crash-loop backoff, retries at
-//! `next_attempt_at`, reconnects after the engine went away, lost events. Fast and
-//! deterministic in what they check; the same behaviours are tested against real engines
-//! in `tests/`. Every wait is for a state (a row, a container, a pass), bounded.
+//! The controller's moving parts (supervisor, scheduler, runner, executor, warm pool) on the
+//! in-memory fake backend: convergence, adoption, orphans, the crash-loop backoff, retries at
+//! `next_attempt_at`, reconnects after the engine went away, lost events, racing warm claims.
+//! Fast and deterministic in what they check; the same behaviours are tested against real
+//! engines in `tests/`. Every wait is for a state (a row, a container, a pass), bounded.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +13,11 @@ use tokio::sync::{watch, Notify};
 
 use super::{Controller, ControllerStatus};
 use crate::backend::fake::{FakeBackend, FakeContainer};
+use crate::config::spec::resolve;
 use crate::config::Settings;
-use crate::domain::spec::resolve;
+use crate::context::Context;
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
-use crate::metrics::Metrics;
 use crate::store::{NewSession, SandboxRow, Store};
 
 const INSTANCE: &str = "unit";
@@ -72,6 +72,7 @@ impl Harness {
         s.sandbox.lambda_tools_host_path = dir.path().join("tools");
         s.database.path = dir.path().join("sandboxd.db");
         s.warm_pool.min_idle = 0;
+        s.warm_pool.root = dir.path().join("pool");
         tweak(&mut s);
         for d in [
             &s.sandbox.chats_root,
@@ -85,17 +86,15 @@ impl Harness {
             .expect("store");
         store.migrate().await.expect("migrate");
         let store = store.serve_reads_from_memory().await.expect("mirror");
-        let settings = Arc::new(s);
-        let status = Arc::new(ControllerStatus::new(false));
-        let wake = Arc::new(Notify::new());
+        let ctx = Arc::new(Context::new(
+            store.clone(),
+            Arc::new(s),
+            Arc::new(VolumePolicy::default()),
+        ));
+        let (settings, status, wake) = (ctx.settings.clone(), ctx.status.clone(), ctx.wake.clone());
         let (stop, stopped) = watch::channel(false);
         let controller = Controller {
-            store: store.clone(),
-            settings: settings.clone(),
-            volumes: Arc::new(VolumePolicy::default()),
-            wake: wake.clone(),
-            status: status.clone(),
-            metrics: Arc::new(Metrics::new()),
+            ctx,
             connector: Arc::new(fake.clone()),
         };
         let task = tokio::spawn(controller.run(stopped));
@@ -148,10 +147,10 @@ impl Harness {
     /// happened.
     async fn passes(&self, n: usize) {
         for _ in 0..n {
-            let before = self.status.last_pass_ms.load(Ordering::Relaxed);
+            let before = self.status.snapshot().last_pass;
             self.wake.notify_one();
             until!(self, "a pass", {
-                (self.status.last_pass_ms.load(Ordering::Relaxed) > before).then_some(())
+                (self.status.snapshot().last_pass > before).then_some(())
             });
         }
     }
@@ -160,6 +159,18 @@ impl Harness {
         let _ = self.stop.send(true);
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(WAIT, t).await;
+        }
+    }
+}
+
+impl Drop for Harness {
+    /// Undoes the warm pool's slot mounts (claimed members keep theirs by design), so the
+    /// temporary directory can go, however the test ended.
+    fn drop(&mut self) {
+        let root = self.settings.warm_pool.root.clone();
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let slot = entry.file_name().to_string_lossy().into_owned();
+            let _ = crate::pool::mounts::Slot::new(&root, &slot).remove();
         }
     }
 }
@@ -285,11 +296,11 @@ async fn the_supervisor_reconnects_when_the_engine_comes_back() {
     until!(h, "three connect attempts", {
         (h.fake.connects() >= 3).then_some(())
     });
-    assert!(!h.status.docker_connected.load(Ordering::Relaxed));
+    assert!(!h.status.snapshot().engine_connected);
     assert!(h.row(chat).await.unwrap().phase != Phase::Running);
     h.fake.set_down(false);
     let row = h.running(chat).await;
-    assert!(h.status.docker_connected.load(Ordering::Relaxed));
+    assert!(h.status.snapshot().engine_connected);
     // Gone while connected: the failed call makes the supervisor connect again.
     let connects = h.fake.connects();
     h.fake.set_down(true);
@@ -344,6 +355,7 @@ async fn a_container_made_before_a_crash_is_adopted_not_duplicated() {
         ip: Some("10.99.0.200".into()),
         exit: None,
         starts: 1,
+        ..FakeContainer::default()
     });
     fake.set_down(false);
     let running = h.running(chat).await;
@@ -368,6 +380,7 @@ async fn orphans_of_this_instance_go_and_foreign_containers_stay() {
         ip: Some("10.99.1.2".into()),
         exit: None,
         starts: 1,
+        ..FakeContainer::default()
     };
     fake.add_container(orphan("orphan", true));
     fake.add_container(orphan("foreign", false));
@@ -403,6 +416,81 @@ async fn an_expired_sandbox_is_removed() {
     let id = row.container_id.unwrap();
     until!(h, "the expiry's removal", {
         (!h.fake.containers().iter().any(|c| c.id == id)).then_some(())
+    });
+    h.stop().await;
+}
+
+/// Warm claims on the fake: members are started ahead, a burst of new chats takes each idle
+/// member exactly once (the store's atomic take), the rest start cold, and the pool refills.
+/// The claims' host side is the real one (slot mounts under a temporary root, the env file,
+/// the `go` signal on the member's FIFO), so this needs root, as the pool itself does.
+#[tokio::test]
+async fn racing_creates_claim_each_warm_member_once_and_the_rest_start_cold() {
+    use crate::store::MemberState;
+    let fake = FakeBackend::new(INSTANCE);
+    fake.offer_warm_starts();
+    let h = Harness::start_on(fake, |s| {
+        s.warm_pool.min_idle = 3;
+        s.warm_pool.max = 3;
+    })
+    .await;
+    let members_in = |state: MemberState| {
+        let store = h.store.clone();
+        async move {
+            store
+                .pool_members()
+                .await
+                .expect("members")
+                .into_iter()
+                .filter(|m| m.state == state)
+                .collect::<Vec<_>>()
+        }
+    };
+    until!(h, "three idle members", {
+        (members_in(MemberState::Idle).await.len() == 3).then_some(())
+    });
+    let idle: HashSet<String> = members_in(MemberState::Idle)
+        .await
+        .into_iter()
+        .filter_map(|m| m.container_id)
+        .collect();
+    let chats = futures::future::join_all((0..6).map(|_| h.want(300))).await;
+    let mut containers = HashSet::new();
+    for &chat in &chats {
+        let row = h.running(chat).await;
+        let id = row.container_id.expect("a container");
+        assert!(containers.insert(id.clone()), "{id} serves two chats");
+    }
+    // Each idle member was claimed; a refill member started meanwhile may have been too.
+    let claimed = members_in(MemberState::Claimed).await;
+    for id in &idle {
+        assert!(
+            claimed.iter().any(|m| m.container_id.as_ref() == Some(id)),
+            "idle member {id} claimed: {claimed:?}"
+        );
+    }
+    for m in &claimed {
+        let id = m.container_id.clone().expect("a member's container");
+        assert!(containers.contains(&id), "{id} serves a chat");
+        let chat = m.chat_id.expect("claimed for a chat");
+        let row = h.row(chat).await.expect("its row");
+        assert_eq!(row.container_id.as_deref(), Some(id.as_str()));
+        assert!(h.fake.signalled(&id), "{id} was told to go");
+    }
+    // The others started cold, each in a container of its own chat.
+    let cold: Vec<ChatId> = chats
+        .iter()
+        .copied()
+        .filter(|c| !claimed.iter().any(|m| m.chat_id == Some(*c)))
+        .collect();
+    assert_eq!(cold.len() + claimed.len(), chats.len());
+    for chat in cold {
+        let made = ours(&h.fake, chat);
+        assert_eq!(made.len(), 1, "one cold container for {chat}");
+        assert_eq!(made[0].pool_slot, None);
+    }
+    until!(h, "the pool refilled", {
+        (members_in(MemberState::Idle).await.len() == 3).then_some(())
     });
     h.stop().await;
 }

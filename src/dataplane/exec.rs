@@ -94,7 +94,7 @@ impl DataPlane {
         let (this, caller) = (self.clone(), caller.clone());
         let task = tokio::spawn(async move {
             let _slot = slot;
-            let limit = this.settings.data_plane.exec_output_limit_bytes;
+            let limit = this.ctx.settings.data_plane.exec_output_limit_bytes;
             let (mut stdout, mut stderr) = (Capture::new(limit), Capture::new(limit));
             let end = this
                 .finish(
@@ -142,7 +142,7 @@ impl DataPlane {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
-            let limit = this.settings.data_plane.exec_output_limit_bytes as u64;
+            let limit = this.ctx.settings.data_plane.exec_output_limit_bytes as u64;
             let mut sent = 0u64;
             // Shared with the sink, so what they hold back at the end can still be sent.
             let chunkers = std::sync::Arc::new(std::sync::Mutex::new((
@@ -350,7 +350,8 @@ impl DataPlane {
             (_, _, true) => "abandoned",
             _ => "ok",
         };
-        self.metrics
+        self.ctx
+            .metrics
             .exec_total
             .get_or_create(&crate::metrics::ResultLabel { result })
             .inc();

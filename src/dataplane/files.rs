@@ -212,7 +212,7 @@ impl DataPlane {
             )));
         }
         let size = entry.effective_size();
-        let limit = self.settings.data_plane.file_read_limit_bytes;
+        let limit = self.ctx.settings.data_plane.file_read_limit_bytes;
         if size > limit {
             return Err(DataPlaneError::TooLarge(format!(
                 "{} is {size} bytes, over data_plane.file_read_limit_bytes ({limit})",
@@ -265,7 +265,7 @@ impl DataPlane {
     /// Lists a directory's entries (following symlinks on the mounts).
     pub async fn list_dir(&self, chat_id: ChatId, path: Option<&str>) -> Result<Listing> {
         let (t, _slot) = self.target(chat_id).await?;
-        let max = self.settings.data_plane.list_max_entries;
+        let max = self.ctx.settings.data_plane.list_max_entries;
         let (at, first, mut entries) = self.resolved_archive(&t, path.unwrap_or(".")).await?;
         if !first.header().entry_type().is_dir() {
             return Err(DataPlaneError::NotDirectory { path: at.absolute });

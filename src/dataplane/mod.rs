@@ -19,11 +19,10 @@ use chrono::Utc;
 
 use crate::backend::io::{Locate, SandboxIo};
 use crate::backend::{BackendError, ErrorKind};
-use crate::config::Settings;
+use crate::context::Context;
 use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
-use crate::metrics::Metrics;
-use crate::store::{EventAction, EventOutcome, NewEvent, Store, StoreError};
+use crate::store::{EventAction, EventOutcome, NewEvent, StoreError};
 
 use limits::{Busy, Slot, Slots};
 use paths::{Mounts, PathError};
@@ -119,36 +118,29 @@ pub struct Caller {
 
 #[derive(Clone)]
 pub struct DataPlane {
-    store: Store,
+    ctx: Arc<Context>,
     engines: Arc<dyn Locate>,
     slots: Slots,
-    settings: Arc<Settings>,
-    metrics: Arc<Metrics>,
 }
 
 impl DataPlane {
-    pub fn new(
-        store: Store,
-        settings: Arc<Settings>,
-        metrics: Arc<Metrics>,
-    ) -> crate::backend::Result<Self> {
-        let d = &settings.data_plane;
+    pub fn new(ctx: Arc<Context>) -> crate::backend::Result<Self> {
+        let d = &ctx.settings.data_plane;
         Ok(Self {
-            engines: crate::backend::locator(&settings, &metrics)?,
+            engines: crate::backend::locator(&ctx.settings, &ctx.metrics)?,
             slots: Slots::new(
                 d.max_concurrent,
                 d.max_concurrent_per_sandbox,
-                metrics.data_plane_in_flight.clone(),
+                ctx.metrics.data_plane_in_flight.clone(),
             ),
-            store,
-            settings,
-            metrics,
+            ctx,
         })
     }
 
     /// The chat's running container, and a slot for one call on it.
     async fn target(&self, chat_id: ChatId) -> Result<(Target, Slot)> {
         let row = self
+            .ctx
             .store
             .get(chat_id)
             .await?
@@ -218,7 +210,7 @@ impl DataPlane {
             actor: Some(&caller.actor),
             detail: Some(&detail),
         };
-        if let Err(e) = self.store.event(&event, Utc::now()).await {
+        if let Err(e) = self.ctx.store.event(&event, Utc::now()).await {
             tracing::error!(error = %e, chat_id = %chat, action = action.as_str(), "cannot write the audit event");
         }
     }

@@ -1,7 +1,6 @@
 //! The old service's contract: `POST /api/v1/create`, `DELETE /api/v1/sandboxes/{chat_id}`,
 //! `GET /api/v1/health`, answered in one call by waiting (bounded) for the controller.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -20,8 +19,9 @@ use super::input::{self, Fields, Problems, Source};
 use super::views::{DeleteResponse, ErrorBody, SessionResponse, ValidationErrorBody};
 use super::wait::{self, Gone, StartOutcome};
 use super::{ApiError, AppState};
+use crate::config::spec;
 use crate::domain::request::validate_agent_id;
-use crate::domain::{spec, ChatId, Phase};
+use crate::domain::{ChatId, Phase};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
 /// Liveness: the process answers. Never needs a token.
@@ -39,47 +39,31 @@ pub async fn health() -> Json<serde_json::Value> {
         (status = 503, description = "names each failed check", body = ErrorBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let db = state.store.ping().await.map_err(|e| e.to_string());
-    let docker = state.controller.docker_connected.load(Ordering::Relaxed);
-    let last = state.controller.last_pass_ms.load(Ordering::Relaxed);
+    let health = state.status.snapshot();
     let max_age_ms = i64::try_from(state.settings.sandbox.cleanup_interval_seconds)
         .unwrap_or(i64::MAX / 4000)
         .saturating_mul(2000)
         .saturating_add(5000);
-    let fresh = last > 0 && Utc::now().timestamp_millis() - last <= max_age_ms;
+    let fresh = health
+        .last_pass
+        .is_some_and(|at| (Utc::now() - at).num_milliseconds() <= max_age_ms);
     let mut failed = Vec::new();
     if let Err(e) = &db {
         failed.push(format!("database: {e}"));
     }
-    if !docker {
-        let why = state
-            .controller
-            .error()
-            .unwrap_or_else(|| "not connected".into());
+    if !health.engine_connected {
+        let why = health.last_error.as_deref().unwrap_or("not connected");
         failed.push(format!("{}: {why}", state.settings.runtime.as_str()));
     }
     if !fresh {
         failed.push("controller: no reconcile pass completed recently".into());
     }
-    if let Some(e) = state
-        .controller
-        .egress_error
-        .lock()
-        .ok()
-        .and_then(|e| e.clone())
-    {
+    if let Some(e) = &health.egress_error {
         failed.push(format!("egress: {e}"));
     }
-    if let Ok(errors) = state.controller.profile_errors.lock() {
-        failed.extend(errors.iter().cloned());
-    }
+    failed.extend(health.profile_errors.iter().cloned());
     if failed.is_empty() {
-        let warm_pool = state
-            .controller
-            .warm_pool
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
-        Json(json!({ "status": "ready", "warm_pool": warm_pool })).into_response()
+        Json(json!({ "status": "ready", "warm_pool": health.warm_pool })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -251,7 +235,7 @@ async fn create_inner(
 ) -> Result<(Json<SessionResponse>, &'static str), ApiError> {
     let new = read_create(state, headers, body)?;
     let chat_id = new.chat_id;
-    state.controller.takeover_settled(TAKEOVER_WAIT).await;
+    state.status.takeover_settled(TAKEOVER_WAIT).await;
     // A session whose first start is still under way (its create may be waiting) is not
     // taken from under it: that create's wait is the window.
     let first_start = chrono::Duration::seconds(
@@ -338,7 +322,7 @@ pub async fn delete(
 }
 
 async fn delete_inner(state: &AppState, chat_id: ChatId) -> Result<Json<DeleteResponse>, ApiError> {
-    state.controller.takeover_settled(TAKEOVER_WAIT).await;
+    state.status.takeover_settled(TAKEOVER_WAIT).await;
     let now = Utc::now();
     let Some(before) = state.store.request_delete(chat_id, now).await? else {
         return Ok(Json(DeleteResponse {

@@ -20,35 +20,32 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::sync::Notify;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::config::Settings;
-use crate::controller::ControllerStatus;
+use crate::context::Context;
 use crate::dataplane::watch::WatchFeed;
 use crate::dataplane::DataPlane;
-use crate::domain::volume::VolumePolicy;
-use crate::metrics::Metrics;
-use crate::store::Store;
 
 pub use error::ApiError;
 
-/// What handlers share. Cheap to clone.
+/// What handlers share: the process's [`Context`] (reached through it: `state.store`,
+/// `state.settings`, ...) and the HTTP side's own parts. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Store,
-    pub settings: Arc<Settings>,
-    /// Which host directories clients may mount.
-    pub volumes: Arc<VolumePolicy>,
-    /// Wakes the controller after a desired-state write.
-    pub wake: Arc<Notify>,
-    pub controller: Arc<ControllerStatus>,
-    pub metrics: Arc<Metrics>,
+    pub ctx: Arc<Context>,
     /// Exec and files on running sandboxes (talks to the engine; only data-plane routes use it).
     pub data_plane: DataPlane,
     /// The change stream behind `?watch=true`.
     pub watch: WatchFeed,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Context;
+
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
 }
 
 pub fn router(state: AppState) -> Router {

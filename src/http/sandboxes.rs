@@ -140,7 +140,7 @@ pub async fn apply(
 ) -> Result<Json<ApplyResponse>, ApiError> {
     let q = WaitQuery::read(query.as_deref())?;
     let new = read_apply(&state, chat_id, &headers, &body)?;
-    state.controller.takeover_settled(TAKEOVER_WAIT).await;
+    state.status.takeover_settled(TAKEOVER_WAIT).await;
     let (outcome, row) = match state.store.apply(&new, Utc::now()).await? {
         ApplyOutcome::Created(r) => ("created", r),
         ApplyOutcome::Replaced(r) => ("replaced", r),
@@ -322,7 +322,7 @@ pub async fn renew(
         }
     };
     let ttl = ttl.unwrap_or(state.settings.sandbox.ttl_seconds);
-    state.controller.takeover_settled(TAKEOVER_WAIT).await;
+    state.status.takeover_settled(TAKEOVER_WAIT).await;
     // Bounded above by validation: far inside chrono's range.
     let ttl = chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::from(u32::MAX)));
     let row = state

@@ -75,7 +75,7 @@ pub fn wrapped_command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::spec::tests_support::spec_with_profile;
+    use crate::config::spec::tests_support::spec_with_profile;
     use crate::egress::EgressMode;
 
     #[test]

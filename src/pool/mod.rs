@@ -34,12 +34,13 @@ use tracing::{info, warn};
 use crate::backend::labels;
 use crate::backend::{MemberRequest, SharedBackend, StartRequest};
 use crate::config::Settings;
+use crate::context::Context;
 use crate::controller::Engine;
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::{ChatId, SessionId};
-use crate::metrics::{Metrics, ResultLabel, StateLabel};
+use crate::metrics::{ResultLabel, StateLabel};
 use crate::planner::Observed;
-use crate::store::{Member, MemberState, SandboxRow, Store};
+use crate::store::{Member, MemberState, SandboxRow};
 
 use mounts::Slot;
 
@@ -66,9 +67,8 @@ pub enum ClaimOutcome {
 }
 
 pub struct WarmPool {
-    store: Store,
-    metrics: Arc<Metrics>,
-    settings: Arc<Settings>,
+    /// The store, settings, metrics and status (where the pool's mode is shown).
+    ctx: Arc<Context>,
     root: PathBuf,
     mode: Mutex<Mode>,
     /// The class members are started with (the default profile's spec, per-chat parts blank).
@@ -93,14 +93,15 @@ impl WarmPool {
     /// The pool for these settings (paths already absolute). Off, with the reason, when
     /// `min_idle` is 0, the backend is not a single Docker engine, the default profile needs
     /// another runtime than runc, or this process cannot share mounts.
-    pub async fn new(store: Store, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+    pub async fn new(ctx: Arc<Context>) -> Self {
+        let settings = &ctx.settings;
         let s = &settings.sandbox;
         let placeholder = ChatId(uuid::Uuid::nil());
-        let spec = crate::domain::spec::resolve(s, placeholder, "", Path::new(""), None);
+        let spec = crate::config::spec::resolve(s, placeholder, "", Path::new(""), None);
         let class = class::class_of(&spec);
         let class_hash = class.hash();
         let root = settings.warm_pool.root.clone();
-        let mode = Self::decide(&settings, &class, &root);
+        let mode = Self::decide(settings, &class, &root);
         match &mode {
             Mode::On => info!(
                 min_idle = settings.warm_pool.min_idle,
@@ -111,7 +112,7 @@ impl WarmPool {
         }
         // Claimed members are sessions' containers: known before the first pass plans, so a
         // restart adopts them instead of starting their chats again.
-        let members = store.pool_members().await.unwrap_or_else(|e| {
+        let members = ctx.store.pool_members().await.unwrap_or_else(|e| {
             warn!(error = %e, "warm pool: cannot read members");
             Vec::new()
         });
@@ -126,8 +127,7 @@ impl WarmPool {
             .map(|m| m.slot.clone())
             .collect();
         Self {
-            store,
-            metrics,
+            ctx,
             root,
             mode: Mutex::new(mode),
             class,
@@ -137,7 +137,6 @@ impl WarmPool {
             leftover: Mutex::new(leftover),
             starts: TaskTracker::new(),
             poke: Notify::new(),
-            settings,
         }
     }
 
@@ -218,7 +217,8 @@ impl WarmPool {
             ClaimOutcome::Warm(_) => "warm",
             ClaimOutcome::Cold(why) => why,
         };
-        self.metrics
+        self.ctx
+            .metrics
             .starts_total
             .get_or_create(&ResultLabel { result: label })
             .inc();
@@ -246,6 +246,7 @@ impl WarmPool {
             return ClaimOutcome::Cold("class_mismatch");
         };
         let member = match self
+            .ctx
             .store
             .pool_take(&self.class_hash, req.chat_id, req.session_id, Utc::now())
             .await
@@ -292,7 +293,8 @@ impl WarmPool {
         std::fs::write(&env, class::env_script(&req.spec.env))
             .map_err(|e| format!("writing {}: {e}", env.display()))?;
         go(&slot.claim().join("go"))?;
-        self.store
+        self.ctx
+            .store
             .pool_claimed(&member.slot, Utc::now())
             .await
             .map_err(|e| e.to_string())?;
@@ -319,7 +321,7 @@ impl WarmPool {
             warn!(slot, error = %e, "warm pool: cannot undo a slot's mounts; the next look tries again");
             return;
         }
-        if let Err(e) = self.store.pool_delete(slot).await {
+        if let Err(e) = self.ctx.store.pool_delete(slot).await {
             warn!(slot, error = %e, "warm pool: cannot forget a member");
         }
     }
@@ -330,7 +332,7 @@ impl WarmPool {
         if !was_claimed {
             return;
         }
-        match self.store.pool_members().await {
+        match self.ctx.store.pool_members().await {
             Ok(members) => {
                 for m in members
                     .iter()
@@ -351,10 +353,9 @@ impl WarmPool {
         engine: watch::Receiver<Engine>,
         permits: Arc<Semaphore>,
         egress: Arc<crate::controller::EgressKeeper>,
-        status: Arc<crate::controller::ControllerStatus>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let resync = Duration::from_secs(self.settings.sandbox.cleanup_interval_seconds);
+        let resync = Duration::from_secs(self.ctx.settings.sandbox.cleanup_interval_seconds);
         let mut first = true;
         loop {
             if !first {
@@ -378,9 +379,9 @@ impl WarmPool {
             if rt.warm().is_none() && self.on() {
                 let why = format!("{} offers no warm starts", rt.describe());
                 info!("warm pool off: {why}");
-                if let Ok(mut shown) = status.warm_pool.lock() {
-                    *shown = format!("off: {why}");
-                }
+                self.ctx
+                    .status
+                    .update(|h| h.warm_pool = format!("off: {why}"));
                 *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = Mode::Off(why);
             }
             if let Err(e) = self.look(&rt).await {
@@ -402,7 +403,12 @@ impl WarmPool {
     /// Brings the members in line with their containers: half-bound claims and dead or
     /// outdated members go, orphan member containers go, claimed ones are remembered.
     async fn look(&self, rt: &SharedBackend) -> Result<(), String> {
-        let members = self.store.pool_members().await.map_err(|e| e.to_string())?;
+        let members = self
+            .ctx
+            .store
+            .pool_members()
+            .await
+            .map_err(|e| e.to_string())?;
         let containers: HashMap<String, Observed> = rt
             .list()
             .await
@@ -441,7 +447,8 @@ impl WarmPool {
             *counts.entry(m.state.as_str()).or_default() += 1;
         }
         for state in ["starting", "idle", "claimed"] {
-            self.metrics
+            self.ctx
+                .metrics
                 .pool_members
                 .get_or_create(&StateLabel { state })
                 .set(counts.get(state).copied().unwrap_or(0));
@@ -469,7 +476,7 @@ impl WarmPool {
         permits: &Arc<Semaphore>,
         egress: &Arc<crate::controller::EgressKeeper>,
     ) {
-        let members = match self.store.pool_members().await {
+        let members = match self.ctx.store.pool_members().await {
             Ok(m) => m,
             Err(e) => return warn!(error = %e, "warm pool: cannot read members"),
         };
@@ -479,10 +486,11 @@ impl WarmPool {
             .count();
         let waiting = idle + self.starts.len();
         let want = self
+            .ctx
             .settings
             .warm_pool
             .min_idle
-            .min(self.settings.warm_pool.max)
+            .min(self.ctx.settings.warm_pool.max)
             .saturating_sub(waiting);
         if want == 0 {
             return;
@@ -503,6 +511,7 @@ impl WarmPool {
                 if result.is_err() {
                     // Whatever it got to (a row, a slot, a container) goes.
                     let member = pool
+                        .ctx
                         .store
                         .pool_members()
                         .await
@@ -565,7 +574,8 @@ impl WarmPool {
         egress: &Arc<crate::controller::EgressKeeper>,
     ) -> Result<(), String> {
         let slot = Slot::new(&self.root, slot_id);
-        self.store
+        self.ctx
+            .store
             .pool_insert(slot_id, &self.class_hash, Utc::now())
             .await
             .map_err(|e| e.to_string())?;
@@ -616,7 +626,8 @@ impl WarmPool {
             .create_member(&member)
             .await
             .map_err(|e| e.to_string())?;
-        self.store
+        self.ctx
+            .store
             .pool_created(slot_id, &id, Utc::now())
             .await
             .map_err(|e| e.to_string())?;
@@ -624,7 +635,8 @@ impl WarmPool {
             .start_container(&id, &spec.network, spec.agent_port)
             .await
             .map_err(|e| e.to_string())?;
-        self.store
+        self.ctx
+            .store
             .pool_idle(slot_id, &started.ip, Utc::now())
             .await
             .map_err(|e| e.to_string())?;

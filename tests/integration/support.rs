@@ -525,6 +525,13 @@ impl Drop for TestApp {
         if !ended {
             task.abort();
         }
+        // Mounts its warm pool made (slots, claims), undone deepest first, so the temporary
+        // directory can go: a member started after a test's own guard ran would leave them.
+        let mut left = sandboxd::pool::mounts::mounts_under(self.dir.path());
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
+        }
     }
 }
 
@@ -572,7 +579,7 @@ async fn podman_containers(filters: &HashMap<&str, Vec<String>>) -> Vec<Containe
     ])
     .expect("query");
     let body = raw
-        .get(&format!("/v1.41/containers/json?{query}"))
+        .get("list", &format!("/v1.41/containers/json?{query}"))
         .await
         .expect("list containers");
     let mut listed: Vec<Value> = serde_json::from_slice(&body).expect("a JSON list");

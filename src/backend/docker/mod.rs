@@ -599,30 +599,9 @@ impl Backend for DockerRuntime {
             ("label", labels::instance_filter(&self.engine.instance)),
             ("event", changes.map(String::from).to_vec()),
         ]);
-        let mut options = EventsOptionsBuilder::new().filters(&filters);
-        if let Some(since) = since {
-            options = options.since(&since.to_string());
-        }
         self.engine
-            .docker
-            .events(Some(options.build()))
-            .map(|r| {
-                r.map(|e| {
-                    let actor = e.actor.unwrap_or_default();
-                    let exit_code = actor
-                        .attributes
-                        .as_ref()
-                        .and_then(|a| a.get("exitCode"))
-                        .and_then(|c| c.parse().ok());
-                    EngineEvent {
-                        at: e.time.unwrap_or_default(),
-                        action: e.action.unwrap_or_default(),
-                        container_id: actor.id.unwrap_or_default(),
-                        exit_code,
-                    }
-                })
-                .map_err(BackendError::from_engine("events"))
-            })
+            .events(&filters, since)
+            .map_ok(|(event, _)| event)
             .boxed()
     }
 

@@ -51,7 +51,10 @@ impl PodmanIo {
             .map_err(|e| BackendError::new(ErrorKind::Other, format!("stat query: {e}")))?;
         let (_, headers) = self
             .raw
-            .head(&format!("/v1.41/containers/{container}/archive?{query}"))
+            .head(
+                "stat_path",
+                &format!("/v1.41/containers/{container}/archive?{query}"),
+            )
             .await?;
         Ok(headers
             .get("X-Docker-Container-Path-Stat")

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 use super::docker::{BodyOptions, DockerRuntime};
@@ -89,9 +89,11 @@ impl PodmanRuntime {
         let docker =
             DockerRuntime::connect_with(settings, metrics, body, "the Podman service").await?;
         let timeout = Duration::from_secs(settings.docker.timeout_seconds);
+        let raw = RawApi::new(&settings.docker.base_url, timeout)?
+            .metered(docker.engine().metrics.clone());
         let rt = Self {
             docker,
-            raw: Arc::new(RawApi::new(&settings.docker.base_url, timeout)?),
+            raw: Arc::new(raw),
         };
         rt.ensure_network_named(&settings.sandbox.network_name)
             .await?;
@@ -119,16 +121,11 @@ impl Backend for PodmanRuntime {
         let query =
             serde_urlencoded::to_string([("all", "true"), ("filters", &filters.to_string())])
                 .map_err(|e| BackendError::new(ErrorKind::Other, format!("list filter: {e}")))?;
-        let started = std::time::Instant::now();
         let body = self
             .raw
-            .get(&format!("/v1.41/containers/json?{query}"))
-            .await;
-        self.docker
-            .engine()
-            .metrics
-            .docker_call("list", body.is_ok(), started.elapsed());
-        let listed: Vec<Summary> = serde_json::from_slice(&body?).map_err(|e| {
+            .get("list", &format!("/v1.41/containers/json?{query}"))
+            .await?;
+        let listed: Vec<Summary> = serde_json::from_slice(&body).map_err(|e| {
             BackendError::new(
                 ErrorKind::Other,
                 format!("podman container list is not what the API says: {e}"),
@@ -188,7 +185,10 @@ impl Backend for PodmanRuntime {
     async fn ensure_network_named(&self, network: &str) -> Result<()> {
         match self
             .raw
-            .get(&format!("/{LIBPOD}/libpod/networks/{network}/exists"))
+            .get(
+                "network_exists",
+                &format!("/{LIBPOD}/libpod/networks/{network}/exists"),
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -246,35 +246,14 @@ impl Backend for PodmanRuntime {
                     .to_vec(),
             ),
         ]);
-        let mut options = bollard::query_parameters::EventsOptionsBuilder::new().filters(&filters);
-        if let Some(since) = since {
-            options = options.since(&since.to_string());
-        }
         self.docker
             .engine()
-            .docker
-            .events(Some(options.build()))
-            .filter_map(move |r| {
-                let instance = instance.clone();
-                async move {
-                    match r {
-                        Err(e) => Some(Err(BackendError::engine("events", e))),
-                        Ok(e) => {
-                            let actor = e.actor.unwrap_or_default();
-                            let attributes = actor.attributes.unwrap_or_default();
-                            if !labels::is_ours(&attributes, &instance) {
-                                return None;
-                            }
-                            Some(Ok(EngineEvent {
-                                at: e.time.unwrap_or_default(),
-                                action: e.action.unwrap_or_default(),
-                                container_id: actor.id.unwrap_or_default(),
-                                exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
-                            }))
-                        }
-                    }
-                }
+            .events(&filters, since)
+            // Several label filters are ORed on Podman: the instance is checked here.
+            .try_filter(move |(_, attributes)| {
+                futures::future::ready(labels::is_ours(attributes, &instance))
             })
+            .map_ok(|(event, _)| event)
             .boxed()
     }
 
@@ -334,7 +313,10 @@ impl HostRules for PodmanRuntime {
     async fn bridge_of(&self, network: &str) -> Result<String> {
         let body = self
             .raw
-            .get(&format!("/{LIBPOD}/libpod/networks/{network}/json"))
+            .get(
+                "inspect_network",
+                &format!("/{LIBPOD}/libpod/networks/{network}/json"),
+            )
             .await?;
         let n: LibpodNetwork = serde_json::from_slice(&body).map_err(|e| {
             BackendError::new(

@@ -75,7 +75,9 @@ pub struct NetworkSpecView {
 pub async fn tasks(raw: &RawApi, filters: &serde_json::Value) -> Result<Vec<TaskView>> {
     let query = serde_urlencoded::to_string([("filters", filters.to_string())])
         .map_err(|e| other(format!("task filter: {e}")))?;
-    let body = raw.get(&format!("/{API}/tasks?{query}")).await?;
+    let body = raw
+        .get("list_tasks", &format!("/{API}/tasks?{query}"))
+        .await?;
     serde_json::from_slice(&body)
         .map_err(|e| other(format!("task list is not what the API says: {e}")))
 }

@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{NetworkCreateRequest, NodeSpecAvailabilityEnum, NodeState};
 use bollard::query_parameters::{
-    EventsOptionsBuilder, InspectNetworkOptions, ListNodesOptions, ListServicesOptionsBuilder,
+    InspectNetworkOptions, ListNodesOptions, ListServicesOptionsBuilder,
 };
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
 use crate::backend::engine::{Engine, EngineAddress};
@@ -124,9 +124,10 @@ impl SwarmRuntime {
                 )
             })
             .collect();
+        let raw_metrics = engine.metrics.clone();
         Ok(Self {
             engine,
-            raw: Arc::new(RawApi::new(&manager.base_url, timeout)?),
+            raw: Arc::new(RawApi::new(&manager.base_url, timeout)?.metered(raw_metrics)),
             network: settings.sandbox.network_name.clone(),
             start_timeout: Duration::from_secs(settings.swarm.start_timeout_seconds),
             stop_grace_seconds: settings.swarm.stop_grace_seconds,
@@ -299,11 +300,7 @@ impl SwarmRuntime {
 
     /// The tasks of one service, in any state.
     async fn tasks_of(&self, service: &str) -> Result<Vec<api::TaskView>> {
-        let started = Instant::now();
         let result = api::tasks(&self.raw, &json!({ "service": [service] })).await;
-        self.engine
-            .metrics
-            .docker_call("list_tasks", result.is_ok(), started.elapsed());
         // Keep this service's own, whatever else the filter matched.
         Ok(result?
             .into_iter()
@@ -500,7 +497,7 @@ impl Backend for SwarmRuntime {
         let mut problems = Vec::new();
         for name in settings.sandbox.profiles.keys() {
             // The spec a session under this profile would freeze (its chat is irrelevant).
-            let spec = crate::domain::spec::resolve(
+            let spec = crate::config::spec::resolve(
                 &settings.sandbox,
                 ChatId(uuid::Uuid::nil()),
                 "",
@@ -527,19 +524,10 @@ impl Backend for SwarmRuntime {
             ("type", vec!["service".to_string(), "node".to_string()]),
             ("event", vec!["update".to_string(), "remove".to_string()]),
         ]);
-        let mut options = EventsOptionsBuilder::new().filters(&filters);
-        if let Some(since) = since {
-            options = options.since(&since.to_string());
-        }
-        let engine = self.engine.docker.events(Some(options.build())).map(|r| {
-            r.map(|e| EngineEvent {
-                at: e.time.unwrap_or_default(),
-                action: e.action.unwrap_or_default(),
-                container_id: e.actor.and_then(|a| a.id).unwrap_or_default(),
-                exit_code: None,
-            })
-            .map_err(BackendError::from_engine("events"))
-        });
+        let engine = self
+            .engine
+            .events(&filters, since)
+            .map_ok(|(event, _)| event);
         futures::stream::select(engine, self.task_changes()).boxed()
     }
 }

@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn runc_is_the_baseline() {
-        let spec = crate::domain::spec::tests_support::spec_with_profile(
+        let spec = crate::config::spec::tests_support::spec_with_profile(
             "runc",
             crate::egress::EgressMode::Allow,
             &[],
@@ -279,7 +279,7 @@ mod tests {
 
     #[test]
     fn egress_maps_to_open_internal_or_refusal() {
-        use crate::domain::spec::tests_support::spec_with_profile;
+        use crate::config::spec::tests_support::spec_with_profile;
         use crate::egress::EgressMode::{Allow, Deny};
         assert_eq!(
             network_kind(&spec_with_profile("runc", Allow, &[])),

@@ -93,7 +93,7 @@ pub const RESTART_CONDITION: TaskSpecRestartPolicyConditionEnum =
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::spec::tests_support::spec_with_profile;
+    use crate::config::spec::tests_support::spec_with_profile;
     use crate::egress::EgressMode;
 
     fn ids() -> (ChatId, SessionId) {

@@ -1,0 +1,42 @@
+//! What the long-lived parts of the process share, built once in `app.rs`: the store, the
+//! settings, the metrics, the controller's status, the volume policy and the loop's wake-up.
+//! The API, the controller, its executor, supervisor, egress keeper, warm pool and the data
+//! plane each hold one `Arc<Context>` rather than their own copies. (The backend is not in
+//! it: the supervisor connects and reconnects it, and hands it out per connection.)
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::config::Settings;
+use crate::controller::ControllerStatus;
+use crate::domain::volume::VolumePolicy;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub struct Context {
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+    /// The controller's health, one value (readiness reads it).
+    pub status: Arc<ControllerStatus>,
+    /// Which host directories clients may mount.
+    pub volumes: Arc<VolumePolicy>,
+    /// Wakes the controller early: desired-state writes notify it.
+    pub wake: Arc<Notify>,
+}
+
+impl Context {
+    pub fn new(store: Store, settings: Arc<Settings>, volumes: Arc<VolumePolicy>) -> Self {
+        Self {
+            status: Arc::new(ControllerStatus::new(
+                settings.controller.take_over_old_service,
+            )),
+            store,
+            settings,
+            metrics: Arc::new(Metrics::new()),
+            volumes,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+}
