@@ -85,6 +85,8 @@ fn prepare_host(
     if settings.warm_pool.min_idle > 0 {
         settings.warm_pool.root = ensure_dir("warm_pool.root", &settings.warm_pool.root)?;
     }
+    // Workspace file systems are mounted under it; chat directories are bind sources.
+    settings.storage.root = ensure_dir("storage.root", &settings.storage.root)?;
 
     let db_dir = settings
         .database
@@ -240,6 +242,10 @@ impl Application {
             Arc::new(settings),
             volumes,
         ));
+        // Before anything can start a sandbox on a workspace's chat directory.
+        crate::storage::reconcile::at_start(&ctx.store, &ctx.storage)
+            .await
+            .context("reconciling chat storage")?;
         let state = AppState {
             data_plane: DataPlane::new(ctx.clone()).context("the data plane's engine link")?,
             watch: feed,

@@ -1,5 +1,6 @@
 //! What the long-lived parts of the process share, built once in `app.rs`: the store, the
-//! settings, the metrics, the controller's status, the volume policy and the loop's wake-up.
+//! settings, the metrics, the controller's status, the volume policy, the loop's wake-up and
+//! chat storage.
 //! The API, the controller, its executor, supervisor, egress keeper, warm pool and the data
 //! plane each hold one `Arc<Context>` rather than their own copies. (The backend is not in
 //! it: the supervisor connects and reconnects it, and hands it out per connection.)
@@ -12,6 +13,7 @@ use crate::config::Settings;
 use crate::controller::ControllerStatus;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::Metrics;
+use crate::storage::ChatStorage;
 use crate::store::Store;
 
 pub struct Context {
@@ -24,11 +26,14 @@ pub struct Context {
     pub volumes: Arc<VolumePolicy>,
     /// Wakes the controller early: desired-state writes notify it.
     pub wake: Arc<Notify>,
+    /// Chat storage's file systems and directories.
+    pub storage: ChatStorage,
 }
 
 impl Context {
     pub fn new(store: Store, settings: Arc<Settings>, volumes: Arc<VolumePolicy>) -> Self {
         Self {
+            storage: ChatStorage::new(&settings.storage.root),
             status: Arc::new(ControllerStatus::new(
                 settings.controller.take_over_old_service,
             )),

@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`domain`]: identifiers, phases, the frozen container spec, input validation.
 //! - [`planner`]: the pure core, `plan(desired, observed, now) -> actions`. No I/O.
-//! - [`store`]: SQLite adapter: desired state, observed status, event log.
+//! - [`store`]: SQLite adapter: desired state, observed status, event log, chat storage's
+//!   metadata.
+//! - [`storage`]: chat storage on the host: a file system per workspace, sized to its quota;
+//!   crash-safe writes of a chat's files.
 //! - [`backend`]: the seam between sandboxd and a container engine: the `Backend` trait
 //!   (lifecycle) with its optional capabilities, the data plane's `SandboxIo`, one error
 //!   with typed kinds, one hardening translation; the engines behind it: `docker`,
@@ -36,5 +39,6 @@ pub mod http;
 pub mod metrics;
 pub mod planner;
 pub mod pool;
+pub mod storage;
 pub mod store;
 pub mod telemetry;

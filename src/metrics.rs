@@ -76,6 +76,8 @@ pub struct Metrics {
     pub last_pass_timestamp: Gauge<f64, AtomicU64>,
     /// Data-plane calls (exec, file read/write/list) holding a concurrency slot.
     pub data_plane_in_flight: Gauge<i64>,
+    /// Chat storage writes refused by a workspace's quota (413).
+    pub storage_quota_refusals_total: Counter,
     /// Finished execs by result (`ok`, `timeout`, `abandoned`, `error`).
     pub exec_total: Family<ResultLabel, Counter>,
     /// Starts by how they went: `warm`, or `cold` with why (`pool_empty`, `pool_off`, …).
@@ -115,6 +117,7 @@ impl Metrics {
             docker_connected: Gauge::default(),
             last_pass_timestamp: Gauge::default(),
             data_plane_in_flight: Gauge::default(),
+            storage_quota_refusals_total: Counter::default(),
             exec_total: Family::default(),
             starts_total: Family::default(),
             pool_members: Family::default(),
@@ -225,6 +228,11 @@ impl Metrics {
             "sandboxd_data_plane_in_flight",
             "Data-plane calls (exec, files) in flight",
             m.data_plane_in_flight.clone(),
+        );
+        r.register(
+            "sandboxd_storage_quota_refusals",
+            "Chat storage writes refused by a workspace's quota",
+            m.storage_quota_refusals_total.clone(),
         );
         r.register(
             "sandboxd_exec",

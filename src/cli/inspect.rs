@@ -1,5 +1,5 @@
-//! `sandboxd ls`, `show`, `events`: the database read-only, for operators. They work while the
-//! server runs and when it is down.
+//! `sandboxd ls`, `show`, `events`, `workspaces`, `chats`: the database read-only, for
+//! operators. They work while the server runs and when it is down.
 
 use std::fmt::Write as _;
 
@@ -226,9 +226,106 @@ pub async fn show(store: &Store, chat_id: ChatId) -> anyhow::Result<String> {
     Ok(render_show(&row, &events))
 }
 
+/// Bytes as a person reads them (binary units).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// `sandboxd workspaces`: each workspace with its quota, what its file system has in use
+/// (`-` when it is not mounted) and its chats.
+pub async fn workspaces(
+    store: &Store,
+    storage: &crate::storage::ChatStorage,
+    user: Option<&str>,
+) -> anyhow::Result<String> {
+    let now = Utc::now();
+    let chats = store.chats(None).await?;
+    let rows: Vec<Vec<String>> = store
+        .workspaces(user)
+        .await?
+        .iter()
+        .map(|w| {
+            let used = storage
+                .usage(w.workspace_id, w.quota_bytes)
+                .map_or_else(|_| "-".to_string(), |u| bytes(u.used_bytes));
+            let n = chats
+                .iter()
+                .filter(|c| c.workspace_id == w.workspace_id)
+                .count();
+            vec![
+                w.workspace_id.to_string(),
+                clip(&w.user_id, 24),
+                bytes(w.quota_bytes),
+                used,
+                n.to_string(),
+                human(now - w.created_at),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &["WORKSPACE_ID", "USER", "QUOTA", "USED", "CHATS", "AGE"],
+        &rows,
+    ))
+}
+
+/// `sandboxd chats`: each chat with its workspace, attachments and its sandbox's phase.
+pub async fn chats(
+    store: &Store,
+    workspace: Option<crate::domain::storage::WorkspaceId>,
+) -> anyhow::Result<String> {
+    let now = Utc::now();
+    let mut rows = Vec::new();
+    for c in store.chats(workspace).await? {
+        let files = store.files(c.chat_id).await?;
+        let size: u64 = files.iter().map(|f| f.size_bytes).sum();
+        let sandbox = store
+            .get(c.chat_id)
+            .await?
+            .map_or_else(|| "-".to_string(), |r| r.phase.to_string());
+        rows.push(vec![
+            c.chat_id.to_string(),
+            c.workspace_id.to_string(),
+            human(now - c.created_at),
+            files.len().to_string(),
+            bytes(size),
+            sandbox,
+        ]);
+    }
+    Ok(table(
+        &[
+            "CHAT_ID",
+            "WORKSPACE_ID",
+            "AGE",
+            "FILES",
+            "FILE_BYTES",
+            "SANDBOX",
+        ],
+        &rows,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts_read_well() {
+        assert_eq!(bytes(0), "0B");
+        assert_eq!(bytes(1023), "1023B");
+        assert_eq!(bytes(8 << 20), "8.0MiB");
+        assert_eq!(bytes(1536 << 20), "1.5GiB");
+    }
 
     #[test]
     fn durations_read_well() {

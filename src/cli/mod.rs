@@ -57,6 +57,18 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Chat storage's workspaces: user, quota, bytes used, chats (database read-only).
+    Workspaces {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Chat storage's chats: workspace, age, attachments, sandbox phase (database read-only).
+    Chats {
+        /// Only this workspace's.
+        #[arg(long)]
+        workspace: Option<String>,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -95,6 +107,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Show { chat_id } => {
             let store = Store::open_read_only(&settings.database.path).await?;
             print!("{}", inspect::show(&store, parse_chat_id(&chat_id)?).await?);
+            Ok(())
+        }
+        Command::Workspaces { user } => {
+            let store = Store::open_read_only(&settings.database.path).await?;
+            let storage = crate::storage::ChatStorage::new(&settings.storage.root);
+            print!(
+                "{}",
+                inspect::workspaces(&store, &storage, user.as_deref()).await?
+            );
+            Ok(())
+        }
+        Command::Chats { workspace } => {
+            let store = Store::open_read_only(&settings.database.path).await?;
+            let workspace = workspace
+                .as_deref()
+                .map(|w| {
+                    w.parse()
+                        .map_err(|_| anyhow::anyhow!("`{w}` is not a workspace id (a UUID)"))
+                })
+                .transpose()?;
+            print!("{}", inspect::chats(&store, workspace).await?);
             Ok(())
         }
         Command::Events { chat, limit } => {

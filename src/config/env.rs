@@ -28,6 +28,12 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_OTEL_METRICS_ENDPOINT", "otel.metrics_endpoint"),
     ("APP_OTEL_TRACES_ENDPOINT", "otel.traces_endpoint"),
     ("APP_RUNTIME", "runtime"),
+    ("APP_STORAGE_ROOT", "storage.root"),
+    (
+        "APP_STORAGE_DEFAULT_QUOTA_BYTES",
+        "storage.default_quota_bytes",
+    ),
+    ("APP_STORAGE_MAX_QUOTA_BYTES", "storage.max_quota_bytes"),
     ("APP_PODMAN_ULIMIT_NOFILE", "podman.ulimit_nofile"),
     ("APP_PODMAN_ULIMIT_NPROC", "podman.ulimit_nproc"),
     ("APP_DOCKER_BASE_URL", "docker.base_url"),
@@ -123,6 +129,7 @@ const TEXT_KEYS: &[&str] = &[
     "security.signing_key",
     "database.path",
     "controller.instance",
+    "storage.root",
 ];
 
 fn kind_of(key: &str) -> Kind {

@@ -58,6 +58,31 @@ pub struct Settings {
     pub swarm: SwarmSettings,
     pub podman: PodmanSettings,
     pub warm_pool: WarmPoolSettings,
+    pub storage: StorageSettings,
+}
+
+/// Chat storage (`storage/`, docs/storage.md): each workspace's chats live on a file system of
+/// its own, an ext4 image under `root` sized to the workspace's quota and loop-mounted, so the
+/// kernel holds the quota inside sandboxes too.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Holds `images/<workspace>.img` and their mount points `mnt/<workspace>/`.
+    pub root: PathBuf,
+    /// The quota of a workspace made without one.
+    pub default_quota_bytes: u64,
+    /// The largest quota a workspace may ask for.
+    pub max_quota_bytes: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            root: "var/sandbox/storage".into(),
+            default_quota_bytes: 1 << 30,
+            max_quota_bytes: 1 << 40,
+        }
+    }
 }
 
 /// Warm starts (`pool/`): containers of the default profile started ahead of need; a create

@@ -194,6 +194,19 @@ impl Settings {
         let w = &self.warm_pool;
         within("warm_pool.max", w.max as u64, 0, 1000)?;
         within("warm_pool.min_idle", w.min_idle as u64, 0, w.max as u64)?;
+        let st = &self.storage;
+        within(
+            "storage.max_quota_bytes",
+            st.max_quota_bytes,
+            1 << 20,
+            1 << 50,
+        )?;
+        within(
+            "storage.default_quota_bytes",
+            st.default_quota_bytes,
+            1 << 20,
+            st.max_quota_bytes,
+        )?;
         let s = &self.sandbox;
         non_empty("sandbox.image", &s.image)?;
         if s.publish_host_ip.parse::<IpAddr>().is_err() {

@@ -263,7 +263,11 @@ impl Executor {
         let result = async {
             self.remove_all(stale).await?;
             let spec = parse_spec(&row)?;
-            prepare_host(&spec, &self.ctx.volumes)?;
+            prepare_host(
+                &spec,
+                &self.ctx.volumes,
+                &self.ctx.settings.sandbox.chats_root,
+            )?;
             // Never a sandbox without its rules: a failure here is a failed start.
             self.egress
                 .ensure_for_start(&self.runtime, &spec)
@@ -550,17 +554,31 @@ fn parse_spec(row: &SandboxRow) -> Result<ContainerSpec, StoreError> {
 }
 
 /// Makes the host side of every mount ready, checking again what was checked at request time:
-/// the chat directory is created, the request volume must still pass the volume policy and
-/// resolve to the same path (no symlink swapped in since), the read-only ones must exist.
-fn prepare_host(spec: &ContainerSpec, volumes: &VolumePolicy) -> Result<(), ActionError> {
+/// the chat directory is created under `chats_root` (a workspace's chat directory must exist
+/// already: made anywhere else it would escape its workspace's file system and quota), the
+/// request volume must still pass the volume policy and resolve to the same path (no symlink
+/// swapped in since), the read-only ones must exist.
+fn prepare_host(
+    spec: &ContainerSpec,
+    volumes: &VolumePolicy,
+    chats_root: &Path,
+) -> Result<(), ActionError> {
     for m in &spec.mounts {
         let host_err = |reason: String| ActionError::HostDir {
             path: m.source.clone(),
             reason,
         };
         match m.kind {
-            MountKind::Chat => {
+            MountKind::Chat if Path::new(&m.source).starts_with(chats_root) => {
                 std::fs::create_dir_all(&m.source).map_err(|e| host_err(e.to_string()))?
+            }
+            MountKind::Chat => {
+                if !Path::new(&m.source).is_dir() {
+                    return Err(host_err(
+                        "the workspace chat's directory is missing (is its file system mounted?)"
+                            .into(),
+                    ));
+                }
             }
             MountKind::Volume => {
                 let canonical = volumes

@@ -4,6 +4,7 @@
 pub mod egress;
 pub mod request;
 pub mod spec;
+pub mod storage;
 pub mod volume;
 
 use std::fmt;

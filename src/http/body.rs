@@ -34,7 +34,8 @@ pub struct Limits {
 
 impl Limits {
     fn of(&self, method: &axum::http::Method, path: &str) -> (usize, &'static str) {
-        if method == axum::http::Method::PUT && path.ends_with("/files") {
+        let attachment = path.starts_with("/api/v1/chats/") && path.contains("/files/");
+        if method == axum::http::Method::PUT && (path.ends_with("/files") || attachment) {
             (self.file_write, "data_plane.file_write_limit_bytes")
         } else {
             (self.default, "http.body_limit_bytes")

@@ -233,7 +233,8 @@ async fn create_inner(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(Json<SessionResponse>, &'static str), ApiError> {
-    let new = read_create(state, headers, body)?;
+    let mut new = read_create(state, headers, body)?;
+    super::storage::place_in_workspace(state, &mut new).await?;
     let chat_id = new.chat_id;
     state.status.takeover_settled(TAKEOVER_WAIT).await;
     // A session whose first start is still under way (its create may be waiting) is not

@@ -69,7 +69,7 @@ pub struct ExecResponse {
 }
 
 /// The client's address (when the server was started with connect info).
-pub struct Peer(Option<SocketAddr>);
+pub struct Peer(pub Option<SocketAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;
@@ -91,7 +91,7 @@ impl From<DataPlaneError> for ApiError {
 }
 
 /// Who is calling, for the audit log: whether a token came, and from where.
-fn caller(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Caller {
+pub(super) fn caller(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Caller {
     let header = state.settings.security.token_header.as_str();
     let who = if state.settings.security.api_token.is_some() && headers.contains_key(header) {
         "token"

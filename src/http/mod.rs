@@ -10,6 +10,7 @@ mod error;
 mod input;
 pub mod openapi;
 mod sandboxes;
+mod storage;
 mod views;
 mod wait;
 mod watch;
@@ -80,6 +81,37 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/sandboxes/{chat_id}/dir", get(dataplane::list_dir))
         .route("/api/v1/sandboxes", get(sandboxes::list))
+        .route(
+            "/api/v1/workspaces",
+            post(storage::create_workspace).get(storage::list_workspaces),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace_id}",
+            get(storage::get_workspace).patch(storage::set_quota),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace_id}/chats",
+            post(storage::create_chat).get(storage::list_chats),
+        )
+        .route(
+            "/api/v1/chats/{chat_id}",
+            get(storage::get_chat).delete(storage::delete_chat),
+        )
+        .route(
+            "/api/v1/chats/{chat_id}/history",
+            get(storage::get_history).put(storage::put_history),
+        )
+        .route(
+            "/api/v1/chats/{chat_id}/history:append",
+            post(storage::append_history),
+        )
+        .route("/api/v1/chats/{chat_id}/files", get(storage::list_files))
+        .route(
+            "/api/v1/chats/{chat_id}/files/{name}",
+            get(storage::get_file)
+                .put(storage::put_file)
+                .delete(storage::delete_file),
+        )
         // The old server's words for an unknown route and a wrong method.
         .fallback(|| async {
             ApiError::BadRequest {

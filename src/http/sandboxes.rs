@@ -139,7 +139,8 @@ pub async fn apply(
     body: Bytes,
 ) -> Result<Json<ApplyResponse>, ApiError> {
     let q = WaitQuery::read(query.as_deref())?;
-    let new = read_apply(&state, chat_id, &headers, &body)?;
+    let mut new = read_apply(&state, chat_id, &headers, &body)?;
+    super::storage::place_in_workspace(&state, &mut new).await?;
     state.status.takeover_settled(TAKEOVER_WAIT).await;
     let (outcome, row) = match state.store.apply(&new, Utc::now()).await? {
         ApplyOutcome::Created(r) => ("created", r),

@@ -81,6 +81,11 @@ pub enum EventAction {
     FileWrite,
     /// The sandbox image was built (`docker.pull_policy: build`).
     ImageBuild,
+    /// Chat storage: a workspace, chat, history or attachment written (audit; bytes, never
+    /// contents).
+    StorageWrite,
+    /// Chat storage: a chat or an attachment removed (audit).
+    StorageDelete,
 }
 
 impl EventAction {
@@ -101,6 +106,8 @@ impl EventAction {
             EventAction::Exec => "exec",
             EventAction::FileWrite => "file_write",
             EventAction::ImageBuild => "image_build",
+            EventAction::StorageWrite => "storage_write",
+            EventAction::StorageDelete => "storage_delete",
         }
     }
 }
@@ -159,9 +166,17 @@ pub struct NewEvent<'a> {
 }
 
 impl EventAction {
-    /// Data-plane audit lines: not changes of a sandbox, so not in the watch stream.
+    /// Audit lines (data-plane calls, chat storage): not changes of a sandbox, so not in
+    /// the watch stream.
     pub fn is_audit(action: &str) -> bool {
-        action == EventAction::Exec.as_str() || action == EventAction::FileWrite.as_str()
+        [
+            EventAction::Exec,
+            EventAction::FileWrite,
+            EventAction::StorageWrite,
+            EventAction::StorageDelete,
+        ]
+        .iter()
+        .any(|a| a.as_str() == action)
     }
 }
 

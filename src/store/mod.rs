@@ -18,6 +18,7 @@ mod retention;
 mod row;
 mod sessions;
 mod status;
+mod storage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use pool::{Member, MemberState};
 pub use row::{SandboxRow, StoredEvent};
 pub use sessions::{ApplyOutcome, CreateOutcome, ImportOutcome, LegacyImport};
 pub use status::RunningContainer;
+pub use storage::{Chat, ChatFile, Workspace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

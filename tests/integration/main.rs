@@ -15,6 +15,7 @@ mod profiles;
 mod proxy;
 mod restart;
 mod retries;
+mod storage;
 mod store_mirror;
 mod support;
 mod takeover;

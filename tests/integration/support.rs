@@ -183,6 +183,7 @@ pub fn local_settings(dir: &Path, instance: &str) -> Settings {
     s.sandbox.dependencies_host_path = dir.join("deps");
     s.sandbox.lambda_tools_host_path = dir.join("tools");
     s.database.path = dir.join("sandboxd.db");
+    s.storage.root = dir.join("storage");
     s.controller.instance = instance.into();
     s
 }

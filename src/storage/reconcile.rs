@@ -1,0 +1,75 @@
+//! Chat storage at start-up, like containers: the file systems of every workspace mounted,
+//! and metadata and directories made to agree after whatever a crash interrupted. A chat's
+//! directory is made before its row and its row removed before its directory, so a directory
+//! without a row is a remnant (removed); a row without a directory was never left by
+//! sandboxd (made again, empty, and said in the log).
+
+use std::collections::HashSet;
+
+use tracing::{info, warn};
+
+use super::{files, ChatStorage, Result};
+use crate::store::Store;
+
+/// What the start-up reconcile did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub workspaces: usize,
+    pub remnants_removed: usize,
+    pub directories_made: usize,
+}
+
+pub async fn at_start(store: &Store, storage: &ChatStorage) -> Result<Reconciled> {
+    let mut done = Reconciled::default();
+    let workspaces = store
+        .workspaces(None)
+        .await
+        .map_err(|e| super::StorageError::Command(format!("reading workspaces: {e}")))?;
+    let chats = store
+        .chats(None)
+        .await
+        .map_err(|e| super::StorageError::Command(format!("reading chats: {e}")))?;
+    for w in &workspaces {
+        if let Err(e) = storage
+            .ensure_workspace(w.workspace_id, w.quota_bytes)
+            .await
+        {
+            warn!(workspace_id = %w.workspace_id, error = %e, "workspace file system unavailable");
+            continue;
+        }
+        done.workspaces += 1;
+        let chats_dir = storage.mount_point(w.workspace_id).join("chats");
+        let known: HashSet<String> = chats
+            .iter()
+            .filter(|c| c.workspace_id == w.workspace_id)
+            .map(|c| c.chat_id.to_string())
+            .collect();
+        done.remnants_removed += files::sweep(&chats_dir);
+        for entry in std::fs::read_dir(&chats_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                done.remnants_removed += files::sweep(&entry.path());
+            } else {
+                files::remove_chat(&entry.path())?;
+                done.remnants_removed += 1;
+                warn!(workspace_id = %w.workspace_id, chat_id = %name, "removed a chat directory without metadata (a create or delete a crash interrupted)");
+            }
+        }
+        for c in chats.iter().filter(|c| c.workspace_id == w.workspace_id) {
+            let dir = storage.chat_dir(c.workspace_id, c.chat_id);
+            if !dir.is_dir() {
+                files::init_chat(&dir).await?;
+                done.directories_made += 1;
+                warn!(chat_id = %c.chat_id, "a chat's directory was missing; made again, empty");
+            }
+        }
+    }
+    if !workspaces.is_empty() {
+        info!(?done, "chat storage reconciled");
+    }
+    Ok(done)
+}

@@ -1,0 +1,386 @@
+//! Chat storage against the real binary's API, the real engine and real file systems:
+//! workspaces, chats, history and attachments, visible inside the chat's sandbox; the quota
+//! held by the kernel inside the sandbox and by the API; deletes refused while a sandbox runs.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::dataplane::exec;
+use crate::support::*;
+
+const MIB: u64 = 1 << 20;
+
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut r = app.client.request(method, app.url(path)).body(body);
+    if let Some(t) = content_type {
+        r = r.header("content-type", t);
+    }
+    let r = r.send().await.expect("request");
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.bytes().await.expect("body").to_vec())
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or(Value::Null)
+}
+
+async fn workspace(app: &TestApp, user: &str, quota: u64) -> String {
+    let (status, body) = app
+        .post_json(
+            "/api/v1/workspaces",
+            &json!({"user_id": user, "quota_bytes": quota}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["workspace_id"].as_str().expect("id").to_string()
+}
+
+async fn chat_in(app: &TestApp, ws: &str) -> String {
+    let (status, body) = app
+        .post_json(&format!("/api/v1/workspaces/{ws}/chats"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["chat_id"].as_str().expect("chat id").to_string()
+}
+
+async fn sh(app: &TestApp, chat: &str, command: &str) -> Value {
+    let (status, out) = exec(
+        app,
+        chat,
+        json!({"command": command, "timeout_seconds": 60}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_chats_files_are_durable_visible_in_its_sandbox_and_held_to_its_quota() {
+    let app = TestApp::spawn().await;
+    // One workspace per user: the same user again is the same workspace.
+    let ws = workspace(&app, "user-1", 8 * MIB).await;
+    let (status, again) = app
+        .post_json("/api/v1/workspaces", &json!({"user_id": "user-1"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["workspace_id"], ws.as_str());
+    let (_, listed) = app.get("/api/v1/workspaces?user_id=user-1").await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+
+    // A chat: its directory with an empty history.
+    let chat = chat_in(&app, &ws).await;
+    let (status, view) = app.get(&format!("/api/v1/chats/{chat}")).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["workspace_id"], ws.as_str());
+    let history = format!("/api/v1/chats/{chat}/history");
+    let (status, _, text) = send(&app, reqwest::Method::GET, &history, None, vec![]).await;
+    assert_eq!((status, text.as_slice()), (StatusCode::OK, b"".as_slice()));
+    let put = send(
+        &app,
+        reqwest::Method::PUT,
+        &history,
+        None,
+        b"# chat\n".to_vec(),
+    )
+    .await;
+    assert_eq!(put.0, StatusCode::OK, "{}", json_of(&put.2));
+    let append = format!("/api/v1/chats/{chat}/history:append");
+    let added = send(
+        &app,
+        reqwest::Method::POST,
+        &append,
+        None,
+        b"hello\n".to_vec(),
+    )
+    .await;
+    assert_eq!(added.0, StatusCode::OK, "{}", json_of(&added.2));
+    let (_, headers, text) = send(&app, reqwest::Method::GET, &history, None, vec![]).await;
+    assert_eq!(text, b"# chat\nhello\n");
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/markdown"));
+
+    // An attachment, its type kept.
+    let notes = format!("/api/v1/chats/{chat}/files/notes.txt");
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::PUT,
+        &notes,
+        Some("text/plain"),
+        b"remember".to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{}", json_of(&body));
+    let (status, headers, body) = send(&app, reqwest::Method::GET, &notes, None, vec![]).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::OK, b"remember".as_slice())
+    );
+    assert_eq!(headers["content-type"], "text/plain");
+    let (_, files) = app.get(&format!("/api/v1/chats/{chat}/files")).await;
+    assert_eq!(files["items"][0]["name"], "notes.txt", "{files}");
+    assert_eq!(files["items"][0]["size_bytes"], 8);
+    // Names that are not one plain component, or are the history's, are refused. (`..`
+    // never reaches a server through a URL: clients resolve it; the unit tests hold it.)
+    for bad in [
+        "history.md",
+        "a%2Fb",
+        "..%2Fetc",
+        "a%5Cb",
+        "a%00b",
+        "new%0Aline",
+    ] {
+        let path = format!("/api/v1/chats/{chat}/files/{bad}");
+        let (status, _, body) = send(&app, reqwest::Method::PUT, &path, None, b"x".to_vec()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            json_of(&body)
+        );
+    }
+
+    // Its sandbox mounts the chat's directory: history and attachment are there.
+    let (status, body) = app.create(&chat, "agent", &app.volume("v")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let out = sh(
+        &app,
+        &chat,
+        "cat /workspace/chat/history.md /workspace/chat/notes.txt",
+    )
+    .await;
+    assert_eq!(out["stdout"], "# chat\nhello\nremember", "{out}");
+
+    // Another user's chat never sees this one's files.
+    let other_ws = workspace(&app, "user-2", 8 * MIB).await;
+    let other = chat_in(&app, &other_ws).await;
+    let (status, body) = app.create(&other, "agent", &app.volume("v2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let out = sh(&app, &other, "ls -A /workspace/chat").await;
+    assert_eq!(out["stdout"], "history.md\n", "{out}");
+
+    // The kernel holds the quota inside the sandbox: the agent's write past it fails.
+    let out = sh(
+        &app,
+        &chat,
+        "dd if=/dev/zero of=/workspace/chat/big bs=1M count=16 2>&1; sync",
+    )
+    .await;
+    assert!(
+        out["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{out}"
+    );
+    let (_, view) = app.get(&format!("/api/v1/workspaces/{ws}")).await;
+    let used = view["usage"]["used_bytes"].as_u64().expect("usage");
+    assert!(used <= 8 * MIB, "{view}");
+    assert!(used >= 7 * MIB, "the agent's file counts: {view}");
+    // So does the API, before it writes anything.
+    let more = format!("/api/v1/chats/{chat}/files/more.bin");
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::PUT,
+        &more,
+        None,
+        vec![0u8; 2 * MIB as usize],
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", json_of(&body));
+    assert_eq!(json_of(&body)["detail"], "workspace_quota_exceeded");
+    let (_, files) = app.get(&format!("/api/v1/chats/{chat}/files")).await;
+    assert_eq!(
+        files["items"].as_array().map(Vec::len),
+        Some(1),
+        "nothing written: {files}"
+    );
+
+    // A quota raised while the sandbox runs (within the image: the reserve shrinks): the
+    // same write fits, and the sandbox sees it.
+    let raise = |quota: u64| {
+        let app = &app;
+        let ws = ws.clone();
+        async move {
+            let r = app
+                .client
+                .patch(app.url(&format!("/api/v1/workspaces/{ws}")))
+                .json(&json!({"quota_bytes": quota}))
+                .send()
+                .await
+                .expect("patch");
+            (r.status(), r.json::<Value>().await.expect("json"))
+        }
+    };
+    let (status, view) = raise(12 * MIB).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["usage"]["quota_bytes"], 12 * MIB);
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::PUT,
+        &more,
+        None,
+        vec![0u8; 2 * MIB as usize],
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{}", json_of(&body));
+    let out = sh(&app, &chat, "ls -l /workspace/chat/more.bin").await;
+    assert!(out["stdout"].as_str().unwrap().contains("2097152"), "{out}");
+
+    // A chat with a live sandbox is not deleted; after its sandbox, it goes whole.
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/chats/{chat}"),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{}", json_of(&body));
+    assert_eq!(json_of(&body)["detail"], "chat_has_active_sandbox");
+    let (status, body) = app.delete(&chat).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/chats/{chat}"),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", json_of(&body));
+    let (status, body) = app.get(&format!("/api/v1/chats/{chat}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["detail"], "chat_not_found");
+    let dir = app
+        .settings
+        .storage
+        .root
+        .join("mnt")
+        .join(&ws)
+        .join("chats")
+        .join(&chat);
+    assert!(!dir.exists(), "nothing of the chat stays on disk");
+    let (_, view) = app.get(&format!("/api/v1/workspaces/{ws}")).await;
+    assert!(
+        view["usage"]["used_bytes"].as_u64().unwrap() < MIB,
+        "{view}"
+    );
+    // With no sandbox on it, a quota past the image grows it (offline where this host may
+    // not resize a mounted file system), and the workspace is in service again at once.
+    let (status, view) = raise(64 * MIB).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["usage"]["quota_bytes"], 64 * MIB);
+    let chat = chat_in(&app, &ws).await;
+    let big = format!("/api/v1/chats/{chat}/files/big.bin");
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::PUT,
+        &big,
+        None,
+        vec![7u8; 15 * MIB as usize],
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{}", json_of(&body));
+
+    // Storage writes are in the event log: who, what, how many bytes; never contents.
+    let audited = app
+        .db_scalar("SELECT count(*) FROM sandbox_events WHERE action = 'storage_write' AND detail LIKE '%\"bytes\"%'")
+        .await;
+    assert!(audited >= 3, "{audited}");
+    let leaked = app
+        .db_scalar("SELECT count(*) FROM sandbox_events WHERE detail LIKE '%remember%'")
+        .await;
+    assert_eq!(leaked, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_workspaces_and_chats_are_named_and_old_clients_are_unaffected() {
+    let app = TestApp::spawn().await;
+    let missing = uuid::Uuid::new_v4();
+    let (status, body) = app.get(&format!("/api/v1/workspaces/{missing}")).await;
+    assert_eq!(
+        (status, body["detail"].clone()),
+        (StatusCode::NOT_FOUND, json!("workspace_not_found"))
+    );
+    let (status, body) = app
+        .post_json(&format!("/api/v1/workspaces/{missing}/chats"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, body["detail"].clone()),
+        (StatusCode::NOT_FOUND, json!("workspace_not_found"))
+    );
+    let (status, body) = app.get(&format!("/api/v1/chats/{missing}/files")).await;
+    assert_eq!(
+        (status, body["detail"].clone()),
+        (StatusCode::NOT_FOUND, json!("chat_not_found"))
+    );
+    let (status, body) = app
+        .post_json(
+            "/api/v1/workspaces",
+            &json!({"user_id": "u", "quota_bytes": 10}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "quota_bytes"]));
+    let ws = workspace(&app, "u", 4 * MIB).await;
+    let chat = chat_in(&app, &ws).await;
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v1/chats/{chat}/files/nope.txt"),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json_of(&body)["detail"], "chat_file_not_found");
+    // An old client's chat (never in a workspace) runs under `sandbox.chats_root`, as before.
+    let old = new_chat();
+    let (status, body) = app.create(&old, "agent", &app.volume("v")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(app.settings.sandbox.chats_root.join(&old).is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mounts_workspaces_again_and_removes_what_a_crash_left() {
+    let app = TestApp::spawn().await;
+    let ws = workspace(&app, "user-r", 4 * MIB).await;
+    let chat = chat_in(&app, &ws).await;
+    let kept = format!("/api/v1/chats/{chat}/files/kept.txt");
+    let (status, _, _) = send(&app, reqwest::Method::PUT, &kept, None, b"kept".to_vec()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (dir, settings, guard) = app.stop().await;
+    let mnt = settings.storage.root.join("mnt").join(&ws);
+    let chats = mnt.join("chats");
+    // What a crash can leave: a chat directory whose row was never written, and a write's
+    // temporary file.
+    let orphan = chats.join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir(&orphan).unwrap();
+    let half = chats.join(&chat).join(".sandboxd-tmp-0");
+    std::fs::write(&half, b"half").unwrap();
+    // And a reboot: the workspace's file system is no longer mounted.
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    assert!(!chats.exists());
+    let app = TestApp::start(dir, settings).await;
+    let _guard = guard;
+    let (status, _, body) = send(&app, reqwest::Method::GET, &kept, None, vec![]).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::OK, b"kept".as_slice())
+    );
+    assert!(!orphan.exists(), "a directory without metadata is removed");
+    assert!(!half.exists(), "a half-written file is removed");
+    assert!(chats.join(&chat).join("history.md").is_file());
+}
