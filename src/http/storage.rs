@@ -645,10 +645,13 @@ pub async fn delete_file(
     let chat_id = input::path_chat_id(&raw_chat)?;
     let name = attachment(&raw_name)?;
     let (_, dir) = find_chat(&state, chat_id).await?;
-    if !state.store.file_delete(chat_id, name.as_str()).await? {
+    if state.store.file(chat_id, name.as_str()).await?.is_none() {
         return Err(code(StatusCode::NOT_FOUND, "chat_file_not_found"));
     }
+    // The file first, then its row: a crash in between leaves a row without its file, which
+    // the start-up reconcile drops (a file without a row would look like the agent's).
     files::remove(&dir, name.as_str())?;
+    state.store.file_delete(chat_id, name.as_str()).await?;
     let who = caller(&state, &headers, peer);
     audit(
         &state,

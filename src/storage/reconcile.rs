@@ -17,6 +17,40 @@ pub struct Reconciled {
     pub workspaces: usize,
     pub remnants_removed: usize,
     pub directories_made: usize,
+    /// Attachment rows made to say what is on disk (a replace a crash cut between the rename
+    /// and the row), or dropped (a file gone by hand).
+    pub rows_mended: usize,
+}
+
+/// Makes a chat's attachment rows say what is on disk: a file is renamed into place before
+/// its row is written, so a crash between them leaves a row with the old size (mended) or no
+/// row (the file stays: the chat directory is also the agent's, and a complete file is never
+/// removed; the client, never answered, writes it again). A row whose file is gone goes.
+async fn mend_rows(
+    store: &Store,
+    chat: crate::domain::ChatId,
+    dir: &std::path::Path,
+) -> Result<usize> {
+    let failed = |e: crate::store::StoreError| {
+        super::StorageError::Command(format!("attachments of {chat}: {e}"))
+    };
+    let mut mended = 0;
+    for mut f in store.files(chat).await.map_err(failed)? {
+        match std::fs::metadata(dir.join(&f.name)) {
+            Ok(m) if m.len() == f.size_bytes => {}
+            Ok(m) => {
+                f.size_bytes = m.len();
+                store.file_put(&f).await.map_err(failed)?;
+                mended += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                store.file_delete(chat, &f.name).await.map_err(failed)?;
+                mended += 1;
+            }
+            Err(e) => return Err(super::StorageError::io("stat", dir)(e)),
+        }
+    }
+    Ok(mended)
 }
 
 pub async fn at_start(store: &Store, storage: &ChatStorage) -> Result<Reconciled> {
@@ -66,6 +100,7 @@ pub async fn at_start(store: &Store, storage: &ChatStorage) -> Result<Reconciled
                 done.directories_made += 1;
                 warn!(chat_id = %c.chat_id, "a chat's directory was missing; made again, empty");
             }
+            done.rows_mended += mend_rows(store, c.chat_id, &dir).await?;
         }
     }
     if !workspaces.is_empty() {

@@ -2,6 +2,8 @@
 //! workspaces, chats, history and attachments, visible inside the chat's sandbox; the quota
 //! held by the kernel inside the sandbox and by the API; deletes refused while a sandbox runs.
 
+use std::time::Instant;
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -383,4 +385,266 @@ async fn a_restart_mounts_workspaces_again_and_removes_what_a_crash_left() {
     assert!(!orphan.exists(), "a directory without metadata is removed");
     assert!(!half.exists(), "a half-written file is removed");
     assert!(chats.join(&chat).join("history.md").is_file());
+}
+
+/// One storage call of the SIGKILL test.
+#[derive(Debug, Clone)]
+enum StorageOp {
+    Put {
+        chat: String,
+        name: String,
+        byte: u8,
+        size: usize,
+    },
+    Append {
+        chat: String,
+        line: String,
+    },
+    DeleteChat {
+        chat: String,
+    },
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_storage_writes_and_deletes_leaves_metadata_and_files_agreeing() {
+    use std::collections::{HashMap, HashSet};
+    let fx = ProcessFixture::new(|_| {});
+    let _mounts = crate::warm_support::MountGuard(fx.dir.path().to_path_buf());
+    let client = reqwest::Client::new();
+    let mut rng = Rng(0x5707_a9e5);
+    let mut server = fx.start().await;
+    let base = |s: &ServerProcess| format!("http://{}", s.addr);
+    let r = client
+        .post(format!("{}/api/v1/workspaces", base(&server)))
+        .json(&json!({"user_id": "crash", "quota_bytes": 64 * MIB}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let ws = r.json::<Value>().await.unwrap()["workspace_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chats: Vec<String> = (0..8).map(|_| new_chat()).collect();
+    // (chat, name) -> (byte, size) of the last acknowledged write; chats acknowledged gone;
+    // history lines acknowledged.
+    let mut files: HashMap<(String, String), (u8, usize)> = HashMap::new();
+    let mut gone: HashSet<String> = HashSet::new();
+    let mut lines: HashMap<String, Vec<String>> = HashMap::new();
+    for round in 0..8u8 {
+        // Every chat exists at the start of a round (made again after a delete).
+        for chat in &chats {
+            let r = client
+                .post(format!("{}/api/v1/workspaces/{ws}/chats", base(&server)))
+                .json(&json!({"chat_id": chat}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+            if gone.remove(chat) {
+                files.retain(|(c, _), _| c != chat);
+                lines.remove(chat);
+            }
+        }
+        let mut ops = Vec::new();
+        for chat in &chats {
+            if rng.below(4) == 0 {
+                ops.push(StorageOp::DeleteChat { chat: chat.clone() });
+                continue;
+            }
+            for k in 0..3 {
+                ops.push(StorageOp::Put {
+                    chat: chat.clone(),
+                    name: format!("f{k}.bin"),
+                    byte: round * 16 + k + 1,
+                    size: (1 + rng.below(1024)) as usize * 1024,
+                });
+            }
+            for i in 0..2 {
+                ops.push(StorageOp::Append {
+                    chat: chat.clone(),
+                    line: format!("line-{round}-{i}-{chat}"),
+                });
+            }
+        }
+        let addr = server.addr;
+        // The kill comes right after the k-th answer: calls are in flight on every side of it.
+        let kill_after = 1 + rng.below(ops.len() as u64 / 2) as usize;
+        let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let handles: Vec<_> = ops
+            .iter()
+            .cloned()
+            .map(|op| {
+                let client = client.clone();
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let base = format!("http://{addr}");
+                    let sent = match &op {
+                        StorageOp::Put {
+                            chat,
+                            name,
+                            byte,
+                            size,
+                        } => {
+                            client
+                                .put(format!("{base}/api/v1/chats/{chat}/files/{name}"))
+                                .body(vec![*byte; *size])
+                                .send()
+                                .await
+                        }
+                        StorageOp::Append { chat, line } => {
+                            client
+                                .post(format!("{base}/api/v1/chats/{chat}/history:append"))
+                                .body(format!("{line}\n"))
+                                .send()
+                                .await
+                        }
+                        StorageOp::DeleteChat { chat } => {
+                            client
+                                .delete(format!("{base}/api/v1/chats/{chat}"))
+                                .send()
+                                .await
+                        }
+                    };
+                    let ok = sent.is_ok_and(|r| r.status().is_success());
+                    let at = Instant::now();
+                    let _ = answered.send(());
+                    (op, ok, at)
+                })
+            })
+            .collect();
+        drop(answered);
+        for _ in 0..kill_after {
+            if answers.recv().await.is_none() {
+                break;
+            }
+        }
+        server.kill9();
+        let killed_at = Instant::now();
+        let mut acked_ops = 0;
+        let total = handles.len();
+        for h in handles {
+            let (op, ok, at) = h.await.unwrap();
+            let acked = ok && at <= killed_at;
+            acked_ops += usize::from(acked);
+            match op {
+                StorageOp::Put {
+                    chat,
+                    name,
+                    byte,
+                    size,
+                } => {
+                    if acked {
+                        files.insert((chat, name), (byte, size));
+                    } else {
+                        // Either content may be there now.
+                        files.remove(&(chat, name));
+                    }
+                }
+                StorageOp::Append { chat, line } if acked => {
+                    lines.entry(chat).or_default().push(line)
+                }
+                StorageOp::Append { .. } => {}
+                StorageOp::DeleteChat { chat } if acked => {
+                    files.retain(|(c, _), _| *c != chat);
+                    lines.remove(&chat);
+                    gone.insert(chat);
+                }
+                StorageOp::DeleteChat { chat } => {
+                    // Maybe gone, maybe not: only consistency is checked for it.
+                    files.retain(|(c, _), _| *c != chat);
+                    lines.remove(&chat);
+                }
+            }
+        }
+        eprintln!(
+            "storage crash round {round}: {acked_ops} of {total} calls answered before the kill"
+        );
+        server = fx.start().await;
+        let b = base(&server);
+        let listed: Value = client
+            .get(format!("{b}/api/v1/workspaces/{ws}/chats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let listed: HashSet<String> = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["chat_id"].as_str().unwrap().to_string())
+            .collect();
+        let chats_dir = fx.settings.storage.root.join("mnt").join(&ws).join("chats");
+        let on_disk: HashSet<String> = std::fs::read_dir(&chats_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            on_disk, listed,
+            "round {round}: directories and metadata agree"
+        );
+        for chat in &gone {
+            assert!(
+                !listed.contains(chat),
+                "round {round}: acknowledged delete of {chat} undone"
+            );
+        }
+        for chat in &listed {
+            let dir = chats_dir.join(chat);
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                assert!(
+                    !name.starts_with(".sandboxd-"),
+                    "round {round}: remnant {name}"
+                );
+            }
+            let history = std::fs::read_to_string(dir.join("history.md")).unwrap();
+            for line in history.lines() {
+                assert!(
+                    line.starts_with("line-") && line.ends_with(chat.as_str()),
+                    "torn line {line:?}"
+                );
+            }
+            for line in lines.get(chat).into_iter().flatten() {
+                assert!(
+                    history.lines().any(|l| l == line),
+                    "round {round}: acknowledged {line} lost"
+                );
+            }
+            let listed_files: Value = client
+                .get(format!("{b}/api/v1/chats/{chat}/files"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            for f in listed_files["items"].as_array().unwrap() {
+                let name = f["name"].as_str().unwrap();
+                let body = std::fs::read(dir.join(name)).unwrap();
+                assert_eq!(
+                    body.len() as u64,
+                    f["size_bytes"].as_u64().unwrap(),
+                    "round {round}: {chat}/{name} row and file agree"
+                );
+                assert!(
+                    body.windows(2).all(|w| w[0] == w[1]),
+                    "round {round}: {name} is one write, whole"
+                );
+            }
+        }
+        for ((chat, name), (byte, size)) in &files {
+            let body = std::fs::read(chats_dir.join(chat).join(name))
+                .unwrap_or_else(|e| panic!("round {round}: acknowledged {chat}/{name} lost: {e}"));
+            assert_eq!(
+                (body.len(), body[0]),
+                (*size, *byte),
+                "round {round}: {chat}/{name}"
+            );
+        }
+    }
+    server.kill9();
 }
