@@ -50,6 +50,9 @@ mod warm;
 #[path = "support/engines.rs"]
 mod engines;
 
+#[path = "support/storage.rs"]
+mod storage;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -812,6 +815,9 @@ fn main() -> anyhow::Result<()> {
         }
         if want("profiles") {
             profiles::scenario_profiles(&mut out).await;
+        }
+        if want("storage") {
+            storage::scenario_storage(&mut out).await;
         }
         // Only on request: it needs Podman (`scripts/bench.sh engines` brings it up).
         if args.iter().any(|a| a == "engines") {
