@@ -33,6 +33,7 @@ security: {api_token: $SANDBOXD_API_TOKEN}
 database: {path: $RUN/sandboxd.db}
 controller: {instance: $INSTANCE, create_wait_seconds: 10, delete_wait_seconds: 10, max_wait_seconds: 2, take_over_old_service: false}
 data_plane: {exec_default_timeout_seconds: 5, exec_max_timeout_seconds: 5}
+storage: {root: $RUN/storage, default_quota_bytes: 4194304, max_quota_bytes: 16777216}
 YAML
 "$BIN" serve --config "$RUN/config.yaml" >"$RUN/server.log" 2>&1 &
 PID=$!
@@ -40,6 +41,8 @@ cleanup() {
   kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
   docker ps -aq --filter "label=sandboxd.instance=$INSTANCE" | xargs -r -n1 docker rm -f >/dev/null  # one at a time: see scripts/engine-watchdog.sh
   "$ROOT/scripts/egress-cleanup.sh" "$INSTANCE" || true
+  # Workspace file systems the run made (loop mounts), deepest first.
+  findmnt -rn -o TARGET | grep "^$RUN/" | sort -r | xargs -r -n1 umount -l || true
   rm -rf "$RUN"
 }
 trap cleanup EXIT

@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{compat, dataplane, sandboxes, views};
+use super::{compat, dataplane, sandboxes, storage, views};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,21 @@ use super::{compat, dataplane, sandboxes, views};
         dataplane::write_file,
         dataplane::read_file,
         dataplane::list_dir,
+        storage::create_workspace,
+        storage::list_workspaces,
+        storage::get_workspace,
+        storage::set_quota,
+        storage::create_chat,
+        storage::list_chats,
+        storage::get_chat,
+        storage::delete_chat,
+        storage::get_history,
+        storage::put_history,
+        storage::append_history,
+        storage::put_file,
+        storage::get_file,
+        storage::delete_file,
+        storage::list_files,
     ),
     components(schemas(views::ErrorBody, crate::dataplane::watch::Change)),
     // Every route needs the token when one is configured; health says `security(())`.
@@ -41,6 +56,7 @@ use super::{compat, dataplane, sandboxes, views};
         (name = "sandboxes", description = "Declarative desired state"),
         (name = "data plane", description = "Exec and files on a running sandbox (these talk to the engine)"),
         (name = "operations", description = "Readiness and metrics"),
+        (name = "storage", description = "Chat storage: workspaces, chats, history.md and attachments (docs/storage.md)"),
     )
 )]
 pub struct ApiDoc;

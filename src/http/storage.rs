@@ -9,11 +9,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::dataplane::{caller, Peer};
 use super::error::ChatPath;
 use super::input::{self, Fields, QueryParams, Source};
+use super::views::{ErrorBody, ValidationErrorBody};
 use super::{ApiError, AppState};
 use crate::domain::storage::{AttachmentName, WorkspaceId, HISTORY_FILE};
 use crate::domain::{format_time, ChatId};
@@ -86,38 +89,140 @@ fn attachment(raw: &str) -> Result<AttachmentName, ApiError> {
     })
 }
 
-fn workspace_json(state: &AppState, w: &Workspace) -> Value {
-    let usage = state
-        .storage
-        .usage(w.workspace_id, w.quota_bytes)
-        .map(|u| json!({"used_bytes": u.used_bytes, "quota_bytes": u.quota_bytes}))
-        .unwrap_or(Value::Null);
-    json!({
-        "workspace_id": w.workspace_id.to_string(),
-        "user_id": w.user_id,
-        "quota_bytes": w.quota_bytes,
-        "created_at": format_time(w.created_at),
-        "usage": usage,
-    })
+/// A workspace's usage: bytes in use on its file system, and its quota.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    pub used_bytes: u64,
+    pub quota_bytes: u64,
 }
 
-fn chat_json(c: &Chat) -> Value {
-    json!({
-        "chat_id": c.chat_id.to_string(),
-        "workspace_id": c.workspace_id.to_string(),
-        "created_at": format_time(c.created_at),
-    })
+/// A user's workspace.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceView {
+    pub workspace_id: String,
+    pub user_id: String,
+    pub quota_bytes: u64,
+    /// ISO-8601 UTC.
+    pub created_at: String,
+    /// `null` while its file system is not mounted.
+    pub usage: Option<UsageView>,
 }
 
-fn file_json(f: &ChatFile) -> Value {
-    json!({
-        "file_id": f.file_id,
-        "chat_id": f.chat_id.to_string(),
-        "name": f.name,
-        "content_type": f.content_type,
-        "size_bytes": f.size_bytes,
-        "created_at": format_time(f.created_at),
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceList {
+    pub items: Vec<WorkspaceView>,
+}
+
+/// A chat of a workspace.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatView {
+    pub chat_id: String,
+    pub workspace_id: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatList {
+    pub items: Vec<ChatView>,
+}
+
+/// An attachment's metadata.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileView {
+    pub file_id: String,
+    pub chat_id: String,
+    pub name: String,
+    pub content_type: Option<String>,
+    pub size_bytes: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileList {
+    pub items: Vec<FileView>,
+}
+
+/// The history after a write.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryWritten {
+    pub chat_id: String,
+    pub size_bytes: u64,
+}
+
+/// What a delete did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub chat_id: String,
+    /// The attachment's name (attachment deletes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `deleted`.
+    pub result: String,
+}
+
+/// `POST /api/v1/workspaces`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // read field by field (`input::Fields`), described for OpenAPI
+pub struct CreateWorkspaceBody {
+    /// The trusted caller's user id: 1 to 256 bytes, no control characters.
+    #[schema(min_length = 1, max_length = 256)]
+    pub user_id: String,
+    /// Default `storage.default_quota_bytes`; at least 1 MiB, at most `storage.max_quota_bytes`.
+    #[schema(minimum = 1048576)]
+    pub quota_bytes: Option<u64>,
+}
+
+/// `PATCH /api/v1/workspaces/{workspace_id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct QuotaBody {
+    #[schema(minimum = 1048576)]
+    pub quota_bytes: u64,
+}
+
+/// `POST /api/v1/workspaces/{workspace_id}/chats` (the body may be empty).
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CreateChatBody {
+    /// A UUID; default: a new one.
+    #[schema(format = "uuid")]
+    pub chat_id: Option<String>,
+}
+
+fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
+    WorkspaceView {
+        workspace_id: w.workspace_id.to_string(),
+        user_id: w.user_id.clone(),
+        quota_bytes: w.quota_bytes,
+        created_at: format_time(w.created_at),
+        usage: state
+            .storage
+            .usage(w.workspace_id, w.quota_bytes)
+            .ok()
+            .map(|u| UsageView {
+                used_bytes: u.used_bytes,
+                quota_bytes: u.quota_bytes,
+            }),
+    }
+}
+
+fn chat_view(c: &Chat) -> ChatView {
+    ChatView {
+        chat_id: c.chat_id.to_string(),
+        workspace_id: c.workspace_id.to_string(),
+        created_at: format_time(c.created_at),
+    }
+}
+
+fn file_view(f: &ChatFile) -> FileView {
+    FileView {
+        file_id: f.file_id.clone(),
+        chat_id: f.chat_id.to_string(),
+        name: f.name.clone(),
+        content_type: f.content_type.clone(),
+        size_bytes: f.size_bytes,
+        created_at: format_time(f.created_at),
+    }
 }
 
 /// Writes an audit line: who wrote or removed what, and how many bytes; never contents.
@@ -147,6 +252,14 @@ async fn audit(
 
 /// `POST /api/v1/workspaces {user_id, quota_bytes?}`: the user's workspace, made (201) or
 /// as it is (200); never a second one.
+#[utoipa::path(post, path = "/api/v1/workspaces", tag = "storage", request_body = CreateWorkspaceBody,
+    responses(
+        (status = 201, description = "made, with its file system", body = WorkspaceView),
+        (status = 200, description = "the user's workspace, as it was (one per user)", body = WorkspaceView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn create_workspace(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -214,18 +327,24 @@ pub async fn create_workspace(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(workspace_json(&state, &workspace))).into_response())
+    Ok((status, Json(workspace_view(&state, &workspace))).into_response())
 }
 
 /// `GET /api/v1/workspaces?user_id=`: every workspace, or the user's.
+#[utoipa::path(get, path = "/api/v1/workspaces", tag = "storage",
+    params(("user_id" = Option<String>, Query, description = "only this user's")),
+    responses(
+        (status = 200, description = "the workspaces, oldest first", body = WorkspaceList),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn list_workspaces(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkspaceList>, ApiError> {
     let query = QueryParams::parse(query.as_deref())?;
     let found = state.store.workspaces(query.get("user_id")).await?;
-    let items: Vec<Value> = found.iter().map(|w| workspace_json(&state, w)).collect();
-    Ok(Json(json!({ "items": items })))
+    let items = found.iter().map(|w| workspace_view(&state, w)).collect();
+    Ok(Json(WorkspaceList { items }))
 }
 
 async fn find_workspace(state: &AppState, raw: &str) -> Result<Workspace, ApiError> {
@@ -238,23 +357,40 @@ async fn find_workspace(state: &AppState, raw: &str) -> Result<Workspace, ApiErr
 }
 
 /// `GET /api/v1/workspaces/{workspace_id}`, with its usage.
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace_id}", tag = "storage",
+    params(("workspace_id" = String, Path, format = "uuid", description = "workspace UUID")),
+    responses(
+        (status = 200, description = "the workspace and its usage", body = WorkspaceView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`workspace_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn get_workspace(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkspaceView>, ApiError> {
     let w = find_workspace(&state, &raw).await?;
-    Ok(Json(workspace_json(&state, &w)))
+    Ok(Json(workspace_view(&state, &w)))
 }
 
 /// `PATCH /api/v1/workspaces/{workspace_id} {quota_bytes}`: a new quota, online. A quota
 /// below what is used is refused (409 `workspace_quota_below_usage`).
+#[utoipa::path(patch, path = "/api/v1/workspaces/{workspace_id}", tag = "storage",
+    params(("workspace_id" = String, Path, format = "uuid", description = "workspace UUID")), request_body = QuotaBody,
+    responses(
+        (status = 200, description = "the quota is in force", body = WorkspaceView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`workspace_not_found`", body = ErrorBody),
+        (status = 409, description = "`workspace_quota_below_usage`, or `workspace_quota_not_changed: …` (the file system must grow and a sandbox runs on it; docs/storage.md)", body = ErrorBody),
+        (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn set_quota(
     State(state): State<AppState>,
     Path(raw): Path<String>,
     Peer(peer): Peer,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkspaceView>, ApiError> {
     let w = find_workspace(&state, &raw).await?;
     let obj = input::json_object(&headers, &body)?;
     let mut f = Fields::new(&obj);
@@ -307,11 +443,22 @@ pub async fn set_quota(
         .workspace(w.workspace_id)
         .await?
         .ok_or_else(workspace_not_found)?;
-    Ok(Json(workspace_json(&state, &w)))
+    Ok(Json(workspace_view(&state, &w)))
 }
 
 /// `POST /api/v1/workspaces/{workspace_id}/chats {chat_id?}`: a chat, its directory and its
 /// empty `history.md` made (201); the same chat of the same workspace again is 200.
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace_id}/chats", tag = "storage",
+    params(("workspace_id" = String, Path, format = "uuid", description = "workspace UUID")), request_body = CreateChatBody,
+    responses(
+        (status = 201, description = "made: its directory and an empty `history.md`", body = ChatView),
+        (status = 200, description = "the chat of this workspace, as it was", body = ChatView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`workspace_not_found`", body = ErrorBody),
+        (status = 409, description = "`chat_conflict`: the chat belongs to another workspace", body = ErrorBody),
+        (status = 413, description = "`workspace_quota_exceeded`, or the body is over its limit", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn create_chat(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -341,7 +488,7 @@ pub async fn create_chat(
     let chat_id = chat_id.unwrap_or_else(|| ChatId(uuid::Uuid::new_v4()));
     if let Some(existing) = state.store.chat(chat_id).await? {
         return if existing.workspace_id == w.workspace_id {
-            Ok((StatusCode::OK, Json(chat_json(&existing))).into_response())
+            Ok((StatusCode::OK, Json(chat_view(&existing))).into_response())
         } else {
             Err(code(StatusCode::CONFLICT, "chat_conflict"))
         };
@@ -367,7 +514,7 @@ pub async fn create_chat(
             .await?
             .ok_or_else(chat_not_found)?;
         return if existing.workspace_id == w.workspace_id {
-            Ok((StatusCode::OK, Json(chat_json(&existing))).into_response())
+            Ok((StatusCode::OK, Json(chat_view(&existing))).into_response())
         } else {
             Err(code(StatusCode::CONFLICT, "chat_conflict"))
         };
@@ -381,18 +528,25 @@ pub async fn create_chat(
         json!({"what": "chat", "workspace_id": w.workspace_id.to_string()}),
     )
     .await;
-    Ok((StatusCode::CREATED, Json(chat_json(&chat))).into_response())
+    Ok((StatusCode::CREATED, Json(chat_view(&chat))).into_response())
 }
 
 /// `GET /api/v1/workspaces/{workspace_id}/chats`.
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace_id}/chats", tag = "storage",
+    params(("workspace_id" = String, Path, format = "uuid", description = "workspace UUID")),
+    responses(
+        (status = 200, description = "the workspace's chats, oldest first", body = ChatList),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`workspace_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn list_chats(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ChatList>, ApiError> {
     let w = find_workspace(&state, &raw).await?;
     let chats = state.store.chats(Some(w.workspace_id)).await?;
-    let items: Vec<Value> = chats.iter().map(chat_json).collect();
-    Ok(Json(json!({ "items": items })))
+    let items = chats.iter().map(chat_view).collect();
+    Ok(Json(ChatList { items }))
 }
 
 /// A chat and its directory, its workspace's file system mounted.
@@ -412,22 +566,38 @@ async fn find_chat(
 }
 
 /// `GET /api/v1/chats/{chat_id}`.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, description = "the chat", body = ChatView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn get_chat(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ChatView>, ApiError> {
     let (chat, _) = find_chat(&state, chat_id).await?;
-    Ok(Json(chat_json(&chat)))
+    Ok(Json(chat_view(&chat)))
 }
 
 /// `DELETE /api/v1/chats/{chat_id}`: refused (409 `chat_has_active_sandbox`) while the chat
 /// has a live sandbox; otherwise its metadata and then its directory go.
+#[utoipa::path(delete, path = "/api/v1/chats/{chat_id}", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, description = "its metadata and directory are gone", body = Deleted),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 409, description = "`chat_has_active_sandbox`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn delete_chat(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
     Peer(peer): Peer,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     let (chat, dir) = find_chat(&state, chat_id).await?;
     if let Some(row) = state.store.get(chat_id).await? {
         // Anything but an expired row may still have (or get) a container on this directory.
@@ -448,9 +618,11 @@ pub async fn delete_chat(
         json!({"what": "chat", "workspace_id": chat.workspace_id.to_string()}),
     )
     .await;
-    Ok(Json(
-        json!({"chat_id": chat_id.to_string(), "result": "deleted"}),
-    ))
+    Ok(Json(Deleted {
+        chat_id: chat_id.to_string(),
+        name: None,
+        result: "deleted".into(),
+    }))
 }
 
 /// Refuses a write of `incoming` bytes (replacing `replaced`) that would pass the quota.
@@ -478,6 +650,14 @@ fn size_of(path: &std::path::Path) -> u64 {
 }
 
 /// `GET /api/v1/chats/{chat_id}/history` (text/markdown).
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/history", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, description = "`history.md`", body = String, content_type = "text/markdown"),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn get_history(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
@@ -494,13 +674,23 @@ pub async fn get_history(
 }
 
 /// `PUT /api/v1/chats/{chat_id}/history`: replaces it, all or nothing.
+#[utoipa::path(put, path = "/api/v1/chats/{chat_id}/history", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    request_body(content = String, content_type = "text/markdown", description = "the whole new history"),
+    responses(
+        (status = 200, description = "replaced, all or nothing", body = HistoryWritten),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 413, description = "`workspace_quota_exceeded`: the write would pass the quota; nothing was written (or the body is over its limit)", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn put_history(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
     Peer(peer): Peer,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HistoryWritten>, ApiError> {
     let (chat, dir) = find_chat(&state, chat_id).await?;
     let _one_writer = state.storage.history_lock().await;
     check_quota(
@@ -520,20 +710,31 @@ pub async fn put_history(
         json!({"what": "history", "bytes": size}),
     )
     .await;
-    Ok(Json(
-        json!({"chat_id": chat_id.to_string(), "size_bytes": size}),
-    ))
+    Ok(Json(HistoryWritten {
+        chat_id: chat_id.to_string(),
+        size_bytes: size,
+    }))
 }
 
 /// `POST /api/v1/chats/{chat_id}/history:append`: appends the body, all or nothing (appends
 /// are serialised, and each rewrites the file through a rename).
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/history:append", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    request_body(content = String, content_type = "text/markdown", description = "text to append"),
+    responses(
+        (status = 200, description = "appended, all or nothing", body = HistoryWritten),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 413, description = "`workspace_quota_exceeded`: the write would pass the quota; nothing was written (or the body is over its limit)", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn append_history(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
     Peer(peer): Peer,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HistoryWritten>, ApiError> {
     let (chat, dir) = find_chat(&state, chat_id).await?;
     let _one_writer = state.storage.history_lock().await;
     let path = dir.join(HISTORY_FILE);
@@ -555,13 +756,26 @@ pub async fn append_history(
         json!({"what": "history", "appended_bytes": body.len(), "bytes": size}),
     )
     .await;
-    Ok(Json(
-        json!({"chat_id": chat_id.to_string(), "size_bytes": size}),
-    ))
+    Ok(Json(HistoryWritten {
+        chat_id: chat_id.to_string(),
+        size_bytes: size,
+    }))
 }
 
 /// `PUT /api/v1/chats/{chat_id}/files/{name}`: the raw body, its `Content-Type` kept; 201
 /// when new, 200 when it replaced one of the same name.
+#[utoipa::path(put, path = "/api/v1/chats/{chat_id}/files/{name}", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), ("name" = String, Path, description = "the attachment's name: one path component, not `history.md`")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "the attachment's bytes; its `Content-Type` is kept"),
+    responses(
+        (status = 201, description = "written, all or nothing", body = FileView),
+        (status = 200, description = "replaced one of the same name", body = FileView),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 413, description = "`workspace_quota_exceeded`: the write would pass the quota; nothing was written (or the body is over its limit)", body = ErrorBody),
+        (status = 422, description = "invalid chat id or name", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn put_file(
     State(state): State<AppState>,
     Path((raw_chat, raw_name)): Path<(String, String)>,
@@ -603,10 +817,18 @@ pub async fn put_file(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(file_json(&file))).into_response())
+    Ok((status, Json(file_view(&file))).into_response())
 }
 
 /// `GET /api/v1/chats/{chat_id}/files/{name}`: the contents, with the type it was given.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/files/{name}", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), ("name" = String, Path, description = "the attachment's name: one path component, not `history.md`")),
+    responses(
+        (status = 200, description = "the attachment's bytes, with the type it was written with", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found` or `chat_file_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid chat id or name", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn get_file(
     State(state): State<AppState>,
     Path((raw_chat, raw_name)): Path<(String, String)>,
@@ -622,26 +844,43 @@ pub async fn get_file(
     let opened = tokio::fs::File::open(dir.join(name.as_str()))
         .await
         .map_err(StorageError::io("open", &dir))?;
-    let stream = tokio_util::io::ReaderStream::new(opened);
+    let length = opened
+        .metadata()
+        .await
+        .map_err(StorageError::io("stat", &dir))?
+        .len();
+    // Large chunks, and the length up front: small ones cost a round of ACKs each.
+    let stream = tokio_util::io::ReaderStream::with_capacity(opened, 256 * 1024);
     let content_type = file
         .content_type
         .as_deref()
         .and_then(|t| HeaderValue::from_str(t).ok())
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     Ok((
-        [(header::CONTENT_TYPE, content_type)],
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_LENGTH, HeaderValue::from(length)),
+        ],
         axum::body::Body::from_stream(stream),
     )
         .into_response())
 }
 
 /// `DELETE /api/v1/chats/{chat_id}/files/{name}`.
+#[utoipa::path(delete, path = "/api/v1/chats/{chat_id}/files/{name}", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), ("name" = String, Path, description = "the attachment's name: one path component, not `history.md`")),
+    responses(
+        (status = 200, description = "removed", body = Deleted),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found` or `chat_file_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid chat id or name", body = ValidationErrorBody),
+        (status = 503, description = "`storage_unavailable: …`: the workspace's file system could not be used", body = ErrorBody)))]
 pub async fn delete_file(
     State(state): State<AppState>,
     Path((raw_chat, raw_name)): Path<(String, String)>,
     Peer(peer): Peer,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     let chat_id = input::path_chat_id(&raw_chat)?;
     let name = attachment(&raw_name)?;
     let (_, dir) = find_chat(&state, chat_id).await?;
@@ -661,20 +900,29 @@ pub async fn delete_file(
         json!({"what": "file", "name": name.as_str()}),
     )
     .await;
-    Ok(Json(
-        json!({"chat_id": chat_id.to_string(), "name": name.as_str(), "result": "deleted"}),
-    ))
+    Ok(Json(Deleted {
+        chat_id: chat_id.to_string(),
+        name: Some(name.to_string()),
+        result: "deleted".into(),
+    }))
 }
 
 /// `GET /api/v1/chats/{chat_id}/files`: attachments with their sizes.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/files", tag = "storage",
+    params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
+    responses(
+        (status = 200, description = "the chat's attachments, by name, with their sizes", body = FileList),
+        (status = 401, description = "token missing or wrong", body = ErrorBody),
+        (status = 404, description = "`chat_not_found`", body = ErrorBody),
+        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
 pub async fn list_files(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FileList>, ApiError> {
     find_chat(&state, chat_id).await?;
     let found = state.store.files(chat_id).await?;
-    let items: Vec<Value> = found.iter().map(file_json).collect();
-    Ok(Json(json!({ "items": items })))
+    let items = found.iter().map(file_view).collect();
+    Ok(Json(FileList { items }))
 }
 
 /// A new session of a workspace's chat mounts that chat's directory, whose file system holds

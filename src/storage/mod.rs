@@ -176,9 +176,21 @@ impl ChatStorage {
                 .map_err(StorageError::io("size", &partial))?;
             drop(file);
             let path = partial.display().to_string();
+            // Inode tables and the journal are not zeroed ahead: the image is a fresh sparse
+            // file, which reads as zeros, so the room stays unallocated until used.
             run(
                 "mkfs.ext4",
-                &["-q", "-F", "-m", "0", "-L", "sandboxd-ws", &path],
+                &[
+                    "-q",
+                    "-F",
+                    "-m",
+                    "0",
+                    "-L",
+                    "sandboxd-ws",
+                    "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1",
+                    &path,
+                ],
             )
             .await?;
             // Before the first mount: the kernel reads the reserve's owner only when mounting.
