@@ -78,6 +78,11 @@ pub struct Metrics {
     pub data_plane_in_flight: Gauge<i64>,
     /// Chat storage writes refused by a workspace's quota (413).
     pub storage_quota_refusals_total: Counter,
+    /// Bytes in use on every workspace's file system together (every resync period).
+    pub storage_used_bytes: Gauge<i64>,
+    /// Workspaces by how full they are (`under_50`, `50_to_80`, `80_to_95`, `over_95`,
+    /// `unmounted`): a bounded label set, every resync period.
+    pub storage_workspaces: Family<StateLabel, Gauge>,
     /// Finished execs by result (`ok`, `timeout`, `abandoned`, `error`).
     pub exec_total: Family<ResultLabel, Counter>,
     /// Starts by how they went: `warm`, or `cold` with why (`pool_empty`, `pool_off`, …).
@@ -118,6 +123,8 @@ impl Metrics {
             last_pass_timestamp: Gauge::default(),
             data_plane_in_flight: Gauge::default(),
             storage_quota_refusals_total: Counter::default(),
+            storage_used_bytes: Gauge::default(),
+            storage_workspaces: Family::default(),
             exec_total: Family::default(),
             starts_total: Family::default(),
             pool_members: Family::default(),
@@ -233,6 +240,16 @@ impl Metrics {
             "sandboxd_storage_quota_refusals",
             "Chat storage writes refused by a workspace's quota",
             m.storage_quota_refusals_total.clone(),
+        );
+        r.register(
+            "sandboxd_storage_used_bytes",
+            "Bytes in use on every workspace's file system together",
+            m.storage_used_bytes.clone(),
+        );
+        r.register(
+            "sandboxd_storage_workspaces",
+            "Workspaces by how full they are (under_50, 50_to_80, 80_to_95, over_95, unmounted)",
+            m.storage_workspaces.clone(),
         );
         r.register(
             "sandboxd_exec",

@@ -83,6 +83,7 @@ impl Upkeep {
             if let Err(e) = c.ctx.store.reload_mirror().await {
                 warn!(error = %e, "re-reading the sandboxes table failed");
             }
+            crate::storage::reconcile::figures(&c.ctx.store, &c.ctx.storage, &c.ctx.metrics).await;
             self.next_reload = now + self.resync;
         }
     }

@@ -108,3 +108,39 @@ pub async fn at_start(store: &Store, storage: &ChatStorage) -> Result<Reconciled
     }
     Ok(done)
 }
+
+/// The storage figures of the metrics: bytes in use over every workspace, and workspaces by
+/// how full they are (a bounded label set). One `statvfs` per workspace.
+pub async fn figures(store: &Store, storage: &ChatStorage, metrics: &crate::metrics::Metrics) {
+    let Ok(workspaces) = store.workspaces(None).await else {
+        return;
+    };
+    const BANDS: [&str; 5] = ["under_50", "50_to_80", "80_to_95", "over_95", "unmounted"];
+    let mut counts = [0i64; 5];
+    let mut used_total = 0u64;
+    for w in &workspaces {
+        let band = match storage.usage(w.workspace_id, w.quota_bytes) {
+            Ok(u) => {
+                used_total += u.used_bytes;
+                let percent = u.used_bytes.saturating_mul(100) / u.quota_bytes.max(1);
+                match percent {
+                    0..50 => 0,
+                    50..80 => 1,
+                    80..95 => 2,
+                    _ => 3,
+                }
+            }
+            Err(_) => 4,
+        };
+        counts[band] += 1;
+    }
+    metrics
+        .storage_used_bytes
+        .set(i64::try_from(used_total).unwrap_or(i64::MAX));
+    for (state, n) in BANDS.iter().zip(counts) {
+        metrics
+            .storage_workspaces
+            .get_or_create(&crate::metrics::StateLabel { state })
+            .set(n);
+    }
+}

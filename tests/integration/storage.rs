@@ -190,6 +190,23 @@ async fn a_workspace_chats_files_are_durable_visible_in_its_sandbox_and_held_to_
     let used = view["usage"]["used_bytes"].as_u64().expect("usage");
     assert!(used <= 8 * MIB, "{view}");
     assert!(used >= 7 * MIB, "the agent's file counts: {view}");
+    // The metrics place it in its band (figures refreshed every resync period).
+    let band = match used * 100 / (8 * MIB) {
+        0..50 => "under_50",
+        50..80 => "50_to_80",
+        80..95 => "80_to_95",
+        _ => "over_95",
+    };
+    let line = format!("sandboxd_storage_workspaces{{state=\"{band}\"}} 1");
+    wait_until(
+        std::time::Duration::from_secs(15),
+        "the full workspace in the metrics",
+        || async {
+            let text = get_text(&app.client, &app.url("/metrics")).await;
+            text.lines().any(|l| l == line).then_some(())
+        },
+    )
+    .await;
     // So does the API, before it writes anything.
     let more = format!("/api/v1/chats/{chat}/files/more.bin");
     let (status, _, body) = send(
