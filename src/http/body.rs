@@ -32,10 +32,18 @@ pub struct Limits {
     pub file_write: usize,
 }
 
+/// `PUT /api/v1/chats/{chat_id}/files/{name}`: a chat storage attachment.
+fn is_attachment_write(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::PUT
+        && path.starts_with("/api/v1/chats/")
+        && path.contains("/files/")
+}
+
 impl Limits {
     fn of(&self, method: &axum::http::Method, path: &str) -> (usize, &'static str) {
-        let attachment = path.starts_with("/api/v1/chats/") && path.contains("/files/");
-        if method == axum::http::Method::PUT && (path.ends_with("/files") || attachment) {
+        if method == axum::http::Method::PUT && path.ends_with("/files")
+            || is_attachment_write(method, path)
+        {
             (self.file_write, "data_plane.file_write_limit_bytes")
         } else {
             (self.default, "http.body_limit_bytes")
@@ -71,6 +79,13 @@ pub async fn read_whole(State(limits): State<Limits>, request: Request, next: Ne
             return close(too_large());
         }
         return drained_answer(stream, too_large()).await;
+    }
+    if is_attachment_write(&parts.method, parts.uri.path()) {
+        // Streamed to its file by the handler, which holds the limit (and the quota) itself:
+        // a 100 MiB attachment is never held in memory.
+        return next
+            .run(Request::from_parts(parts, Body::from_stream(stream)))
+            .await;
     }
     let read = async {
         let capacity = declared.map_or(0, |n| (n as usize).min(PREALLOCATE_MAX));

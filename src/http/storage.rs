@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -625,6 +626,20 @@ pub async fn delete_chat(
     }))
 }
 
+/// Longest time an attachment's body may take to arrive.
+const WRITE_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bytes the chat's workspace may still take.
+async fn room_left(state: &AppState, chat: &Chat) -> Result<u64, ApiError> {
+    let w = state
+        .store
+        .workspace(chat.workspace_id)
+        .await?
+        .ok_or_else(workspace_not_found)?;
+    let usage = state.storage.usage(w.workspace_id, w.quota_bytes)?;
+    Ok(usage.quota_bytes.saturating_sub(usage.used_bytes))
+}
+
 /// Refuses a write of `incoming` bytes (replacing `replaced`) that would pass the quota.
 async fn check_quota(
     state: &AppState,
@@ -781,14 +796,55 @@ pub async fn put_file(
     Path((raw_chat, raw_name)): Path<(String, String)>,
     Peer(peer): Peer,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let chat_id = input::path_chat_id(&raw_chat)?;
     let name = attachment(&raw_name)?;
     let (chat, dir) = find_chat(&state, chat_id).await?;
-    // The old copy stays until the rename: it counts while the new one is written.
-    check_quota(&state, &chat, body.len() as u64, 0).await?;
-    let size = files::write_all(&dir, name.as_str(), &body).await?;
+    // The old copy stays until the rename: it counts while the new one is written. The body
+    // streams to the file (never held in memory), bounded by the write limit and the room
+    // the quota leaves; a declared length past either is refused before any byte is read.
+    let limit = state.settings.data_plane.file_write_limit_bytes as u64;
+    let room = room_left(&state, &chat).await?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > room) {
+        state.metrics.storage_quota_refusals_total.inc();
+        return Err(quota_exceeded());
+    }
+    let stream = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(std::io::Error::other));
+    let written = tokio::time::timeout(
+        WRITE_MAX_TIME,
+        files::write_stream(&dir, name.as_str(), stream, limit.min(room)),
+    )
+    .await
+    .map_err(|_| {
+        code(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "request body not received within {}s",
+                WRITE_MAX_TIME.as_secs()
+            ),
+        )
+    })?;
+    let size = match written {
+        Ok(size) => size,
+        Err(StorageError::TooLarge(_)) if room < limit => {
+            state.metrics.storage_quota_refusals_total.inc();
+            return Err(quota_exceeded());
+        }
+        Err(StorageError::TooLarge(_)) => {
+            return Err(code(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body over data_plane.file_write_limit_bytes ({limit} bytes)"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

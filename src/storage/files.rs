@@ -45,8 +45,9 @@ pub async fn init_chat(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `name` in `dir` from `body`, all or nothing; its size.
-pub async fn write_stream<S>(dir: &Path, name: &str, mut body: S) -> Result<u64>
+/// Writes `name` in `dir` from `body`, all or nothing; its size. A body longer than
+/// `max_bytes` is [`StorageError::TooLarge`], and nothing is written.
+pub async fn write_stream<S>(dir: &Path, name: &str, mut body: S, max_bytes: u64) -> Result<u64>
 where
     S: Stream<Item = std::result::Result<Bytes, std::io::Error>> + Unpin,
 {
@@ -58,6 +59,9 @@ where
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(StorageError::io("read body", &temp))?;
+            if size + chunk.len() as u64 > max_bytes {
+                return Err(StorageError::TooLarge(max_bytes));
+            }
             file.write_all(&chunk)
                 .await
                 .map_err(StorageError::io("write", &temp))?;
@@ -175,13 +179,23 @@ mod tests {
         write_all(&chat, "a.txt", b"two").await.expect("replace");
         assert_eq!(std::fs::read(chat.join("a.txt")).expect("read"), b"two");
         let body = futures::stream::iter([Ok(Bytes::from("x")), Ok(Bytes::from("yz"))]);
-        assert_eq!(write_stream(&chat, "b.bin", body).await.expect("stream"), 3);
+        assert_eq!(
+            write_stream(&chat, "b.bin", body, 3).await.expect("stream"),
+            3
+        );
+        // One byte over its bound: refused, nothing written.
+        let body = futures::stream::iter([Ok(Bytes::from("x")), Ok(Bytes::from("yz"))]);
+        assert!(matches!(
+            write_stream(&chat, "big.bin", body, 2).await,
+            Err(StorageError::TooLarge(2))
+        ));
+        assert!(!chat.join("big.bin").exists());
         // A body that fails half-way writes nothing and leaves nothing.
         let broken = futures::stream::iter([
             Ok(Bytes::from("partial")),
             Err(std::io::Error::other("client went away")),
         ]);
-        assert!(write_stream(&chat, "c.bin", broken).await.is_err());
+        assert!(write_stream(&chat, "c.bin", broken, 1 << 20).await.is_err());
         assert!(!chat.join("c.bin").exists());
         let mut names: Vec<String> = std::fs::read_dir(&chat)
             .expect("list")

@@ -46,6 +46,9 @@ pub enum StorageError {
     /// The change needs the workspace unused (no sandbox running on it).
     #[error("{0}")]
     Busy(String),
+    /// A body longer than its bound (the bound, in bytes).
+    #[error("longer than {0} bytes")]
+    TooLarge(u64),
 }
 
 impl StorageError {

@@ -365,6 +365,40 @@ async fn unknown_workspaces_and_chats_are_named_and_old_clients_are_unaffected()
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(json_of(&body)["detail"], "chat_file_not_found");
+    // A chunked body (no declared length) past the quota: refused as it streams, nothing
+    // written. Sent by hand: 5 chunks of 1 MiB into a 4 MiB workspace.
+    let status_line = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "PUT /api/v1/chats/{chat}/files/chunked.bin HTTP/1.1\r\nHost: sandboxd\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'c'; MIB as usize];
+        for _ in 0..5 {
+            // The server may answer and close before the last chunks: that is the point.
+            if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await
+                .is_err()
+                || s.write_all(&chunk).await.is_err()
+                || s.write_all(b"\r\n").await.is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
+    assert!(
+        status_line.contains("workspace_quota_exceeded"),
+        "{status_line}"
+    );
+    let (_, files) = app.get(&format!("/api/v1/chats/{chat}/files")).await;
+    assert_eq!(files["items"], json!([]), "nothing written");
     // An old client's chat (never in a workspace) runs under `sandbox.chats_root`, as before.
     let old = new_chat();
     let (status, body) = app.create(&old, "agent", &app.volume("v")).await;
