@@ -126,7 +126,7 @@ pub async fn read_whole(State(limits): State<Limits>, request: Request, next: Ne
 
 /// Reads and drops the rest of the body (bounded), then gives `answer`; closes the
 /// connection if the body could not be drained.
-async fn drained_answer<E>(
+pub(super) async fn drained_answer<E>(
     mut rest: impl Stream<Item = Result<Bytes, E>> + Unpin,
     answer: Response,
 ) -> Response {
@@ -149,7 +149,7 @@ async fn drained_answer<E>(
     }
 }
 
-fn close(mut response: Response) -> Response {
+pub(super) fn close(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));

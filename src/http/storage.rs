@@ -626,6 +626,15 @@ pub async fn delete_chat(
     }))
 }
 
+/// An attachment write refused: the rest of its body is read (and dropped) first, bounded, as
+/// for any oversized body; a client still sending would see a broken pipe, not the answer.
+async fn refused<S, E>(rest: &mut S, e: ApiError) -> Result<Response, ApiError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    Ok(super::body::drained_answer(rest, e.into_response()).await)
+}
+
 /// Longest time an attachment's body may take to arrive.
 const WRITE_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -810,40 +819,45 @@ pub async fn put_file(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > room) {
-        state.metrics.storage_quota_refusals_total.inc();
-        return Err(quota_exceeded());
-    }
-    let stream = body
+    let mut stream = body
         .into_data_stream()
         .map(|chunk| chunk.map_err(std::io::Error::other));
+    if declared.is_some_and(|n| n > room) {
+        state.metrics.storage_quota_refusals_total.inc();
+        return refused(&mut stream, quota_exceeded()).await;
+    }
     let written = tokio::time::timeout(
         WRITE_MAX_TIME,
-        files::write_stream(&dir, name.as_str(), stream, limit.min(room)),
+        files::write_stream(&dir, name.as_str(), &mut stream, limit.min(room)),
     )
-    .await
-    .map_err(|_| {
-        code(
-            StatusCode::REQUEST_TIMEOUT,
-            &format!(
-                "request body not received within {}s",
-                WRITE_MAX_TIME.as_secs()
-            ),
-        )
-    })?;
+    .await;
     let size = match written {
-        Ok(size) => size,
-        Err(StorageError::TooLarge(_)) if room < limit => {
+        Err(_) => {
+            let e = code(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "request body not received within {}s",
+                    WRITE_MAX_TIME.as_secs()
+                ),
+            );
+            return Ok(super::body::close(e.into_response()));
+        }
+        Ok(Ok(size)) => size,
+        Ok(Err(StorageError::TooLarge(_))) if room < limit => {
             state.metrics.storage_quota_refusals_total.inc();
-            return Err(quota_exceeded());
+            return refused(&mut stream, quota_exceeded()).await;
         }
-        Err(StorageError::TooLarge(_)) => {
-            return Err(code(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body over data_plane.file_write_limit_bytes ({limit} bytes)"),
-            ))
+        Ok(Err(StorageError::TooLarge(_))) => {
+            return refused(
+                &mut stream,
+                code(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body over data_plane.file_write_limit_bytes ({limit} bytes)"),
+                ),
+            )
+            .await
         }
-        Err(e) => return Err(e.into()),
+        Ok(Err(e)) => return Err(e.into()),
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)

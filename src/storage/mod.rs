@@ -117,6 +117,24 @@ async fn run(program: &str, args: &[&str]) -> Result<String> {
     }
 }
 
+/// `e2fsck -f -p`: 0 (clean) and 1 (errors it corrected) are success.
+async fn fsck(image: &str) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p", image])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| StorageError::Command(format!("e2fsck: {e}")))?;
+    match out.status.code() {
+        Some(0 | 1) => Ok(()),
+        code => Err(StorageError::Command(format!(
+            "e2fsck -f -p {image} exited {code:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
 impl ChatStorage {
     /// `root` must be absolute (the app makes it so at start).
     pub fn new(root: &Path) -> Self {
@@ -285,11 +303,34 @@ impl ChatStorage {
             )));
         }
         let dir = self.mount_point(ws).display().to_string();
-        run("umount", &[&dir]).await?;
         let path = image.display().to_string();
+        run("umount", &[&dir]).await?;
+        // The image is free only once no mount anywhere holds it: a container's mount
+        // namespace may, for a moment after the container is gone. Its loop device detaches
+        // then (autoclear). Still held: mounted again from the same device (the same live
+        // file system), and nothing is changed.
+        let mut free = false;
+        for _ in 0..50 {
+            if run("losetup", &["-j", &path]).await?.trim().is_empty() {
+                free = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if !free {
+            run(
+                "mount",
+                &["-t", "ext4", "-o", "nosuid,nodev", &device, &dir],
+            )
+            .await?;
+            return Err(StorageError::Busy(
+                "the workspace's file system is still in use; set the quota again".into(),
+            ));
+        }
         let offline = async {
-            // resize2fs wants a checked file system; -p repairs only what is safe.
-            run("e2fsck", &["-f", "-p", &path]).await?;
+            // resize2fs wants a checked file system; -p repairs only what is safe, and its
+            // exit code 1 says it did.
+            fsck(&path).await?;
             run("resize2fs", &[&path]).await
         }
         .await;
