@@ -476,6 +476,10 @@ impl WarmPool {
         permits: &Arc<Semaphore>,
         egress: &Arc<crate::controller::EgressKeeper>,
     ) {
+        // Starts in flight are counted before the rows are read: a start that turns its row
+        // idle between the two reads is then counted twice (one start too few, made up by the
+        // poke its end sends), never in neither (one member past `max`).
+        let in_flight = self.starts.len();
         let members = match self.ctx.store.pool_members().await {
             Ok(m) => m,
             Err(e) => return warn!(error = %e, "warm pool: cannot read members"),
@@ -484,7 +488,7 @@ impl WarmPool {
             .iter()
             .filter(|m| m.state == MemberState::Idle)
             .count();
-        let waiting = idle + self.starts.len();
+        let waiting = idle + in_flight;
         let want = self
             .ctx
             .settings
