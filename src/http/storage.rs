@@ -418,9 +418,7 @@ pub async fn set_quota(
     // Growing offline (where online is refused) needs every sandbox of the workspace gone.
     let mut in_use = false;
     for c in state.store.chats(Some(w.workspace_id)).await? {
-        if let Some(row) = state.store.get(c.chat_id).await? {
-            in_use |= row.phase != crate::domain::Phase::Expired || row.deleted_at.is_some();
-        }
+        in_use |= has_sandbox(&state, c.chat_id).await?;
     }
     state
         .storage
@@ -488,11 +486,7 @@ pub async fn create_chat(
     };
     let chat_id = chat_id.unwrap_or_else(|| ChatId(uuid::Uuid::new_v4()));
     if let Some(existing) = state.store.chat(chat_id).await? {
-        return if existing.workspace_id == w.workspace_id {
-            Ok((StatusCode::OK, Json(chat_view(&existing))).into_response())
-        } else {
-            Err(code(StatusCode::CONFLICT, "chat_conflict"))
-        };
+        return existing_chat(&existing, w.workspace_id);
     }
     state
         .storage
@@ -514,11 +508,7 @@ pub async fn create_chat(
             .chat(chat_id)
             .await?
             .ok_or_else(chat_not_found)?;
-        return if existing.workspace_id == w.workspace_id {
-            Ok((StatusCode::OK, Json(chat_view(&existing))).into_response())
-        } else {
-            Err(code(StatusCode::CONFLICT, "chat_conflict"))
-        };
+        return existing_chat(&existing, w.workspace_id);
     }
     let who = caller(&state, &headers, peer);
     audit(
@@ -530,6 +520,25 @@ pub async fn create_chat(
     )
     .await;
     Ok((StatusCode::CREATED, Json(chat_view(&chat))).into_response())
+}
+
+/// A chat asked to be made that exists: 200 as it is in this workspace, else 409.
+fn existing_chat(chat: &Chat, workspace: WorkspaceId) -> Result<Response, ApiError> {
+    if chat.workspace_id == workspace {
+        Ok((StatusCode::OK, Json(chat_view(chat))).into_response())
+    } else {
+        Err(code(StatusCode::CONFLICT, "chat_conflict"))
+    }
+}
+
+/// Whether the chat has a sandbox that may still have (or get) a container on its
+/// directory: any row but an expired one.
+async fn has_sandbox(state: &AppState, chat_id: ChatId) -> Result<bool, ApiError> {
+    Ok(state
+        .store
+        .get(chat_id)
+        .await?
+        .is_some_and(|row| row.phase != crate::domain::Phase::Expired || row.deleted_at.is_some()))
 }
 
 /// `GET /api/v1/workspaces/{workspace_id}/chats`.
@@ -600,11 +609,8 @@ pub async fn delete_chat(
     headers: HeaderMap,
 ) -> Result<Json<Deleted>, ApiError> {
     let (chat, dir) = find_chat(&state, chat_id).await?;
-    if let Some(row) = state.store.get(chat_id).await? {
-        // Anything but an expired row may still have (or get) a container on this directory.
-        if row.phase != crate::domain::Phase::Expired || row.deleted_at.is_some() {
-            return Err(code(StatusCode::CONFLICT, "chat_has_active_sandbox"));
-        }
+    if has_sandbox(&state, chat_id).await? {
+        return Err(code(StatusCode::CONFLICT, "chat_has_active_sandbox"));
     }
     // The row first: a crash before the directory went leaves a directory without a row,
     // which the start-up reconcile removes.

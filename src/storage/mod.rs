@@ -97,6 +97,13 @@ fn image_size(quota: u64) -> u64 {
 const RESERVED_FOR: &str = "2147483646";
 
 async fn run(program: &str, args: &[&str]) -> Result<String> {
+    run_accepting(program, args, &[0]).await
+}
+
+/// Runs `program`; its stdout when it exits with one of `ok` (a tool whose exit codes say
+/// more than success and failure, such as `e2fsck`'s 1, "errors corrected"). A failure names
+/// what the tool said (stderr, else stdout: `e2fsck` reports on stdout).
+async fn run_accepting(program: &str, args: &[&str], ok: &[i32]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -106,33 +113,21 @@ async fn run(program: &str, args: &[&str]) -> Result<String> {
         .output()
         .await
         .map_err(|e| StorageError::Command(format!("{program}: {e}")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.code().is_some_and(|c| ok.contains(&c)) {
+        return Ok(stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = if stderr.trim().is_empty() {
+        stdout.trim()
     } else {
-        Err(StorageError::Command(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-/// `e2fsck -f -p`: 0 (clean) and 1 (errors it corrected) are success.
-async fn fsck(image: &str) -> Result<()> {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-p", image])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| StorageError::Command(format!("e2fsck: {e}")))?;
-    match out.status.code() {
-        Some(0 | 1) => Ok(()),
-        code => Err(StorageError::Command(format!(
-            "e2fsck -f -p {image} exited {code:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
-    }
+        stderr.trim()
+    };
+    Err(StorageError::Command(format!(
+        "{program} {} exited {:?}: {said}",
+        args.join(" "),
+        out.status.code()
+    )))
 }
 
 impl ChatStorage {
@@ -330,7 +325,7 @@ impl ChatStorage {
         let offline = async {
             // resize2fs wants a checked file system; -p repairs only what is safe, and its
             // exit code 1 says it did.
-            fsck(&path).await?;
+            run_accepting("e2fsck", &["-f", "-p", &path], &[0, 1]).await?;
             run("resize2fs", &[&path]).await
         }
         .await;
