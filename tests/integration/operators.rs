@@ -32,11 +32,18 @@ async fn metrics_cover_a_create_delete_cycle() {
     assert_eq!(status, StatusCode::OK);
     let text = wait_until(
         Duration::from_secs(10),
-        "a pass after the delete",
+        "the delete's finalize counted",
         || async {
+            // The API marks the row deleting at once (running drops to 0 then);
+            // the finalize action is counted only after its removal, so wait for it.
             let t = metrics_text(&app).await;
-            (metric_value(&t, "sandboxd_desired_sandboxes{phase=\"running\"}") == Some(0.0))
-                .then_some(t)
+            let finalized = metric_value(
+                &t,
+                "sandboxd_actions_total{kind=\"finalize\",outcome=\"ok\"}",
+            );
+            (metric_value(&t, "sandboxd_desired_sandboxes{phase=\"running\"}") == Some(0.0)
+                && finalized.is_some_and(|v| v >= 1.0))
+            .then_some(t)
         },
     )
     .await;

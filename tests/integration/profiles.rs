@@ -70,14 +70,28 @@ async fn create_with(app: &TestApp, chat: &str, profile: &str) -> (StatusCode, V
 }
 
 async fn sh(app: &TestApp, chat: &str, command: &str) -> Value {
-    let (status, out) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/exec"),
-            &json!({"command": command, "timeout_seconds": 20}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{out}");
-    out
+    // Under the whole suite's load `runsc exec` itself sometimes exits 128 before the
+    // command runs (seen 1 in 4 full runs; never alone). That is gVisor's exec, not
+    // sandboxd: such an answer is retried a bounded number of times, anything else fails.
+    let mut attempts = 0;
+    loop {
+        let (status, out) = app
+            .post_json(
+                &format!("/api/v1/sandboxes/{chat}/exec"),
+                &json!({"command": command, "timeout_seconds": 20}),
+            )
+            .await;
+        attempts += 1;
+        let runsc_exec_failed = out
+            .to_string()
+            .contains("runsc did not terminate successfully");
+        if status != StatusCode::OK && runsc_exec_failed && attempts < 3 {
+            eprintln!("runsc exec failed under load (attempt {attempts}): {out}");
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "{out}");
+        return out;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
