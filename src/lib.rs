@@ -39,6 +39,7 @@ pub mod http;
 pub mod metrics;
 pub mod planner;
 pub mod pool;
+pub mod resume;
 pub mod storage;
 pub mod store;
 pub mod telemetry;

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub retries_total: Counter,
     pub time_to_running_seconds: Histogram,
+    /// Resumes of paused or hibernated sandboxes, engine calls included.
+    pub resume_seconds: Histogram,
+    /// Resumes that failed and fell back to a cold start.
+    pub resume_fallbacks_total: Counter,
     pub events_connected: Gauge<i64>,
     pub docker_connected: Gauge<i64>,
     pub last_pass_timestamp: Gauge<f64, AtomicU64>,
@@ -118,6 +122,8 @@ impl Metrics {
             queue_depth: Gauge::default(),
             retries_total: Counter::default(),
             time_to_running_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            resume_seconds: latency_histogram(),
+            resume_fallbacks_total: Counter::default(),
             events_connected: Gauge::default(),
             docker_connected: Gauge::default(),
             last_pass_timestamp: Gauge::default(),
@@ -215,6 +221,16 @@ impl Metrics {
             "sandboxd_time_to_running_seconds",
             "From the desired-state write of a session to its container running",
             m.time_to_running_seconds.clone(),
+        );
+        r.register(
+            "sandboxd_resume_seconds",
+            "Resumes of paused or hibernated sandboxes (unpause or start, address read)",
+            m.resume_seconds.clone(),
+        );
+        r.register(
+            "sandboxd_resume_fallbacks",
+            "Resumes that failed and fell back to a cold start of the session",
+            m.resume_fallbacks_total.clone(),
         );
         r.register(
             "sandboxd_docker_events_connected",

@@ -22,6 +22,9 @@ pub fn converged(n: usize) -> (Vec<Desired>, Vec<Observed>) {
             container_id: Some(id.clone()),
             endpoint_ip: Some("10.0.0.1".into()),
             next_attempt_at: None,
+            state: sandboxd::domain::hibernation::SandboxState::Running,
+            state_changes_at: None,
+            hibernate_at_expiry: false,
         });
         o.push(Observed {
             container_id: id,
@@ -29,6 +32,7 @@ pub fn converged(n: usize) -> (Vec<Desired>, Vec<Observed>) {
             session_id: Some(session),
             spec_hash: Some("h".repeat(64)),
             running: true,
+            paused: false,
             ip: Some("10.0.0.1".into()),
             legacy: false,
             pool_slot: None,

@@ -39,6 +39,8 @@ pub struct FakeContainer {
     pub spec_hash: Option<String>,
     pub image: String,
     pub running: bool,
+    /// Frozen by a pause (then `running` is false).
+    pub paused: bool,
     pub ip: Option<String>,
     /// Exit code and time, once it stopped.
     pub exit: Option<(i64, DateTime<Utc>)>,
@@ -273,6 +275,7 @@ impl Backend for FakeBackend {
                 session_id: c.session_id,
                 spec_hash: c.spec_hash.clone(),
                 running: c.running,
+                paused: c.paused,
                 ip: c.ip.clone(),
                 legacy: false,
                 pool_slot: c.pool_slot.clone(),
@@ -363,6 +366,12 @@ impl Backend for FakeBackend {
             .containers
             .get_mut(id)
             .ok_or_else(|| BackendError::new(ErrorKind::NotFound, format!("no container {id}")))?;
+        if c.paused {
+            return Err(BackendError::new(
+                ErrorKind::Conflict,
+                format!("container {id} is paused"),
+            ));
+        }
         let ip =
             c.ip.get_or_insert_with(|| format!("10.99.{}.{}", n / 250, n % 250 + 2))
                 .clone();
@@ -404,6 +413,10 @@ impl Backend for FakeBackend {
         self.enter("info").map(|_| Vec::new())
     }
 
+    fn hibernation(&self) -> Option<&dyn super::Hibernation> {
+        Some(self)
+    }
+
     fn warm(&self) -> Option<&dyn WarmStarts> {
         if self.world().warm {
             Some(self)
@@ -419,6 +432,65 @@ impl Backend for FakeBackend {
             return futures::stream::iter([Err(e)]).boxed();
         }
         tokio_stream_of(self.events.subscribe())
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Hibernation for FakeBackend {
+    async fn pause(&self, id: &str) -> Result<()> {
+        let mut w = self.enter("pause")?;
+        let c = w
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| BackendError::new(ErrorKind::NotFound, format!("no container {id}")))?;
+        if !c.running {
+            return Err(BackendError::new(
+                ErrorKind::Conflict,
+                format!("container {id} is not running"),
+            ));
+        }
+        c.running = false;
+        c.paused = true;
+        Ok(())
+    }
+
+    async fn unpause(&self, id: &str) -> Result<()> {
+        let mut w = self.enter("unpause")?;
+        let c = w
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| BackendError::new(ErrorKind::NotFound, format!("no container {id}")))?;
+        if !c.paused {
+            return Err(BackendError::new(
+                ErrorKind::Conflict,
+                format!("container {id} is not paused"),
+            ));
+        }
+        c.paused = false;
+        c.running = true;
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<()> {
+        let stopped = {
+            let mut w = self.enter("stop")?;
+            let c = w.containers.get_mut(id).ok_or_else(|| {
+                BackendError::new(ErrorKind::NotFound, format!("no container {id}"))
+            })?;
+            let was = c.running || c.paused;
+            c.running = false;
+            c.paused = false;
+            // A stopped container leaves its network: the next start may get another address.
+            c.ip = None;
+            if was {
+                c.exit = Some((143, Utc::now()));
+            }
+            was
+        };
+        if stopped {
+            self.emit("die", id, Some(143));
+        }
+        Ok(())
     }
 }
 

@@ -172,6 +172,27 @@ pub trait Backend: Send + Sync {
     fn warm(&self) -> Option<&dyn WarmStarts> {
         None
     }
+
+    /// Pause, unpause and stop in place: hibernation (`docs/hibernation.md`). A stopped
+    /// container is started again with [`Backend::start_container`].
+    fn hibernation(&self) -> Option<&dyn Hibernation> {
+        None
+    }
+}
+
+/// Freezing and stopping a sandbox's container in place, keeping it (id, name, writable
+/// layer, mounts) for a resume.
+#[async_trait::async_trait]
+pub trait Hibernation: Send + Sync {
+    /// Freezes every process (the cgroup freezer).
+    async fn pause(&self, id: &str) -> Result<()>;
+
+    /// Thaws a paused container.
+    async fn unpause(&self, id: &str) -> Result<()>;
+
+    /// Stops the container (SIGTERM, SIGKILL after `grace`), keeping it; one already
+    /// stopped counts as stopped.
+    async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<()>;
 }
 
 /// Host egress rules: the backend's sandboxes sit on host bridges.

@@ -334,6 +334,40 @@ pub struct SandboxSettings {
     pub default_profile: String,
     /// Isolation profiles by name: runtime, hardening, egress (`docs/security.md`).
     pub profiles: BTreeMap<String, ProfileSettings>,
+    /// Pause a sandbox idle this long (no create/reuse, exec, file call, renew); 0 = off.
+    pub idle_pause_seconds: u64,
+    /// Hibernate (stop, keeping the container) a sandbox idle this long; 0 = off.
+    pub idle_hibernate_seconds: u64,
+    /// What a session's TTL ends in: `delete` (the old behaviour) or `hibernate`.
+    pub on_expiry: crate::domain::hibernation::OnExpiry,
+    /// A sandbox declared hibernated (by a client or at expiry) is deleted this long after.
+    pub hibernated_retention_seconds: u64,
+    /// A hibernating container gets SIGTERM, then SIGKILL after this many seconds.
+    pub hibernate_stop_seconds: u64,
+}
+
+impl SandboxSettings {
+    /// The hibernation policy the planner's caller applies.
+    pub fn hibernation(&self) -> crate::domain::hibernation::Policy {
+        let after = |s: u64| {
+            (s > 0).then(|| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 2000)))
+        };
+        crate::domain::hibernation::Policy {
+            idle: crate::domain::hibernation::IdlePolicy {
+                pause_after: after(self.idle_pause_seconds),
+                hibernate_after: after(self.idle_hibernate_seconds),
+            },
+            on_expiry: self.on_expiry,
+        }
+    }
+
+    /// How long a sandbox declared hibernated is kept.
+    pub fn hibernated_retention(&self) -> chrono::Duration {
+        chrono::Duration::seconds(
+            i64::try_from(self.hibernated_retention_seconds)
+                .unwrap_or(MAX_CONFIG_TTL_SECONDS as i64),
+        )
+    }
 }
 
 /// An isolation profile: which runtime runs the sandbox, how it is hardened, and where it may
@@ -433,6 +467,11 @@ impl Default for SandboxSettings {
             publish_host_ip: "127.0.0.1".into(),
             default_profile: STANDARD_PROFILE.into(),
             profiles: BTreeMap::from([(STANDARD_PROFILE.into(), ProfileSettings::default())]),
+            idle_pause_seconds: 0,
+            idle_hibernate_seconds: 0,
+            on_expiry: crate::domain::hibernation::OnExpiry::Delete,
+            hibernated_retention_seconds: 7 * 24 * 3600,
+            hibernate_stop_seconds: 10,
         }
     }
 }

@@ -119,6 +119,26 @@ impl Settings {
         if self.runtime != super::RuntimeKind::Swarm {
             return Ok(());
         }
+        let s = &self.sandbox;
+        for (key, on) in [
+            ("sandbox.idle_pause_seconds", s.idle_pause_seconds > 0),
+            (
+                "sandbox.idle_hibernate_seconds",
+                s.idle_hibernate_seconds > 0,
+            ),
+            (
+                "sandbox.on_expiry",
+                s.on_expiry == crate::domain::hibernation::OnExpiry::Hibernate,
+            ),
+        ] {
+            if on {
+                return Err(invalid(
+                    key,
+                    "is not available with runtime: swarm (a service cannot be paused or \
+                     stopped in place; docs/hibernation.md)",
+                ));
+            }
+        }
         if self.sandbox.publish_agent_port {
             return Err(invalid(
                 "sandbox.publish_agent_port",
@@ -253,6 +273,24 @@ impl Settings {
         positive(
             "sandbox.cleanup_interval_seconds",
             s.cleanup_interval_seconds,
+        )?;
+        for (key, value) in [
+            ("sandbox.idle_pause_seconds", s.idle_pause_seconds),
+            ("sandbox.idle_hibernate_seconds", s.idle_hibernate_seconds),
+        ] {
+            within(key, value, 0, MAX_CONFIG_TTL_SECONDS)?;
+        }
+        within(
+            "sandbox.hibernated_retention_seconds",
+            s.hibernated_retention_seconds,
+            1,
+            MAX_CONFIG_TTL_SECONDS,
+        )?;
+        within(
+            "sandbox.hibernate_stop_seconds",
+            s.hibernate_stop_seconds,
+            0,
+            300,
         )?;
         for (key, path) in [
             ("sandbox.chats_root", &s.chats_root),

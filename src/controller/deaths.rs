@@ -27,23 +27,50 @@ struct Death {
     exit_code: Option<i64>,
 }
 
+/// How long a stop sandboxd makes (hibernation) waits for its `die` event to be swallowed.
+const EXPECTED_STOP: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
-pub(super) struct RecentDeaths(Mutex<HashMap<String, Death>>);
+struct Inner {
+    deaths: HashMap<String, Death>,
+    /// Containers sandboxd is stopping itself: their next `die` is no death.
+    stopping: HashMap<String, Instant>,
+}
+
+#[derive(Default)]
+pub(super) struct RecentDeaths(Mutex<Inner>);
 
 impl RecentDeaths {
     pub(super) fn record(&self, container_id: String, now: Instant, exit_code: Option<i64>) {
-        let death = Death {
-            at: now,
-            wall: Utc::now(),
-            exit_code,
-        };
-        self.lock().insert(container_id, death);
+        let mut inner = self.lock();
+        inner
+            .stopping
+            .retain(|_, at| now.duration_since(*at) < EXPECTED_STOP);
+        if inner.stopping.remove(&container_id).is_some() {
+            return; // a hibernation's stop, not the agent's exit
+        }
+        inner.deaths.insert(
+            container_id,
+            Death {
+                at: now,
+                wall: Utc::now(),
+                exit_code,
+            },
+        );
+    }
+
+    /// sandboxd is about to stop `container_id` (hibernation): its `die` is not a death, and
+    /// one reported before is forgotten (the container will be started again in place).
+    pub(super) fn stopping(&self, container_id: &str, now: Instant) {
+        let mut inner = self.lock();
+        inner.deaths.remove(container_id);
+        inner.stopping.insert(container_id.to_string(), now);
     }
 
     /// The exit code and time of a death reported within the window.
     pub(super) fn exit(&self, container_id: &str, now: Instant) -> Option<(i64, DateTime<Utc>)> {
-        let deaths = self.lock();
-        let d = deaths.get(container_id)?;
+        let inner = self.lock();
+        let d = inner.deaths.get(container_id)?;
         (now.duration_since(d.at) < WINDOW)
             .then_some(())
             .and(d.exit_code.map(|code| (code, d.wall)))
@@ -51,20 +78,22 @@ impl RecentDeaths {
 
     /// Marks containers reported dead within the window as not running; forgets older reports.
     pub(super) fn apply(&self, observed: &mut [Observed], now: Instant) {
-        let mut deaths = self.lock();
-        deaths.retain(|_, d| now.duration_since(d.at) < WINDOW);
-        if deaths.is_empty() {
+        let mut inner = self.lock();
+        inner
+            .deaths
+            .retain(|_, d| now.duration_since(d.at) < WINDOW);
+        if inner.deaths.is_empty() {
             return;
         }
         for o in observed.iter_mut().filter(|o| o.running) {
-            if deaths.contains_key(&o.container_id) {
+            if inner.deaths.contains_key(&o.container_id) {
                 o.running = false;
             }
         }
     }
 
     // Each change is one insert or retain: a panic elsewhere cannot leave it half-done.
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Death>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -80,6 +109,7 @@ mod tests {
             session_id: None,
             spec_hash: None,
             running: true,
+            paused: false,
             ip: None,
             legacy: false,
             pool_slot: None,
@@ -102,7 +132,21 @@ mod tests {
             later[0].running,
             "an old report no longer overrides the list"
         );
-        assert!(deaths.lock().is_empty(), "and is forgotten");
+        assert!(deaths.lock().deaths.is_empty(), "and is forgotten");
         assert_eq!(deaths.exit("dead", t0 + WINDOW), None);
+    }
+
+    #[test]
+    fn the_die_of_a_stop_sandboxd_makes_is_no_death_but_the_next_one_is() {
+        let deaths = RecentDeaths::default();
+        let t0 = Instant::now();
+        deaths.stopping("c", t0);
+        deaths.record("c".into(), t0, Some(143));
+        assert_eq!(deaths.exit("c", t0), None, "the hibernation's stop");
+        deaths.record("c".into(), t0, Some(1));
+        assert_eq!(deaths.exit("c", t0).map(|(c, _)| c), Some(1), "a real exit");
+        // A death reported just before the stop is forgotten too.
+        deaths.stopping("c", t0);
+        assert_eq!(deaths.exit("c", t0), None);
     }
 }

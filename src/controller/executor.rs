@@ -14,12 +14,16 @@ use super::deaths::RecentDeaths;
 use super::observed::ObservedCache;
 use crate::backend::{SharedBackend, StartRequest};
 use crate::context::Context;
+use crate::domain::hibernation::SandboxState;
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::volume::VolumePolicy;
 use crate::domain::{ChatId, Phase, SessionId};
+use crate::planner::Found;
 use crate::planner::{Action, Key, Observed, RemoveReason};
 use crate::pool::ClaimOutcome;
-use crate::store::{EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, StoreError};
+use crate::store::{
+    Declared, EventAction, EventOutcome, NewEvent, RunningContainer, SandboxRow, StoreError,
+};
 
 /// Why an action did not complete; the controller retries it with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +160,41 @@ impl Executor {
                 info!(%chat_id, %session_id, %container_id, "adopted running container");
                 self.remove_all(&stale).await?;
                 Ok(Outcome::Done)
+            }
+            Action::Transition {
+                chat_id,
+                session_id,
+                container_id,
+                found,
+                to,
+                stale,
+            } => {
+                span.record("session_id", tracing::field::display(session_id));
+                self.transition(chat_id, session_id, container_id, found, to, &stale)
+                    .await
+            }
+            Action::HibernateAtExpiry {
+                chat_id,
+                session_id,
+            } => {
+                let sandbox = &self.ctx.settings.sandbox;
+                let declared = self
+                    .ctx
+                    .store
+                    .declare_state(
+                        chat_id,
+                        session_id,
+                        SandboxState::Hibernated,
+                        Declared::Expiry,
+                        chrono::Duration::zero(),
+                        sandbox.hibernated_retention(),
+                        Utc::now(),
+                    )
+                    .await?;
+                Ok(match declared {
+                    Some(_) => Outcome::Done,
+                    None => Outcome::Skipped,
+                })
             }
             Action::Remove {
                 key,
@@ -324,6 +363,7 @@ impl Executor {
                     session_id: Some(session_id),
                     spec_hash: Some(row.spec_hash.clone()),
                     running: true,
+                    paused: false,
                     ip: Some(started.ip.clone()),
                     legacy: false,
                     pool_slot: None,
@@ -384,6 +424,284 @@ impl Executor {
                     retry_at: attempts.map(|(_, at)| at),
                 })
             }
+        }
+    }
+}
+
+impl Executor {
+    /// Brings the session's container to `to`: pause, stop (hibernate), unpause or start it
+    /// again (resume), or only record what the engine shows. Pauses and stops first write the
+    /// phase they go to, conditional on the row still wanting it (`begin_transition`); a resume
+    /// that fails falls back to a cold start of the session with its mounts.
+    async fn transition(
+        &self,
+        chat_id: ChatId,
+        session_id: SessionId,
+        container_id: Option<String>,
+        found: Found,
+        to: SandboxState,
+        stale: &[String],
+    ) -> Result<Outcome, ActionError> {
+        let now = Utc::now();
+        let Some(row) = self.ctx.store.get(chat_id).await? else {
+            return Ok(Outcome::Skipped);
+        };
+        let policy = self.ctx.settings.sandbox.hibernation();
+        if row.session_id != session_id
+            || !row.is_live(now)
+            || row.effective_state(&policy, now).0 != to
+        {
+            return Ok(Outcome::Skipped); // a call or a client moved it on since the plan
+        }
+        self.remove_all(stale).await?;
+        let hibernation = self.runtime.hibernation();
+        let engine = || {
+            hibernation.ok_or_else(|| {
+                ActionError::Runtime(crate::backend::BackendError::new(
+                    crate::backend::ErrorKind::Unsupported,
+                    format!(
+                        "{} cannot pause or stop a sandbox in place",
+                        self.runtime.describe()
+                    ),
+                ))
+            })
+        };
+        let reason = if row.desired_state == to {
+            "declared"
+        } else {
+            "idle"
+        };
+        let started = std::time::Instant::now();
+        match (to, container_id) {
+            (SandboxState::Running, Some(id)) => {
+                self.resume(&row, &id, found).await?;
+                Ok(Outcome::Done)
+            }
+            (SandboxState::Running, None) | (SandboxState::Paused, None) => Ok(Outcome::Skipped),
+            (SandboxState::Paused, Some(id)) => {
+                let (id, found, row) = if found == Found::Stopped {
+                    // Started again first, then frozen.
+                    let id = self.resume(&row, &id, found).await?;
+                    match self.ctx.store.get(chat_id).await? {
+                        Some(row) if row.session_id == session_id => (id, Found::Running, row),
+                        _ => return Ok(Outcome::Skipped),
+                    }
+                } else {
+                    (id, found, row)
+                };
+                if found == Found::Running {
+                    if !self
+                        .ctx
+                        .store
+                        .begin_transition(&row, Phase::Paused, now)
+                        .await?
+                    {
+                        return Ok(Outcome::Skipped);
+                    }
+                    let paused = engine()?.pause(&id).await;
+                    if let Err(e) = paused {
+                        self.transition_failed(&row, Phase::Paused, &id, &e).await;
+                        return Err(e.into());
+                    }
+                }
+                self.observed
+                    .started(self.observed_as(&row, &id, found, to));
+                let detail = serde_json::json!({
+                    "reason": reason,
+                    "ms": started.elapsed().as_millis() as u64,
+                });
+                self.ctx
+                    .store
+                    .record_state(&row, Phase::Paused, Some(&id), None, &detail, Utc::now())
+                    .await?;
+                info!(%chat_id, %session_id, container_id = %id, reason, "sandbox paused");
+                Ok(Outcome::Done)
+            }
+            (SandboxState::Hibernated, id) => {
+                if let (Some(id), Found::Running | Found::Paused) = (&id, found) {
+                    if !self
+                        .ctx
+                        .store
+                        .begin_transition(&row, Phase::Hibernated, now)
+                        .await?
+                    {
+                        return Ok(Outcome::Skipped);
+                    }
+                    let engine = engine()?;
+                    let grace = std::time::Duration::from_secs(
+                        self.ctx.settings.sandbox.hibernate_stop_seconds,
+                    );
+                    self.deaths.stopping(id, tokio::time::Instant::now());
+                    let mut stopped = Ok(());
+                    if found == Found::Paused {
+                        stopped = engine.unpause(id).await;
+                    }
+                    if stopped.is_ok() {
+                        stopped = engine.stop(id, grace).await;
+                    }
+                    if let Err(e) = stopped {
+                        self.transition_failed(&row, Phase::Hibernated, id, &e)
+                            .await;
+                        return Err(e.into());
+                    }
+                    self.observed
+                        .started(self.observed_as(&row, id, Found::Stopped, to));
+                }
+                let detail = serde_json::json!({
+                    "reason": reason,
+                    "ms": started.elapsed().as_millis() as u64,
+                });
+                self.ctx
+                    .store
+                    .record_state(
+                        &row,
+                        Phase::Hibernated,
+                        id.as_deref(),
+                        None,
+                        &detail,
+                        Utc::now(),
+                    )
+                    .await?;
+                info!(%chat_id, %session_id, container_id = ?id, reason, "sandbox hibernated");
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Thaws or starts the session's container again and records it running with its
+    /// (possibly new) address. On failure the container goes and the session starts cold.
+    /// Returns the container that runs.
+    async fn resume(
+        &self,
+        row: &SandboxRow,
+        id: &str,
+        found: Found,
+    ) -> Result<String, ActionError> {
+        let spec = parse_spec(row)?;
+        let started = std::time::Instant::now();
+        let resumed: Result<crate::backend::Started, crate::backend::BackendError> = async {
+            match (found, self.runtime.hibernation()) {
+                (Found::Paused, Some(h)) => h.unpause(id).await?,
+                (Found::Paused, None) => {
+                    return Err(crate::backend::BackendError::new(
+                        crate::backend::ErrorKind::Unsupported,
+                        "the engine cannot unpause",
+                    ))
+                }
+                _ => {}
+            }
+            // A thawed container keeps its address; a started one is read again.
+            self.runtime
+                .start_container(id, &spec.network, spec.agent_port)
+                .await
+        }
+        .await;
+        let (container_id, ip, host_port, how, error) = match resumed {
+            Ok(s) => (id.to_string(), s.ip, s.host_port, "resume", None),
+            Err(e) => {
+                self.engine_unanswered(&e);
+                warn!(chat_id = %row.chat_id, container_id = %id, error = %e, "resume failed; starting the session cold");
+                self.ctx.metrics.resume_fallbacks_total.inc();
+                self.remove_all(&[id.to_string()]).await?;
+                let req = StartRequest {
+                    chat_id: row.chat_id,
+                    session_id: row.session_id,
+                    agent_id: &row.agent_id,
+                    spec: &spec,
+                    spec_hash: &row.spec_hash,
+                    volume_host_path: &row.volume_host_path,
+                    expires_at: row.expires_at,
+                };
+                prepare_host(
+                    &spec,
+                    &self.ctx.volumes,
+                    &self.ctx.settings.sandbox.chats_root,
+                )?;
+                let s = self.create_and_start(&req).await?;
+                (
+                    s.container_id,
+                    s.ip,
+                    s.host_port,
+                    "resume_fallback",
+                    Some(e.to_string()),
+                )
+            }
+        };
+        self.observed.started(Observed {
+            container_id: container_id.clone(),
+            chat_id: Some(row.chat_id),
+            session_id: Some(row.session_id),
+            spec_hash: Some(row.spec_hash.clone()),
+            running: true,
+            paused: false,
+            ip: Some(ip.clone()),
+            legacy: false,
+            pool_slot: None,
+        });
+        self.egress.after_start(&self.runtime).await;
+        self.ctx
+            .store
+            .record_running(
+                row.chat_id,
+                row.session_id,
+                &RunningContainer {
+                    container_id: &container_id,
+                    ip: &ip,
+                    port: spec.agent_port,
+                    host_port,
+                    start: Some(how),
+                },
+                EventAction::Resume,
+                Utc::now(),
+            )
+            .await?;
+        self.ctx
+            .metrics
+            .resume_seconds
+            .observe(started.elapsed().as_secs_f64());
+        info!(chat_id = %row.chat_id, %container_id, %ip, how, ?error, "sandbox resumed");
+        Ok(container_id)
+    }
+
+    /// The container as the loop's copy should now show it.
+    fn observed_as(&self, row: &SandboxRow, id: &str, found: Found, to: SandboxState) -> Observed {
+        let stopped = to == SandboxState::Hibernated || found == Found::Stopped;
+        Observed {
+            container_id: id.to_string(),
+            chat_id: Some(row.chat_id),
+            session_id: Some(row.session_id),
+            spec_hash: Some(row.spec_hash.clone()),
+            running: false,
+            paused: to == SandboxState::Paused && !stopped,
+            ip: if stopped {
+                None
+            } else {
+                row.endpoint_ip.clone()
+            },
+            legacy: false,
+            pool_slot: None,
+        }
+    }
+
+    /// A pause or stop the engine refused: in the event log; the engine's state is unknown
+    /// now, so the next pass lists.
+    async fn transition_failed(
+        &self,
+        row: &SandboxRow,
+        phase: Phase,
+        id: &str,
+        e: &crate::backend::BackendError,
+    ) {
+        self.observed.invalidate();
+        let message = e.to_string();
+        let detail = serde_json::json!({});
+        if let Err(err) = self
+            .ctx
+            .store
+            .record_state(row, phase, Some(id), Some(&message), &detail, Utc::now())
+            .await
+        {
+            warn!(error = %err, "cannot record a failed transition");
         }
     }
 }

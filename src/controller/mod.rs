@@ -338,10 +338,12 @@ impl Controller {
         deaths.apply(&mut observed, Instant::now());
         // Pool members are the pool's; claimed ones are their chats' (from the store).
         pool.join(&mut observed, &rows);
+        let policy = self.ctx.settings.sandbox.hibernation();
+        let now = Utc::now();
         let desired: Vec<_> = rows
             .iter()
             .map(|r| {
-                let mut d = r.desired();
+                let mut d = r.desired(&policy, now);
                 // Its missing image has appeared: no need to wait out the backoff.
                 if images.unblocks(r) {
                     d.next_attempt_at = None;
@@ -349,7 +351,7 @@ impl Controller {
                 d
             })
             .collect();
-        let plan = planner::plan(&desired, &observed, Utc::now());
+        let plan = planner::plan(&desired, &observed, now);
         self.record_world(&rows, &observed, started.elapsed());
         let span = tracing::Span::current();
         span.record("rows", rows.len());

@@ -123,6 +123,7 @@ mod tests {
             session_id: None,
             spec_hash: None,
             running: true,
+            paused: false,
             ip: None,
             legacy: false,
             pool_slot: None,

@@ -117,6 +117,7 @@ impl Harness {
         std::fs::create_dir_all(&vol).expect("volume");
         let spec = resolve(&self.settings.sandbox, chat, "agent", &vol, None);
         let new = NewSession {
+            state: crate::domain::hibernation::SandboxState::Running,
             chat_id: chat,
             agent_id: "agent".into(),
             volume_host_path: vol.display().to_string(),
@@ -125,7 +126,10 @@ impl Harness {
             ttl: chrono::Duration::seconds(ttl_seconds),
             profile: None,
         };
-        self.store.apply(&new, Utc::now()).await.expect("apply");
+        self.store
+            .apply(&new, Utc::now(), chrono::Duration::days(7))
+            .await
+            .expect("apply");
         self.wake.notify_one();
         chat
     }
@@ -492,5 +496,167 @@ async fn racing_creates_claim_each_warm_member_once_and_the_rest_start_cold() {
     until!(h, "the pool refilled", {
         (members_in(MemberState::Idle).await.len() == 3).then_some(())
     });
+    h.stop().await;
+}
+
+// ---- hibernation ---------------------------------------------------------------------
+
+impl Harness {
+    /// Declares the state of the chat's session, as the API does, and wakes the loop.
+    async fn declare(&self, chat: ChatId, state: crate::domain::hibernation::SandboxState) {
+        let row = self.row(chat).await.expect("row");
+        self.store
+            .declare_state(
+                chat,
+                row.session_id,
+                state,
+                crate::store::Declared::Client,
+                chrono::Duration::seconds(300),
+                chrono::Duration::days(7),
+                Utc::now(),
+            )
+            .await
+            .expect("declare")
+            .expect("live");
+        self.wake.notify_one();
+    }
+
+    async fn in_phase(&self, chat: ChatId, phase: Phase) -> SandboxRow {
+        until!(self, phase.as_str(), {
+            self.row(chat).await.filter(|r| r.phase == phase)
+        })
+    }
+}
+
+#[tokio::test]
+async fn pause_hibernate_and_resume_keep_one_container_and_are_never_a_crash() {
+    use crate::domain::hibernation::SandboxState;
+    let h = Harness::start(|_| {}).await;
+    let chat = h.want(300).await;
+    let first = h.running(chat).await;
+    let id = first.container_id.clone().unwrap();
+
+    h.declare(chat, SandboxState::Paused).await;
+    h.in_phase(chat, Phase::Paused).await;
+    let c = ours(&h.fake, chat);
+    assert!(c.len() == 1 && c[0].paused && c[0].id == id, "{c:?}");
+
+    h.declare(chat, SandboxState::Hibernated).await;
+    let hibernated = until!(h, "stopped", {
+        h.row(chat)
+            .await
+            .filter(|r| r.phase == Phase::Hibernated && r.endpoint_ip.is_none())
+    });
+    assert_eq!(hibernated.container_id.as_deref(), Some(id.as_str()));
+    let c = ours(&h.fake, chat);
+    assert!(c.len() == 1 && !c[0].running && !c[0].paused, "{c:?}");
+    // The stop's `die` event and later passes never count it as a crash.
+    h.passes(3).await;
+    let still = h.row(chat).await.unwrap();
+    assert_eq!((still.phase, still.restarts), (Phase::Hibernated, 0));
+    assert_eq!(h.fake.count("create"), 1, "nothing started anew");
+
+    h.declare(chat, SandboxState::Running).await;
+    let back = h.running(chat).await;
+    assert_eq!(
+        back.container_id.as_deref(),
+        Some(id.as_str()),
+        "same container"
+    );
+    assert_eq!((back.restarts, back.session_id), (0, first.session_id));
+    let c = ours(&h.fake, chat);
+    assert_eq!(
+        (c.len(), c[0].starts),
+        (1, 2),
+        "started again in place: {c:?}"
+    );
+    assert_eq!(h.fake.count("create"), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sandboxes_pause_then_hibernate_on_their_own_and_a_touch_wakes_them() {
+    let h = Harness::start(|s| {
+        s.sandbox.idle_pause_seconds = 1;
+        s.sandbox.idle_hibernate_seconds = 2;
+    })
+    .await;
+    let chat = h.want(300).await;
+    let id = h.running(chat).await.container_id.unwrap();
+    h.in_phase(chat, Phase::Paused).await;
+    let row = h.in_phase(chat, Phase::Hibernated).await;
+    assert_eq!(
+        row.desired_state,
+        crate::domain::hibernation::SandboxState::Running,
+        "idleness is not a declaration"
+    );
+    // A call restarts the idle clock: the sandbox comes back by itself.
+    h.store.touch(chat, Utc::now()).await.expect("touch");
+    h.wake.notify_one();
+    let back = h.running(chat).await;
+    assert_eq!(back.container_id.as_deref(), Some(id.as_str()));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_that_fails_falls_back_to_a_cold_start_of_the_same_session() {
+    use crate::domain::hibernation::SandboxState;
+    let h = Harness::start(|_| {}).await;
+    let chat = h.want(300).await;
+    let first = h.running(chat).await;
+    h.declare(chat, SandboxState::Hibernated).await;
+    h.in_phase(chat, Phase::Hibernated).await;
+    h.fake.fail_starts(1);
+    h.declare(chat, SandboxState::Running).await;
+    let back = until!(h, "running in another container", {
+        h.row(chat).await.filter(|r| {
+            r.phase == Phase::Running
+                && r.container_id.is_some()
+                && r.container_id != first.container_id
+        })
+    });
+    assert_eq!(back.session_id, first.session_id, "the same session");
+    assert_eq!(ours(&h.fake, chat).len(), 1, "the failed container went");
+    let events = h.store.events(Some(chat), 20).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.action == "resume"
+            && e.detail
+                .as_deref()
+                .unwrap_or("")
+                .contains("resume_fallback")),
+        "{events:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn on_expiry_hibernate_keeps_the_sandbox_for_the_retention_then_deletes_it() {
+    let h = Harness::start(|s| {
+        s.sandbox.on_expiry = crate::domain::hibernation::OnExpiry::Hibernate;
+        s.sandbox.hibernated_retention_seconds = 2;
+    })
+    .await;
+    let chat = h.want(1).await;
+    let id = h.running(chat).await.container_id.unwrap();
+    let asleep = until!(h, "stopped at expiry", {
+        h.row(chat)
+            .await
+            .filter(|r| r.phase == Phase::Hibernated && r.endpoint_ip.is_none())
+    });
+    assert_eq!(
+        asleep.container_id.as_deref(),
+        Some(id.as_str()),
+        "kept, not removed"
+    );
+    assert_eq!(
+        asleep.desired_state,
+        crate::domain::hibernation::SandboxState::Hibernated
+    );
+    assert!(asleep.expires_at > Utc::now(), "kept for the retention");
+    h.in_phase(chat, Phase::Expired).await;
+    assert!(
+        ours(&h.fake, chat).is_empty(),
+        "removed after the retention"
+    );
     h.stop().await;
 }

@@ -18,6 +18,9 @@ use crate::backend::io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
 use crate::store::{EventAction, EventOutcome};
 
+/// How these calls name themselves in a resume's event.
+const CALL: &str = "exec";
+
 /// The exit code of a command killed at its timeout.
 pub const TIMEOUT_EXIT_CODE: i64 = 124;
 /// How long the kill of a timed-out exec may take.
@@ -88,7 +91,7 @@ impl DataPlane {
         req: ExecRequest,
         caller: &Caller,
     ) -> Result<ExecOutput> {
-        let (target, slot) = self.target(chat_id).await?;
+        let (target, slot) = self.target(chat_id, CALL).await?;
         let begun = self.begin(&target, &req).await?;
         let (alive, caller_gone) = tokio::sync::oneshot::channel::<()>();
         let (this, caller) = (self.clone(), caller.clone());
@@ -137,7 +140,7 @@ impl DataPlane {
         req: ExecRequest,
         caller: Caller,
     ) -> Result<mpsc::Receiver<ExecEvent>> {
-        let (target, slot) = self.target(chat_id).await?;
+        let (target, slot) = self.target(chat_id, CALL).await?;
         let begun = self.begin(&target, &req).await?;
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();

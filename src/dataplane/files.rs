@@ -22,6 +22,9 @@ use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::domain::ChatId;
 use crate::store::{EventAction, EventOutcome};
 
+/// How these calls name themselves in a resume's event.
+const CALL: &str = "files";
+
 /// Symlinks followed for one read or listing.
 pub const MAX_HOPS: usize = 8;
 /// Entries a listing looks at (children and everything under them) before it stops.
@@ -89,7 +92,7 @@ impl DataPlane {
         data: Bytes,
         caller: &Caller,
     ) -> Result<Written> {
-        let (t, slot) = self.target(chat_id).await?;
+        let (t, slot) = self.target(chat_id, CALL).await?;
         let file = t.mounts.resolve(path, None)?;
         writable(&file)?;
         let (this, caller) = (self.clone(), caller.clone());
@@ -199,7 +202,7 @@ impl DataPlane {
 
     /// Streams a regular file's contents (following symlinks on the mounts).
     pub async fn read_file(&self, chat_id: ChatId, path: &str) -> Result<FileStream> {
-        let (t, slot) = self.target(chat_id).await?;
+        let (t, slot) = self.target(chat_id, CALL).await?;
         let (at, entry, _rest) = self.resolved_archive(&t, path).await?;
         let kind = entry.header().entry_type();
         if kind.is_dir() {
@@ -264,7 +267,7 @@ impl DataPlane {
 
     /// Lists a directory's entries (following symlinks on the mounts).
     pub async fn list_dir(&self, chat_id: ChatId, path: Option<&str>) -> Result<Listing> {
-        let (t, _slot) = self.target(chat_id).await?;
+        let (t, _slot) = self.target(chat_id, CALL).await?;
         let max = self.ctx.settings.data_plane.list_max_entries;
         let (at, first, mut entries) = self.resolved_archive(&t, path.unwrap_or(".")).await?;
         if !first.header().entry_type().is_dir() {

@@ -34,6 +34,9 @@ pub enum DataPlaneError {
     NotFound,
     #[error("sandbox_not_running: the sandbox is {0}")]
     NotRunning(String),
+    /// A paused or hibernated sandbox could not be resumed for the call.
+    #[error("{0}")]
+    Resume(String),
     #[error("too many data-plane calls in flight ({0})")]
     Busy(String),
     #[error("{0}")]
@@ -137,13 +140,15 @@ impl DataPlane {
         })
     }
 
-    /// The chat's running container, and a slot for one call on it.
-    async fn target(&self, chat_id: ChatId) -> Result<(Target, Slot)> {
-        let row = self
-            .ctx
-            .store
-            .get(chat_id)
-            .await?
+    /// The chat's running container, and a slot for one call on it. A paused or
+    /// hibernated sandbox is resumed first (`resume.rs`); the call restarts its idle clock.
+    async fn target(&self, chat_id: ChatId, call: &str) -> Result<(Target, Slot)> {
+        let row = crate::resume::awake(&self.ctx, chat_id, call)
+            .await
+            .map_err(|e| match e {
+                crate::resume::ResumeError::Store(e) => DataPlaneError::Store(e),
+                e => DataPlaneError::Resume(e.to_string()),
+            })?
             .ok_or(DataPlaneError::NotFound)?;
         let phase = if row.deleted_at.is_some() {
             Phase::Deleting

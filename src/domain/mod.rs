@@ -2,6 +2,7 @@
 //! the validation of client input. No I/O here except path canonicalisation in [`request`].
 
 pub mod egress;
+pub mod hibernation;
 pub mod request;
 pub mod spec;
 pub mod storage;
@@ -62,15 +63,23 @@ pub enum Phase {
     Expired,
     /// Deletion requested; the row goes once the container is gone.
     Deleting,
+    /// The session's container is frozen in place (the engine's pause): memory kept, no CPU.
+    Paused,
+    /// The session's container is stopped, its writable layer and mounts kept; a resume
+    /// starts the same container again. Written before the stop, so that a stop under way is
+    /// never mistaken for the agent's crash.
+    Hibernated,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Pending,
         Phase::Running,
         Phase::Failed,
         Phase::Expired,
         Phase::Deleting,
+        Phase::Paused,
+        Phase::Hibernated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +89,8 @@ impl Phase {
             Phase::Failed => "failed",
             Phase::Expired => "expired",
             Phase::Deleting => "deleting",
+            Phase::Paused => "paused",
+            Phase::Hibernated => "hibernated",
         }
     }
 }

@@ -17,11 +17,11 @@ use utoipa::ToSchema;
 use super::error::ChatPath;
 use super::input::{self, Fields, Problems, Source};
 use super::views::{DeleteResponse, ErrorBody, SessionResponse, ValidationErrorBody};
-use super::wait::{self, Gone, StartOutcome};
 use super::{ApiError, AppState};
 use crate::config::spec;
 use crate::domain::request::validate_agent_id;
 use crate::domain::{ChatId, Phase};
+use crate::store::wait::{self, Gone, StartOutcome};
 use crate::store::{CreateOutcome, NewSession, SandboxRow};
 
 /// Liveness: the process answers. Never needs a token.
@@ -164,6 +164,7 @@ pub(super) fn new_session(
     };
     let spec = spec::resolve(&state.settings.sandbox, chat_id, agent_id, &volume, profile);
     Ok(NewSession {
+        state: crate::domain::hibernation::SandboxState::Running,
         profile: profile.map(str::to_string),
         chat_id,
         agent_id: agent_id.to_string(),
@@ -248,8 +249,19 @@ async fn create_inner(
         .await?
     {
         CreateOutcome::Conflict(_) => return Err(ApiError::Conflict),
-        CreateOutcome::Reused(row) if row.phase == Phase::Running => {
-            return Ok((respond_running(&row)?, "reused"));
+        // Paused or hibernated (declared or idle): resumed first, then answered as if it
+        // had run all along (same session and container).
+        CreateOutcome::Reused(row)
+            if crate::resume::asleep(state, &row, Utc::now()) || row.phase == Phase::Running =>
+        {
+            match crate::resume::awake(state, chat_id, "create").await? {
+                Some(r) if r.session_id == row.session_id && r.phase == Phase::Running => {
+                    return Ok((respond_running(&r)?, "reused"));
+                }
+                _ => return Err(ApiError::Superseded(
+                    "sandbox_replaced_while_starting: another request changed this chat's sandbox",
+                )),
+            }
         }
         CreateOutcome::Reused(row) if row.phase == Phase::Failed => {
             state

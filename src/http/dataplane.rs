@@ -561,7 +561,9 @@ pub fn respond(e: &DataPlaneError) -> Response {
         | DataPlaneError::NotDirectory { .. }
         | DataPlaneError::Refused(_) => StatusCode::BAD_REQUEST,
         DataPlaneError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        DataPlaneError::EngineDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DataPlaneError::EngineDown(_) | DataPlaneError::Resume(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         DataPlaneError::NodeNotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         DataPlaneError::Engine(_) => StatusCode::BAD_GATEWAY,
         DataPlaneError::Store(_) | DataPlaneError::Spec(_) => {

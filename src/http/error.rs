@@ -104,3 +104,15 @@ fn path_rejection(r: PathRejection) -> ApiError {
         serde_json::Value::Null,
     )
 }
+
+impl From<crate::resume::ResumeError> for ApiError {
+    fn from(e: crate::resume::ResumeError) -> Self {
+        use crate::resume::ResumeError;
+        match e {
+            ResumeError::Store(e) => ApiError::Internal(e),
+            // The old clients' 503 for a sandbox that cannot be given to them now.
+            ResumeError::Failed(why) => ApiError::StartFailed(format!("resume failed: {why}")),
+            e @ ResumeError::Timeout(_) => ApiError::Timeout(e.to_string()),
+        }
+    }
+}

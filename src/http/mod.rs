@@ -12,7 +12,7 @@ pub mod openapi;
 mod sandboxes;
 mod storage;
 mod views;
-mod wait;
+
 mod watch;
 
 use std::sync::Arc;
@@ -73,6 +73,15 @@ pub fn router(state: AppState) -> Router {
                 .delete(compat::delete),
         )
         .route("/api/v1/sandboxes/{chat_id}/renew", post(sandboxes::renew))
+        .route("/api/v1/sandboxes/{chat_id}/pause", post(sandboxes::pause))
+        .route(
+            "/api/v1/sandboxes/{chat_id}/hibernate",
+            post(sandboxes::hibernate),
+        )
+        .route(
+            "/api/v1/sandboxes/{chat_id}/resume",
+            post(sandboxes::resume),
+        )
         .route("/api/v1/sandboxes/{chat_id}/events", get(sandboxes::events))
         .route("/api/v1/sandboxes/{chat_id}/exec", post(dataplane::exec))
         .route(

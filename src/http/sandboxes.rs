@@ -17,8 +17,10 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ChatPath;
 use super::input::{self, Fields, Problems, QueryParams, Source};
 use super::views::{ErrorBody, SandboxView, ValidationErrorBody};
-use super::{wait, watch, ApiError, AppState};
+use super::{watch, ApiError, AppState};
+use crate::domain::hibernation::SandboxState;
 use crate::domain::{ChatId, Phase};
+use crate::store::wait;
 use crate::store::{ApplyOutcome, ListFilter, StoredEvent};
 use axum::response::{IntoResponse, Response};
 
@@ -69,6 +71,9 @@ pub struct ApplyRequest {
     /// An isolation profile of `sandbox.profiles` (default `sandbox.default_profile`); a
     /// different one replaces the sandbox.
     pub profile: Option<String>,
+    /// `running` (default), `paused` or `hibernated`; changing only this keeps the session
+    /// and its container (`docs/hibernation.md`).
+    pub state: Option<SandboxState>,
 }
 
 /// Reads and checks a PUT body.
@@ -84,20 +89,69 @@ fn read_apply(
     let volume = f.string("volume_host_path");
     let ttl = f.optional_int("ttl_seconds", 1, MAX_TTL_SECONDS);
     let profile = f.optional_string("profile");
-    f.forbid_others(&["agent_id", "volume_host_path", "ttl_seconds", "profile"]);
+    let wanted = f.optional_string("state");
+    f.forbid_others(&[
+        "agent_id",
+        "volume_host_path",
+        "ttl_seconds",
+        "profile",
+        "state",
+    ]);
     let ttl = ttl
         .ok()
         .flatten()
         .unwrap_or(state.settings.sandbox.ttl_seconds);
-    new_session(
+    let mut problems = f.problems;
+    let wanted = read_state(state, wanted, &mut problems);
+    let mut new = new_session(
         state,
         Some(chat_id),
         agent_id,
         volume,
         profile,
         ttl,
-        f.problems,
-    )
+        problems,
+    )?;
+    new.state = wanted;
+    Ok(new)
+}
+
+/// `state`: one of the three names; paused and hibernated need an engine that can do them.
+fn read_state(state: &AppState, raw: Option<&str>, problems: &mut Problems) -> SandboxState {
+    let Some(raw) = raw else {
+        return SandboxState::Running;
+    };
+    match raw.parse::<SandboxState>() {
+        Ok(s) if s != SandboxState::Running && !hibernation_available(state) => {
+            problems.push(
+                "value_error",
+                Source::Body,
+                "state",
+                format!(
+                    "Value error, `{s}` is not available with runtime: {} (docs/hibernation.md)",
+                    state.settings.runtime.as_str()
+                ),
+                json!(raw),
+            );
+            SandboxState::Running
+        }
+        Ok(s) => s,
+        Err(_) => {
+            problems.push(
+                "enum",
+                Source::Body,
+                "state",
+                "Input should be 'running', 'paused' or 'hibernated'".to_string(),
+                json!(raw),
+            );
+            SandboxState::Running
+        }
+    }
+}
+
+/// Swarm services cannot be paused or stopped in place.
+fn hibernation_available(state: &AppState) -> bool {
+    state.settings.runtime != crate::config::RuntimeKind::Swarm
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -142,15 +196,24 @@ pub async fn apply(
     let mut new = read_apply(&state, chat_id, &headers, &body)?;
     super::storage::place_in_workspace(&state, &mut new).await?;
     state.status.takeover_settled(TAKEOVER_WAIT).await;
-    let (outcome, row) = match state.store.apply(&new, Utc::now()).await? {
+    let retention = state.settings.sandbox.hibernated_retention();
+    let (outcome, row) = match state.store.apply(&new, Utc::now(), retention).await? {
         ApplyOutcome::Created(r) => ("created", r),
         ApplyOutcome::Replaced(r) => ("replaced", r),
+        ApplyOutcome::StateChanged(r) => ("state_changed", r),
         ApplyOutcome::Unchanged(r) => ("unchanged", r),
     };
     if outcome != "unchanged" {
         state.wake.notify_one();
     }
     let sandbox = match q.duration(&state) {
+        Some(d) if new.state != SandboxState::Running => {
+            let phase = phase_of(new.state);
+            match wait::for_phase(&state.store, chat_id, row.session_id, phase, d).await? {
+                Some(r) => SandboxView::from(&r),
+                None => view_after_wait(&state, chat_id, &WaitQuery::default()).await?,
+            }
+        }
         Some(d) => {
             match wait::for_start(&state.store, chat_id, row.session_id, row.attempts, d).await? {
                 wait::StartOutcome::Running(r) | wait::StartOutcome::Failed(r) => {
@@ -326,6 +389,8 @@ pub async fn renew(
     state.status.takeover_settled(TAKEOVER_WAIT).await;
     // Bounded above by validation: far inside chrono's range.
     let ttl = chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::from(u32::MAX)));
+    // A renew is a call: a sleeping sandbox is resumed first.
+    crate::resume::awake(&state, chat_id, "renew").await?;
     let row = state
         .store
         .renew(chat_id, ttl, Utc::now())
@@ -334,6 +399,108 @@ pub async fn renew(
     state.wake.notify_one();
     Ok(Json(SandboxView::from(&row)))
 }
+
+/// The phase a declared state settles in.
+fn phase_of(s: SandboxState) -> Phase {
+    match s {
+        SandboxState::Running => Phase::Running,
+        SandboxState::Paused => Phase::Paused,
+        SandboxState::Hibernated => Phase::Hibernated,
+    }
+}
+
+/// `POST …/pause`, `…/hibernate`, `…/resume`: shortcuts for declaring the state of the live
+/// session (the declarative field stays the truth); `?wait=` waits until it has settled.
+async fn declare(
+    state: &AppState,
+    chat_id: ChatId,
+    wanted: SandboxState,
+    query: Option<&str>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let q = WaitQuery::read(query)?;
+    if wanted != SandboxState::Running && !hibernation_available(state) {
+        return Err(ApiError::BadRequest {
+            status: axum::http::StatusCode::CONFLICT,
+            detail: format!(
+                "hibernation_unavailable: runtime {} cannot pause or stop a sandbox in place",
+                state.settings.runtime.as_str()
+            ),
+        });
+    }
+    state.status.takeover_settled(TAKEOVER_WAIT).await;
+    let now = Utc::now();
+    let live = state
+        .store
+        .get(chat_id)
+        .await?
+        .filter(|r| r.is_live(now))
+        .ok_or(ApiError::NotFound)?;
+    let sandbox = &state.settings.sandbox;
+    let ttl = chrono::Duration::seconds(
+        i64::try_from(sandbox.ttl_seconds).unwrap_or(i64::from(u32::MAX)),
+    );
+    let row = state
+        .store
+        .declare_state(
+            chat_id,
+            live.session_id,
+            wanted,
+            crate::store::Declared::Client,
+            ttl,
+            sandbox.hibernated_retention(),
+            now,
+        )
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    state.wake.notify_one();
+    let settled = match q.duration(state) {
+        Some(d) => {
+            wait::for_phase(&state.store, chat_id, row.session_id, phase_of(wanted), d).await?
+        }
+        None => None,
+    };
+    Ok(Json(SandboxView::from(settled.as_ref().unwrap_or(&row))))
+}
+
+macro_rules! shortcut {
+    ($name:ident, $state:expr, $path:literal, $what:literal) => {
+        #[doc = $what]
+        #[utoipa::path(post, path = $path, tag = "sandboxes",
+            params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"), WaitQuery),
+            responses(
+                (status = 200, description = "declared; with `wait`, settled or timed out", body = SandboxView),
+                (status = 401, description = "token missing or wrong", body = ErrorBody),
+                (status = 404, description = "no live session", body = ErrorBody),
+                (status = 409, description = "`hibernation_unavailable`: the runtime cannot (swarm)", body = ErrorBody),
+                (status = 422, description = "not a UUID, or a bad `wait`", body = ValidationErrorBody)))]
+        pub async fn $name(
+            State(state): State<AppState>,
+            ChatPath(chat_id): ChatPath,
+            RawQuery(query): RawQuery,
+        ) -> Result<Json<SandboxView>, ApiError> {
+            declare(&state, chat_id, $state, query.as_deref()).await
+        }
+    };
+}
+
+shortcut!(
+    pause,
+    SandboxState::Paused,
+    "/api/v1/sandboxes/{chat_id}/pause",
+    "Freeze the sandbox's processes in place (memory kept, no CPU)."
+);
+shortcut!(
+    hibernate,
+    SandboxState::Hibernated,
+    "/api/v1/sandboxes/{chat_id}/hibernate",
+    "Stop the sandbox's container, keeping it for a resume; deleted after `sandbox.hibernated_retention_seconds`."
+);
+shortcut!(
+    resume,
+    SandboxState::Running,
+    "/api/v1/sandboxes/{chat_id}/resume",
+    "Bring a paused or hibernated sandbox back (same session and container)."
+);
 
 /// The chat's last 100 events, newest first.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/events", tag = "sandboxes",

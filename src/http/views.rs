@@ -3,6 +3,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::domain::hibernation::SandboxState;
 use crate::domain::{format_time, Endpoint, Phase};
 use crate::store::SandboxRow;
 
@@ -66,6 +67,10 @@ pub struct SandboxView {
     pub generation: i64,
     pub agent_id: String,
     pub volume_host_path: String,
+    /// The declared state: `running`, `paused` or `hibernated` (`docs/hibernation.md`).
+    pub state: SandboxState,
+    /// The idle clock: the last create/reuse, exec, file call, renew or resume.
+    pub last_active_at: String,
     pub phase: Phase,
     pub container_id: Option<String>,
     pub endpoint: Option<Endpoint>,
@@ -148,6 +153,8 @@ impl From<&SandboxRow> for SandboxView {
             generation: r.generation,
             agent_id: r.agent_id.clone(),
             volume_host_path: r.volume_host_path.clone(),
+            state: r.desired_state,
+            last_active_at: format_time(r.last_active_at),
             phase: r.phase,
             container_id: r.container_id.clone(),
             endpoint,
@@ -162,9 +169,14 @@ impl From<&SandboxRow> for SandboxView {
             next_attempt_at: r.next_attempt_at.map(format_time),
             running_since: r.running_since.map(format_time),
             spec_hash: r.spec_hash.clone(),
-            converged: matches!(r.phase, Phase::Running | Phase::Expired)
-                && r.observed_generation == r.generation
-                || r.phase == Phase::Expired,
+            converged: match (r.phase, r.desired_state) {
+                (Phase::Expired, _) => true,
+                (Phase::Running, SandboxState::Running) | (Phase::Paused, SandboxState::Paused) => {
+                    r.observed_generation == r.generation
+                }
+                (Phase::Hibernated, SandboxState::Hibernated) => r.endpoint_ip.is_none(),
+                _ => false,
+            },
             profile: None,
         }
     }

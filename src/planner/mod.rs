@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::hibernation::SandboxState;
 use crate::domain::{ChatId, Phase, SessionId};
 
 /// What the store says one chat should be (and what was last recorded about it).
@@ -24,6 +25,12 @@ pub struct Desired {
     pub endpoint_ip: Option<String>,
     /// Set after a failure: do not retry before this time.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// What the sandbox should be now: its declared state, or further along when idle.
+    pub state: SandboxState,
+    /// When `state` changes on its own (the next idle step).
+    pub state_changes_at: Option<DateTime<Utc>>,
+    /// `sandbox.on_expiry: hibernate` and not hibernated yet: the TTL ends in hibernation.
+    pub hibernate_at_expiry: bool,
 }
 
 /// One container carrying this instance's labels, as Docker reports it.
@@ -35,6 +42,8 @@ pub struct Observed {
     pub session_id: Option<SessionId>,
     pub spec_hash: Option<String>,
     pub running: bool,
+    /// Frozen by the engine's pause (then `running` is false).
+    pub paused: bool,
     /// The container's address on its network, if it has one.
     pub ip: Option<String>,
     /// Started by the old Python service and adopted at takeover: it has no spec hash, and is
@@ -88,12 +97,53 @@ pub enum Action {
         containers: Vec<String>,
         reason: RemoveReason,
     },
+    /// Bring the session's container from `found` to `to` (pause, unpause, stop, start it
+    /// again) and record it; `found == to` only records what the engine already shows.
+    Transition {
+        chat_id: ChatId,
+        session_id: SessionId,
+        container_id: Option<String>,
+        found: Found,
+        to: SandboxState,
+        stale: Vec<String>,
+    },
+    /// The TTL passed under `sandbox.on_expiry: hibernate`: declare the sandbox hibernated
+    /// (for `sandbox.hibernated_retention_seconds`); the next pass stops it.
+    HibernateAtExpiry {
+        chat_id: ChatId,
+        session_id: SessionId,
+    },
+}
+
+/// How the session's own container was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Running,
+    Paused,
+    /// Exists but does not run: hibernated by sandboxd.
+    Stopped,
+    /// No container.
+    Missing,
+}
+
+impl Found {
+    /// The state a container found so already is in, if any.
+    fn as_state(self) -> Option<SandboxState> {
+        match self {
+            Found::Running => Some(SandboxState::Running),
+            Found::Paused => Some(SandboxState::Paused),
+            Found::Stopped | Found::Missing => Some(SandboxState::Hibernated),
+        }
+    }
 }
 
 impl Action {
     pub fn key(&self) -> Key {
         match self {
-            Action::Start { chat_id, .. } | Action::Adopt { chat_id, .. } => Key::Chat(*chat_id),
+            Action::Start { chat_id, .. }
+            | Action::Adopt { chat_id, .. }
+            | Action::Transition { chat_id, .. }
+            | Action::HibernateAtExpiry { chat_id, .. } => Key::Chat(*chat_id),
             Action::Remove { key, .. } => key.clone(),
         }
     }
@@ -135,6 +185,24 @@ impl Action {
                     containers: theirs, ..
                 },
             ) => covers(ours, theirs),
+            (
+                Action::Transition {
+                    session_id: a,
+                    to: x,
+                    stale: ours,
+                    ..
+                },
+                Action::Transition {
+                    session_id: b,
+                    to: y,
+                    stale: theirs,
+                    ..
+                },
+            ) => a == b && x == y && covers(ours, theirs),
+            (
+                Action::HibernateAtExpiry { session_id: a, .. },
+                Action::HibernateAtExpiry { session_id: b, .. },
+            ) => a == b,
             _ => false,
         }
     }
@@ -150,6 +218,13 @@ impl Action {
                 RemoveReason::Expire { .. } => "expire",
                 RemoveReason::Finalize { .. } => "finalize",
             },
+            Action::Transition { found, to, .. } => match (found.as_state(), to) {
+                (Some(a), b) if a == *b => "record_state",
+                (_, SandboxState::Running) => "resume",
+                (_, SandboxState::Paused) => "pause",
+                (_, SandboxState::Hibernated) => "hibernate",
+            },
+            Action::HibernateAtExpiry { .. } => "hibernate_at_expiry",
         }
     }
 }
@@ -202,6 +277,13 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
 
         // An `expired` phase is final for its session, even if a clock step or a late renew
         // moved `expires_at` forward again: the session never comes back.
+        if now >= row.expires_at && row.hibernate_at_expiry && row.phase != Phase::Expired {
+            out.actions.push(Action::HibernateAtExpiry {
+                chat_id: row.chat_id,
+                session_id: row.session_id,
+            });
+            continue;
+        }
         if now >= row.expires_at || row.phase == Phase::Expired {
             if !containers.is_empty() || row.phase != Phase::Expired {
                 out.actions.push(Action::Remove {
@@ -215,65 +297,11 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
             continue;
         }
         wake(row.expires_at, &mut out);
-
-        let healthy = |c: &Observed| {
-            c.running
-                && c.session_id == Some(row.session_id)
-                && (c.legacy || c.spec_hash.as_deref() == Some(row.spec_hash.as_str()))
-                && c.ip.is_some()
-        };
-        // Prefer the container the row already points at; otherwise the lowest id.
-        let keep = containers
-            .iter()
-            .filter(|c| healthy(c))
-            .find(|c| row.container_id.as_deref() == Some(c.container_id.as_str()))
-            .or_else(|| containers.iter().find(|c| healthy(c)))
-            .copied();
-        let stale: Vec<String> = containers
-            .iter()
-            .filter(|c| keep.is_none_or(|k| k.container_id != c.container_id))
-            .map(|c| c.container_id.clone())
-            .collect();
-
-        match keep {
-            Some(k) => {
-                let ip = k.ip.clone().unwrap_or_default();
-                let recorded = row.phase == Phase::Running
-                    && row.container_id.as_deref() == Some(k.container_id.as_str())
-                    && row.endpoint_ip.as_deref() == Some(ip.as_str());
-                if !recorded {
-                    out.actions.push(Action::Adopt {
-                        chat_id: row.chat_id,
-                        session_id: row.session_id,
-                        container_id: k.container_id.clone(),
-                        ip,
-                        stale,
-                    });
-                } else if !stale.is_empty() {
-                    out.actions.push(Action::Remove {
-                        key: Key::Chat(row.chat_id),
-                        containers: stale,
-                        reason: RemoveReason::Stale,
-                    });
-                }
-            }
-            None => match row.next_attempt_at {
-                Some(t) if t > now => {
-                    wake(t, &mut out);
-                    if !stale.is_empty() {
-                        out.actions.push(Action::Remove {
-                            key: Key::Chat(row.chat_id),
-                            containers: stale,
-                            reason: RemoveReason::Stale,
-                        });
-                    }
-                }
-                _ => out.actions.push(Action::Start {
-                    chat_id: row.chat_id,
-                    session_id: row.session_id,
-                    stale,
-                }),
-            },
+        if let Some(t) = row.state_changes_at {
+            wake(t, &mut out);
+        }
+        if let Some(action) = plan_live(row, &containers, now, &mut out) {
+            out.actions.push(action);
         }
     }
 
@@ -294,6 +322,123 @@ pub fn plan(desired: &[Desired], observed: &[Observed], now: DateTime<Utc>) -> P
     }
     out.actions.sort_by_key(Action::key);
     out
+}
+
+/// The action for a live row: bring its containers to the row's (effective) state.
+fn plan_live(
+    row: &Desired,
+    containers: &[&Observed],
+    now: DateTime<Utc>,
+    out: &mut Plan,
+) -> Option<Action> {
+    let ours = |c: &Observed| {
+        c.session_id == Some(row.session_id)
+            && (c.legacy || c.spec_hash.as_deref() == Some(row.spec_hash.as_str()))
+    };
+    let healthy = |c: &Observed| ours(c) && c.running && c.ip.is_some();
+    // Prefer the container the row already points at; otherwise the lowest id.
+    let pick = |fits: &dyn Fn(&Observed) -> bool| {
+        containers
+            .iter()
+            .filter(|c| fits(c))
+            .find(|c| row.container_id.as_deref() == Some(c.container_id.as_str()))
+            .or_else(|| containers.iter().find(|c| fits(c)))
+            .copied()
+    };
+    // A stopped container is the session's hibernated one when sandboxd stopped it (the
+    // phase is written before the stop) or when hibernation is wanted anyway; otherwise it
+    // exited on its own: a crash, restarted by `Start` with crash-loop pacing.
+    let hibernated = row.phase == Phase::Hibernated || row.state == SandboxState::Hibernated;
+    let keep = pick(&healthy)
+        .map(|c| (c, Found::Running))
+        .or_else(|| pick(&|c| ours(c) && c.paused).map(|c| (c, Found::Paused)))
+        .or_else(|| {
+            pick(&|c| ours(c) && hibernated && !c.running && !c.paused).map(|c| (c, Found::Stopped))
+        });
+    let stale = |keep: Option<&Observed>| -> Vec<String> {
+        containers
+            .iter()
+            .filter(|c| keep.is_none_or(|k| k.container_id != c.container_id))
+            .map(|c| c.container_id.clone())
+            .collect()
+    };
+    let remove_stale = |stale: Vec<String>| {
+        (!stale.is_empty()).then_some(Action::Remove {
+            key: Key::Chat(row.chat_id),
+            containers: stale,
+            reason: RemoveReason::Stale,
+        })
+    };
+    let transition = |c: Option<&Observed>, found: Found, to: SandboxState| Action::Transition {
+        chat_id: row.chat_id,
+        session_id: row.session_id,
+        container_id: c.map(|c| c.container_id.clone()),
+        found,
+        to,
+        stale: stale(c),
+    };
+    let recorded = |c: &Observed, phase: Phase| {
+        row.phase == phase && row.container_id.as_deref() == Some(c.container_id.as_str())
+    };
+
+    match (row.state, keep) {
+        (SandboxState::Running, Some((k, Found::Running))) => {
+            let ip = k.ip.clone().unwrap_or_default();
+            let recorded =
+                recorded(k, Phase::Running) && row.endpoint_ip.as_deref() == Some(ip.as_str());
+            if recorded {
+                remove_stale(stale(Some(k)))
+            } else {
+                Some(Action::Adopt {
+                    chat_id: row.chat_id,
+                    session_id: row.session_id,
+                    container_id: k.container_id.clone(),
+                    ip,
+                    stale: stale(Some(k)),
+                })
+            }
+        }
+        // Frozen or stopped by sandboxd, wanted running: resumed in place, never replaced.
+        (SandboxState::Running, Some((k, found))) => {
+            Some(transition(Some(k), found, SandboxState::Running))
+        }
+        (SandboxState::Paused, Some((k, Found::Paused))) if recorded(k, Phase::Paused) => {
+            remove_stale(stale(Some(k)))
+        }
+        (SandboxState::Paused, Some((k, found))) => {
+            Some(transition(Some(k), found, SandboxState::Paused))
+        }
+        (SandboxState::Hibernated, Some((k, Found::Stopped)))
+            if recorded(k, Phase::Hibernated) && row.endpoint_ip.is_none() =>
+        {
+            remove_stale(stale(Some(k)))
+        }
+        (SandboxState::Hibernated, Some((k, found))) => {
+            Some(transition(Some(k), found, SandboxState::Hibernated))
+        }
+        // Hibernated and nothing to keep: there is nothing to stop; a resume starts cold.
+        (SandboxState::Hibernated, None) => {
+            if row.phase == Phase::Hibernated && row.container_id.is_none() {
+                remove_stale(stale(None))
+            } else {
+                Some(transition(None, Found::Missing, SandboxState::Hibernated))
+            }
+        }
+        // Running or paused wanted, nothing to keep: start (a paused one is paused after).
+        (_, None) => match row.next_attempt_at {
+            Some(t) if t > now => {
+                if out.next_wake.is_none_or(|w| t < w) {
+                    out.next_wake = Some(t);
+                }
+                remove_stale(stale(None))
+            }
+            _ => Some(Action::Start {
+                chat_id: row.chat_id,
+                session_id: row.session_id,
+                stale: stale(None),
+            }),
+        },
+    }
 }
 
 #[cfg(test)]

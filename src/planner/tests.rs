@@ -28,6 +28,9 @@ fn row(n: u8) -> Desired {
         container_id: None,
         endpoint_ip: None,
         next_attempt_at: None,
+        state: SandboxState::Running,
+        state_changes_at: None,
+        hibernate_at_expiry: false,
     }
 }
 
@@ -47,6 +50,7 @@ fn container(n: u8) -> Observed {
         session_id: Some(session(n)),
         spec_hash: Some("h".into()),
         running: true,
+        paused: false,
         ip: Some(format!("10.0.0.{n}")),
         legacy: false,
         pool_slot: None,
@@ -97,6 +101,7 @@ fn healthy_container_after_restart_is_adopted_not_restarted() {
 fn dead_or_drifted_container_is_replaced() {
     let dead = Observed {
         running: false,
+        paused: false,
         ..container(1)
     };
     let p = plan(&[running_row(1)], &[dead], t0());
@@ -242,6 +247,7 @@ fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, nex
                     session_id: Some(*session_id),
                     spec_hash: Some(row.spec_hash.clone()),
                     running: true,
+                    paused: false,
                     ip: Some(ip.clone()),
                     legacy: false,
                     pool_slot: None,
@@ -263,6 +269,54 @@ fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, nex
                 row.phase = Phase::Running;
                 row.container_id = Some(container_id.clone());
                 row.endpoint_ip = Some(ip.clone());
+            }
+            Action::Transition {
+                chat_id,
+                container_id,
+                to,
+                stale,
+                ..
+            } => {
+                observed.retain(|c| !stale.contains(&c.container_id));
+                let row = desired.iter_mut().find(|d| d.chat_id == *chat_id).unwrap();
+                let c = container_id
+                    .as_ref()
+                    .and_then(|id| observed.iter_mut().find(|c| c.container_id == *id));
+                match (to, c) {
+                    (SandboxState::Hibernated, c) => {
+                        if let Some(c) = c {
+                            c.running = false;
+                            c.paused = false;
+                            c.ip = None;
+                        }
+                        row.phase = Phase::Hibernated;
+                        row.container_id = container_id.clone();
+                        row.endpoint_ip = None;
+                    }
+                    (to, Some(c)) => {
+                        let ip =
+                            c.ip.clone()
+                                .unwrap_or_else(|| format!("10.2.0.{}", *next_id));
+                        *next_id += 1;
+                        c.ip = Some(ip.clone());
+                        c.running = *to == SandboxState::Running;
+                        c.paused = *to == SandboxState::Paused;
+                        row.phase = if c.running {
+                            Phase::Running
+                        } else {
+                            Phase::Paused
+                        };
+                        row.container_id = Some(c.container_id.clone());
+                        row.endpoint_ip = Some(ip);
+                    }
+                    (_, None) => unreachable!("a resume or pause always names its container"),
+                }
+            }
+            Action::HibernateAtExpiry { chat_id, .. } => {
+                let row = desired.iter_mut().find(|d| d.chat_id == *chat_id).unwrap();
+                row.state = SandboxState::Hibernated;
+                row.hibernate_at_expiry = false;
+                row.expires_at = t0() + Duration::days(7);
             }
             Action::Remove {
                 key,
@@ -295,6 +349,10 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
             prop::sample::select(Phase::ALL.to_vec()),
             any::<bool>(),
             0i64..3,
+            (
+                prop::sample::select(SandboxState::ALL.to_vec()),
+                any::<bool>(),
+            ),
         ),
         0..10,
     )
@@ -302,15 +360,20 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
         let mut seen = std::collections::HashSet::new();
         v.into_iter()
             .filter(|(n, ..)| seen.insert(*n))
-            .map(|(n, deleted, exp, phase, has_c, backoff)| Desired {
-                deleted,
-                expires_at: t0() + Duration::seconds(exp * 100 - 50),
-                phase,
-                container_id: has_c.then(|| format!("c{n}")),
-                endpoint_ip: has_c.then(|| format!("10.0.0.{n}")),
-                next_attempt_at: (backoff > 0).then(|| t0() + Duration::seconds(backoff * 10 - 15)),
-                ..row(n)
-            })
+            .map(
+                |(n, deleted, exp, phase, has_c, backoff, (state, at_expiry))| Desired {
+                    state,
+                    hibernate_at_expiry: at_expiry && state != SandboxState::Hibernated,
+                    deleted,
+                    expires_at: t0() + Duration::seconds(exp * 100 - 50),
+                    phase,
+                    container_id: has_c.then(|| format!("c{n}")),
+                    endpoint_ip: has_c.then(|| format!("10.0.0.{n}")),
+                    next_attempt_at: (backoff > 0)
+                        .then(|| t0() + Duration::seconds(backoff * 10 - 15)),
+                    ..row(n)
+                },
+            )
             .collect::<Vec<_>>()
     });
     let containers = prop::collection::vec(
@@ -318,7 +381,8 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
             0u8..12,
             0u8..3,
             any::<bool>(),
-            any::<bool>(),
+            // running, paused or stopped
+            prop::sample::select(vec![(true, false), (false, true), (false, false)]),
             any::<bool>(),
             any::<bool>(),
             0u8..4,
@@ -329,7 +393,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
         v.into_iter()
             .enumerate()
             .map(
-                |(i, (n, sess, hash_ok, running, has_ip, parsable, suffix))| Observed {
+                |(i, (n, sess, hash_ok, (running, paused), has_ip, parsable, suffix))| Observed {
                     container_id: if suffix == 0 {
                         format!("c{n}")
                     } else {
@@ -343,6 +407,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
                     }),
                     spec_hash: Some(if hash_ok { "h".into() } else { "old".into() }),
                     running,
+                    paused,
                     ip: has_ip.then(|| format!("10.0.0.{n}")),
                     legacy: false,
                     pool_slot: None,
@@ -364,7 +429,23 @@ proptest! {
         let first = plan(&desired, &observed, now);
         let mut next_id = 0;
         apply(&mut desired, &mut observed, &first, &mut next_id);
-        let second = plan(&desired, &observed, now);
+        let mut second = plan(&desired, &observed, now);
+        // Two steps by design: hibernating at expiry is a desired-state write (its stop is
+        // the next plan's), and a sandbox wanted paused without a container starts first.
+        let paused_start = |a: &Action| match a {
+            Action::Start { chat_id, .. } => desired
+                .iter()
+                .any(|d| d.chat_id == *chat_id && d.state == SandboxState::Paused),
+            _ => false,
+        };
+        if first
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::HibernateAtExpiry { .. }) || paused_start(a))
+        {
+            apply(&mut desired, &mut observed, &second, &mut next_id);
+            second = plan(&desired, &observed, now);
+        }
         prop_assert!(second.actions.is_empty(), "second plan: {:?}", second.actions);
     }
 
@@ -379,6 +460,10 @@ proptest! {
                 Action::Start { stale, .. } => stale.iter().collect(),
                 Action::Adopt { stale, container_id, .. } => stale.iter().chain([container_id]).collect(),
                 Action::Remove { containers, .. } => containers.iter().collect(),
+                Action::Transition { stale, container_id, .. } => {
+                    stale.iter().chain(container_id.iter()).collect()
+                }
+                Action::HibernateAtExpiry { .. } => Vec::new(),
             };
             for id in ids {
                 prop_assert!(touched.insert(id.clone()), "container {id} in two actions");
@@ -448,6 +533,7 @@ fn an_adopted_old_service_container_is_kept_despite_its_spec_until_it_stops() {
     // Stopped: replaced by a container of sandboxd's own, for the same session.
     let stopped = Observed {
         running: false,
+        paused: false,
         ..legacy.clone()
     };
     match &plan(&[running_row(1)], &[stopped], t0()).actions[..] {
@@ -463,6 +549,226 @@ fn an_adopted_old_service_container_is_kept_despite_its_spec_until_it_stops() {
     let later = t0() + Duration::seconds(301);
     assert!(matches!(
         plan(&[running_row(1)], &[legacy], later).actions[..],
+        [Action::Remove {
+            reason: RemoveReason::Expire { .. },
+            ..
+        }]
+    ));
+}
+
+// ---- hibernation ---------------------------------------------------------------------
+
+fn wanting(n: u8, state: SandboxState) -> Desired {
+    Desired {
+        state,
+        ..running_row(n)
+    }
+}
+
+fn paused(n: u8) -> Observed {
+    Observed {
+        running: false,
+        paused: true,
+        ..container(n)
+    }
+}
+
+fn stopped(n: u8) -> Observed {
+    Observed {
+        running: false,
+        paused: false,
+        ip: None,
+        ..container(n)
+    }
+}
+
+fn transition(p: &Plan) -> (Option<String>, Found, SandboxState, Vec<String>) {
+    match &p.actions[..] {
+        [Action::Transition {
+            container_id,
+            found,
+            to,
+            stale,
+            ..
+        }] => (container_id.clone(), *found, *to, stale.clone()),
+        other => panic!("expected one transition, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_running_sandbox_wanted_paused_or_hibernated_is_frozen_or_stopped_in_place() {
+    let p = plan(&[wanting(1, SandboxState::Paused)], &[container(1)], t0());
+    assert_eq!(
+        transition(&p),
+        (
+            Some("c1".into()),
+            Found::Running,
+            SandboxState::Paused,
+            vec![]
+        )
+    );
+    assert_eq!(p.actions[0].kind(), "pause");
+    let p = plan(&[wanting(1, SandboxState::Hibernated)], &[paused(1)], t0());
+    assert_eq!(
+        transition(&p),
+        (
+            Some("c1".into()),
+            Found::Paused,
+            SandboxState::Hibernated,
+            vec![]
+        )
+    );
+    assert_eq!(p.actions[0].kind(), "hibernate");
+}
+
+#[test]
+fn settled_states_need_nothing() {
+    let r = Desired {
+        phase: Phase::Paused,
+        ..wanting(1, SandboxState::Paused)
+    };
+    assert!(plan(&[r], &[paused(1)], t0()).actions.is_empty());
+    let r = Desired {
+        phase: Phase::Hibernated,
+        endpoint_ip: None,
+        ..wanting(1, SandboxState::Hibernated)
+    };
+    assert!(plan(&[r], &[stopped(1)], t0()).actions.is_empty());
+}
+
+#[test]
+fn a_container_found_paused_or_stopped_by_sandboxd_is_resumed_never_replaced() {
+    // Paused (by sandboxd or by hand) and wanted running: thawed.
+    let p = plan(&[running_row(1)], &[paused(1)], t0());
+    assert_eq!(
+        transition(&p),
+        (
+            Some("c1".into()),
+            Found::Paused,
+            SandboxState::Running,
+            vec![]
+        )
+    );
+    assert_eq!(p.actions[0].kind(), "resume");
+    // Stopped while the phase says hibernated: started again in place.
+    let r = Desired {
+        phase: Phase::Hibernated,
+        endpoint_ip: None,
+        ..running_row(1)
+    };
+    let p = plan(&[r], &[stopped(1)], t0());
+    assert_eq!(
+        transition(&p),
+        (
+            Some("c1".into()),
+            Found::Stopped,
+            SandboxState::Running,
+            vec![]
+        )
+    );
+}
+
+#[test]
+fn a_container_that_stopped_on_its_own_is_a_crash_not_a_hibernation() {
+    let p = plan(&[running_row(1)], &[stopped(1)], t0());
+    assert_eq!(
+        p.actions,
+        vec![Action::Start {
+            chat_id: chat(1),
+            session_id: session(1),
+            stale: vec!["c1".into()],
+        }]
+    );
+}
+
+#[test]
+fn a_stop_interrupted_by_a_crash_of_sandboxd_is_recorded_not_repeated() {
+    // The phase was written, the container stopped, the record never made.
+    let r = Desired {
+        phase: Phase::Hibernated,
+        ..wanting(1, SandboxState::Hibernated)
+    };
+    let p = plan(&[r], &[stopped(1)], t0());
+    assert_eq!(
+        transition(&p),
+        (
+            Some("c1".into()),
+            Found::Stopped,
+            SandboxState::Hibernated,
+            vec![]
+        )
+    );
+    assert_eq!(p.actions[0].kind(), "record_state");
+    // Written, stop never sent: stopped now.
+    let r = Desired {
+        phase: Phase::Hibernated,
+        ..wanting(1, SandboxState::Hibernated)
+    };
+    let p = plan(&[r], &[container(1)], t0());
+    assert_eq!(transition(&p).1, Found::Running);
+}
+
+#[test]
+fn hibernated_without_a_container_is_recorded_and_a_resume_starts_cold() {
+    let p = plan(&[wanting(1, SandboxState::Hibernated)], &[], t0());
+    assert_eq!(
+        transition(&p),
+        (None, Found::Missing, SandboxState::Hibernated, vec![])
+    );
+    let r = Desired {
+        phase: Phase::Hibernated,
+        container_id: None,
+        endpoint_ip: None,
+        ..running_row(1)
+    };
+    let p = plan(&[r], &[], t0());
+    assert!(matches!(&p.actions[..], [Action::Start { .. }]));
+}
+
+#[test]
+fn other_sessions_containers_go_beside_a_transition() {
+    let mut old = container(1);
+    old.container_id = "old".into();
+    old.session_id = Some(session(9));
+    let p = plan(
+        &[wanting(1, SandboxState::Paused)],
+        &[container(1), old],
+        t0(),
+    );
+    assert_eq!(transition(&p).3, vec!["old".to_string()]);
+}
+
+#[test]
+fn the_idle_timer_and_expiry_under_hibernation_are_deadlines() {
+    let r = Desired {
+        state_changes_at: Some(t0() + Duration::seconds(30)),
+        ..running_row(1)
+    };
+    let p = plan(&[r], &[container(1)], t0());
+    assert!(p.actions.is_empty());
+    assert_eq!(p.next_wake, Some(t0() + Duration::seconds(30)));
+    // Past the TTL with `on_expiry: hibernate`: declared hibernated, nothing removed.
+    let r = Desired {
+        hibernate_at_expiry: true,
+        ..running_row(1)
+    };
+    let p = plan(&[r], &[container(1)], t0() + Duration::seconds(300));
+    assert_eq!(
+        p.actions,
+        vec![Action::HibernateAtExpiry {
+            chat_id: chat(1),
+            session_id: session(1)
+        }]
+    );
+    // Past the retention of a hibernated one: removed as expired.
+    let r = Desired {
+        phase: Phase::Hibernated,
+        endpoint_ip: None,
+        ..wanting(1, SandboxState::Hibernated)
+    };
+    let p = plan(&[r], &[stopped(1)], t0() + Duration::seconds(300));
+    assert!(matches!(
+        &p.actions[..],
         [Action::Remove {
             reason: RemoveReason::Expire { .. },
             ..

@@ -86,6 +86,15 @@ pub enum EventAction {
     StorageWrite,
     /// Chat storage: a chat or an attachment removed (audit).
     StorageDelete,
+    /// A sandbox's declared state changed (detail: the state and who declared it).
+    StateDeclared,
+    /// Its container was frozen.
+    Pause,
+    /// Its container was stopped and kept.
+    Hibernate,
+    /// Its container was thawed or started again (detail `start`: `resume`, or
+    /// `resume_fallback` when the resume failed and a cold start replaced it).
+    Resume,
 }
 
 impl EventAction {
@@ -108,6 +117,10 @@ impl EventAction {
             EventAction::ImageBuild => "image_build",
             EventAction::StorageWrite => "storage_write",
             EventAction::StorageDelete => "storage_delete",
+            EventAction::StateDeclared => "state_declared",
+            EventAction::Pause => "pause",
+            EventAction::Hibernate => "hibernate",
+            EventAction::Resume => "resume",
         }
     }
 }

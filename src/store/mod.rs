@@ -12,6 +12,7 @@
 //! Phase names are bound from [`Phase`], never spelt in SQL.
 
 mod events;
+mod hibernation;
 mod mirror;
 mod pool;
 mod retention;
@@ -19,6 +20,7 @@ mod row;
 mod sessions;
 mod status;
 mod storage;
+pub mod wait;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use tokio::time::Instant;
 use crate::domain::{ChatId, Phase};
 
 pub use events::{EventAction, EventOutcome, NewEvent};
+pub use hibernation::Declared;
 pub use pool::{Member, MemberState};
 pub use row::{SandboxRow, StoredEvent};
 pub use sessions::{ApplyOutcome, CreateOutcome, ImportOutcome, LegacyImport};
@@ -74,6 +77,8 @@ pub struct NewSession {
     /// The profile the request named (`None`: the default). A live session under another
     /// profile is not reused by a create.
     pub profile: Option<String>,
+    /// The declared state (`PUT`'s `state`; a create always wants it running).
+    pub state: crate::domain::hibernation::SandboxState,
 }
 
 /// How many change notifications may queue up for a slow waiter before it must re-read.

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{FromRow, Row};
 
+use crate::domain::hibernation::{effective_state, OnExpiry, Policy, SandboxState};
 use crate::domain::{parse_time, ChatId, Phase, SessionId};
 
 macro_rules! select {
@@ -12,7 +13,8 @@ macro_rules! select {
             "SELECT chat_id, session_id, generation, agent_id, volume_host_path, spec_json, \
              spec_hash, created_at, updated_at, expires_at, deleted_at, phase, container_id, \
              endpoint_ip, endpoint_port, observed_generation, attempts, last_error, \
-             next_attempt_at, running_since, legacy_container_id, restarts, host_port FROM sandboxes ",
+             next_attempt_at, running_since, legacy_container_id, restarts, host_port, \
+             desired_state, last_active_at FROM sandboxes ",
             $tail
         )
     };
@@ -54,6 +56,10 @@ pub struct SandboxRow {
     pub restarts: u32,
     /// The agent port's published host port, when `sandbox.publish_agent_port` is on.
     pub host_port: Option<u16>,
+    /// The declared state (migration 0008): running, paused or hibernated.
+    pub desired_state: SandboxState,
+    /// The idle clock: the last create/reuse, exec, file call, renew or resume.
+    pub last_active_at: DateTime<Utc>,
 }
 
 impl SandboxRow {
@@ -68,9 +74,23 @@ impl SandboxRow {
         self.observed_generation == self.generation
     }
 
-    /// The planner's view of this row.
-    pub fn desired(&self) -> crate::planner::Desired {
+    /// The state the sandbox should be in now: declared, or further along when idle.
+    pub fn effective_state(
+        &self,
+        policy: &Policy,
+        now: DateTime<Utc>,
+    ) -> (SandboxState, Option<DateTime<Utc>>) {
+        effective_state(self.desired_state, self.last_active_at, now, policy.idle)
+    }
+
+    /// The planner's view of this row under the hibernation policy at `now`.
+    pub fn desired(&self, policy: &Policy, now: DateTime<Utc>) -> crate::planner::Desired {
+        let (state, state_changes_at) = self.effective_state(policy, now);
         crate::planner::Desired {
+            state,
+            state_changes_at,
+            hibernate_at_expiry: policy.on_expiry == OnExpiry::Hibernate
+                && self.desired_state != SandboxState::Hibernated,
             chat_id: self.chat_id,
             session_id: self.session_id,
             spec_hash: self.spec_hash.clone(),
@@ -140,6 +160,14 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
                 .try_get::<Option<i64>, _>("host_port")?
                 .map(|p| decode("host_port", u16::try_from(p)))
                 .transpose()?,
+            desired_state: decode(
+                "desired_state",
+                row.try_get::<String, _>("desired_state")?.parse(),
+            )?,
+            last_active_at: match opt_time(row, "last_active_at")? {
+                Some(t) => t,
+                None => time(row, "updated_at")?,
+            },
         })
     }
 }

@@ -27,6 +27,8 @@ pub enum CreateOutcome {
 #[derive(Debug)]
 pub enum ApplyOutcome {
     Unchanged(SandboxRow),
+    /// The same spec with another declared state: only the state was written.
+    StateChanged(SandboxRow),
     /// A new session replaced a live one whose spec differed.
     Replaced(SandboxRow),
     Created(SandboxRow),
@@ -100,7 +102,12 @@ impl Store {
 
     /// Declarative apply: an identical live spec is left alone, anything else gets a new
     /// session (as Kubernetes apply replaces a pod whose template changed).
-    pub async fn apply(&self, new: &NewSession, now: DateTime<Utc>) -> Result<ApplyOutcome> {
+    pub async fn apply(
+        &self,
+        new: &NewSession,
+        now: DateTime<Utc>,
+        retention: chrono::Duration,
+    ) -> Result<ApplyOutcome> {
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
@@ -110,7 +117,27 @@ impl Store {
             {
                 let cur = cur.clone();
                 tx.rollback().await?;
-                return Ok(ApplyOutcome::Unchanged(cur));
+                if cur.desired_state == new.state {
+                    return Ok(ApplyOutcome::Unchanged(cur));
+                }
+                // Only the state differs: declared on the same session (its container stays).
+                return Ok(
+                    match self
+                        .declare_state(
+                            cur.chat_id,
+                            cur.session_id,
+                            new.state,
+                            super::Declared::Client,
+                            new.ttl,
+                            retention,
+                            now,
+                        )
+                        .await?
+                    {
+                        Some(row) => ApplyOutcome::StateChanged(row),
+                        None => ApplyOutcome::Unchanged(cur),
+                    },
+                );
             }
         }
         let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
@@ -175,7 +202,8 @@ impl Store {
                endpoint_ip = excluded.endpoint_ip, endpoint_port = excluded.endpoint_port, \
                observed_generation = excluded.generation, attempts = 0, last_error = NULL, \
                next_attempt_at = NULL, running_since = excluded.running_since, \
-               legacy_container_id = excluded.legacy_container_id",
+               legacy_container_id = excluded.legacy_container_id, desired_state = 'running', \
+               last_active_at = excluded.updated_at",
         )
         .bind(l.chat_id.to_string())
         .bind(l.session_id.to_string())
@@ -334,9 +362,9 @@ async fn write_new_session(
         "INSERT INTO sandboxes (chat_id, session_id, generation, agent_id, volume_host_path, \
            spec_json, spec_hash, created_at, updated_at, expires_at, deleted_at, phase, \
            container_id, endpoint_ip, endpoint_port, attempts, last_error, next_attempt_at, \
-           running_since) \
+           running_since, desired_state, last_active_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, NULL, ?10, NULL, NULL, NULL, 0, \
-           NULL, NULL, NULL) \
+           NULL, NULL, NULL, ?11, ?8) \
          ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, \
            generation = excluded.generation, agent_id = excluded.agent_id, \
            volume_host_path = excluded.volume_host_path, spec_json = excluded.spec_json, \
@@ -344,7 +372,8 @@ async fn write_new_session(
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = ?10, container_id = NULL, endpoint_ip = NULL, \
            endpoint_port = NULL, host_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
-           running_since = NULL, restarts = 0",
+           running_since = NULL, restarts = 0, desired_state = excluded.desired_state, \
+           last_active_at = excluded.last_active_at",
     )
     .bind(new.chat_id.to_string())
     .bind(session_id.to_string())
@@ -356,6 +385,7 @@ async fn write_new_session(
     .bind(&at)
     .bind(format_time(now + new.ttl))
     .bind(Phase::Pending.as_str())
+    .bind(new.state.as_str())
     .execute(&mut **tx)
     .await?;
     insert_event(

@@ -513,6 +513,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
     store.migrate().await.unwrap();
     let chat: sandboxd::domain::ChatId = new_chat().parse().unwrap();
     let ask = |agent: &str| NewSession {
+        state: sandboxd::domain::hibernation::SandboxState::Running,
         chat_id: chat,
         agent_id: agent.into(),
         volume_host_path: "/data".into(),

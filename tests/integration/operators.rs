@@ -202,6 +202,7 @@ async fn retention_deletes_old_events_and_old_expired_rows_only() {
     let now = chrono::Utc::now();
     let old = now - chrono::Duration::days(40);
     let session = |chat: sandboxd::domain::ChatId| NewSession {
+        state: sandboxd::domain::hibernation::SandboxState::Running,
         chat_id: chat,
         agent_id: "a".into(),
         volume_host_path: "/data".into(),

@@ -54,6 +54,7 @@ async fn assert_same(served: &Store, disk: &Store, step: &str) {
 
 fn session(chat: ChatId, rng: &mut Rng) -> NewSession {
     NewSession {
+        state: sandboxd::domain::hibernation::SandboxState::Running,
         chat_id: chat,
         agent_id: ["a", "b"][rng.below(2) as usize].into(),
         volume_host_path: "/data/v".into(),
@@ -78,7 +79,11 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
                 .create_or_reuse(&session(chat, &mut rng), now, chrono::Duration::zero())
                 .await,
         ),
-        (1, _) => drop(store.apply(&session(chat, &mut rng), now).await),
+        (1, _) => drop(
+            store
+                .apply(&session(chat, &mut rng), now, chrono::Duration::days(7))
+                .await,
+        ),
         (2, _) => drop(store.request_delete(chat, now).await),
         (3, _) => drop(store.renew(chat, chrono::Duration::seconds(60), now).await),
         (4, Some(s)) => drop(store.retry_now(chat, s, now).await),

@@ -219,6 +219,7 @@ impl DockerRuntime {
                     session_id: parsed.session_id,
                     spec_hash: parsed.spec_hash,
                     running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    paused: c.state == Some(ContainerSummaryStateEnum::PAUSED),
                     ip,
                     legacy: false,
                     pool_slot: parsed.pool_slot,
@@ -624,6 +625,44 @@ impl Backend for DockerRuntime {
     fn warm(&self) -> Option<&dyn WarmStarts> {
         Some(self)
     }
+
+    fn hibernation(&self) -> Option<&dyn super::Hibernation> {
+        Some(self)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Hibernation for DockerRuntime {
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.call("pause", &[], self.engine.docker.pause_container(id))
+            .await
+            .map_err(BackendError::from_engine("pause_container"))
+    }
+
+    async fn unpause(&self, id: &str) -> Result<()> {
+        self.call("unpause", &[], self.engine.docker.unpause_container(id))
+            .await
+            .map_err(BackendError::from_engine("unpause_container"))
+    }
+
+    /// A 304 (already stopped) is success.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<()> {
+        let options = bollard::query_parameters::StopContainerOptionsBuilder::new()
+            .t(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX))
+            .build();
+        match self
+            .call(
+                "stop",
+                &[304],
+                self.engine.docker.stop_container(id, Some(options)),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(BackendError::engine("stop_container", e)),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -684,6 +723,7 @@ impl LegacyTakeover for DockerRuntime {
                 session_id: Some(c.session.session_id),
                 spec_hash: None,
                 running: c.running,
+                paused: false,
                 ip: c.ip,
                 legacy: true,
                 pool_slot: None,

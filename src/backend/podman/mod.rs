@@ -154,6 +154,7 @@ impl Backend for PodmanRuntime {
                     session_id: parsed.session_id,
                     spec_hash: parsed.spec_hash,
                     running: c.state == "running",
+                    paused: c.state == "paused",
                     ip,
                     legacy: false,
                     pool_slot: parsed.pool_slot,
@@ -265,6 +266,12 @@ impl Backend for PodmanRuntime {
     /// included), and Podman honours `rslave` bind propagation.
     fn warm(&self) -> Option<&dyn WarmStarts> {
         self.docker.warm()
+    }
+
+    /// The docker backend's: Podman's compat API pauses (cgroup freezer), unpauses and stops
+    /// as dockerd does.
+    fn hibernation(&self) -> Option<&dyn super::Hibernation> {
+        self.docker.hibernation()
     }
 
     /// The docker backend's: Podman's compat build API takes the same context tar, and the

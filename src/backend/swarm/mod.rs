@@ -290,6 +290,7 @@ impl SwarmRuntime {
                     session_id: parsed.session_id,
                     spec_hash: parsed.spec_hash,
                     running: serving.is_some(),
+                    paused: false,
                     ip: serving.and_then(|s| s.ip),
                     legacy: false,
                     pool_slot: None,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::{SandboxRow, Store, StoreError};
 use crate::domain::{ChatId, Phase, SessionId};
-use crate::store::{SandboxRow, Store, StoreError};
 
 /// Why a session stopped being the one to wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,36 @@ pub async fn for_settled(
             Some(_) => None,
         },
         |last| last,
+    )
+    .await?;
+    Ok(row.flatten())
+}
+
+/// Waits until session `session_id` of `chat_id` has settled in `phase` (a hibernated one
+/// also without an address: its stop is done). `None` when the session went or the deadline
+/// passed first.
+pub async fn for_phase(
+    store: &Store,
+    chat_id: ChatId,
+    session_id: SessionId,
+    phase: Phase,
+    timeout: Duration,
+) -> Result<Option<SandboxRow>, StoreError> {
+    let row = wait_for(
+        store,
+        chat_id,
+        timeout,
+        |row| match row {
+            None => Some(None),
+            Some(r) if r.session_id != session_id || r.deleted_at.is_some() => Some(None),
+            Some(r)
+                if r.phase == phase && (phase != Phase::Hibernated || r.endpoint_ip.is_none()) =>
+            {
+                Some(Some(r.clone()))
+            }
+            Some(_) => None,
+        },
+        |_| None,
     )
     .await?;
     Ok(row.flatten())
