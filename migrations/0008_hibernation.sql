@@ -1,6 +1,7 @@
 -- sandboxd schema, version 8: hibernation (docs/hibernation.md).
 -- A sandbox's declared state (`desired_state`: running, paused or hibernated) sits beside
--- the spec; the observed `phase` gains `paused` and `hibernated`. `last_active_at` is the
+-- the spec; the observed `phase` gains `paused` and `hibernated`, and `pausing` and
+-- `hibernating` while the engine call is under way (written before it). `last_active_at` is the
 -- idle clock (create/reuse, exec, file calls, renew and resume set it): with
 -- `sandbox.idle_pause_seconds` / `sandbox.idle_hibernate_seconds` an idle sandbox is paused
 -- or hibernated without any write, and comes back on its next call.
@@ -19,7 +20,8 @@ CREATE TABLE sandboxes_v8 (
     expires_at          TEXT NOT NULL,
     deleted_at          TEXT,
     phase               TEXT NOT NULL CHECK (phase IN ('pending','running','failed','expired',
-                                                       'deleting','paused','hibernated')),
+                                                       'deleting','pausing','paused',
+                                                       'hibernating','hibernated')),
     container_id        TEXT,
     endpoint_ip         TEXT,
     endpoint_port       INTEGER,

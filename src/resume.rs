@@ -31,7 +31,10 @@ pub fn asleep(ctx: &Context, row: &SandboxRow, now: chrono::DateTime<Utc>) -> bo
     let policy = ctx.settings.sandbox.hibernation();
     row.desired_state != SandboxState::Running
         || row.effective_state(&policy, now).0 != SandboxState::Running
-        || matches!(row.phase, Phase::Paused | Phase::Hibernated)
+        || matches!(
+            row.phase,
+            Phase::Pausing | Phase::Paused | Phase::Hibernating | Phase::Hibernated
+        )
 }
 
 /// The chat's row after the call reached it: awake and running if it was asleep. `None`

@@ -493,7 +493,7 @@ impl Executor {
                     if !self
                         .ctx
                         .store
-                        .begin_transition(&row, Phase::Paused, now)
+                        .begin_transition(&row, Phase::Pausing, now)
                         .await?
                     {
                         return Ok(Outcome::Skipped);
@@ -522,7 +522,7 @@ impl Executor {
                     if !self
                         .ctx
                         .store
-                        .begin_transition(&row, Phase::Hibernated, now)
+                        .begin_transition(&row, Phase::Hibernating, now)
                         .await?
                     {
                         return Ok(Outcome::Skipped);

@@ -63,22 +63,29 @@ pub enum Phase {
     Expired,
     /// Deletion requested; the row goes once the container is gone.
     Deleting,
+    /// The engine's pause is under way (written before it, so a call arriving meanwhile
+    /// waits for a resume instead of meeting a frozen container).
+    Pausing,
     /// The session's container is frozen in place (the engine's pause): memory kept, no CPU.
     Paused,
+    /// The stop is under way (written before it, so that a stop is never mistaken for the
+    /// agent's crash, even across a restart of sandboxd).
+    Hibernating,
     /// The session's container is stopped, its writable layer and mounts kept; a resume
-    /// starts the same container again. Written before the stop, so that a stop under way is
-    /// never mistaken for the agent's crash.
+    /// starts the same container again.
     Hibernated,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Running,
         Phase::Failed,
         Phase::Expired,
         Phase::Deleting,
+        Phase::Pausing,
         Phase::Paused,
+        Phase::Hibernating,
         Phase::Hibernated,
     ];
 
@@ -89,7 +96,9 @@ impl Phase {
             Phase::Failed => "failed",
             Phase::Expired => "expired",
             Phase::Deleting => "deleting",
+            Phase::Pausing => "pausing",
             Phase::Paused => "paused",
+            Phase::Hibernating => "hibernating",
             Phase::Hibernated => "hibernated",
         }
     }

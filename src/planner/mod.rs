@@ -348,7 +348,8 @@ fn plan_live(
     // A stopped container is the session's hibernated one when sandboxd stopped it (the
     // phase is written before the stop) or when hibernation is wanted anyway; otherwise it
     // exited on its own: a crash, restarted by `Start` with crash-loop pacing.
-    let hibernated = row.phase == Phase::Hibernated || row.state == SandboxState::Hibernated;
+    let hibernated = matches!(row.phase, Phase::Hibernating | Phase::Hibernated)
+        || row.state == SandboxState::Hibernated;
     let keep = pick(&healthy)
         .map(|c| (c, Found::Running))
         .or_else(|| pick(&|c| ours(c) && c.paused).map(|c| (c, Found::Paused)))
@@ -408,9 +409,7 @@ fn plan_live(
         (SandboxState::Paused, Some((k, found))) => {
             Some(transition(Some(k), found, SandboxState::Paused))
         }
-        (SandboxState::Hibernated, Some((k, Found::Stopped)))
-            if recorded(k, Phase::Hibernated) && row.endpoint_ip.is_none() =>
-        {
+        (SandboxState::Hibernated, Some((k, Found::Stopped))) if recorded(k, Phase::Hibernated) => {
             remove_stale(stale(Some(k)))
         }
         (SandboxState::Hibernated, Some((k, found))) => {

@@ -683,9 +683,17 @@ fn a_container_that_stopped_on_its_own_is_a_crash_not_a_hibernation() {
 
 #[test]
 fn a_stop_interrupted_by_a_crash_of_sandboxd_is_recorded_not_repeated() {
+    // Wanted running again meanwhile: the stopped container is sandboxd's, resumed in place.
+    let r = Desired {
+        phase: Phase::Hibernating,
+        ..running_row(1)
+    };
+    let p = plan(&[r], &[stopped(1)], t0());
+    assert_eq!(transition(&p).1, Found::Stopped);
+    assert_eq!(p.actions[0].kind(), "resume");
     // The phase was written, the container stopped, the record never made.
     let r = Desired {
-        phase: Phase::Hibernated,
+        phase: Phase::Hibernating,
         ..wanting(1, SandboxState::Hibernated)
     };
     let p = plan(&[r], &[stopped(1)], t0());
@@ -701,7 +709,7 @@ fn a_stop_interrupted_by_a_crash_of_sandboxd_is_recorded_not_repeated() {
     assert_eq!(p.actions[0].kind(), "record_state");
     // Written, stop never sent: stopped now.
     let r = Desired {
-        phase: Phase::Hibernated,
+        phase: Phase::Hibernating,
         ..wanting(1, SandboxState::Hibernated)
     };
     let p = plan(&[r], &[container(1)], t0());

@@ -134,7 +134,7 @@ impl Store {
         Ok(done)
     }
 
-    /// Before freezing or stopping the session's container: writes the phase it is going to,
+    /// Before freezing or stopping the session's container: writes `pausing` or `hibernating`,
     /// if the row still wants it (no call restarted the idle clock, no client declared
     /// otherwise since `seen` was read). A stop under way is then never taken for a crash,
     /// and a call arriving meanwhile waits for the resume. False when the row moved on.

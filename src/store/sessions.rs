@@ -117,6 +117,7 @@ impl Store {
             {
                 let cur = cur.clone();
                 tx.rollback().await?;
+                drop(gate); // declare_state takes the write gate itself
                 if cur.desired_state == new.state {
                     return Ok(ApplyOutcome::Unchanged(cur));
                 }

@@ -132,9 +132,9 @@ pub async fn for_settled(
     Ok(row.flatten())
 }
 
-/// Waits until session `session_id` of `chat_id` has settled in `phase` (a hibernated one
-/// also without an address: its stop is done). `None` when the session went or the deadline
-/// passed first.
+/// Waits until session `session_id` of `chat_id` has settled in `phase` (`paused` and
+/// `hibernated` are written once the engine call is done). `None` when the session went or
+/// the deadline passed first.
 pub async fn for_phase(
     store: &Store,
     chat_id: ChatId,
@@ -149,11 +149,7 @@ pub async fn for_phase(
         |row| match row {
             None => Some(None),
             Some(r) if r.session_id != session_id || r.deleted_at.is_some() => Some(None),
-            Some(r)
-                if r.phase == phase && (phase != Phase::Hibernated || r.endpoint_ip.is_none()) =>
-            {
-                Some(Some(r.clone()))
-            }
+            Some(r) if r.phase == phase => Some(Some(r.clone())),
             Some(_) => None,
         },
         |_| None,

@@ -14,20 +14,20 @@ use sandboxd::store::{EventAction, EventOutcome, NewEvent};
 
 /// One SSE event: `id`, `event`, `data` (JSON).
 #[derive(Debug, Clone)]
-struct Sse {
-    id: Option<i64>,
-    event: String,
-    data: Value,
+pub struct Sse {
+    pub id: Option<i64>,
+    pub event: String,
+    pub data: Value,
 }
 
 /// Reads SSE events off a response body (test-side parsing of `text/event-stream`).
-struct SseReader {
+pub struct SseReader {
     response: reqwest::Response,
     buf: String,
 }
 
 impl SseReader {
-    async fn open(app: &TestApp, path: &str, last_id: Option<i64>) -> Self {
+    pub async fn open(app: &TestApp, path: &str, last_id: Option<i64>) -> Self {
         let mut req = app.client.get(app.url(path));
         if let Some(id) = last_id {
             req = req.header("Last-Event-ID", id.to_string());
@@ -45,7 +45,7 @@ impl SseReader {
     }
 
     /// The next event (comments and keep-alives skipped), `None` when the stream ends.
-    async fn next(&mut self, within: Duration) -> Option<Sse> {
+    pub async fn next(&mut self, within: Duration) -> Option<Sse> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(end) = self.buf.find("\n\n") {
