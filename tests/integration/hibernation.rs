@@ -28,8 +28,12 @@ async fn sh(app: &TestApp, chat: &str, command: &str) -> String {
         .to_string()
 }
 
+/// Prints `mounted` when `/tmp` is a mount point (the image has no grep).
+const NOT_A_MOUNT: &str =
+    "while read -r _ m _; do [ \"$m\" = /tmp ] && echo mounted; done < /proc/mounts; true";
+
 async fn count(app: &TestApp, chat: &str) -> u64 {
-    sh(app, chat, "cat /count 2>/dev/null || echo 0")
+    sh(app, chat, "cat /tmp/count 2>/dev/null || echo 0")
         .await
         .parse()
         .unwrap_or(0)
@@ -63,8 +67,15 @@ async fn a_hibernated_sandbox_keeps_its_container_and_files_and_an_old_create_re
     let (status, first) = app.create(&chat, "a", &vol).await;
     assert_eq!(status, StatusCode::OK, "{first}");
     let id = first["container_id"].as_str().unwrap().to_string();
-    // Written into the container's own filesystem, not a mount.
-    sh(&app, &chat, "echo kept > /kept.txt").await;
+    // Written into the container's own filesystem, not a mount (on both engines `/tmp` of
+    // this image is a plain directory of the writable layer, and `/` is not writable on
+    // Podman without CAP_DAC_OVERRIDE).
+    assert_eq!(
+        sh(&app, &chat, NOT_A_MOUNT).await,
+        "",
+        "/tmp is in the writable layer"
+    );
+    sh(&app, &chat, "echo kept > /tmp/kept.txt").await;
 
     let (status, v) = app
         .post_json(
@@ -94,7 +105,7 @@ async fn a_hibernated_sandbox_keeps_its_container_and_files_and_an_old_create_re
     let ip = again["endpoint"]["ip"].as_str().unwrap();
     assert!(agent_answers(ip, 8000).await, "the agent serves at {ip}");
     assert_eq!(engine_state(&app, &id).await, "running");
-    assert_eq!(sh(&app, &chat, "cat /kept.txt").await, "kept");
+    assert_eq!(sh(&app, &chat, "cat /tmp/kept.txt").await, "kept");
 
     let v = view(&app, &chat).await;
     assert_eq!(
@@ -132,7 +143,7 @@ async fn a_counter_keeps_counting_from_where_it_was_across_pause_and_resume() {
     sh(
         &app,
         &chat,
-        "sh -c 'echo $$ > /pid; i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.05; done' \
+        "sh -c 'echo $$ > /tmp/pid; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' \
          >/dev/null 2>&1 </dev/null &",
     )
     .await;
@@ -147,7 +158,7 @@ async fn a_counter_keeps_counting_from_where_it_was_across_pause_and_resume() {
     })
     .await;
     let rate = (c1 - c0) as f64 / t0.elapsed().as_secs_f64();
-    let pid = sh(&app, &chat, "cat /pid").await;
+    let pid = sh(&app, &chat, "cat /tmp/pid").await;
 
     let before = count(&app, &chat).await;
     let (status, v) = app
@@ -176,7 +187,11 @@ async fn a_counter_keeps_counting_from_where_it_was_across_pause_and_resume() {
         ((after - before) as f64) < would_have / 2.0,
         "frozen while paused: {before} → {after}, unpaused it would have counted ≈ {would_have:.0}"
     );
-    assert_eq!(sh(&app, &chat, "cat /pid").await, pid, "the same process");
+    assert_eq!(
+        sh(&app, &chat, "cat /tmp/pid").await,
+        pid,
+        "the same process"
+    );
     wait_until(Duration::from_secs(10), "counting again", || async {
         Some(count(&app, &chat).await).filter(|c| *c > after)
     })
@@ -342,10 +357,14 @@ async fn sigkill_in_the_middle_of_each_transition_converges_to_the_declared_stat
     let (status, out) = post(
         server.addr,
         &format!("/api/v1/sandboxes/{chat}/exec"),
-        &json!({"command": "echo kept > /kept.txt"}),
+        &json!({"command": "echo kept > /tmp/kept.txt"}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(
+        (status, out["exit_code"].as_i64()),
+        (StatusCode::OK, Some(0)),
+        "{out}"
+    );
 
     let steps = [
         ("pause", "paused", "paused"),
@@ -399,7 +418,7 @@ async fn sigkill_in_the_middle_of_each_transition_converges_to_the_declared_stat
     let (status, out) = post(
         server.addr,
         &format!("/api/v1/sandboxes/{chat}/exec"),
-        &json!({"command": "cat /kept.txt"}),
+        &json!({"command": "cat /tmp/kept.txt"}),
     )
     .await;
     assert_eq!(
