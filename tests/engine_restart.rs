@@ -68,6 +68,22 @@ async fn an_engine_restart_converges_again_without_duplicates() {
         assert_eq!(status, StatusCode::OK, "{body}");
         sessions.push(body["session_id"].clone());
     }
+    // A fourth one hibernated before the engine goes: it must stay hibernated.
+    let sleeper = new_chat();
+    let (status, body) = app.create(&sleeper, "a", &app.volume("sleeper")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sleeper_id = body["container_id"].as_str().unwrap().to_string();
+    let (status, v) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{sleeper}/hibernate?wait=30"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["phase"].as_str()),
+        (StatusCode::OK, Some("hibernated")),
+        "{v}"
+    );
 
     {
         let _back = EngineBack;
@@ -81,7 +97,7 @@ async fn an_engine_restart_converges_again_without_duplicates() {
 
     wait_until(
         Duration::from_secs(60),
-        "all three running on the restarted engine",
+        "the three running ones running on the restarted engine",
         || async {
             let cs = app.containers().await;
             let running = cs
@@ -89,7 +105,7 @@ async fn an_engine_restart_converges_again_without_duplicates() {
                 .filter(|c| c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING))
                 .count();
             let (_, list) = app.get("/api/v1/sandboxes?phase=running").await;
-            (cs.len() == 3 && running == 3 && list["items"].as_array()?.len() == 3).then_some(())
+            (cs.len() == 4 && running == 3 && list["items"].as_array()?.len() == 3).then_some(())
         },
     )
     .await;
@@ -105,4 +121,19 @@ async fn an_engine_restart_converges_again_without_duplicates() {
         let ip = v["endpoint"]["ip"].as_str().unwrap();
         assert!(agent_answers(ip, 8000).await, "{chat} reachable at {ip}");
     }
+    // The hibernated one was not started by the engine restart nor by adoption, and several
+    // passes later it is still the same stopped container.
+    app.wait_for_passes(3).await;
+    let (_, v) = app.get(&format!("/api/v1/sandboxes/{sleeper}")).await;
+    assert_eq!(
+        (v["phase"].as_str(), v["container_id"].as_str()),
+        (Some("hibernated"), Some(sleeper_id.as_str())),
+        "{v}"
+    );
+    let c = app.inspect(&sleeper_id).await;
+    assert_eq!(c.state.unwrap().running, Some(false), "still stopped");
+    // And a call brings it back, in place.
+    let (status, again) = app.create(&sleeper, "a", &app.volume("sleeper")).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["container_id"], sleeper_id.as_str());
 }

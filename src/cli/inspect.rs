@@ -76,9 +76,11 @@ pub fn render_ls(rows: &[SandboxRow], now: DateTime<Utc>) -> String {
             };
             vec![
                 r.chat_id.to_string(),
+                r.desired_state.to_string(),
                 r.phase.to_string(),
                 clip(&r.agent_id, 20),
                 human(now - r.created_at),
+                human(now - r.last_active_at),
                 expires,
                 endpoint(r),
                 r.attempts.to_string(),
@@ -90,9 +92,11 @@ pub fn render_ls(rows: &[SandboxRow], now: DateTime<Utc>) -> String {
     table(
         &[
             "CHAT_ID",
+            "STATE",
             "PHASE",
             "AGENT",
             "AGE",
+            "IDLE",
             "EXPIRES_IN",
             "ENDPOINT",
             "ATTEMPTS",
@@ -141,7 +145,9 @@ pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
         ("chat_id", row.chat_id.to_string()),
         ("session_id", row.session_id.to_string()),
         ("generation", row.generation.to_string()),
+        ("state", row.desired_state.to_string()),
         ("phase", row.phase.to_string()),
+        ("last_active_at", format_time(row.last_active_at)),
         ("agent_id", row.agent_id.clone()),
         ("volume_host_path", row.volume_host_path.clone()),
         ("container_id", opt(row.container_id.clone())),

@@ -327,7 +327,7 @@ fn parse_exec(
         (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
         (status = 422, description = "invalid input", body = ValidationErrorBody),
         (status = 429, description = "over `data_plane.max_concurrent(_per_sandbox)`; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "the Docker engine does not answer", body = ErrorBody)))]
+        (status = 503, description = "the engine does not answer, or a paused or hibernated sandbox could not be resumed for the call", body = ErrorBody)))]
 pub async fn exec(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
@@ -448,7 +448,7 @@ fn path_param(params: &QueryParams, required: bool) -> Result<Option<String>, Ap
         (status = 413, description = "over `data_plane.file_write_limit_bytes`", body = ErrorBody),
         (status = 422, description = "invalid path or mode (`..`, NUL, too long, not on a mount)", body = ValidationErrorBody),
         (status = 429, description = "too many data-plane calls; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "the Docker engine does not answer", body = ErrorBody)))]
+        (status = 503, description = "the engine does not answer, or a paused or hibernated sandbox could not be resumed for the call", body = ErrorBody)))]
 pub async fn write_file(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
@@ -497,7 +497,7 @@ pub async fn write_file(
         (status = 413, description = "over `data_plane.file_read_limit_bytes`", body = ErrorBody),
         (status = 422, description = "invalid path", body = ValidationErrorBody),
         (status = 429, description = "too many data-plane calls; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "the Docker engine does not answer", body = ErrorBody)))]
+        (status = 503, description = "the engine does not answer, or a paused or hibernated sandbox could not be resumed for the call", body = ErrorBody)))]
 pub async fn read_file(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
@@ -533,7 +533,7 @@ pub async fn read_file(
         (status = 409, description = "the sandbox is not running", body = ErrorBody),
         (status = 422, description = "invalid path", body = ValidationErrorBody),
         (status = 429, description = "too many data-plane calls; see `Retry-After`", body = ErrorBody),
-        (status = 503, description = "the Docker engine does not answer", body = ErrorBody)))]
+        (status = 503, description = "the engine does not answer, or a paused or hibernated sandbox could not be resumed for the call", body = ErrorBody)))]
 pub async fn list_dir(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,

@@ -362,11 +362,13 @@ pub struct RenewRequest {
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
     request_body(content = Option<RenewRequest>, description = "optional: empty, `null` or an object"),
     responses(
-        (status = 200, description = "the renewed sandbox", body = SandboxView),
+        (status = 200, description = "the renewed sandbox (a paused or hibernated one is resumed first)", body = SandboxView),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "no live session", body = ErrorBody),
         (status = 413, description = "body over `http.body_limit_bytes`", body = ErrorBody),
-        (status = 422, description = "invalid input", body = ValidationErrorBody)))]
+        (status = 422, description = "invalid input", body = ValidationErrorBody),
+        (status = 503, description = "`sandbox_start_failed: resume failed: …`: a sleeping sandbox could not be resumed", body = ErrorBody),
+        (status = 504, description = "`sandbox_resume_timeout`: not running again within `controller.create_wait_seconds`", body = ErrorBody)))]
 pub async fn renew(
     State(state): State<AppState>,
     ChatPath(chat_id): ChatPath,
