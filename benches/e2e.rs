@@ -2,7 +2,7 @@
 //!
 //! `scripts/bench.sh [scenario ...]` (→ `cargo bench --bench e2e -- ...`); scenarios:
 //! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `execs` `watch` `profiles`,
-//! default all. Raw Engine API baselines
+//! default all; on request only: `engines`, `swarm`, `hibernate`. Raw Engine API baselines
 //! run interleaved with sandboxd (A B A B …) so engine noise hits both. Every loop is bounded by
 //! count; everything started is removed at the end. Loopback and this run's containers only.
 
@@ -52,6 +52,9 @@ mod engines;
 
 #[path = "support/storage.rs"]
 mod storage;
+
+#[path = "support/hibernation.rs"]
+mod hibernation;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -818,6 +821,10 @@ fn main() -> anyhow::Result<()> {
         }
         if want("storage") {
             storage::scenario_storage(&mut out).await;
+        }
+        // Only on request: a fleet of 100 sandboxes and ~1 min of stops.
+        if args.iter().any(|a| a == "hibernate") {
+            hibernation::scenario_hibernation(&docker, &mut out).await;
         }
         // Only on request: it needs Podman (`scripts/bench.sh engines` brings it up).
         if args.iter().any(|a| a == "engines") {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints sandboxd's end-to-end figures next to the raw Engine API (see benches/e2e.rs).
 # `scripts/bench.sh swarm` runs the swarm figures (on the 3-node lab, benches/support/swarm.rs);
-# `scripts/bench.sh engines` create→running on Docker and Podman (benches/support/engines.rs).
+# `scripts/bench.sh engines` create→running on Docker and Podman (benches/support/engines.rs);
+# `scripts/bench.sh hibernate` pause, resume and a 100-sandbox fleet (benches/support/hibernation.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh

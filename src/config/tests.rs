@@ -170,6 +170,23 @@ fn the_backend_is_chosen_by_runtime_and_swarm_refuses_what_it_cannot_do() {
             "swarm: {start_timeout_seconds: 0}",
             "swarm.start_timeout_seconds",
         ),
+        (
+            "runtime: swarm\nsandbox: {idle_hibernate_seconds: 60}",
+            "sandbox.idle_hibernate_seconds",
+        ),
+        (
+            "runtime: swarm\nsandbox: {on_expiry: hibernate}",
+            "sandbox.on_expiry",
+        ),
+        (
+            "sandbox: {hibernate_stop_seconds: 60}\ndocker: {timeout_seconds: 30}",
+            "sandbox.hibernate_stop_seconds",
+        ),
+        ("sandbox: {on_expiry: sleep}", "sandbox.on_expiry"),
+        (
+            "sandbox: {hibernated_retention_seconds: 0}",
+            "sandbox.hibernated_retention_seconds",
+        ),
     ] {
         let e = load(yaml, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{yaml}: {e}");

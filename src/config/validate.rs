@@ -388,6 +388,12 @@ impl Settings {
             ));
         }
         positive("docker.timeout_seconds", self.docker.timeout_seconds)?;
+        if self.sandbox.hibernate_stop_seconds >= self.docker.timeout_seconds {
+            return Err(invalid(
+                "sandbox.hibernate_stop_seconds",
+                "must be shorter than docker.timeout_seconds (the stop call waits the grace)",
+            ));
+        }
 
         let sec = &self.security;
         if axum::http::HeaderName::from_bytes(sec.token_header.as_bytes()).is_err() {

@@ -434,3 +434,107 @@ async fn sigkill_in_the_middle_of_each_transition_converges_to_the_declared_stat
     .unwrap();
     assert_eq!(v["restarts"], 0, "no transition was taken for a crash: {v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_on_a_hibernated_sandbox_share_one_resume() {
+    let app = TestApp::spawn().await;
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "a", &app.volume("k")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["container_id"].as_str().unwrap().to_string();
+    let (status, v) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["phase"].as_str()),
+        (StatusCode::OK, Some("hibernated")),
+        "{v}"
+    );
+    // Six execs (under data_plane.max_concurrent_per_sandbox), two old-contract creates and
+    // two renews, all at once.
+    let vol = app.volume("k");
+    let execs = futures::future::join_all((0..6).map(|i| {
+        let (app, chat) = (&app, chat.clone());
+        async move { sh(app, &chat, &format!("echo {i}")).await }
+    }));
+    let creates = futures::future::join_all((0..2).map(|_| app.create(&chat, "a", &vol)));
+    let renew = format!("/api/v1/sandboxes/{chat}/renew");
+    let empty = json!({});
+    let renews = futures::future::join_all((0..2).map(|_| app.post_json(&renew, &empty)));
+    let (outs, created, renewed) = tokio::join!(execs, creates, renews);
+    assert_eq!(outs, (0..6).map(|i| i.to_string()).collect::<Vec<_>>());
+    for (status, body) in created {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["container_id"], id.as_str());
+    }
+    for (status, body) in renewed {
+        assert_eq!(
+            (status, body["phase"].as_str()),
+            (StatusCode::OK, Some("running")),
+            "{body}"
+        );
+    }
+    let resumes = events_of(&app, &chat)
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "resume")
+        .count();
+    assert_eq!(resumes, 1, "one resume for ten calls of three kinds");
+    assert_eq!(view(&app, &chat).await["container_id"], id.as_str());
+    assert_eq!(app.containers().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_the_engine_refuses_falls_back_to_a_cold_start_of_the_same_session() {
+    let app = TestApp::spawn().await;
+    let chat = new_chat();
+    let vol = app.volume("f");
+    let (status, first) = app.create(&chat, "a", &vol).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, v) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["phase"].as_str()),
+        (StatusCode::OK, Some("hibernated")),
+        "{v}"
+    );
+    // The chat directory (a bind source) goes while it sleeps: the engine refuses to start
+    // the stopped container again ("bind source path does not exist").
+    let chat_dir = app.settings.sandbox.chats_root.join(&chat);
+    std::fs::remove_dir_all(&chat_dir).expect("remove the chat directory");
+    let (status, again) = app.create(&chat, "a", &vol).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["session_id"], first["session_id"], "the same session");
+    assert_ne!(again["container_id"], first["container_id"], "started cold");
+    assert!(chat_dir.is_dir(), "the chat directory made again");
+    assert_eq!(
+        app.containers().await.len(),
+        1,
+        "the refused container went"
+    );
+    let events = events_of(&app, &chat).await;
+    let resume = events
+        .iter()
+        .find(|e| e["action"] == "resume")
+        .expect("a resume event");
+    assert!(
+        resume["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resume_fallback"),
+        "{resume}"
+    );
+    let text = get_text(&app.client, &app.url("/metrics")).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sandboxd_resume_fallbacks_total 1")),
+        "the fallback is counted"
+    );
+}

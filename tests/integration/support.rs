@@ -197,6 +197,9 @@ pub fn test_settings(dir: &Path, instance: &str) -> Settings {
     s.sandbox.env.insert("EXTRA_TWO".into(), "two words".into());
     s.controller.backoff_initial_ms = 200;
     s.controller.backoff_max_seconds = 2;
+    // The test agent (busybox httpd as PID 1) ignores SIGTERM: every hibernation waits the
+    // whole grace before the SIGKILL.
+    s.sandbox.hibernate_stop_seconds = 2;
     // Tests share one engine: only the takeover test may adopt old-service containers.
     s.controller.take_over_old_service = false;
     s
