@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::config::Settings;
 use crate::controller::ControllerStatus;
+use crate::dataplane::limits::Slots;
 use crate::domain::volume::VolumePolicy;
 use crate::metrics::Metrics;
 use crate::storage::ChatStorage;
@@ -28,18 +29,42 @@ pub struct Context {
     pub wake: Arc<Notify>,
     /// Chat storage's file systems and directories.
     pub storage: ChatStorage,
+    /// Data-plane calls in flight, per chat: the data plane takes a slot per call; the
+    /// executor never puts a sandbox to sleep for idleness while one is held, and a call's
+    /// end restarts the idle clock.
+    pub calls: Slots,
 }
 
 impl Context {
     pub fn new(store: Store, settings: Arc<Settings>, volumes: Arc<VolumePolicy>) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let d = &settings.data_plane;
+        let clock = store.clone();
+        let calls = Slots::new(
+            d.max_concurrent,
+            d.max_concurrent_per_sandbox,
+            metrics.data_plane_in_flight.clone(),
+        )
+        .on_release(Arc::new(move |chat| {
+            // The idle clock restarts when a call ends, not only when it begins.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let store = clock.clone();
+                rt.spawn(async move {
+                    if let Err(e) = store.touch(chat, chrono::Utc::now()).await {
+                        tracing::warn!(error = %e, chat_id = %chat, "cannot restart the idle clock");
+                    }
+                });
+            }
+        }));
         Self {
+            calls,
             storage: ChatStorage::new(&settings.storage.root),
             status: Arc::new(ControllerStatus::new(
                 settings.controller.take_over_old_service,
             )),
             store,
             settings,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             volumes,
             wake: Arc::new(Notify::new()),
         }

@@ -52,8 +52,9 @@ pub async fn awake(
     if !row.is_live(now) {
         return Ok(Some(row));
     }
-    if !asleep(ctx, &row, now) {
-        ctx.store.touch(chat_id, now).await?;
+    if !asleep(ctx, &row, now)
+        && ctx.store.touch(chat_id, now).await? != crate::store::Touch::NotAwake
+    {
         return Ok(Some(row));
     }
     let sandbox = &ctx.settings.sandbox;

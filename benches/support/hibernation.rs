@@ -5,7 +5,8 @@
 //!   next to a raw `start` + inspect of the same body's stopped container, and next to a cold
 //!   create of a new sandbox;
 //! - memory and CPU of N sandboxes running, paused and hibernated: cgroup (v1) memory and CPU
-//!   of their containers plus the RSS of the engine's per-container shims.
+//!   of their containers (each agent a loop waking every 100 ms) plus the RSS of the engine's
+//!   per-container shims.
 
 use std::time::{Duration, Instant};
 
@@ -201,8 +202,18 @@ async fn fleet(docker: &Docker, out: &mut Report) {
         }
         ids
     };
+    // Each agent polls, as agents do: a loop waking every 100 ms (so running costs some CPU).
+    for chat in &chats {
+        let r = client
+            .post(app.url(&format!("/api/v1/sandboxes/{chat}/exec")))
+            .json(&json!({"command": "sh -c 'while true; do sleep 0.1; done' >/dev/null 2>&1 </dev/null &"}))
+            .send()
+            .await
+            .expect("exec");
+        assert_eq!(r.status().as_u16(), 200);
+    }
     let measure = |state: &'static str, ids: Vec<String>| async move {
-        let shims_before = shims();
+        let shims_before = shims(&ids);
         let cpu0 = cpu_ns(&ids);
         tokio::time::sleep(Duration::from_secs(5)).await; // the CPU window
         let cpu = (cpu_ns(&ids) - cpu0) as f64 / 5e9;
@@ -257,13 +268,22 @@ fn cpu_ns(ids: &[String]) -> u64 {
         .sum()
 }
 
-/// The engine's per-container shims (`containerd-shim*`): how many, and their RSS in MiB.
-fn shims() -> (usize, f64) {
+/// The engine's shims of these containers (`containerd-shim-runc-v2 … -id <container>`): how
+/// many, and their RSS in MiB.
+fn shims(ids: &[String]) -> (usize, f64) {
+    let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
     let mut n = 0;
     let mut kib = 0.0;
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("containerd-shim") {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| String::from_utf8_lossy(a).contains("containerd-shim"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-id" && wanted.contains(String::from_utf8_lossy(w[1]).as_ref()));
+        if !(is_shim && ours) {
             continue;
         }
         n += 1;

@@ -94,6 +94,8 @@ pub struct LegacyContainer {
     pub container_id: String,
     pub session: labels::LegacySession,
     pub running: bool,
+    /// Frozen by the engine's pause.
+    pub paused: bool,
     /// The network it joined and its address there.
     pub network: Option<String>,
     pub ip: Option<String>,

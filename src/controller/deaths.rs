@@ -27,13 +27,13 @@ struct Death {
     exit_code: Option<i64>,
 }
 
-/// How long a stop sandboxd makes (hibernation) waits for its `die` event to be swallowed.
-const EXPECTED_STOP: Duration = Duration::from_secs(60);
+/// How long after its grace a stop sandboxd makes (hibernation) may still report its `die`.
+const STOP_MARGIN: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Inner {
     deaths: HashMap<String, Death>,
-    /// Containers sandboxd is stopping itself: their next `die` is no death.
+    /// Containers sandboxd is stopping itself, until when: their next `die` is no death.
     stopping: HashMap<String, Instant>,
 }
 
@@ -43,9 +43,7 @@ pub(super) struct RecentDeaths(Mutex<Inner>);
 impl RecentDeaths {
     pub(super) fn record(&self, container_id: String, now: Instant, exit_code: Option<i64>) {
         let mut inner = self.lock();
-        inner
-            .stopping
-            .retain(|_, at| now.duration_since(*at) < EXPECTED_STOP);
+        inner.stopping.retain(|_, until| now < *until);
         if inner.stopping.remove(&container_id).is_some() {
             return; // a hibernation's stop, not the agent's exit
         }
@@ -59,12 +57,20 @@ impl RecentDeaths {
         );
     }
 
-    /// sandboxd is about to stop `container_id` (hibernation): its `die` is not a death, and
-    /// one reported before is forgotten (the container will be started again in place).
-    pub(super) fn stopping(&self, container_id: &str, now: Instant) {
+    /// sandboxd is about to stop `container_id` (hibernation) with `grace` before the
+    /// SIGKILL: its `die` is not a death, and one reported before is forgotten (the container
+    /// will be started again in place).
+    pub(super) fn stopping(&self, container_id: &str, now: Instant, grace: Duration) {
         let mut inner = self.lock();
         inner.deaths.remove(container_id);
-        inner.stopping.insert(container_id.to_string(), now);
+        inner
+            .stopping
+            .insert(container_id.to_string(), now + grace + STOP_MARGIN);
+    }
+
+    /// `container_id` runs again (resumed in place): no death reported before counts.
+    pub(super) fn forget(&self, container_id: &str) {
+        self.lock().deaths.remove(container_id);
     }
 
     /// The exit code and time of a death reported within the window.
@@ -140,13 +146,17 @@ mod tests {
     fn the_die_of_a_stop_sandboxd_makes_is_no_death_but_the_next_one_is() {
         let deaths = RecentDeaths::default();
         let t0 = Instant::now();
-        deaths.stopping("c", t0);
-        deaths.record("c".into(), t0, Some(143));
+        let grace = Duration::from_secs(10);
+        deaths.stopping("c", t0, grace);
+        deaths.record("c".into(), t0 + grace, Some(143));
         assert_eq!(deaths.exit("c", t0), None, "the hibernation's stop");
         deaths.record("c".into(), t0, Some(1));
         assert_eq!(deaths.exit("c", t0).map(|(c, _)| c), Some(1), "a real exit");
-        // A death reported just before the stop is forgotten too.
-        deaths.stopping("c", t0);
+        // A death reported just before the stop is forgotten too, and so is one before a resume.
+        deaths.stopping("c", t0, grace);
         assert_eq!(deaths.exit("c", t0), None);
+        deaths.record("d".into(), t0, Some(1));
+        deaths.forget("d");
+        assert_eq!(deaths.exit("d", t0), None);
     }
 }

@@ -308,13 +308,7 @@ impl Executor {
                 &self.ctx.settings.sandbox.chats_root,
             )?;
             // Never a sandbox without its rules: a failure here is a failed start.
-            self.egress
-                .ensure_for_start(&self.runtime, &spec)
-                .await
-                .map_err(|e| match e {
-                    super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
-                    super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
-                })?;
+            self.ensure_rules(&spec).await?;
             let req = StartRequest {
                 chat_id,
                 session_id,
@@ -471,6 +465,10 @@ impl Executor {
         } else {
             "idle"
         };
+        // A sandbox serving a data-plane call is not idle (the call's end restarts the clock).
+        if reason == "idle" && self.ctx.calls.in_flight_for(chat_id) > 0 {
+            return Ok(Outcome::Skipped);
+        }
         let started = std::time::Instant::now();
         match (to, container_id) {
             (SandboxState::Running, Some(id)) => {
@@ -482,9 +480,15 @@ impl Executor {
                 let (id, found, row) = if found == Found::Stopped {
                     // Started again first, then frozen.
                     let id = self.resume(&row, &id, found).await?;
+                    // A call may have declared it running meanwhile: then it stays running.
                     match self.ctx.store.get(chat_id).await? {
-                        Some(row) if row.session_id == session_id => (id, Found::Running, row),
-                        _ => return Ok(Outcome::Skipped),
+                        Some(row)
+                            if row.session_id == session_id
+                                && row.effective_state(&policy, Utc::now()).0 == to =>
+                        {
+                            (id, Found::Running, row)
+                        }
+                        _ => return Ok(Outcome::Done),
                     }
                 } else {
                     (id, found, row)
@@ -531,7 +535,7 @@ impl Executor {
                     let grace = std::time::Duration::from_secs(
                         self.ctx.settings.sandbox.hibernate_stop_seconds,
                     );
-                    self.deaths.stopping(id, tokio::time::Instant::now());
+                    self.deaths.stopping(id, tokio::time::Instant::now(), grace);
                     let mut stopped = Ok(());
                     if found == Found::Paused {
                         stopped = engine.unpause(id).await;
@@ -569,8 +573,9 @@ impl Executor {
     }
 
     /// Thaws or starts the session's container again and records it running with its
-    /// (possibly new) address. On failure the container goes and the session starts cold.
-    /// Returns the container that runs.
+    /// (possibly new) address. When the engine refuses, the container goes and the session
+    /// starts cold (its failure, if that fails too, is recorded like a failed start's, so a
+    /// waiting call answers 503). Returns the container that runs.
     async fn resume(
         &self,
         row: &SandboxRow,
@@ -579,6 +584,8 @@ impl Executor {
     ) -> Result<String, ActionError> {
         let spec = parse_spec(row)?;
         let started = std::time::Instant::now();
+        // Never a sandbox running without its rules, also when it comes back.
+        self.ensure_rules(&spec).await?;
         let resumed: Result<crate::backend::Started, crate::backend::BackendError> = async {
             match (found, self.runtime.hibernation()) {
                 (Found::Paused, Some(h)) => h.unpause(id).await?,
@@ -596,35 +603,36 @@ impl Executor {
                 .await
         }
         .await;
-        let (container_id, ip, host_port, how, error) = match resumed {
-            Ok(s) => (id.to_string(), s.ip, s.host_port, "resume", None),
+        let (container_id, ip, host_port, how) = match resumed {
+            Ok(s) => {
+                // Whatever `die` the stop left is over: this container runs again.
+                self.deaths.forget(id);
+                (id.to_string(), s.ip, s.host_port, "resume")
+            }
             Err(e) => {
                 self.engine_unanswered(&e);
                 warn!(chat_id = %row.chat_id, container_id = %id, error = %e, "resume failed; starting the session cold");
                 self.ctx.metrics.resume_fallbacks_total.inc();
-                self.remove_all(&[id.to_string()]).await?;
-                let req = StartRequest {
-                    chat_id: row.chat_id,
-                    session_id: row.session_id,
-                    agent_id: &row.agent_id,
-                    spec: &spec,
-                    spec_hash: &row.spec_hash,
-                    volume_host_path: &row.volume_host_path,
-                    expires_at: row.expires_at,
-                };
-                prepare_host(
-                    &spec,
-                    &self.ctx.volumes,
-                    &self.ctx.settings.sandbox.chats_root,
-                )?;
-                let s = self.create_and_start(&req).await?;
-                (
-                    s.container_id,
-                    s.ip,
-                    s.host_port,
-                    "resume_fallback",
-                    Some(e.to_string()),
-                )
+                self.resume_event(row, id, &e.to_string()).await;
+                match self.cold_start(row, &spec, id).await {
+                    Ok(s) => (s.container_id, s.ip, s.host_port, "resume_fallback"),
+                    Err(err) => {
+                        let message =
+                            format!("resume failed ({e}), and so did a cold start: {err}");
+                        self.ctx
+                            .store
+                            .record_failure(
+                                row.chat_id,
+                                row.session_id,
+                                EventAction::Resume,
+                                &message,
+                                |n| self.backoff.delay(n),
+                                Utc::now(),
+                            )
+                            .await?;
+                        return Err(err);
+                    }
+                }
             }
         };
         self.observed.started(Observed {
@@ -659,8 +667,64 @@ impl Executor {
             .metrics
             .resume_seconds
             .observe(started.elapsed().as_secs_f64());
-        info!(chat_id = %row.chat_id, %container_id, %ip, how, ?error, "sandbox resumed");
+        info!(chat_id = %row.chat_id, %container_id, %ip, how, "sandbox resumed");
         Ok(container_id)
+    }
+
+    /// The resume's fallback: the refused container goes, the session starts cold with the
+    /// chat's mounts.
+    async fn cold_start(
+        &self,
+        row: &SandboxRow,
+        spec: &ContainerSpec,
+        refused: &str,
+    ) -> Result<Started, ActionError> {
+        self.remove_all(&[refused.to_string()]).await?;
+        prepare_host(
+            spec,
+            &self.ctx.volumes,
+            &self.ctx.settings.sandbox.chats_root,
+        )?;
+        let req = StartRequest {
+            chat_id: row.chat_id,
+            session_id: row.session_id,
+            agent_id: &row.agent_id,
+            spec,
+            spec_hash: &row.spec_hash,
+            volume_host_path: &row.volume_host_path,
+            expires_at: row.expires_at,
+        };
+        self.create_and_start(&req).await
+    }
+
+    /// The engine's refusal of a resume, in the event log (the fallback follows).
+    async fn resume_event(&self, row: &SandboxRow, id: &str, error: &str) {
+        let (chat, session) = (row.chat_id.to_string(), row.session_id.to_string());
+        let detail = serde_json::json!({ "fallback": "cold start" }).to_string();
+        let event = NewEvent {
+            chat_id: &chat,
+            session_id: Some(&session),
+            container_id: Some(id),
+            action: EventAction::Resume,
+            outcome: EventOutcome::Error,
+            error: Some(error),
+            actor: None,
+            detail: Some(&detail),
+        };
+        if let Err(e) = self.ctx.store.event(&event, Utc::now()).await {
+            warn!(error = %e, "cannot record a refused resume");
+        }
+    }
+
+    /// The egress rules of the spec's network are in place (a failure fails the action).
+    async fn ensure_rules(&self, spec: &ContainerSpec) -> Result<(), ActionError> {
+        self.egress
+            .ensure_for_start(&self.runtime, spec)
+            .await
+            .map_err(|e| match e {
+                super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
+                super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
+            })
     }
 
     /// The container as the loop's copy should now show it.

@@ -593,8 +593,25 @@ async fn idle_sandboxes_pause_then_hibernate_on_their_own_and_a_touch_wakes_them
         crate::domain::hibernation::SandboxState::Running,
         "idleness is not a declaration"
     );
-    // A call restarts the idle clock: the sandbox comes back by itself.
-    h.store.touch(chat, Utc::now()).await.expect("touch");
+    // A touch no longer applies (it is asleep); a call declares it running, as `resume.rs`
+    // does, which restarts the idle clock too.
+    assert_eq!(
+        h.store.touch(chat, Utc::now()).await.expect("touch"),
+        crate::store::Touch::NotAwake
+    );
+    h.store
+        .declare_state(
+            chat,
+            row.session_id,
+            crate::domain::hibernation::SandboxState::Running,
+            crate::store::Declared::Call("exec"),
+            chrono::Duration::seconds(300),
+            chrono::Duration::days(7),
+            Utc::now(),
+        )
+        .await
+        .expect("declare")
+        .expect("live");
     h.wake.notify_one();
     let back = h.running(chat).await;
     assert_eq!(back.container_id.as_deref(), Some(id.as_str()));

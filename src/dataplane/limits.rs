@@ -23,21 +23,43 @@ struct Counts {
 }
 
 /// The counters; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Slots {
     overall: usize,
     per_sandbox: usize,
     counts: Arc<Mutex<Counts>>,
     /// Mirrors the overall count (`sandboxd_data_plane_in_flight`).
     gauge: Gauge<i64>,
+    /// Told the chat when one of its calls ends (the idle clock restarts there).
+    on_release: Option<ReleaseHook>,
+}
+
+/// What runs when a call's slot is freed.
+pub type ReleaseHook = Arc<dyn Fn(ChatId) + Send + Sync>;
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("overall", &self.overall)
+            .field("per_sandbox", &self.per_sandbox)
+            .finish()
+    }
 }
 
 /// Held while a call runs; frees its slot when dropped (however the call ends).
-#[derive(Debug)]
 pub struct Slot {
     chat_id: ChatId,
     counts: Arc<Mutex<Counts>>,
     gauge: Gauge<i64>,
+    on_release: Option<ReleaseHook>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("chat_id", &self.chat_id)
+            .finish()
+    }
 }
 
 impl Slots {
@@ -47,7 +69,22 @@ impl Slots {
             per_sandbox,
             counts: Arc::default(),
             gauge,
+            on_release: None,
         }
+    }
+
+    /// Runs `hook` with the chat whenever one of its calls ends.
+    pub fn on_release(mut self, hook: ReleaseHook) -> Self {
+        self.on_release = Some(hook);
+        self
+    }
+
+    /// The chat's calls in flight: a sandbox serving one is not idle.
+    pub fn in_flight_for(&self, chat_id: ChatId) -> usize {
+        self.counts
+            .lock()
+            .map(|c| c.per_chat.get(&chat_id).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     pub fn try_take(&self, chat_id: ChatId) -> Result<Slot, Busy> {
@@ -66,6 +103,7 @@ impl Slots {
             chat_id,
             counts: self.counts.clone(),
             gauge: self.gauge.clone(),
+            on_release: self.on_release.clone(),
         })
     }
 
@@ -85,6 +123,10 @@ impl Drop for Slot {
             if *n == 0 {
                 c.per_chat.remove(&self.chat_id);
             }
+        }
+        drop(c);
+        if let Some(hook) = &self.on_release {
+            hook(self.chat_id);
         }
     }
 }

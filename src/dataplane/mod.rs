@@ -24,7 +24,7 @@ use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::store::{EventAction, EventOutcome, NewEvent, StoreError};
 
-use limits::{Busy, Slot, Slots};
+use limits::{Busy, Slot};
 use paths::{Mounts, PathError};
 
 /// Why a data-plane call failed; the HTTP edge maps each to its status.
@@ -121,21 +121,15 @@ pub struct Caller {
 
 #[derive(Clone)]
 pub struct DataPlane {
+    /// The store, settings, and the calls' slots (`Context::calls`, shared with the executor).
     ctx: Arc<Context>,
     engines: Arc<dyn Locate>,
-    slots: Slots,
 }
 
 impl DataPlane {
     pub fn new(ctx: Arc<Context>) -> crate::backend::Result<Self> {
-        let d = &ctx.settings.data_plane;
         Ok(Self {
             engines: crate::backend::locator(&ctx.settings, &ctx.metrics)?,
-            slots: Slots::new(
-                d.max_concurrent,
-                d.max_concurrent_per_sandbox,
-                ctx.metrics.data_plane_in_flight.clone(),
-            ),
             ctx,
         })
     }
@@ -167,7 +161,7 @@ impl DataPlane {
             .locate(&container_id)
             .await
             .map_err(|e| DataPlaneError::engine(e, None))?;
-        let slot = self.slots.try_take(chat_id).map_err(|b| {
+        let slot = self.ctx.calls.try_take(chat_id).map_err(|b| {
             DataPlaneError::Busy(match b {
                 Busy::Overall(n) => format!("data_plane.max_concurrent is {n}"),
                 Busy::Sandbox(n) => {

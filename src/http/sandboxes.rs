@@ -203,7 +203,28 @@ pub async fn apply(
         ApplyOutcome::StateChanged(r) => ("state_changed", r),
         ApplyOutcome::Unchanged(r) => ("unchanged", r),
     };
-    if outcome != "unchanged" {
+    // "running", unchanged, for a sandbox the idle policy put to sleep: a resume.
+    let row = if outcome == "unchanged"
+        && new.state == SandboxState::Running
+        && crate::resume::asleep(&state, &row, Utc::now())
+    {
+        state
+            .store
+            .declare_state(
+                chat_id,
+                row.session_id,
+                SandboxState::Running,
+                crate::store::Declared::Client,
+                new.ttl,
+                retention,
+                Utc::now(),
+            )
+            .await?
+            .unwrap_or(row)
+    } else {
+        row
+    };
+    if outcome != "unchanged" || row.phase != Phase::Running {
         state.wake.notify_one();
     }
     let sandbox = match q.duration(&state) {

@@ -345,11 +345,14 @@ fn plan_live(
             .or_else(|| containers.iter().find(|c| fits(c)))
             .copied()
     };
-    // A stopped container is the session's hibernated one when sandboxd stopped it (the
-    // phase is written before the stop) or when hibernation is wanted anyway; otherwise it
-    // exited on its own: a crash, restarted by `Start` with crash-loop pacing.
-    let hibernated = matches!(row.phase, Phase::Hibernating | Phase::Hibernated)
-        || row.state == SandboxState::Hibernated;
+    // A stopped container is kept and started again in place when sandboxd stopped it (the
+    // phase is written before the stop), when it was frozen (a paused container does not
+    // exit on its own: the engine restarted under it), or when hibernation is wanted anyway;
+    // otherwise it exited on its own: a crash, restarted by `Start` with crash-loop pacing.
+    let hibernated = matches!(
+        row.phase,
+        Phase::Hibernating | Phase::Hibernated | Phase::Pausing | Phase::Paused
+    ) || row.state == SandboxState::Hibernated;
     let keep = pick(&healthy)
         .map(|c| (c, Found::Running))
         .or_else(|| pick(&|c| ours(c) && c.paused).map(|c| (c, Found::Paused)))

@@ -9,9 +9,12 @@ pub const CLAIM_DIR: &str = "/run/sandboxd-claim";
 
 /// The member's entrypoint: wait for the claim (a line on the FIFO), take the chat's
 /// environment, then run the image's own entrypoint and command (its arguments). The agent
-/// starts only after the claim; a FIFO closed without a line ends the member.
+/// starts only after the claim; a FIFO closed without a line ends the member. A claimed
+/// member started again (a resume after hibernation) has its `env` already (the claim writes
+/// it before the line) and does not wait.
 pub const WRAPPER: &str =
-    "read -r _ < /run/sandboxd-claim/go && . /run/sandboxd-claim/env && exec \"$@\"";
+    "{ [ -e /run/sandboxd-claim/env ] || read -r _ < /run/sandboxd-claim/go; } \
+     && . /run/sandboxd-claim/env && exec \"$@\"";
 
 /// The spec with its per-chat parts blanked (the chat directory's and the volume's sources,
 /// `AGENT_ID`): sessions whose specs agree on the rest can take the same member.

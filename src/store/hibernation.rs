@@ -32,6 +32,17 @@ impl Declared<'_> {
     }
 }
 
+/// What a touch found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// The clock was restarted less than a second ago: nothing written.
+    Fresh,
+    /// Restarted now.
+    Touched,
+    /// Not (or no longer) declared and observed running: nothing written.
+    NotAwake,
+}
+
 /// How long the idle clock may lag: calls within this of the last recorded activity write
 /// nothing (an exec loop does not become a write loop).
 const ACTIVITY_GRANULARITY: Duration = Duration::seconds(1);
@@ -110,19 +121,22 @@ impl Store {
         Ok(Some(row))
     }
 
-    /// Restarts the chat's idle clock (a call reached it). Writes only when the clock is more
-    /// than a second behind; returns whether it wrote.
-    pub async fn touch(&self, chat_id: ChatId, now: DateTime<Utc>) -> Result<bool> {
+    /// Restarts the chat's idle clock (a call reached it), in the same write as the check
+    /// that the sandbox is awake (declared and observed running): a pause committed just
+    /// before it is seen, never raced past. Writes only when the clock is more than a second
+    /// behind (an idle step is longer than that, so no pause can be due meanwhile).
+    pub async fn touch(&self, chat_id: ChatId, now: DateTime<Utc>) -> Result<Touch> {
         let fresh = self
             .get(chat_id)
             .await?
             .is_none_or(|r| r.last_active_at + ACTIVITY_GRANULARITY > now);
         if fresh {
-            return Ok(false);
+            return Ok(Touch::Fresh);
         }
         let (mut tx, gate) = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE sandboxes SET last_active_at = ?2 WHERE chat_id = ?1 AND deleted_at IS NULL",
+            "UPDATE sandboxes SET last_active_at = ?2 WHERE chat_id = ?1 AND deleted_at IS NULL \
+             AND desired_state = 'running' AND phase = 'running'",
         )
         .bind(chat_id.to_string())
         .bind(format_time(now))
@@ -131,7 +145,11 @@ impl Store {
         .rows_affected()
             == 1;
         self.commit(tx, gate, chat_id).await?;
-        Ok(done)
+        Ok(if done {
+            Touch::Touched
+        } else {
+            Touch::NotAwake
+        })
     }
 
     /// Before freezing or stopping the session's container: writes `pausing` or `hibernating`,

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use crate::domain::{ChatId, Phase};
 
 pub use events::{EventAction, EventOutcome, NewEvent};
-pub use hibernation::Declared;
+pub use hibernation::{Declared, Touch};
 pub use pool::{Member, MemberState};
 pub use row::{SandboxRow, StoredEvent};
 pub use sessions::{ApplyOutcome, CreateOutcome, ImportOutcome, LegacyImport};
@@ -61,6 +61,9 @@ pub enum StoreError {
     Corrupt { chat_id: String, message: String },
     #[error("store write task failed: {0}")]
     Task(String),
+    /// A write kept losing its race (another writer changed the row every time).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

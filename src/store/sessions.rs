@@ -108,6 +108,25 @@ impl Store {
         now: DateTime<Utc>,
         retention: chrono::Duration,
     ) -> Result<ApplyOutcome> {
+        // A state-only change is written by `declare_state` after this transaction; a session
+        // replaced in between makes it miss, and the apply is decided again.
+        for _ in 0..3 {
+            if let Some(outcome) = self.apply_once(new, now, retention).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(super::StoreError::Conflict(format!(
+            "chat {}: its session kept changing under the apply",
+            new.chat_id
+        )))
+    }
+
+    async fn apply_once(
+        &self,
+        new: &NewSession,
+        now: DateTime<Utc>,
+        retention: chrono::Duration,
+    ) -> Result<Option<ApplyOutcome>> {
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
         if let Some(cur) = current.as_ref().filter(|c| c.is_live(now)) {
@@ -119,36 +138,31 @@ impl Store {
                 tx.rollback().await?;
                 drop(gate); // declare_state takes the write gate itself
                 if cur.desired_state == new.state {
-                    return Ok(ApplyOutcome::Unchanged(cur));
+                    return Ok(Some(ApplyOutcome::Unchanged(cur)));
                 }
                 // Only the state differs: declared on the same session (its container stays).
-                return Ok(
-                    match self
-                        .declare_state(
-                            cur.chat_id,
-                            cur.session_id,
-                            new.state,
-                            super::Declared::Client,
-                            new.ttl,
-                            retention,
-                            now,
-                        )
-                        .await?
-                    {
-                        Some(row) => ApplyOutcome::StateChanged(row),
-                        None => ApplyOutcome::Unchanged(cur),
-                    },
-                );
+                return Ok(self
+                    .declare_state(
+                        cur.chat_id,
+                        cur.session_id,
+                        new.state,
+                        super::Declared::Client,
+                        new.ttl,
+                        retention,
+                        now,
+                    )
+                    .await?
+                    .map(ApplyOutcome::StateChanged));
             }
         }
         let replaced = current.as_ref().is_some_and(|c| c.is_live(now));
         let row = write_new_session(&mut tx, new, current.as_ref(), now).await?;
         self.commit_row(tx, gate, &row).await?;
-        Ok(if replaced {
+        Ok(Some(if replaced {
             ApplyOutcome::Replaced(row)
         } else {
             ApplyOutcome::Created(row)
-        })
+        }))
     }
 
     /// Takes over a running container of the old service as the chat's session, keeping its

@@ -538,3 +538,30 @@ async fn a_resume_the_engine_refuses_falls_back_to_a_cold_start_of_the_same_sess
         "the fallback is counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_serving_a_long_call_is_not_idle_and_sleeps_after_it() {
+    let app = TestApp::spawn_with(|s| s.sandbox.idle_pause_seconds = 1).await;
+    let chat = new_chat();
+    let (status, body) = app.create(&chat, "a", &app.volume("l")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Three seconds of work, longer than the idle step: never frozen under it.
+    let started = Instant::now();
+    assert_eq!(sh(&app, &chat, "sleep 3; echo done").await, "done");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not frozen: {:?}",
+        started.elapsed()
+    );
+    let paused_during = events_of(&app, &chat)
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "pause")
+        .count();
+    assert_eq!(paused_during, 0, "no pause while the call ran");
+    // Idle after the call: paused by the timer.
+    wait_until(Duration::from_secs(30), "paused after the call", || async {
+        (view(&app, &chat).await["phase"] == "paused").then_some(())
+    })
+    .await;
+}

@@ -303,3 +303,45 @@ async fn a_restart_with_a_changed_class_replaces_the_idle_members() {
     let environ = exec(&app, &chat, "tr '\\0' '\\n' < /proc/1/environ").await;
     assert!(environ.contains("NEW_VAR=new\n"), "{environ}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_started_sandbox_hibernates_and_resumes_with_its_agent_and_env() {
+    let (app, _mounts) = spawn_warm(1, 1).await;
+    wait_idle(&app, 1).await;
+    let chat = new_chat();
+    let vol = app.volume(&chat);
+    let (status, first) = app.create(&chat, "warm-agent", &vol).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let how = starts(&app).await;
+    assert!(
+        how.iter().any(|(c, h)| c == &chat && h == "warm"),
+        "{how:?}"
+    );
+    let (status, v) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["phase"].as_str()),
+        (StatusCode::OK, Some("hibernated")),
+        "{v}"
+    );
+    // Started again, the member's wrapper must not wait for a second claim.
+    let (status, again) = app.create(&chat, "warm-agent", &vol).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        again["container_id"], first["container_id"],
+        "resumed in place"
+    );
+    let ip = again["endpoint"]["ip"].as_str().unwrap();
+    assert!(
+        agent_answers(ip, 8000).await,
+        "the agent serves again at {ip}"
+    );
+    assert_eq!(
+        exec(&app, &chat, "echo $AGENT_ID").await.trim(),
+        "warm-agent"
+    );
+}
