@@ -158,6 +158,36 @@ impl EgressKeeper {
         true
     }
 
+    /// Before an existing container runs again (a resume in place): the rules its network
+    /// needs are on the host. Its bridge can be taken from what was last looked up: a stopped
+    /// container cannot start on a network removed and made again since (its endpoint names
+    /// the old network, and the start fails), so a known bridge is still its bridge. Without
+    /// one, or when the rules were not verified within the resync period, as a start.
+    pub async fn ensure_for_resume(
+        &self,
+        rt: &SharedBackend,
+        spec: &ContainerSpec,
+    ) -> Result<(), EgressError> {
+        let (Some(policy), Some(_)) = (spec.egress_rules(), rt.host_rules()) else {
+            return Ok(());
+        };
+        {
+            let kept = self.kept.lock().await;
+            let fresh = kept
+                .verified_at
+                .is_some_and(|at| at.elapsed() < self.resync);
+            let covered = kept.bridges.get(&spec.network).is_some_and(|bridge| {
+                kept.applied_policies
+                    .get(bridge)
+                    .is_some_and(|have| &have.strictest(policy) == have)
+            });
+            if fresh && covered {
+                return Ok(());
+            }
+        }
+        self.ensure_for_start(rt, spec).await
+    }
+
     /// Makes sure the rules a sandbox with `spec` needs are on the host, before it starts.
     pub async fn ensure_for_start(
         &self,

@@ -585,7 +585,13 @@ impl Executor {
         let spec = parse_spec(row)?;
         let started = std::time::Instant::now();
         // Never a sandbox running without its rules, also when it comes back.
-        self.ensure_rules(&spec).await?;
+        self.egress
+            .ensure_for_resume(&self.runtime, &spec)
+            .await
+            .map_err(|e| match e {
+                super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
+                super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
+            })?;
         let resumed: Result<crate::backend::Started, crate::backend::BackendError> = async {
             match (found, self.runtime.hibernation()) {
                 (Found::Paused, Some(h)) => h.unpause(id).await?,
@@ -685,6 +691,8 @@ impl Executor {
             &self.ctx.volumes,
             &self.ctx.settings.sandbox.chats_root,
         )?;
+        // A new container: its network's bridge is looked up afresh, as for any start.
+        self.ensure_rules(spec).await?;
         let req = StartRequest {
             chat_id: row.chat_id,
             session_id: row.session_id,
