@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::dataplane::exec;
+use crate::restart::post;
 use crate::support::*;
 use crate::watch::SseReader;
 
@@ -54,6 +55,22 @@ async fn engine_state(app: &TestApp, id: &str) -> String {
     }
 }
 
+/// `POST …/{call}?wait=30` and its answer, checked to have settled in `phase`.
+pub async fn settle(app: &TestApp, chat: &str, call: &str, phase: &str) -> Value {
+    let (status, v) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/{call}?wait=30"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["phase"].as_str()),
+        (StatusCode::OK, Some(phase)),
+        "{v}"
+    );
+    v
+}
+
 async fn events_of(app: &TestApp, chat: &str) -> Vec<Value> {
     let (_, events) = app.get(&format!("/api/v1/sandboxes/{chat}/events")).await;
     events.as_array().cloned().unwrap_or_default()
@@ -77,18 +94,8 @@ async fn a_hibernated_sandbox_keeps_its_container_and_files_and_an_old_create_re
     );
     sh(&app, &chat, "echo kept > /tmp/kept.txt").await;
 
-    let (status, v) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!(
-        (v["state"].as_str(), v["phase"].as_str()),
-        (Some("hibernated"), Some("hibernated")),
-        "{v}"
-    );
+    let v = settle(&app, &chat, "hibernate", "hibernated").await;
+    assert_eq!(v["state"], "hibernated", "{v}");
     assert!(
         v["endpoint"].is_null(),
         "a stopped container has no address: {v}"
@@ -161,17 +168,7 @@ async fn a_counter_keeps_counting_from_where_it_was_across_pause_and_resume() {
     let pid = sh(&app, &chat, "cat /tmp/pid").await;
 
     let before = count(&app, &chat).await;
-    let (status, v) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/pause?wait=30"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(
-        (status, v["phase"].as_str()),
-        (StatusCode::OK, Some("paused")),
-        "{v}"
-    );
+    settle(&app, &chat, "pause", "paused").await;
     assert_eq!(engine_state(&app, &id).await, "paused");
     let frozen = Duration::from_secs(3);
     // Time passing is what this checks: nothing counts while frozen.
@@ -329,16 +326,6 @@ async fn on_expiry_hibernate_keeps_the_sandbox_and_an_old_create_gets_it_back() 
     assert!(expires > chrono::Utc::now(), "a fresh TTL: {expires}");
 }
 
-async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> (StatusCode, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    (r.status(), r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_in_the_middle_of_each_transition_converges_to_the_declared_state() {
     let fx = ProcessFixture::new(|_| {});
@@ -442,17 +429,7 @@ async fn concurrent_calls_on_a_hibernated_sandbox_share_one_resume() {
     let (status, body) = app.create(&chat, "a", &app.volume("k")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let id = body["container_id"].as_str().unwrap().to_string();
-    let (status, v) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(
-        (status, v["phase"].as_str()),
-        (StatusCode::OK, Some("hibernated")),
-        "{v}"
-    );
+    settle(&app, &chat, "hibernate", "hibernated").await;
     // Six execs (under data_plane.max_concurrent_per_sandbox), two old-contract creates and
     // two renews, all at once.
     let vol = app.volume("k");
@@ -494,17 +471,7 @@ async fn a_resume_the_engine_refuses_falls_back_to_a_cold_start_of_the_same_sess
     let vol = app.volume("f");
     let (status, first) = app.create(&chat, "a", &vol).await;
     assert_eq!(status, StatusCode::OK, "{first}");
-    let (status, v) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(
-        (status, v["phase"].as_str()),
-        (StatusCode::OK, Some("hibernated")),
-        "{v}"
-    );
+    settle(&app, &chat, "hibernate", "hibernated").await;
     // The chat directory (a bind source) goes while it sleeps: the engine refuses to start
     // the stopped container again ("bind source path does not exist").
     let chat_dir = app.settings.sandbox.chats_root.join(&chat);

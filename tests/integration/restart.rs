@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> (StatusCode, Value) {
+pub async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> (StatusCode, Value) {
     let r = reqwest::Client::new()
         .post(format!("http://{addr}{path}"))
         .json(body)

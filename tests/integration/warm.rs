@@ -317,17 +317,7 @@ async fn a_warm_started_sandbox_hibernates_and_resumes_with_its_agent_and_env() 
         how.iter().any(|(c, h)| c == &chat && h == "warm"),
         "{how:?}"
     );
-    let (status, v) = app
-        .post_json(
-            &format!("/api/v1/sandboxes/{chat}/hibernate?wait=30"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(
-        (status, v["phase"].as_str()),
-        (StatusCode::OK, Some("hibernated")),
-        "{v}"
-    );
+    crate::hibernation::settle(&app, &chat, "hibernate", "hibernated").await;
     // Started again, the member's wrapper must not wait for a second claim.
     let (status, again) = app.create(&chat, "warm-agent", &vol).await;
     assert_eq!(status, StatusCode::OK, "{again}");
