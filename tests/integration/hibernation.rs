@@ -33,11 +33,16 @@ async fn sh(app: &TestApp, chat: &str, command: &str) -> String {
 const NOT_A_MOUNT: &str =
     "while read -r _ m _; do [ \"$m\" = /tmp ] && echo mounted; done < /proc/mounts; true";
 
+/// The counter's value; 0 before it first wrote. The loop rewrites the file in place, so a
+/// read can land between truncation and write (empty): read again.
 async fn count(app: &TestApp, chat: &str) -> u64 {
-    sh(app, chat, "cat /tmp/count 2>/dev/null || echo 0")
-        .await
-        .parse()
-        .unwrap_or(0)
+    for _ in 0..50 {
+        let out = sh(app, chat, "cat /tmp/count 2>/dev/null || echo 0").await;
+        if let Ok(n) = out.parse() {
+            return n;
+        }
+    }
+    panic!("the counter file stayed unreadable");
 }
 
 async fn view(app: &TestApp, chat: &str) -> Value {
