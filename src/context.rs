@@ -1,6 +1,6 @@
 //! What the long-lived parts of the process share, built once in `app.rs`: the store, the
-//! settings, the metrics, the controller's status, the volume policy, the loop's wake-up and
-//! chat storage.
+//! settings, the metrics, the controller's status, the volume policy, the loop's wake-up,
+//! chat storage and the data plane's call slots.
 //! The API, the controller, its executor, supervisor, egress keeper, warm pool and the data
 //! plane each hold one `Arc<Context>` rather than their own copies. (The backend is not in
 //! it: the supervisor connects and reconnects it, and hands it out per connection.)
