@@ -55,6 +55,19 @@ struct Kept {
     loosen_pending_since: Option<Instant>,
 }
 
+impl Kept {
+    /// Whether `bridge`'s rules, verified within `resync`, are at least as strict as `policy`:
+    /// then a sandbox needing `policy` may run without touching the host.
+    fn trusted(&self, bridge: &str, policy: &rules::EgressPolicy, resync: Duration) -> bool {
+        let fresh = self.verified_at.is_some_and(|at| at.elapsed() < resync);
+        let covered = self
+            .applied_policies
+            .get(bridge)
+            .is_some_and(|have| &have.strictest(policy) == have);
+        fresh && covered
+    }
+}
+
 pub struct EgressKeeper {
     instance: String,
     /// The store (the rows' specs), metrics, and status (where the last failure is shown).
@@ -173,15 +186,8 @@ impl EgressKeeper {
         };
         {
             let kept = self.kept.lock().await;
-            let fresh = kept
-                .verified_at
-                .is_some_and(|at| at.elapsed() < self.resync);
-            let covered = kept.bridges.get(&spec.network).is_some_and(|bridge| {
-                kept.applied_policies
-                    .get(bridge)
-                    .is_some_and(|have| &have.strictest(policy) == have)
-            });
-            if fresh && covered {
+            let known = kept.bridges.get(&spec.network);
+            if known.is_some_and(|bridge| kept.trusted(bridge, policy, self.resync)) {
                 return Ok(());
             }
         }
@@ -214,14 +220,7 @@ impl EgressKeeper {
             // The usual case: the network's rules are in place and at least as strict.
             let mut kept = self.kept.lock().await;
             kept.bridges.insert(spec.network.clone(), bridge.clone());
-            let fresh = kept
-                .verified_at
-                .is_some_and(|at| at.elapsed() < self.resync);
-            let covered = kept
-                .applied_policies
-                .get(&bridge)
-                .is_some_and(|have| &have.strictest(policy) == have);
-            if fresh && covered {
+            if kept.trusted(&bridge, policy, self.resync) {
                 return Ok(());
             }
         }

@@ -38,6 +38,15 @@ pub enum ActionError {
     Egress(#[from] crate::egress::iptables::FirewallError),
 }
 
+impl From<super::egress::EgressError> for ActionError {
+    fn from(e: super::egress::EgressError) -> Self {
+        match e {
+            super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
+            super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
+        }
+    }
+}
+
 /// How an action ended when it did not error.
 pub enum Outcome {
     Done,
@@ -308,7 +317,7 @@ impl Executor {
                 &self.ctx.settings.sandbox.chats_root,
             )?;
             // Never a sandbox without its rules: a failure here is a failed start.
-            self.ensure_rules(&spec).await?;
+            self.egress.ensure_for_start(&self.runtime, &spec).await?;
             let req = StartRequest {
                 chat_id,
                 session_id,
@@ -351,17 +360,12 @@ impl Executor {
         }
         match result {
             Ok((started, port)) => {
-                self.observed.started(Observed {
-                    container_id: started.container_id.clone(),
-                    chat_id: Some(chat_id),
-                    session_id: Some(session_id),
-                    spec_hash: Some(row.spec_hash.clone()),
-                    running: true,
-                    paused: false,
-                    ip: Some(started.ip.clone()),
-                    legacy: false,
-                    pool_slot: None,
-                });
+                self.observed.started(observed(
+                    &row,
+                    &started.container_id,
+                    Found::Running,
+                    Some(started.ip.clone()),
+                ));
                 let action = if started.adopted {
                     EventAction::Adopt
                 } else {
@@ -448,18 +452,6 @@ impl Executor {
             return Ok(Outcome::Skipped); // a call or a client moved it on since the plan
         }
         self.remove_all(stale).await?;
-        let hibernation = self.runtime.hibernation();
-        let engine = || {
-            hibernation.ok_or_else(|| {
-                ActionError::Runtime(crate::backend::BackendError::new(
-                    crate::backend::ErrorKind::Unsupported,
-                    format!(
-                        "{} cannot pause or stop a sandbox in place",
-                        self.runtime.describe()
-                    ),
-                ))
-            })
-        };
         let reason = if row.desired_state == to {
             "declared"
         } else {
@@ -502,21 +494,16 @@ impl Executor {
                     {
                         return Ok(Outcome::Skipped);
                     }
-                    let paused = engine()?.pause(&id).await;
+                    let paused = self.hibernation()?.pause(&id).await;
                     if let Err(e) = paused {
                         self.transition_failed(&row, Phase::Paused, &id, &e).await;
                         return Err(e.into());
                     }
                 }
+                let ip = row.endpoint_ip.clone();
                 self.observed
-                    .started(self.observed_as(&row, &id, found, to));
-                let detail = serde_json::json!({
-                    "reason": reason,
-                    "ms": started.elapsed().as_millis() as u64,
-                });
-                self.ctx
-                    .store
-                    .record_state(&row, Phase::Paused, Some(&id), None, &detail, Utc::now())
+                    .started(observed(&row, &id, Found::Paused, ip));
+                self.settled(&row, Phase::Paused, Some(&id), reason, started)
                     .await?;
                 info!(%chat_id, %session_id, container_id = %id, reason, "sandbox paused");
                 Ok(Outcome::Done)
@@ -531,7 +518,7 @@ impl Executor {
                     {
                         return Ok(Outcome::Skipped);
                     }
-                    let engine = engine()?;
+                    let engine = self.hibernation()?;
                     let grace = std::time::Duration::from_secs(
                         self.ctx.settings.sandbox.hibernate_stop_seconds,
                     );
@@ -549,22 +536,9 @@ impl Executor {
                         return Err(e.into());
                     }
                     self.observed
-                        .started(self.observed_as(&row, id, Found::Stopped, to));
+                        .started(observed(&row, id, Found::Stopped, None));
                 }
-                let detail = serde_json::json!({
-                    "reason": reason,
-                    "ms": started.elapsed().as_millis() as u64,
-                });
-                self.ctx
-                    .store
-                    .record_state(
-                        &row,
-                        Phase::Hibernated,
-                        id.as_deref(),
-                        None,
-                        &detail,
-                        Utc::now(),
-                    )
+                self.settled(&row, Phase::Hibernated, id.as_deref(), reason, started)
                     .await?;
                 info!(%chat_id, %session_id, container_id = ?id, reason, "sandbox hibernated");
                 Ok(Outcome::Done)
@@ -585,23 +559,10 @@ impl Executor {
         let spec = parse_spec(row)?;
         let started = std::time::Instant::now();
         // Never a sandbox running without its rules, also when it comes back.
-        self.egress
-            .ensure_for_resume(&self.runtime, &spec)
-            .await
-            .map_err(|e| match e {
-                super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
-                super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
-            })?;
+        self.egress.ensure_for_resume(&self.runtime, &spec).await?;
         let resumed: Result<crate::backend::Started, crate::backend::BackendError> = async {
-            match (found, self.runtime.hibernation()) {
-                (Found::Paused, Some(h)) => h.unpause(id).await?,
-                (Found::Paused, None) => {
-                    return Err(crate::backend::BackendError::new(
-                        crate::backend::ErrorKind::Unsupported,
-                        "the engine cannot unpause",
-                    ))
-                }
-                _ => {}
+            if found == Found::Paused {
+                self.hibernation()?.unpause(id).await?;
             }
             // A thawed container keeps its address; a started one is read again.
             self.runtime
@@ -641,17 +602,12 @@ impl Executor {
                 }
             }
         };
-        self.observed.started(Observed {
-            container_id: container_id.clone(),
-            chat_id: Some(row.chat_id),
-            session_id: Some(row.session_id),
-            spec_hash: Some(row.spec_hash.clone()),
-            running: true,
-            paused: false,
-            ip: Some(ip.clone()),
-            legacy: false,
-            pool_slot: None,
-        });
+        self.observed.started(observed(
+            row,
+            &container_id,
+            Found::Running,
+            Some(ip.clone()),
+        ));
         self.egress.after_start(&self.runtime).await;
         self.ctx
             .store
@@ -692,7 +648,7 @@ impl Executor {
             &self.ctx.settings.sandbox.chats_root,
         )?;
         // A new container: its network's bridge is looked up afresh, as for any start.
-        self.ensure_rules(spec).await?;
+        self.egress.ensure_for_start(&self.runtime, spec).await?;
         let req = StartRequest {
             chat_id: row.chat_id,
             session_id: row.session_id,
@@ -724,35 +680,40 @@ impl Executor {
         }
     }
 
-    /// The egress rules of the spec's network are in place (a failure fails the action).
-    async fn ensure_rules(&self, spec: &ContainerSpec) -> Result<(), ActionError> {
-        self.egress
-            .ensure_for_start(&self.runtime, spec)
-            .await
-            .map_err(|e| match e {
-                super::egress::EgressError::Engine(e) => ActionError::Runtime(e),
-                super::egress::EgressError::Firewall(e) => ActionError::Egress(e),
-            })
+    /// The engine's pause, unpause and stop, or why this backend has none.
+    fn hibernation(
+        &self,
+    ) -> Result<&dyn crate::backend::Hibernation, crate::backend::BackendError> {
+        self.runtime.hibernation().ok_or_else(|| {
+            crate::backend::BackendError::new(
+                crate::backend::ErrorKind::Unsupported,
+                format!(
+                    "{} cannot pause or stop a sandbox in place",
+                    self.runtime.describe()
+                ),
+            )
+        })
     }
 
-    /// The container as the loop's copy should now show it.
-    fn observed_as(&self, row: &SandboxRow, id: &str, found: Found, to: SandboxState) -> Observed {
-        let stopped = to == SandboxState::Hibernated || found == Found::Stopped;
-        Observed {
-            container_id: id.to_string(),
-            chat_id: Some(row.chat_id),
-            session_id: Some(row.session_id),
-            spec_hash: Some(row.spec_hash.clone()),
-            running: false,
-            paused: to == SandboxState::Paused && !stopped,
-            ip: if stopped {
-                None
-            } else {
-                row.endpoint_ip.clone()
-            },
-            legacy: false,
-            pool_slot: None,
-        }
+    /// Records a pause or hibernation done: its phase, why (`declared` or `idle`) and how long
+    /// the engine took.
+    async fn settled(
+        &self,
+        row: &SandboxRow,
+        phase: Phase,
+        id: Option<&str>,
+        reason: &str,
+        started: std::time::Instant,
+    ) -> Result<(), StoreError> {
+        let detail = serde_json::json!({
+            "reason": reason,
+            "ms": started.elapsed().as_millis() as u64,
+        });
+        self.ctx
+            .store
+            .record_state(row, phase, id, None, &detail, Utc::now())
+            .await?;
+        Ok(())
     }
 
     /// A pause or stop the engine refused: in the event log; the engine's state is unknown
@@ -932,6 +893,22 @@ impl Executor {
             .await?;
         warn!(chat_id = %row.chat_id, session_id = %row.session_id, restarts, ?retry_at, "{message}");
         Ok(retry_at)
+    }
+}
+
+/// The session's container `id` as the loop's copy should now show it: running, frozen
+/// (`Found::Paused`) or stopped, at `ip`.
+fn observed(row: &SandboxRow, id: &str, found: Found, ip: Option<String>) -> Observed {
+    Observed {
+        container_id: id.to_string(),
+        chat_id: Some(row.chat_id),
+        session_id: Some(row.session_id),
+        spec_hash: Some(row.spec_hash.clone()),
+        running: found == Found::Running,
+        paused: found == Found::Paused,
+        ip,
+        legacy: false,
+        pool_slot: None,
     }
 }
 
