@@ -58,8 +58,6 @@ pub async fn awake(
         return Ok(Some(row));
     }
     let sandbox = &ctx.settings.sandbox;
-    let ttl =
-        chrono::Duration::seconds(i64::try_from(sandbox.ttl_seconds).unwrap_or(i64::MAX / 2000));
     let declared = ctx
         .store
         .declare_state(
@@ -67,7 +65,7 @@ pub async fn awake(
             row.session_id,
             SandboxState::Running,
             Declared::Call(call),
-            ttl,
+            sandbox.ttl(),
             sandbox.hibernated_retention(),
             now,
         )

@@ -349,9 +349,7 @@ pub struct SandboxSettings {
 impl SandboxSettings {
     /// The hibernation policy the planner's caller applies.
     pub fn hibernation(&self) -> crate::domain::hibernation::Policy {
-        let after = |s: u64| {
-            (s > 0).then(|| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 2000)))
-        };
+        let after = |s: u64| (s > 0).then(|| seconds(s));
         crate::domain::hibernation::Policy {
             idle: crate::domain::hibernation::IdlePolicy {
                 pause_after: after(self.idle_pause_seconds),
@@ -363,11 +361,19 @@ impl SandboxSettings {
 
     /// How long a sandbox declared hibernated is kept.
     pub fn hibernated_retention(&self) -> chrono::Duration {
-        chrono::Duration::seconds(
-            i64::try_from(self.hibernated_retention_seconds)
-                .unwrap_or(MAX_CONFIG_TTL_SECONDS as i64),
-        )
+        seconds(self.hibernated_retention_seconds)
     }
+
+    /// The TTL of a session whose request names none (and what a resume gives at least).
+    pub fn ttl(&self) -> chrono::Duration {
+        seconds(self.ttl_seconds)
+    }
+}
+
+/// A duration setting; validation bounds every one to `MAX_CONFIG_TTL_SECONDS`, far inside
+/// chrono's range.
+fn seconds(s: u64) -> chrono::Duration {
+    chrono::Duration::seconds(i64::try_from(s.min(MAX_CONFIG_TTL_SECONDS)).unwrap_or(i64::MAX))
 }
 
 /// An isolation profile: which runtime runs the sandbox, how it is hardened, and where it may

@@ -41,6 +41,15 @@ impl SandboxState {
         SandboxState::Hibernated,
     ];
 
+    /// The phase a sandbox settles in once it is in this state.
+    pub fn phase(self) -> crate::domain::Phase {
+        match self {
+            SandboxState::Running => crate::domain::Phase::Running,
+            SandboxState::Paused => crate::domain::Phase::Paused,
+            SandboxState::Hibernated => crate::domain::Phase::Hibernated,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxState::Running => "running",

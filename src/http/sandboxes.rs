@@ -229,7 +229,7 @@ pub async fn apply(
     }
     let sandbox = match q.duration(&state) {
         Some(d) if new.state != SandboxState::Running => {
-            let phase = phase_of(new.state);
+            let phase = new.state.phase();
             match wait::for_phase(&state.store, chat_id, row.session_id, phase, d).await? {
                 Some(r) => SandboxView::from(&r),
                 None => view_after_wait(&state, chat_id, &WaitQuery::default()).await?,
@@ -423,15 +423,6 @@ pub async fn renew(
     Ok(Json(SandboxView::from(&row)))
 }
 
-/// The phase a declared state settles in.
-fn phase_of(s: SandboxState) -> Phase {
-    match s {
-        SandboxState::Running => Phase::Running,
-        SandboxState::Paused => Phase::Paused,
-        SandboxState::Hibernated => Phase::Hibernated,
-    }
-}
-
 /// `POST …/pause`, `…/hibernate`, `…/resume`: shortcuts for declaring the state of the live
 /// session (the declarative field stays the truth); `?wait=` waits until it has settled.
 async fn declare(
@@ -459,9 +450,6 @@ async fn declare(
         .filter(|r| r.is_live(now))
         .ok_or(ApiError::NotFound)?;
     let sandbox = &state.settings.sandbox;
-    let ttl = chrono::Duration::seconds(
-        i64::try_from(sandbox.ttl_seconds).unwrap_or(i64::from(u32::MAX)),
-    );
     let row = state
         .store
         .declare_state(
@@ -469,7 +457,7 @@ async fn declare(
             live.session_id,
             wanted,
             crate::store::Declared::Client,
-            ttl,
+            sandbox.ttl(),
             sandbox.hibernated_retention(),
             now,
         )
@@ -478,7 +466,7 @@ async fn declare(
     state.wake.notify_one();
     let settled = match q.duration(state) {
         Some(d) => {
-            wait::for_phase(&state.store, chat_id, row.session_id, phase_of(wanted), d).await?
+            wait::for_phase(&state.store, chat_id, row.session_id, wanted.phase(), d).await?
         }
         None => None,
     };
