@@ -730,16 +730,31 @@ pub async fn put_history(
         size_of(&dir.join(HISTORY_FILE)),
     )
     .await?;
-    let size = files::write_all(&dir, HISTORY_FILE, &body).await?;
     let who = caller(&state, &headers, peer);
-    audit(
+    write_history(
         &state,
+        chat_id,
+        &dir,
+        &body,
         &who,
-        Some(chat_id),
-        EventAction::StorageWrite,
-        json!({"what": "history", "bytes": size}),
+        json!({"what": "history"}),
     )
-    .await;
+    .await
+}
+
+/// Writes the chat's whole `history.md` (all or nothing) and audits it: `detail` plus the
+/// size written.
+async fn write_history(
+    state: &AppState,
+    chat_id: ChatId,
+    dir: &std::path::Path,
+    text: &[u8],
+    who: &crate::dataplane::Caller,
+    mut detail: serde_json::Value,
+) -> Result<Json<HistoryWritten>, ApiError> {
+    let size = files::write_all(dir, HISTORY_FILE, text).await?;
+    detail["bytes"] = size.into();
+    audit(state, who, Some(chat_id), EventAction::StorageWrite, detail).await;
     Ok(Json(HistoryWritten {
         chat_id: chat_id.to_string(),
         size_bytes: size,
@@ -776,20 +791,9 @@ pub async fn append_history(
     // The old copy stays until the rename: it counts while the new one is written.
     check_quota(&state, &chat, (text.len() + body.len()) as u64, 0).await?;
     text.extend_from_slice(&body);
-    let size = files::write_all(&dir, HISTORY_FILE, &text).await?;
     let who = caller(&state, &headers, peer);
-    audit(
-        &state,
-        &who,
-        Some(chat_id),
-        EventAction::StorageWrite,
-        json!({"what": "history", "appended_bytes": body.len(), "bytes": size}),
-    )
-    .await;
-    Ok(Json(HistoryWritten {
-        chat_id: chat_id.to_string(),
-        size_bytes: size,
-    }))
+    let detail = json!({"what": "history", "appended_bytes": body.len()});
+    write_history(&state, chat_id, &dir, &text, &who, detail).await
 }
 
 /// `PUT /api/v1/chats/{chat_id}/files/{name}`: the raw body, its `Content-Type` kept; 201
