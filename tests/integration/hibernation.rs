@@ -259,7 +259,9 @@ async fn an_exec_on_a_declared_hibernated_sandbox_resumes_it_and_succeeds() {
 async fn idle_timers_pause_then_hibernate_with_no_call_and_the_watch_stream_shows_it_in_order() {
     let app = TestApp::spawn_with(|s| {
         s.sandbox.idle_pause_seconds = 1;
-        s.sandbox.idle_hibernate_seconds = 3;
+        // Four seconds between the steps: under the full suite a pass may come seconds late,
+        // and a pass after both deadlines rightly goes straight to hibernated.
+        s.sandbox.idle_hibernate_seconds = 5;
     })
     .await;
     let chat = new_chat();
