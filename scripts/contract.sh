@@ -24,11 +24,14 @@ mkdir -p "$RUN"/{chats,deps,tools,volumes/v}
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 INSTANCE="contract-$$"
 export SANDBOXD_API_TOKEN="contract-$RANDOM$RANDOM"
+# The test agent (busybox httpd as PID 1) ignores SIGTERM, so a hibernation's stop waits out
+# its whole grace: 1 s here (10 s by default) keeps a resume right after a fuzzed hibernate
+# well inside create_wait_seconds, as in the integration tests' settings.
 cat >"$RUN/config.yaml" <<YAML
 http: {host: 127.0.0.1, port: $PORT}
 logging: {level: WARNING}
 docker: {pull_policy: never}
-sandbox: {image: sandboxd/agent-busybox:latest, network_name: sandboxd-test, ttl_seconds: 60, chats_root: $RUN/chats, dependencies_host_path: $RUN/deps, lambda_tools_host_path: $RUN/tools, allowed_volume_roots: [$RUN/volumes]}
+sandbox: {image: sandboxd/agent-busybox:latest, network_name: sandboxd-test, ttl_seconds: 60, chats_root: $RUN/chats, dependencies_host_path: $RUN/deps, lambda_tools_host_path: $RUN/tools, allowed_volume_roots: [$RUN/volumes], hibernate_stop_seconds: 1}
 security: {api_token: $SANDBOXD_API_TOKEN}
 database: {path: $RUN/sandboxd.db}
 controller: {instance: $INSTANCE, create_wait_seconds: 10, delete_wait_seconds: 10, max_wait_seconds: 2, take_over_old_service: false}
