@@ -80,6 +80,10 @@ pub struct Metrics {
     pub last_pass_timestamp: Gauge<f64, AtomicU64>,
     /// Data-plane calls (exec, file read/write/list) holding a concurrency slot.
     pub data_plane_in_flight: Gauge<i64>,
+    /// Background processes sandboxd started that still run (and whose output it reads).
+    pub processes_running: Gauge<i64>,
+    /// Terminals open (attached, or waiting in their grace period for a re-attach).
+    pub terminals_open: Gauge<i64>,
     /// Chat storage writes refused by a workspace's quota (413).
     pub storage_quota_refusals_total: Counter,
     /// Bytes in use on every workspace's file system together (every resync period).
@@ -128,6 +132,8 @@ impl Metrics {
             docker_connected: Gauge::default(),
             last_pass_timestamp: Gauge::default(),
             data_plane_in_flight: Gauge::default(),
+            processes_running: Gauge::default(),
+            terminals_open: Gauge::default(),
             storage_quota_refusals_total: Counter::default(),
             storage_used_bytes: Gauge::default(),
             storage_workspaces: Family::default(),
@@ -251,6 +257,16 @@ impl Metrics {
             "sandboxd_data_plane_in_flight",
             "Data-plane calls (exec, files) in flight",
             m.data_plane_in_flight.clone(),
+        );
+        r.register(
+            "sandboxd_processes_running",
+            "Background processes running, their output read by sandboxd",
+            m.processes_running.clone(),
+        );
+        r.register(
+            "sandboxd_terminals_open",
+            "Terminals open, attached or in their re-attach grace period",
+            m.terminals_open.clone(),
         );
         r.register(
             "sandboxd_storage_quota_refusals",

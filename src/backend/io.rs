@@ -17,19 +17,19 @@ use super::error::Result;
 /// The variable every exec's processes inherit; a timeout kills every process carrying it.
 pub const EXEC_MARKER_VAR: &str = "SANDBOXD_EXEC_ID";
 
-/// Kills every process whose environment carries the marker (`$1`), and every descendant of
-/// one (a process that rewrites its title can overwrite its environment), again until none is
-/// left: they are stopped first, so none can fork while the others die. Needs only `sh`,
-/// `grep`, `kill` and `read` (busybox has them). Not `grep -F`: busybox's stops at the first
-/// NUL of `environ`; the marker has no regex metacharacters. PID 1 (the sandbox's own
-/// process) is never a descendant of an exec, and the kernel ignores SIGKILL to it anyway.
-const KILL_MARKED: &str = r#"m="$1"; i=0
-while [ $i -lt 50 ]; do
+/// Defines `collect MARKER`, which sets `$marked` to " pid pid … " for every process whose
+/// environment carries the marker and every descendant of one (a process that rewrites its
+/// title can overwrite its environment). Needs only `sh`, `grep` and `read` (busybox has
+/// them). Not `grep -F`: busybox's stops at the first NUL of `environ`; the marker has no
+/// regex metacharacters. PID 1 (the sandbox's own process) is never a descendant of an exec.
+macro_rules! collect_marked {
+    () => {
+        r#"collect() {
   marked=" "
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
     [ "$p" = "$$" ] && continue
-    grep -q "$m" "$d/environ" 2>/dev/null && marked="$marked$p "
+    grep -q "$1" "$d/environ" 2>/dev/null && marked="$marked$p "
   done
   changed=1
   while [ -n "$changed" ]; do
@@ -42,12 +42,35 @@ while [ $i -lt 50 ]; do
       case "$marked" in *" $pp "*) marked="$marked$p "; changed=1;; esac
     done
   done
+}
+"#
+    };
+}
+
+/// Kills every marked process (`$1`), again until none is left: they are stopped first, so
+/// none can fork while the others die. The kernel ignores SIGKILL to PID 1 anyway.
+const KILL_MARKED: &str = concat!(
+    collect_marked!(),
+    r#"i=0
+while [ $i -lt 50 ]; do
+  collect "$1"
   [ "$marked" = " " ] && exit 0
   for p in $marked; do kill -STOP "$p" 2>/dev/null; done
   for p in $marked; do kill -9 "$p" 2>/dev/null; done
   i=$((i+1))
 done
-exit 1"#;
+exit 1"#
+);
+
+/// Sends signal `$2` (a name such as `TERM`, or a number; `0` only checks) to every marked
+/// process (`$1`) once, and prints how many got it.
+const SIGNAL_MARKED: &str = concat!(
+    collect_marked!(),
+    r#"collect "$1"
+n=0
+for p in $marked; do kill -"$2" "$p" 2>/dev/null && n=$((n+1)); done
+echo "$n""#
+);
 
 /// One chunk of an exec's output.
 #[derive(Debug, Clone)]
@@ -64,6 +87,8 @@ pub struct ExecSpec {
     pub env: Vec<String>,
     pub workdir: String,
     pub stdin: bool,
+    /// A terminal: output comes as one stream (stdout), and the size can be changed.
+    pub tty: bool,
 }
 
 /// A started exec: its output, and its stdin when asked for.
@@ -129,6 +154,7 @@ pub trait SandboxIo: Send + Sync + std::fmt::Debug {
             env: Vec::new(),
             workdir: "/".into(),
             stdin: false,
+            tty: false,
         };
         let run = async {
             let mut killer = self.start_exec(container, spec).await?;
@@ -141,6 +167,52 @@ pub trait SandboxIo: Send + Sync + std::fmt::Debug {
             Err(_) => Ok(false),
         }
     }
+
+    /// Sends `signal` (a name such as `TERM` or a number; the caller checks it) to every
+    /// process in the container that carries `marker`, and to each one's descendants: a
+    /// process group's signal, which also reaches a child that left the group. Returns how
+    /// many got it (`0` with signal `0`: none is alive). Bounded by `within`.
+    async fn signal_marked(
+        &self,
+        container: &str,
+        marker: &str,
+        signal: &str,
+        within: Duration,
+    ) -> Result<u32> {
+        let spec = ExecSpec {
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                SIGNAL_MARKED.into(),
+                "sh".into(),
+                marker.into(),
+                signal.into(),
+            ],
+            env: Vec::new(),
+            workdir: "/".into(),
+            stdin: false,
+            tty: false,
+        };
+        let run = async {
+            let mut out = Vec::new();
+            let mut signaller = self.start_exec(container, spec).await?;
+            while let Some(chunk) = signaller.output.next().await {
+                if let ExecChunk::Stdout(b) = chunk? {
+                    out.extend_from_slice(&b);
+                }
+            }
+            Ok(String::from_utf8_lossy(&out).trim().parse().unwrap_or(0))
+        };
+        tokio::time::timeout(within, run).await.map_err(|_| {
+            super::error::BackendError::new(
+                super::error::ErrorKind::Unavailable,
+                "signalling the processes took too long",
+            )
+        })?
+    }
+
+    /// Changes the size of a TTY exec's terminal.
+    async fn resize_exec(&self, exec_id: &str, cols: u16, rows: u16) -> Result<()>;
 }
 
 /// Finds the engine that runs a sandbox.

@@ -605,8 +605,26 @@ pub struct DataPlaneSettings {
     pub file_read_limit_bytes: u64,
     /// Most entries a directory listing returns (the answer says `truncated`).
     pub list_max_entries: usize,
-    /// Events a watch client may fall behind before it is cut off with a `resync` event.
+    /// Events a watch client may fall behind before it is cut off with a `resync` event
+    /// (the change stream and the file watch).
     pub watch_buffer_events: usize,
+    /// Background processes running at once, over all sandboxes (429 above).
+    pub max_processes: usize,
+    /// The same, per sandbox.
+    pub max_processes_per_sandbox: usize,
+    /// Output kept in memory per background process (stdout and stderr together); older
+    /// output is dropped and a reader that asks for it is told how many bytes it missed.
+    pub process_output_bytes: usize,
+    /// Ended processes kept per sandbox (their record, and their output while sandboxd runs).
+    pub processes_kept_ended: usize,
+    /// Terminals open at once, over all sandboxes, and per sandbox (429 above).
+    pub max_terminals: usize,
+    pub max_terminals_per_sandbox: usize,
+    /// How long a terminal whose WebSocket dropped waits to be re-attached before it is
+    /// closed (its process tree killed).
+    pub terminal_grace_seconds: u64,
+    /// Output a terminal keeps for a re-attach to replay (the last screenful or so).
+    pub terminal_replay_bytes: usize,
 }
 
 impl Default for DataPlaneSettings {
@@ -622,6 +640,14 @@ impl Default for DataPlaneSettings {
             file_read_limit_bytes: 64 * 1024 * 1024,
             list_max_entries: 10_000,
             watch_buffer_events: 1024,
+            max_processes: 64,
+            max_processes_per_sandbox: 8,
+            process_output_bytes: 1024 * 1024,
+            processes_kept_ended: 32,
+            max_terminals: 32,
+            max_terminals_per_sandbox: 4,
+            terminal_grace_seconds: 60,
+            terminal_replay_bytes: 16 * 1024,
         }
     }
 }

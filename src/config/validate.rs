@@ -200,10 +200,29 @@ impl Settings {
             ),
             ("data_plane.list_max_entries", d.list_max_entries),
             ("data_plane.watch_buffer_events", d.watch_buffer_events),
+            ("data_plane.max_processes", d.max_processes),
+            (
+                "data_plane.max_processes_per_sandbox",
+                d.max_processes_per_sandbox,
+            ),
+            ("data_plane.process_output_bytes", d.process_output_bytes),
+            ("data_plane.processes_kept_ended", d.processes_kept_ended),
+            ("data_plane.max_terminals", d.max_terminals),
+            (
+                "data_plane.max_terminals_per_sandbox",
+                d.max_terminals_per_sandbox,
+            ),
+            ("data_plane.terminal_replay_bytes", d.terminal_replay_bytes),
         ] {
             positive(key, v as u64)?;
         }
         positive("data_plane.file_read_limit_bytes", d.file_read_limit_bytes)?;
+        within(
+            "data_plane.terminal_grace_seconds",
+            d.terminal_grace_seconds,
+            0,
+            24 * 3600,
+        )?;
         Ok(())
     }
 

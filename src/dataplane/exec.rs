@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::output::{Capture, Utf8Chunker};
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
-use crate::backend::io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
+use crate::backend::io::{ExecChunk, ExecSpec, SandboxIo, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
 use crate::store::{EventAction, EventOutcome};
 
@@ -222,19 +222,13 @@ impl DataPlane {
             .mounts
             .resolve(req.workdir.as_deref().unwrap_or(t.mounts.workdir()), None)?;
         let marker = format!("{EXEC_MARKER_VAR}={}", uuid::Uuid::new_v4().simple());
-        // The request's variables win over the session's (the first of a name is the one a
-        // process sees, so the session's come only for names the request leaves out).
-        let mut env = req.env.clone();
-        let named = |e: &String| e.split('=').next().unwrap_or_default().to_string();
-        let given: std::collections::HashSet<String> = env.iter().map(named).collect();
-        env.extend(t.env.iter().filter(|e| !given.contains(&named(e))).cloned());
-        env.push(marker.clone());
         let started = Instant::now();
         let spec = ExecSpec {
             cmd: req.argv.clone(),
-            env,
+            env: session_env(&req.env, &t.env, &marker),
             workdir: workdir.absolute,
             stdin: req.stdin.is_some(),
+            tty: false,
         };
         let mut exec =
             t.io.start_exec(&t.container_id, spec)
@@ -379,20 +373,8 @@ impl DataPlane {
         }
     }
 
-    /// The exit code once the engine has it (it may lag the stream's end by a moment).
     async fn exit_code(&self, t: &Target, exec_id: &str) -> Result<i64> {
-        for attempt in 0..100u32 {
-            match t.io.exec_exit_code(exec_id).await {
-                Ok(Some(code)) => return Ok(code),
-                Ok(None) => {
-                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await
-                }
-                Err(e) => return Err(DataPlaneError::engine(e, None)),
-            }
-        }
-        Err(DataPlaneError::Engine(
-            "the exec's output ended but the engine still reports it running".into(),
-        ))
+        exit_code_of(t.io.as_ref(), exec_id).await
     }
 
     async fn audit_exec(
@@ -434,4 +416,37 @@ impl DataPlane {
         self.audit(t, caller, EventAction::Exec, outcome, detail)
             .await;
     }
+}
+
+/// An exec's environment: the request's variables win over the session's (the first of a
+/// name is the one a process sees, so the session's come only for names the request leaves
+/// out), and the marker last.
+pub(super) fn session_env(request: &[String], session: &[String], marker: &str) -> Vec<String> {
+    let named = |e: &String| e.split('=').next().unwrap_or_default().to_string();
+    let given: std::collections::HashSet<String> = request.iter().map(named).collect();
+    let mut env = request.to_vec();
+    env.extend(
+        session
+            .iter()
+            .filter(|e| !given.contains(&named(e)))
+            .cloned(),
+    );
+    env.push(marker.to_string());
+    env
+}
+
+/// The exit code once the engine has it (it may lag the stream's end by a moment).
+pub(super) async fn exit_code_of(io: &dyn SandboxIo, exec_id: &str) -> Result<i64> {
+    for attempt in 0..100u32 {
+        match io.exec_exit_code(exec_id).await {
+            Ok(Some(code)) => return Ok(code),
+            Ok(None) => {
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 2)).await
+            }
+            Err(e) => return Err(DataPlaneError::engine(e, None)),
+        }
+    }
+    Err(DataPlaneError::Engine(
+        "the exec's output ended but the engine still reports it running".into(),
+    ))
 }

@@ -3,14 +3,17 @@
 //! what should run) and talks to the engine directly, through the backend's
 //! [`crate::backend::io`] seam. The desired-state API never comes here.
 //!
-//! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding) are
-//! pure; `exec.rs` and `files.rs` run calls; `watch.rs` is the change stream.
+//! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding),
+//! `ring.rs` (a process's output by offset) are pure; `exec.rs`, `files.rs` and
+//! `processes.rs` (background processes) run calls; `watch.rs` is the change stream.
 
 pub mod exec;
 pub mod files;
 pub mod limits;
 pub mod output;
 pub mod paths;
+pub mod processes;
+pub mod ring;
 pub mod watch;
 
 use std::sync::Arc;
@@ -32,6 +35,11 @@ use paths::{Mounts, PathError};
 pub enum DataPlaneError {
     #[error("sandbox_not_found")]
     NotFound,
+    #[error("process_not_found")]
+    ProcessNotFound,
+    /// A process call that its state does not allow (it ended, its stdin is closed).
+    #[error("{0}")]
+    ProcessConflict(String),
     #[error("sandbox_not_running: the sandbox is {0}")]
     NotRunning(String),
     /// A paused or hibernated sandbox could not be resumed for the call.
@@ -124,12 +132,20 @@ pub struct DataPlane {
     /// The store, settings, and the calls' slots (`Context::calls`, shared with the executor).
     ctx: Arc<Context>,
     engines: Arc<dyn Locate>,
+    /// Background processes started in this run.
+    processes: Arc<processes::Registry>,
 }
 
 impl DataPlane {
     pub fn new(ctx: Arc<Context>) -> crate::backend::Result<Self> {
+        let d = &ctx.settings.data_plane;
         Ok(Self {
             engines: crate::backend::locator(&ctx.settings, &ctx.metrics)?,
+            processes: Arc::new(processes::Registry::new(
+                d.max_processes,
+                d.max_processes_per_sandbox,
+                ctx.metrics.processes_running.clone(),
+            )),
             ctx,
         })
     }

@@ -125,21 +125,37 @@ fn path_problem(source: Source, field: &str, raw: &str, e: PathError) -> ApiErro
     }
 }
 
-fn data_plane_error(e: DataPlaneError, source: Source, field: &str, raw: &str) -> ApiError {
+pub(super) fn data_plane_error(
+    e: DataPlaneError,
+    source: Source,
+    field: &str,
+    raw: &str,
+) -> ApiError {
     match e {
         DataPlaneError::Path(p) => path_problem(source, field, raw, p),
         other => ApiError::DataPlane(other),
     }
 }
 
-/// Reads and checks an exec body.
-fn parse_exec(
+/// What an exec and a background process share: the command, its environment, working
+/// directory and stdin.
+pub(super) struct Command {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// The fields of [`Command`] in a body.
+pub(super) const COMMAND_FIELDS: &[&str] = &["command", "env", "workdir", "stdin", "stdin_base64"];
+
+/// Reads and checks a command's fields, adding what is wrong to `p`.
+pub(super) fn parse_command(
     state: &AppState,
     obj: &serde_json::Map<String, Value>,
-) -> Result<(ExecRequest, bool), ApiError> {
+    p: &mut Problems,
+) -> Command {
     let limits = &state.settings.data_plane;
-    let mut p = Problems::default();
-    let mut f = input::Fields::new(obj);
     let argv: Option<Vec<String>> = match obj.get("command") {
         None => {
             p.push(
@@ -195,11 +211,6 @@ fn parse_exec(
             );
         }
     }
-    let timeout = f
-        .optional_int("timeout_seconds", 1, limits.exec_max_timeout_seconds)
-        .ok()
-        .flatten()
-        .unwrap_or(limits.exec_default_timeout_seconds);
     let mut env = Vec::new();
     match obj.get("env") {
         None | Some(Value::Null) => {}
@@ -273,6 +284,28 @@ fn parse_exec(
             None
         }
     };
+    Command {
+        argv: argv.unwrap_or_default(),
+        env,
+        workdir,
+        stdin,
+    }
+}
+
+/// Reads and checks an exec body.
+fn parse_exec(
+    state: &AppState,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<(ExecRequest, bool), ApiError> {
+    let limits = &state.settings.data_plane;
+    let mut p = Problems::default();
+    let mut f = input::Fields::new(obj);
+    let command = parse_command(state, obj, &mut p);
+    let timeout = f
+        .optional_int("timeout_seconds", 1, limits.exec_max_timeout_seconds)
+        .ok()
+        .flatten()
+        .unwrap_or(limits.exec_default_timeout_seconds);
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -287,24 +320,18 @@ fn parse_exec(
             false
         }
     };
-    f.forbid_others(&[
-        "command",
-        "timeout_seconds",
-        "env",
-        "workdir",
-        "stdin",
-        "stdin_base64",
-        "stream",
-    ]);
+    let mut known = COMMAND_FIELDS.to_vec();
+    known.extend(["timeout_seconds", "stream"]);
+    f.forbid_others(&known);
     let mut all = f.problems;
     all.extend(p);
     all.finish()?;
     Ok((
         ExecRequest {
-            argv: argv.unwrap_or_default(),
-            env,
-            workdir,
-            stdin,
+            argv: command.argv,
+            env: command.env,
+            workdir: command.workdir,
+            stdin: command.stdin,
             timeout: Duration::from_secs(timeout),
         },
         stream,
@@ -552,8 +579,10 @@ pub async fn list_dir(
 /// The status and detail of a data-plane failure.
 pub fn respond(e: &DataPlaneError) -> Response {
     let status = match e {
-        DataPlaneError::NotFound | DataPlaneError::NoSuchPath(_) => StatusCode::NOT_FOUND,
-        DataPlaneError::NotRunning(_) => StatusCode::CONFLICT,
+        DataPlaneError::NotFound
+        | DataPlaneError::ProcessNotFound
+        | DataPlaneError::NoSuchPath(_) => StatusCode::NOT_FOUND,
+        DataPlaneError::NotRunning(_) | DataPlaneError::ProcessConflict(_) => StatusCode::CONFLICT,
         DataPlaneError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
         DataPlaneError::Path(p) if p.is_invalid_input() => StatusCode::UNPROCESSABLE_ENTITY,
         DataPlaneError::Path(_) | DataPlaneError::Forbidden(_) => StatusCode::FORBIDDEN,

@@ -33,6 +33,7 @@ pub enum Source {
     Body,
     Path,
     Query,
+    Header,
 }
 
 impl Source {
@@ -41,6 +42,7 @@ impl Source {
             Source::Body => "body",
             Source::Path => "path",
             Source::Query => "query",
+            Source::Header => "header",
         }
     }
 }

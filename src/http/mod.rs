@@ -9,6 +9,7 @@ mod dataplane;
 mod error;
 mod input;
 pub mod openapi;
+mod processes;
 mod sandboxes;
 mod storage;
 mod views;
@@ -89,6 +90,26 @@ pub fn router(state: AppState) -> Router {
             get(dataplane::read_file).put(dataplane::write_file),
         )
         .route("/api/v1/sandboxes/{chat_id}/dir", get(dataplane::list_dir))
+        .route(
+            "/api/v1/sandboxes/{chat_id}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route(
+            "/api/v1/sandboxes/{chat_id}/processes/{process_id}",
+            get(processes::get).delete(processes::kill),
+        )
+        .route(
+            "/api/v1/sandboxes/{chat_id}/processes/{process_id}/output",
+            get(processes::output),
+        )
+        .route(
+            "/api/v1/sandboxes/{chat_id}/processes/{process_id}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/api/v1/sandboxes/{chat_id}/processes/{process_id}/signal",
+            post(processes::signal),
+        )
         .route("/api/v1/sandboxes", get(sandboxes::list))
         .route(
             "/api/v1/workspaces",

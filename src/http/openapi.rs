@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{compat, dataplane, sandboxes, storage, views};
+use super::{compat, dataplane, processes, sandboxes, storage, views};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,13 @@ use super::{compat, dataplane, sandboxes, storage, views};
         dataplane::write_file,
         dataplane::read_file,
         dataplane::list_dir,
+        processes::start,
+        processes::list,
+        processes::get,
+        processes::kill,
+        processes::output,
+        processes::stdin,
+        processes::signal,
         storage::create_workspace,
         storage::list_workspaces,
         storage::get_workspace,
@@ -58,6 +65,7 @@ use super::{compat, dataplane, sandboxes, storage, views};
         (name = "compat", description = "The old service's contract, unchanged for its clients"),
         (name = "sandboxes", description = "Declarative desired state"),
         (name = "data plane", description = "Exec and files on a running sandbox (these talk to the engine)"),
+        (name = "processes", description = "Background processes: they outlive the request and the client's connection; output by byte offset (docs/data-plane.md)"),
         (name = "operations", description = "Readiness and metrics"),
         (name = "storage", description = "Chat storage: workspaces, chats, history.md and attachments (docs/storage.md)"),
     )

@@ -95,6 +95,14 @@ pub enum EventAction {
     /// Its container was thawed or started again (detail `start`: `resume`, or
     /// `resume_fallback` when the resume failed and a cold start replaced it).
     Resume,
+    /// A background process started (audit: command, pid).
+    ProcessStart,
+    /// A background process ended (audit: how, exit code, bytes).
+    ProcessEnd,
+    /// A signal sent to a background process's tree, or its kill (audit).
+    ProcessSignal,
+    /// A terminal opened or closed (audit: size, bytes in and out, how it ended).
+    Terminal,
 }
 
 impl EventAction {
@@ -121,6 +129,10 @@ impl EventAction {
             EventAction::Pause => "pause",
             EventAction::Hibernate => "hibernate",
             EventAction::Resume => "resume",
+            EventAction::ProcessStart => "process_start",
+            EventAction::ProcessEnd => "process_end",
+            EventAction::ProcessSignal => "process_signal",
+            EventAction::Terminal => "terminal",
         }
     }
 }
@@ -187,6 +199,10 @@ impl EventAction {
             EventAction::FileWrite,
             EventAction::StorageWrite,
             EventAction::StorageDelete,
+            EventAction::ProcessStart,
+            EventAction::ProcessEnd,
+            EventAction::ProcessSignal,
+            EventAction::Terminal,
         ]
         .iter()
         .any(|a| a.as_str() == action)

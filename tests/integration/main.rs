@@ -12,6 +12,7 @@ mod lifecycle;
 mod load;
 mod old_clients;
 mod operators;
+mod processes;
 mod profiles;
 mod proxy;
 mod restart;

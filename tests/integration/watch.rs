@@ -28,7 +28,10 @@ pub struct SseReader {
 
 impl SseReader {
     pub async fn open(app: &TestApp, path: &str, last_id: Option<i64>) -> Self {
-        let mut req = app.client.get(app.url(path));
+        let mut req = app
+            .client
+            .get(app.url(path))
+            .header("Accept", "text/event-stream");
         if let Some(id) = last_id {
             req = req.header("Last-Event-ID", id.to_string());
         }

@@ -11,7 +11,7 @@ use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::query_parameters::{
     ContainerArchiveInfoOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    InspectContainerOptions, UploadToContainerOptionsBuilder,
+    InspectContainerOptions, ResizeExecOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -110,7 +110,7 @@ impl SandboxIo for EngineIo {
             attach_stdin: Some(spec.stdin),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            tty: Some(false),
+            tty: Some(spec.tty),
             env: Some(spec.env),
             cmd: Some(spec.cmd),
             working_dir: Some(spec.workdir),
@@ -125,7 +125,7 @@ impl SandboxIo for EngineIo {
                 &created.id,
                 Some(StartExecOptions {
                     detach: false,
-                    tty: false,
+                    tty: spec.tty,
                     output_capacity: Some(64 * 1024),
                 }),
             )
@@ -176,6 +176,18 @@ impl SandboxIo for EngineIo {
             Ok(i) if i.running == Some(true) => Ok(None),
             Ok(i) => Ok(i.exit_code),
             Err(e) => Err(self.failed("inspect_exec", e).await),
+        }
+    }
+
+    async fn resize_exec(&self, exec_id: &str, cols: u16, rows: u16) -> Result<()> {
+        let docker = self.client().await?;
+        let options = ResizeExecOptionsBuilder::new()
+            .w(i32::from(cols))
+            .h(i32::from(rows))
+            .build();
+        match docker.resize_exec(exec_id, options).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed("resize_exec", e).await),
         }
     }
 

@@ -137,6 +137,10 @@ impl SandboxIo for PodmanIo {
         self.inner.exec_exit_code(exec_id).await
     }
 
+    async fn resize_exec(&self, exec_id: &str, cols: u16, rows: u16) -> Result<()> {
+        self.inner.resize_exec(exec_id, cols, rows).await
+    }
+
     async fn stat(&self, container: &str, path: &str) -> Result<Option<PathStat>> {
         match self.inner.stat(container, path).await? {
             Some(s) => Ok(Some(s)),
