@@ -50,7 +50,9 @@ if ! answers; then
   answers || { log "podman did not come up; see $PODMAN_LOG"; tail -n 30 "$PODMAN_LOG" >&2; exit 1; }
 fi
 
-if ! podman image exists "$IMAGE"; then
+# The same image as the Docker engine's (its version is in its environment: provision.sh).
+want="$(docker image inspect -f '{{json .Config.Env}}' "$IMAGE" 2>/dev/null | grep -o 'SANDBOXD_TEST_IMAGE=[0-9]*' || true)"
+if ! podman image inspect --format '{{json .Config.Env}}' "$IMAGE" 2>/dev/null | grep -q "${want:-SANDBOXD_TEST_IMAGE=}"; then
   log "loading $IMAGE from the Docker engine (docker save | podman load, no registry)"
   docker save "$IMAGE" | podman load -q >/dev/null
 fi

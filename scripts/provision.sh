@@ -106,14 +106,17 @@ if [ -n "$runsc_changed" ] || ! docker info --format '{{json .Runtimes}}' 2>/dev
   fi
 fi
 
-if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+# The test image's version, in its environment (`docker import` sets no labels): a change of
+# its applets rebuilds it on machines that have an older one.
+TEST_IMAGE_VERSION=2
+if ! docker image inspect -f '{{json .Config.Env}}' "$IMAGE" 2>/dev/null | grep -q "SANDBOXD_TEST_IMAGE=$TEST_IMAGE_VERSION\""; then
   log "building $IMAGE from the local busybox (docker import, no registry)"
   busybox_bin="$(command -v busybox)"
   root="$(mktemp -d)"
   trap 'rm -rf "$root"' EXIT
   mkdir -p "$root/bin" "$root/www" "$root/tmp" "$root/etc"
   cp "$busybox_bin" "$root/bin/busybox"
-  for applet in sh ls cat echo sleep httpd env id wget nc mkdir touch; do
+  for applet in sh ls cat echo sleep httpd env id wget nc mkdir touch stty; do
     ln -s busybox "$root/bin/$applet"
   done
   echo 'sandboxd test agent' >"$root/www/index.html"
@@ -123,6 +126,7 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   tar -C "$root" -c . | docker import \
     -c 'ENV PATH=/bin' \
     -c 'ENV AGENT_PORT=8000' \
+    -c "ENV SANDBOXD_TEST_IMAGE=$TEST_IMAGE_VERSION" \
     -c 'CMD ["/bin/sh","-c","exec httpd -f -p ${AGENT_PORT} -h /www"]' \
     - "$IMAGE" >/dev/null
 fi

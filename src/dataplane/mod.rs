@@ -5,7 +5,7 @@
 //!
 //! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding),
 //! `ring.rs` (a process's output by offset) are pure; `exec.rs`, `files.rs` and
-//! `processes.rs` (background processes) run calls; `watch.rs` is the change stream.
+//! `processes.rs` (background processes) and `terminals.rs` (TTYs) run calls; `watch.rs` is the change stream.
 
 pub mod exec;
 pub mod files;
@@ -14,6 +14,7 @@ pub mod output;
 pub mod paths;
 pub mod processes;
 pub mod ring;
+pub mod terminals;
 pub mod watch;
 
 use std::sync::Arc;
@@ -37,6 +38,10 @@ pub enum DataPlaneError {
     NotFound,
     #[error("process_not_found")]
     ProcessNotFound,
+    #[error(
+        "terminal_not_found: no open terminal with that id (closed, or its grace period ran out)"
+    )]
+    TerminalNotFound,
     /// A process call that its state does not allow (it ended, its stdin is closed).
     #[error("{0}")]
     ProcessConflict(String),
@@ -134,6 +139,8 @@ pub struct DataPlane {
     engines: Arc<dyn Locate>,
     /// Background processes started in this run.
     processes: Arc<processes::Registry>,
+    /// Terminals open in this run.
+    terminals: Arc<terminals::Terminals>,
 }
 
 impl DataPlane {
@@ -145,6 +152,11 @@ impl DataPlane {
                 d.max_processes,
                 d.max_processes_per_sandbox,
                 ctx.metrics.processes_running.clone(),
+            )),
+            terminals: Arc::new(terminals::Terminals::new(
+                d.max_terminals,
+                d.max_terminals_per_sandbox,
+                ctx.metrics.terminals_open.clone(),
             )),
             ctx,
         })

@@ -2,6 +2,10 @@
 //! `security.token_header`. Compared in constant time; never logged. With
 //! `security.token_required: false` a request *without* the header passes (a migration aid for
 //! old clients that never sent it); a wrong token is refused either way.
+//!
+//! One exception: a WebSocket upgrade of the terminal route without the header passes with a
+//! [`TokenPending`] extension, and the terminal's first message must carry the token
+//! (browsers cannot set headers on a WebSocket). Nothing is opened before it comes.
 
 use std::sync::Arc;
 
@@ -13,6 +17,20 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 
+/// The token a terminal's first message must carry (the header did not).
+#[derive(Clone)]
+pub struct TokenPending(pub Arc<Vec<u8>>);
+
+/// Whether the request is a WebSocket upgrade of the terminal route.
+fn terminal_upgrade(request: &Request) -> bool {
+    request.uri().path().ends_with("/pty")
+        && request
+            .headers()
+            .get(axum::http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
 #[derive(Clone)]
 pub struct TokenGuard {
     pub header: HeaderName,
@@ -23,13 +41,19 @@ pub struct TokenGuard {
 
 pub async fn require_token(
     State(guard): State<TokenGuard>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     if request.uri().path() == "/api/v1/health" {
         return next.run(request).await;
     }
     let Some(presented) = request.headers().get(&guard.header) else {
+        if guard.required && terminal_upgrade(&request) {
+            request
+                .extensions_mut()
+                .insert(TokenPending(guard.token.clone()));
+            return next.run(request).await;
+        }
         return if guard.required {
             ApiError::Unauthorized.into_response()
         } else {

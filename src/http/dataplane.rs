@@ -581,6 +581,7 @@ pub fn respond(e: &DataPlaneError) -> Response {
     let status = match e {
         DataPlaneError::NotFound
         | DataPlaneError::ProcessNotFound
+        | DataPlaneError::TerminalNotFound
         | DataPlaneError::NoSuchPath(_) => StatusCode::NOT_FOUND,
         DataPlaneError::NotRunning(_) | DataPlaneError::ProcessConflict(_) => StatusCode::CONFLICT,
         DataPlaneError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,

@@ -12,6 +12,7 @@ pub mod openapi;
 mod processes;
 mod sandboxes;
 mod storage;
+mod terminal;
 mod views;
 
 mod watch;
@@ -110,6 +111,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/sandboxes/{chat_id}/processes/{process_id}/signal",
             post(processes::signal),
         )
+        .route("/api/v1/sandboxes/{chat_id}/pty", get(terminal::pty))
         .route("/api/v1/sandboxes", get(sandboxes::list))
         .route(
             "/api/v1/workspaces",

@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{compat, dataplane, processes, sandboxes, storage, views};
+use super::{compat, dataplane, processes, sandboxes, storage, terminal, views};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -41,6 +41,7 @@ use super::{compat, dataplane, processes, sandboxes, storage, views};
         processes::output,
         processes::stdin,
         processes::signal,
+        terminal::pty,
         storage::create_workspace,
         storage::list_workspaces,
         storage::get_workspace,

@@ -21,6 +21,7 @@ mod storage;
 mod store_mirror;
 mod support;
 mod takeover;
+mod terminal;
 mod warm;
 mod warm_support;
 mod watch;
