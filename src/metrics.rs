@@ -84,6 +84,8 @@ pub struct Metrics {
     pub processes_running: Gauge<i64>,
     /// Terminals open (attached, or waiting in their grace period for a re-attach).
     pub terminals_open: Gauge<i64>,
+    /// File watches open (each an inotify instance on the host).
+    pub file_watches_open: Gauge<i64>,
     /// Chat storage writes refused by a workspace's quota (413).
     pub storage_quota_refusals_total: Counter,
     /// Bytes in use on every workspace's file system together (every resync period).
@@ -134,6 +136,7 @@ impl Metrics {
             data_plane_in_flight: Gauge::default(),
             processes_running: Gauge::default(),
             terminals_open: Gauge::default(),
+            file_watches_open: Gauge::default(),
             storage_quota_refusals_total: Counter::default(),
             storage_used_bytes: Gauge::default(),
             storage_workspaces: Family::default(),
@@ -267,6 +270,11 @@ impl Metrics {
             "sandboxd_terminals_open",
             "Terminals open, attached or in their re-attach grace period",
             m.terminals_open.clone(),
+        );
+        r.register(
+            "sandboxd_file_watches_open",
+            "File watches open, each an inotify instance on the host",
+            m.file_watches_open.clone(),
         );
         r.register(
             "sandboxd_storage_quota_refusals",

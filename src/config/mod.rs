@@ -625,6 +625,11 @@ pub struct DataPlaneSettings {
     pub terminal_grace_seconds: u64,
     /// Output a terminal keeps for a re-attach to replay (the last screenful or so).
     pub terminal_replay_bytes: usize,
+    /// File watches open at once, over all sandboxes, and per sandbox (429 above). Each is
+    /// an inotify instance on the host, whose limit (`fs.inotify.max_user_instances`) is
+    /// often 128 for every program of the user together.
+    pub max_file_watches: usize,
+    pub max_file_watches_per_sandbox: usize,
 }
 
 impl Default for DataPlaneSettings {
@@ -648,6 +653,8 @@ impl Default for DataPlaneSettings {
             max_terminals_per_sandbox: 4,
             terminal_grace_seconds: 60,
             terminal_replay_bytes: 16 * 1024,
+            max_file_watches: 32,
+            max_file_watches_per_sandbox: 4,
         }
     }
 }

@@ -213,6 +213,11 @@ impl Settings {
                 d.max_terminals_per_sandbox,
             ),
             ("data_plane.terminal_replay_bytes", d.terminal_replay_bytes),
+            ("data_plane.max_file_watches", d.max_file_watches),
+            (
+                "data_plane.max_file_watches_per_sandbox",
+                d.max_file_watches_per_sandbox,
+            ),
         ] {
             positive(key, v as u64)?;
         }

@@ -4,11 +4,13 @@
 //! [`crate::backend::io`] seam. The desired-state API never comes here.
 //!
 //! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding),
-//! `ring.rs` (a process's output by offset) are pure; `exec.rs`, `files.rs` and
+//! `ring.rs` (a process's output by offset) are pure; `filewatch.rs` watches a mount with
+//! inotify on the host; `exec.rs`, `files.rs` and
 //! `processes.rs` (background processes) and `terminals.rs` (TTYs) run calls; `watch.rs` is the change stream.
 
 pub mod exec;
 pub mod files;
+pub mod filewatch;
 pub mod limits;
 pub mod output;
 pub mod paths;
@@ -141,6 +143,8 @@ pub struct DataPlane {
     processes: Arc<processes::Registry>,
     /// Terminals open in this run.
     terminals: Arc<terminals::Terminals>,
+    /// File watches open (each is an inotify instance: the host's limits are small).
+    file_watches: limits::Slots,
 }
 
 impl DataPlane {
@@ -158,6 +162,11 @@ impl DataPlane {
                 d.max_terminals_per_sandbox,
                 ctx.metrics.terminals_open.clone(),
             )),
+            file_watches: limits::Slots::new(
+                d.max_file_watches,
+                d.max_file_watches_per_sandbox,
+                ctx.metrics.file_watches_open.clone(),
+            ),
             ctx,
         })
     }

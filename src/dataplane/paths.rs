@@ -189,7 +189,7 @@ fn syntax(raw: &str) -> Result<(), PathError> {
 }
 
 /// `/a//b/./c/` → `/a/b/c` (no `..` handling: `syntax` refused those).
-fn normalise_abs(path: &str) -> String {
+pub(crate) fn normalise_abs(path: &str) -> String {
     let parts: Vec<&str> = path
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")

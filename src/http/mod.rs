@@ -7,6 +7,7 @@ mod body;
 mod compat;
 mod dataplane;
 mod error;
+mod filewatch;
 mod input;
 pub mod openapi;
 mod processes;
@@ -91,6 +92,10 @@ pub fn router(state: AppState) -> Router {
             get(dataplane::read_file).put(dataplane::write_file),
         )
         .route("/api/v1/sandboxes/{chat_id}/dir", get(dataplane::list_dir))
+        .route(
+            "/api/v1/sandboxes/{chat_id}/files/watch",
+            get(filewatch::watch),
+        )
         .route(
             "/api/v1/sandboxes/{chat_id}/processes",
             post(processes::start).get(processes::list),

@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{compat, dataplane, processes, sandboxes, storage, terminal, views};
+use super::{compat, dataplane, filewatch, processes, sandboxes, storage, terminal, views};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,7 @@ use super::{compat, dataplane, processes, sandboxes, storage, terminal, views};
         dataplane::write_file,
         dataplane::read_file,
         dataplane::list_dir,
+        filewatch::watch,
         processes::start,
         processes::list,
         processes::get,

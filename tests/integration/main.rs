@@ -5,6 +5,7 @@ mod concurrency;
 mod crash;
 mod dataplane;
 mod faults;
+mod filewatch;
 mod hibernation;
 mod hostile;
 mod images;
