@@ -1,7 +1,7 @@
 //! End-to-end figures against the real engine, each printed next to its target.
 //!
 //! `scripts/bench.sh [scenario ...]` (→ `cargo bench --bench e2e -- ...`); scenarios:
-//! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `execs` `watch` `profiles`,
+//! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `interactive` `execs` `watch` `profiles`,
 //! default all; on request only: `engines`, `swarm`, `hibernate`. Raw Engine API baselines
 //! run interleaved with sandboxd (A B A B …) so engine noise hits both. Every loop is bounded by
 //! count; everything started is removed at the end. Loopback and this run's containers only.
@@ -55,6 +55,9 @@ mod storage;
 
 #[path = "support/hibernation.rs"]
 mod hibernation;
+
+#[path = "support/interactive.rs"]
+mod interactive;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -806,6 +809,9 @@ fn main() -> anyhow::Result<()> {
         }
         if want("exec") {
             dataplane::scenario_exec(&docker, &mut out).await;
+        }
+        if want("interactive") {
+            interactive::scenario_interactive(&docker, &mut out).await;
         }
         if want("execs") {
             dataplane::scenario_concurrent_execs(&mut out).await;

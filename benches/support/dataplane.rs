@@ -62,7 +62,7 @@ async fn sandboxd_exec(client: &reqwest::Client, url: &str, body: &Value) -> (u1
 }
 
 /// A running sandbox of `app`: its chat id and container id.
-async fn running(client: &reqwest::Client, app: &TestApp) -> (String, String) {
+pub(super) async fn running(client: &reqwest::Client, app: &TestApp) -> (String, String) {
     let chat = new_chat();
     let vol = volume(app);
     let r = client

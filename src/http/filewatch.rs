@@ -19,7 +19,7 @@ use super::{ApiError, AppState};
 use crate::dataplane::filewatch::WatchItem;
 
 /// Watch a path of the sandbox's mounts for changes.
-#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/files/watch", tag = "data plane",
+#[utoipa::path(get, operation_id = "watch_files", path = "/api/v1/sandboxes/{chat_id}/files/watch", tag = "data plane",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("path" = Option<String>, Query, description = "a directory or file, relative to the chat mount or absolute on a mount (default: the chat mount)"),
         ("recursive" = Option<bool>, Query, description = "also everything below (default false)")),

@@ -132,7 +132,7 @@ fn process_path(raw_chat: &str, raw_id: &str) -> Result<(ChatId, String), ApiErr
 }
 
 /// Start a background process in the running sandbox.
-#[utoipa::path(post, path = "/api/v1/sandboxes/{chat_id}/processes", tag = "processes",
+#[utoipa::path(post, operation_id = "start_process", path = "/api/v1/sandboxes/{chat_id}/processes", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
     request_body = ProcessBody,
     responses(
@@ -176,12 +176,13 @@ pub async fn start(
 }
 
 /// The background processes of the sandbox's current session, oldest first.
-#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/processes", tag = "processes",
+#[utoipa::path(get, operation_id = "list_processes", path = "/api/v1/sandboxes/{chat_id}/processes", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling")),
     responses(
         (status = 200, description = "running ones and the last ended ones (`data_plane.processes_kept_ended`)", body = ProcessList),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
-        (status = 404, description = "no such sandbox", body = ErrorBody)))]
+        (status = 404, description = "no such sandbox", body = ErrorBody),
+        (status = 422, description = "the chat id is not a UUID", body = ValidationErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     Path(raw_chat): Path<String>,
@@ -194,13 +195,14 @@ pub async fn list(
 }
 
 /// One background process.
-#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}", tag = "processes",
+#[utoipa::path(get, operation_id = "get_process", path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("process_id" = String, Path, format = "uuid")),
     responses(
         (status = 200, description = "the process", body = ProcessView),
         (status = 401, description = "token missing or wrong", body = ErrorBody),
-        (status = 404, description = "no such sandbox, or no such process in its session", body = ErrorBody)))]
+        (status = 404, description = "no such sandbox, or no such process in its session", body = ErrorBody),
+        (status = 422, description = "the chat id is not a UUID", body = ValidationErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path((raw_chat, raw_id)): Path<(String, String)>,
@@ -210,7 +212,7 @@ pub async fn get(
 }
 
 /// Kill a background process and every process it started (SIGKILL).
-#[utoipa::path(delete, path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}", tag = "processes",
+#[utoipa::path(delete, operation_id = "kill_process", path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("process_id" = String, Path, format = "uuid")),
     responses(
@@ -218,6 +220,7 @@ pub async fn get(
         (status = 401, description = "token missing or wrong", body = ErrorBody),
         (status = 404, description = "no such sandbox, or no such process", body = ErrorBody),
         (status = 409, description = "the sandbox is not running", body = ErrorBody),
+        (status = 422, description = "the chat id is not a UUID", body = ValidationErrorBody),
         (status = 429, description = "too many data-plane calls; see `Retry-After`", body = ErrorBody),
         (status = 503, description = "the engine does not answer", body = ErrorBody)))]
 pub async fn kill(
@@ -238,7 +241,7 @@ pub async fn kill(
 }
 
 /// Send a signal to a background process and every process it started.
-#[utoipa::path(post, path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/signal", tag = "processes",
+#[utoipa::path(post, operation_id = "signal_process", path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/signal", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("process_id" = String, Path, format = "uuid")),
     request_body = SignalBody,
@@ -295,7 +298,7 @@ pub async fn signal(
 }
 
 /// Write to a background process's stdin (and close it with `eof`).
-#[utoipa::path(post, path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/stdin", tag = "processes",
+#[utoipa::path(post, operation_id = "process_stdin", path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/stdin", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("process_id" = String, Path, format = "uuid")),
     request_body = StdinBody,
@@ -468,7 +471,7 @@ fn items(
 }
 
 /// A process's output from an offset: NDJSON lines, or SSE with `Accept: text/event-stream`.
-#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/output", tag = "processes",
+#[utoipa::path(get, operation_id = "process_output", path = "/api/v1/sandboxes/{chat_id}/processes/{process_id}/output", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("process_id" = String, Path, format = "uuid"),
         ("since" = Option<u64>, Query, description = "byte offset over stdout and stderr together (default 0; SSE: also `Last-Event-ID`)"),

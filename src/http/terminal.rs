@@ -47,7 +47,7 @@ enum Open {
 }
 
 /// Open (or re-attach to) a terminal over a WebSocket.
-#[utoipa::path(get, path = "/api/v1/sandboxes/{chat_id}/pty", tag = "processes",
+#[utoipa::path(get, operation_id = "open_terminal", path = "/api/v1/sandboxes/{chat_id}/pty", tag = "processes",
     params(("chat_id" = String, Path, format = "uuid", description = "chat UUID, any spelling"),
         ("cols" = Option<u16>, Query, description = "columns, 1-1000 (default 80)"),
         ("rows" = Option<u16>, Query, description = "rows, 1-500 (default 24)"),

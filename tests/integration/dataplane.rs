@@ -47,6 +47,21 @@ async fn get_file(app: &TestApp, chat: &str, query: &str) -> (StatusCode, Vec<u8
     (status, r.bytes().await.expect("body").to_vec())
 }
 
+/// The status of a WebSocket upgrade request for a terminal (an error comes before the
+/// upgrade, as plain HTTP).
+async fn pty_status(app: &TestApp, chat: &str) -> StatusCode {
+    app.client
+        .get(app.url(&format!("/api/v1/sandboxes/{chat}/pty")))
+        .header("Connection", "upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
 fn json_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or(Value::Null)
 }
@@ -638,6 +653,15 @@ async fn data_plane_answers_404_409_and_503_and_the_desired_state_api_still_work
         .iter()
         .any(|p| detail_text(&body).contains(p));
     assert!(phase_named, "{body}");
+    // So do a background process and a terminal.
+    let (status, body) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{pending}/processes"),
+            &json!({"command": "true"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(pty_status(&app, &pending).await, StatusCode::CONFLICT);
     // A running sandbox with the engine away: 503 with a clear detail, for every route.
     let (status, body) = exec(&app, &chat, json!({"command": "true"})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -649,6 +673,29 @@ async fn data_plane_answers_404_409_and_503_and_the_desired_state_api_still_work
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let (status, _) = get_file(&app, &chat, "path=x").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = app
+        .post_json(
+            &format!("/api/v1/sandboxes/{chat}/processes"),
+            &json!({"command": "true"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        pty_status(&app, &chat).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Listing processes reads the store, and a file watch reads the host's inotify: both
+    // work without the engine.
+    let (status, body) = app
+        .get(&format!("/api/v1/sandboxes/{chat}/processes"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut watch =
+        crate::watch::SseReader::open(&app, &format!("/api/v1/sandboxes/{chat}/files/watch"), None)
+            .await;
+    let ready = watch.next(Duration::from_secs(10)).await.expect("ready");
+    assert_eq!(ready.event, "ready");
+    drop(watch);
     // The engine back: the data plane reconnects on its own.
     proxy.set_down(false);
     wait_until(
