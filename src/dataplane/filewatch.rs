@@ -20,7 +20,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::limits::{Busy, Slot};
+use super::limits::Slot;
 use super::{DataPlane, DataPlaneError, Result};
 use crate::domain::spec::ContainerSpec;
 use crate::domain::ChatId;
@@ -97,36 +97,60 @@ impl FileWatch {
             None => return None,
         };
         if let WatchItem::Event(e) = &item {
-            if self.recursive && e.kind == "create" && e.is_dir == Some(true) {
+            // A directory made in the tree, or moved into it, is watched from now on; one
+            // removed no longer counts.
+            let arrived = (e.kind == "create" && e.is_dir == Some(true))
+                || (e.kind == "rename" && e.side == Some("to"));
+            if self.recursive && arrived {
                 if let Some(host) = self.map.to_host(&e.path) {
                     if let Err(why) = self.add_tree(&host, true) {
-                        self.scanned.push_back(WatchItem::Resync(why));
+                        self.scanned.push_back(WatchItem::Resync(why.reason()));
                     }
                 }
+            }
+            if e.kind == "delete" && e.is_dir == Some(true) {
+                self.dirs = self.dirs.saturating_sub(1);
             }
         }
         Some(item)
     }
 
-    /// Watches `dir` and every directory below it (not following links); with `report`,
-    /// queues a `create` for every entry found.
-    fn add_tree(&mut self, dir: &Path, report: bool) -> std::result::Result<(), &'static str> {
+    /// Watches `dir` and every directory below it; with `report`, queues a `create` for
+    /// every entry found. Only real directories under the watched root: a path whose
+    /// canonical form is not itself has a symlink in it (a directory swapped for a link to
+    /// `/` by the sandbox), and is neither watched nor read; the check is made again after
+    /// the watch is added, so a swap in between is undone.
+    fn add_tree(&mut self, dir: &Path, report: bool) -> std::result::Result<(), TreeError> {
+        let real_dir = |d: &Path| {
+            std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir())
+                && std::fs::canonicalize(d).is_ok_and(|c| c == d)
+                && d.starts_with(&self.map.host_root)
+        };
         let mut todo = vec![dir.to_path_buf()];
         while let Some(dir) = todo.pop() {
             if self.dirs >= MAX_DIRS {
-                return Err("the tree has more directories than one watch covers");
+                return Err(TreeError::TooMany);
+            }
+            if !real_dir(&dir) {
+                continue;
             }
             match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => self.dirs += 1,
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                    return Err("the host's inotify watch limit is reached")
+                    return Err(TreeError::HostLimit)
                 }
                 Err(_) => continue, // gone meanwhile: its delete comes as an event
+            }
+            if !real_dir(&dir) {
+                let _ = self.watcher.unwatch(&dir);
+                self.dirs -= 1;
+                continue;
             }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
             for entry in entries.flatten() {
+                // The entry itself, never what a link points to.
                 let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
                 if report {
                     if let Some(path) = self.map.to_container(&entry.path()) {
@@ -146,6 +170,37 @@ impl FileWatch {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a tree could not be watched whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TreeError {
+    /// More than `MAX_DIRS` directories.
+    TooMany,
+    /// The host's inotify limit (`fs.inotify.max_user_watches`).
+    HostLimit,
+}
+
+impl TreeError {
+    fn reason(self) -> &'static str {
+        match self {
+            TreeError::TooMany => "the tree has more directories than one watch covers (10,000)",
+            TreeError::HostLimit => "the host's inotify watch limit is reached",
+        }
+    }
+}
+
+impl From<TreeError> for DataPlaneError {
+    fn from(e: TreeError) -> Self {
+        match e {
+            TreeError::TooMany => {
+                DataPlaneError::TooLarge(format!("{}: watch a smaller part", e.reason()))
+            }
+            TreeError::HostLimit => {
+                DataPlaneError::Busy(format!("{} (fs.inotify.max_user_watches)", e.reason()))
+            }
+        }
     }
 }
 
@@ -302,10 +357,7 @@ impl DataPlane {
             )));
         }
         let slot = self.file_watches.try_take(chat_id).map_err(|b| {
-            DataPlaneError::Busy(match b {
-                Busy::Overall(n) => format!("data_plane.max_file_watches is {n}"),
-                Busy::Sandbox(n) => format!("data_plane.max_file_watches_per_sandbox is {n}"),
-            })
+            DataPlaneError::Busy(b.detail("max_file_watches", "max_file_watches_per_sandbox"))
         })?;
         let map = PathMap {
             container_root: path.absolute.clone(),
@@ -334,9 +386,7 @@ impl DataPlane {
             _slot: slot,
         };
         if recursive && host.is_dir() {
-            watch
-                .add_tree(&host, false)
-                .map_err(|why| DataPlaneError::Busy(why.into()))?;
+            watch.add_tree(&host, false)?;
         } else {
             watch
                 .watcher
@@ -354,7 +404,10 @@ fn watch_error(e: notify::Error) -> DataPlaneError {
             "the host's inotify watch limit is reached (fs.inotify.max_user_watches)".into(),
         ),
         notify::ErrorKind::PathNotFound => DataPlaneError::NoSuchPath(String::new()),
-        _ => DataPlaneError::Engine(format!("cannot watch: {e}")),
+        notify::ErrorKind::Io(ref io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            DataPlaneError::Forbidden(format!("cannot watch: {e}"))
+        }
+        _ => DataPlaneError::Host(format!("cannot watch: {e}")),
     }
 }
 

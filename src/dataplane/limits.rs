@@ -16,6 +16,16 @@ pub enum Busy {
     Sandbox(usize),
 }
 
+impl Busy {
+    /// The 429's detail: which setting (`data_plane.<overall>` or `<per_sandbox>`) refused.
+    pub fn detail(self, overall: &str, per_sandbox: &str) -> String {
+        match self {
+            Busy::Overall(n) => format!("data_plane.{overall} is {n}"),
+            Busy::Sandbox(n) => format!("data_plane.{per_sandbox} is {n}"),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,

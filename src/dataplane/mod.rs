@@ -30,7 +30,7 @@ use crate::domain::spec::ContainerSpec;
 use crate::domain::{ChatId, Phase, SessionId};
 use crate::store::{EventAction, EventOutcome, NewEvent, StoreError};
 
-use limits::{Busy, Slot};
+use limits::Slot;
 use paths::{Mounts, PathError};
 
 /// Why a data-plane call failed; the HTTP edge maps each to its status.
@@ -78,6 +78,9 @@ pub enum DataPlaneError {
     NodeNotConfigured(String),
     #[error("docker engine error: {0}")]
     Engine(String),
+    /// The host refused something sandboxd needs (an inotify watch).
+    #[error("{0}")]
+    Host(String),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("unreadable sandbox spec: {0}")]
@@ -199,12 +202,7 @@ impl DataPlane {
             .await
             .map_err(|e| DataPlaneError::engine(e, None))?;
         let slot = self.ctx.calls.try_take(chat_id).map_err(|b| {
-            DataPlaneError::Busy(match b {
-                Busy::Overall(n) => format!("data_plane.max_concurrent is {n}"),
-                Busy::Sandbox(n) => {
-                    format!("data_plane.max_concurrent_per_sandbox is {n}")
-                }
-            })
+            DataPlaneError::Busy(b.detail("max_concurrent", "max_concurrent_per_sandbox"))
         })?;
         Ok((
             Target {

@@ -22,9 +22,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::exec::{exit_code_of, session_env};
-use super::limits::{Busy, Slot, Slots};
+use super::limits::{Slot, Slots};
 use super::output::Utf8Chunker;
-use super::ring::{OutputRing, PidLine, Read, Stream as OutStream};
+use super::ring::{OutputRing, PidLine, Read, Stream as OutStream, PID_WRAPPER};
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::backend::io::{ExecChunk, ExecSpec, SandboxIo, EXEC_MARKER_VAR};
 use crate::backend::ErrorKind;
@@ -33,9 +33,6 @@ use crate::store::{EventAction, EventOutcome, ProcessRecord, ProcessState};
 
 /// How these calls name themselves in a resume's event.
 const CALL: &str = "process";
-/// The wrapper that reports the process's pid as the first line of its stdout, then
-/// becomes the command (same pid, same stdin).
-const PID_WRAPPER: &str = "echo $$; exec \"$@\"";
 /// How long a start waits for the pid line.
 const PID_WITHIN: Duration = Duration::from_secs(10);
 /// How long a signal or kill may take.
@@ -190,6 +187,18 @@ impl Registry {
             .cloned()
     }
 
+    /// Forgets the ended handles of one session of a chat.
+    fn forget_session(&self, chat_id: ChatId, session: crate::domain::SessionId) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, h| {
+                !(h.record.chat_id == chat_id
+                    && h.record.session_id == session
+                    && h.progress.borrow().ended.is_some())
+            });
+    }
+
     /// Forgets ended handles of the chat that its store records no longer name.
     fn retain(&self, chat_id: ChatId, kept: &[String]) {
         self.handles
@@ -213,10 +222,7 @@ impl DataPlane {
     ) -> Result<ProcessInfo> {
         let (target, _call) = self.target(chat_id, CALL).await?;
         let slot = self.processes.running.try_take(chat_id).map_err(|b| {
-            DataPlaneError::Busy(match b {
-                Busy::Overall(n) => format!("data_plane.max_processes is {n}"),
-                Busy::Sandbox(n) => format!("data_plane.max_processes_per_sandbox is {n}"),
-            })
+            DataPlaneError::Busy(b.detail("max_processes", "max_processes_per_sandbox"))
         })?;
         let workdir = target.mounts.resolve(
             req.workdir.as_deref().unwrap_or(target.mounts.workdir()),
@@ -233,6 +239,8 @@ impl DataPlane {
             stdin: true,
             tty: false,
         };
+        // Read before the start: nothing may fail between the start and the record.
+        let stored_container = self.stored_container(chat_id).await?.unwrap_or_default();
         let mut exec = target
             .io
             .start_exec(&target.container_id, spec)
@@ -243,7 +251,7 @@ impl DataPlane {
             process_id: id.to_string(),
             chat_id,
             session_id: target.session_id,
-            container_id: self.stored_container(chat_id).await?.unwrap_or_default(),
+            container_id: stored_container,
             exec_id: exec.id.clone(),
             marker,
             command: cut(
@@ -296,7 +304,11 @@ impl DataPlane {
             exec.output,
         ));
         if let Some(data) = req.stdin {
-            self.write_stdin(&handle, &data, false).await?;
+            // The process runs and is recorded: a stdin it does not read is its business
+            // (the answer says `stdin_open: false`), not a failed start.
+            if let Err(e) = self.write_stdin(&handle, &data, false).await {
+                tracing::info!(error = %e, "a process's first stdin was not read");
+            }
         }
         // The pid line comes first (or the stream ends without one).
         let seen = handle.pid_seen.notified();
@@ -441,11 +453,20 @@ impl DataPlane {
         if let Some(h) = &handle {
             h.killing.store(true, Ordering::SeqCst);
         }
-        let killed = target
+        let killed = match target
             .io
             .kill_marked(&target.container_id, &info.record.marker, SIGNAL_WITHIN)
             .await
-            .map_err(|e| DataPlaneError::engine(e, None))?;
+        {
+            Ok(k) => k,
+            Err(e) => {
+                // Nothing was killed: a later end of its own is not a kill.
+                if let Some(h) = &handle {
+                    h.killing.store(false, Ordering::SeqCst);
+                }
+                return Err(DataPlaneError::engine(e, None));
+            }
+        };
         match &handle {
             Some(h) => {
                 // The pump records the end when the stream closes.
@@ -540,9 +561,6 @@ impl DataPlane {
             tracing::error!(error = %e, process_id = %h.record.process_id, "cannot record a process's end");
         }
         drop(h.slot.lock().unwrap_or_else(|p| p.into_inner()).take());
-        *h.stdin.lock().await = None;
-        h.progress
-            .send_modify(|p| p.ended = Some(Ending { state, exit_code }));
         let detail = json!({
             "process_id": h.record.process_id,
             "state": state.as_str(),
@@ -555,8 +573,31 @@ impl DataPlane {
         } else {
             EventOutcome::Ok
         };
+        // Audited before the end is published: whoever saw the end finds the line.
         self.audit(&target, &caller, EventAction::ProcessEnd, outcome, detail)
             .await;
+        h.progress
+            .send_modify(|p| p.ended = Some(Ending { state, exit_code }));
+        *h.stdin.lock().await = None;
+        self.forget_if_superseded(h.record.chat_id, h.record.session_id)
+            .await;
+    }
+
+    /// A process that ended because its session did (the sandbox deleted, replaced or
+    /// purged): the chat's records and output of that session go, so nothing is held for a
+    /// chat that will never be read again.
+    async fn forget_if_superseded(&self, chat_id: ChatId, session: crate::domain::SessionId) {
+        let current = match self.ctx.store.get(chat_id).await {
+            Ok(row) => row.filter(|r| r.deleted_at.is_none()).map(|r| r.session_id),
+            Err(_) => return,
+        };
+        if current == Some(session) {
+            return;
+        }
+        self.processes.forget_session(chat_id, session);
+        if let Err(e) = self.ctx.store.processes_forget(chat_id, session).await {
+            tracing::warn!(error = %e, "cannot forget a finished session's processes");
+        }
     }
 
     async fn write_stdin(&self, h: &Handle, data: &[u8], eof: bool) -> Result<()> {

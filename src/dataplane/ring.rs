@@ -151,6 +151,10 @@ impl OutputRing {
     }
 }
 
+/// Prepended to a process's or terminal's command (`sh -c PID_WRAPPER sh argv…`): prints
+/// the shell's pid as the first line, then becomes the command (same pid, same stdin).
+pub const PID_WRAPPER: &str = "echo $$; exec \"$@\"";
+
 /// The first line of a process's stdout is its pid (the wrapper's `echo $$` before it
 /// `exec`s the command): this takes it off, and passes the rest through.
 #[derive(Debug, Default)]

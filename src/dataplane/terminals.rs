@@ -18,16 +18,14 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::exec::{exit_code_of, session_env};
-use super::limits::{Busy, Slot, Slots};
-use super::ring::{OutputRing, PidLine, Read, Stream as OutStream};
+use super::limits::{Slot, Slots};
+use super::ring::{OutputRing, PidLine, Read, Stream as OutStream, PID_WRAPPER};
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::backend::io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
 use crate::store::{EventAction, EventOutcome};
 
 const CALL: &str = "terminal";
-/// Prints the shell's pid first (taken off the output), then becomes the command.
-const PID_WRAPPER: &str = "echo $$; exec \"$@\"";
 const KILL_WITHIN: Duration = Duration::from_secs(10);
 const KILL_NONE: u8 = 0;
 const KILL_CLOSED: u8 = 1;
@@ -120,8 +118,10 @@ pub struct Terminal {
     killing: AtomicU8,
     size: Mutex<Size>,
     _slot: Slot,
-    /// Set while a socket is attached (a data-plane call: the sandbox is not idle).
-    call: Mutex<Option<Slot>>,
+    /// The current attachment's number, and its call slot while a socket is attached (a
+    /// data-plane call: the sandbox is not idle). One lock, so a detach can never drop the
+    /// slot of the attachment that replaced it.
+    attachment: Mutex<(u64, Option<Slot>)>,
 }
 
 /// An attachment: what a socket reads and when it must stop.
@@ -226,10 +226,7 @@ impl DataPlane {
     ) -> Result<Attached> {
         let (target, call) = self.target(chat_id, CALL).await?;
         let slot = self.terminals.limits.try_take(chat_id).map_err(|b| {
-            DataPlaneError::Busy(match b {
-                Busy::Overall(n) => format!("data_plane.max_terminals is {n}"),
-                Busy::Sandbox(n) => format!("data_plane.max_terminals_per_sandbox is {n}"),
-            })
+            DataPlaneError::Busy(b.detail("max_terminals", "max_terminals_per_sandbox"))
         })?;
         let id = uuid::Uuid::new_v4();
         let marker = format!("{EXEC_MARKER_VAR}={}", id.simple());
@@ -281,7 +278,7 @@ impl DataPlane {
             killing: AtomicU8::new(KILL_NONE),
             size: Mutex::new(size),
             _slot: slot,
-            call: Mutex::new(Some(call)),
+            attachment: Mutex::new((1, Some(call))),
         });
         self.terminals
             .open
@@ -334,16 +331,22 @@ impl DataPlane {
         let terminal = self
             .terminals
             .get(id)
-            .filter(|t| t.chat_id == chat_id)
+            .filter(|t| t.chat_id == chat_id && t.progress.borrow().closed.is_none())
             .ok_or(DataPlaneError::TerminalNotFound)?;
         // A re-attach is a call on the sandbox (it must run: a paused one is resumed).
         let (_, call) = self.target(chat_id, CALL).await?;
-        *terminal.call.lock().unwrap_or_else(|p| p.into_inner()) = Some(call);
-        let mut number = 0;
-        terminal.progress.send_modify(|p| {
-            p.attach += 1;
-            number = p.attach;
-        });
+        let number = {
+            let mut a = terminal
+                .attachment
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            a.0 += 1;
+            a.1 = Some(call);
+            a.0
+        };
+        terminal
+            .progress
+            .send_modify(|p| p.attach = p.attach.max(number));
         let end = terminal.progress.borrow().end;
         Ok(Attached {
             from: end.saturating_sub(terminal.replay_bytes),
@@ -356,10 +359,13 @@ impl DataPlane {
     /// grace period, then is closed.
     pub fn detach_terminal(&self, attached: &Attached) {
         let t = attached.terminal.clone();
-        if t.progress.borrow().attach != attached.number {
-            return; // taken over: the new socket holds it
+        {
+            let mut a = t.attachment.lock().unwrap_or_else(|p| p.into_inner());
+            if a.0 != attached.number {
+                return; // taken over: the new socket holds it
+            }
+            drop(a.1.take());
         }
-        drop(t.call.lock().unwrap_or_else(|p| p.into_inner()).take());
         let grace = Duration::from_secs(self.ctx.settings.data_plane.terminal_grace_seconds);
         let (this, number) = (self.clone(), attached.number);
         tokio::spawn(async move {
@@ -380,6 +386,8 @@ impl DataPlane {
         self.kill_terminal(t, false).await;
     }
 
+    /// Kills the terminal's tree. A sandbox paused meanwhile (its socket gone, it went idle)
+    /// refuses an exec: it is resumed for the kill, as for any call.
     async fn kill_terminal(&self, t: &Terminal, grace_expired: bool) {
         if t.progress.borrow().closed.is_some() {
             return;
@@ -395,13 +403,21 @@ impl DataPlane {
         {
             return; // a kill is under way
         }
-        let killed = t
-            .target
-            .io
-            .kill_marked(&t.target.container_id, &t.marker, KILL_WITHIN)
-            .await;
-        if !matches!(killed, Ok(true)) {
-            tracing::warn!(terminal_id = %t.id, "terminal kill: processes may remain");
+        let kill = || {
+            t.target
+                .io
+                .kill_marked(&t.target.container_id, &t.marker, KILL_WITHIN)
+        };
+        let mut killed = matches!(kill().await, Ok(true));
+        if !killed {
+            if let Ok((_target, _call)) = self.target(t.chat_id, CALL).await {
+                killed = matches!(kill().await, Ok(true));
+            }
+        }
+        if !killed {
+            // Not recorded as killed: a later close or the command's own end settles it.
+            t.killing.store(KILL_NONE, Ordering::SeqCst);
+            tracing::warn!(terminal_id = %t.id, "terminal kill failed: processes may remain");
         }
     }
 
@@ -441,16 +457,16 @@ impl DataPlane {
             _ if broken => Closed::Lost,
             _ => Closed::Exited(exit_code_of(t.target.io.as_ref(), &t.exec_id).await.ok()),
         };
-        t.progress.send_if_modified(|p| {
-            if p.closed.is_some() {
-                return false;
-            }
-            p.closed = Some(ending);
-            true
-        });
-        let closed = t.progress.borrow().closed.unwrap_or(ending);
+        let closed = ending;
+        // Gone from the map before the end is published: a re-attach after it is a 404.
         self.terminals.remove(&t.id);
-        drop(t.call.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            t.attachment
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .take(),
+        );
         let detail = json!({
             "terminal_id": t.id,
             "closed": closed.as_str(),
@@ -463,8 +479,10 @@ impl DataPlane {
         } else {
             EventOutcome::Ok
         };
+        // Audited before the end is published: whoever saw the end finds the line.
         self.audit(&t.target, &caller, EventAction::Terminal, outcome, detail)
             .await;
+        t.progress.send_modify(|p| p.closed = Some(closed));
     }
 }
 

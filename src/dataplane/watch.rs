@@ -128,6 +128,15 @@ impl WatchFeed {
         Ok(feed)
     }
 
+    /// Resolves at shutdown: every long-lived stream (this one, a process's followed output,
+    /// a file watch) ends there, so a graceful stop never waits for its clients.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }
+
     /// The newest id sent to subscribers.
     pub fn sent_id(&self) -> i64 {
         self.sent.load(Ordering::Acquire)

@@ -21,9 +21,17 @@ use super::error::ApiError;
 #[derive(Clone)]
 pub struct TokenPending(pub Arc<Vec<u8>>);
 
-/// Whether the request is a WebSocket upgrade of the terminal route.
+/// The terminal route, the only one whose token may come in its first message.
+const TERMINAL_ROUTE: &str = "/api/v1/sandboxes/{chat_id}/pty";
+
+/// Whether the request is a WebSocket upgrade (a GET) of the terminal route, as the router
+/// matched it (a path that merely ends in `/pty`, an attachment named `pty`, is not).
 fn terminal_upgrade(request: &Request) -> bool {
-    request.uri().path().ends_with("/pty")
+    request.method() == axum::http::Method::GET
+        && request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|m| m.as_str() == TERMINAL_ROUTE)
         && request
             .headers()
             .get(axum::http::header::UPGRADE)

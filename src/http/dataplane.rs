@@ -591,7 +591,7 @@ pub fn respond(e: &DataPlaneError) -> Response {
         | DataPlaneError::NotDirectory { .. }
         | DataPlaneError::Refused(_) => StatusCode::BAD_REQUEST,
         DataPlaneError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        DataPlaneError::EngineDown(_) | DataPlaneError::Resume(_) => {
+        DataPlaneError::EngineDown(_) | DataPlaneError::Resume(_) | DataPlaneError::Host(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         DataPlaneError::NodeNotConfigured(_) => StatusCode::NOT_IMPLEMENTED,

@@ -41,32 +41,26 @@ pub async fn watch(
 ) -> Result<Response, ApiError> {
     let params = QueryParams::parse(query.as_deref())?;
     let raw = params.get("path").unwrap_or(".").to_string();
-    let recursive = match params
-        .get("recursive")
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("false" | "0" | "no" | "off" | "") => false,
-        Some("true" | "1" | "yes" | "on") => true,
-        Some(other) => {
-            return Err(input::reject(
-                "bool_parsing",
-                Source::Query,
-                "recursive",
-                "Input should be a valid boolean, unable to interpret input".into(),
-                json!(other),
-            ))
-        }
-    };
+    let mut p = input::Problems::default();
+    let recursive = params.flag("recursive", &mut p);
+    p.finish()?;
     let mut watch = state
         .data_plane
         .watch_files(chat_id, &raw, recursive)
         .await
         .map_err(|e| data_plane_error(e, Source::Query, "path", &raw))?;
     let ready = json!({"path": watch.path, "recursive": recursive});
+    let stopped = state.watch.stopped();
     let events = async_stream::stream! {
         yield Event::default().event("ready").data(ready.to_string());
-        while let Some(item) = watch.next().await {
+        let mut stopped = std::pin::pin!(stopped);
+        loop {
+            // sandboxd stops: the stream ends, so a graceful stop does not wait for it.
+            let item = tokio::select! {
+                item = watch.next() => item,
+                _ = &mut stopped => None,
+            };
+            let Some(item) = item else { break };
             match item {
                 WatchItem::Event(e) => {
                     yield Event::default()

@@ -392,6 +392,24 @@ impl QueryParams {
     }
 
     /// An optional integer parameter in `min..=max`.
+    /// A boolean flag (`true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`/empty); absent is false.
+    pub fn flag(&self, name: &str, problems: &mut Problems) -> bool {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("false" | "0" | "no" | "off" | "") => false,
+            Some("true" | "1" | "yes" | "on") => true,
+            Some(other) => {
+                problems.push(
+                    "bool_parsing",
+                    Source::Query,
+                    name,
+                    "Input should be a valid boolean, unable to interpret input".into(),
+                    json!(other),
+                );
+                false
+            }
+        }
+    }
+
     pub fn int(&self, name: &str, min: u64, max: u64, problems: &mut Problems) -> Option<u64> {
         let raw = self.get(name)?;
         match raw.trim().parse::<i128>() {

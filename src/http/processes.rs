@@ -444,8 +444,10 @@ fn items(
     since: u64,
     follow: bool,
 ) -> impl futures::Stream<Item = Item> {
+    let stopped = state.watch.stopped();
     async_stream::stream! {
         let mut offset = since;
+        let mut stopped = std::pin::pin!(stopped);
         if let Some(h) = handle {
             let mut progress = h.progress();
             loop {
@@ -459,8 +461,13 @@ fn items(
                     yield Item::Output(frame);
                 }
                 offset = read.next;
-                if ended || !follow || progress.changed().await.is_err() {
+                if ended || !follow {
                     break;
+                }
+                tokio::select! {
+                    changed = progress.changed() => if changed.is_err() { break },
+                    // sandboxd stops: the stream ends (with where to go on from).
+                    _ = &mut stopped => break,
                 }
             }
         }
@@ -494,20 +501,7 @@ pub async fn output(
     let params = QueryParams::parse(query.as_deref())?;
     let mut p = Problems::default();
     let since = params.int("since", 0, i64::MAX as u64, &mut p);
-    let follow = match params.get("follow").map(str::to_ascii_lowercase).as_deref() {
-        None | Some("false" | "0" | "no" | "off" | "") => false,
-        Some("true" | "1" | "yes" | "on") => true,
-        Some(other) => {
-            p.push(
-                "bool_parsing",
-                Source::Query,
-                "follow",
-                "Input should be a valid boolean, unable to interpret input".into(),
-                json!(other),
-            );
-            false
-        }
-    };
+    let follow = params.flag("follow", &mut p);
     let last_event_id = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         None => None,
         Some(raw) => match raw.trim().parse::<u64>() {
@@ -527,7 +521,8 @@ pub async fn output(
     p.finish()?;
     let (chat_id, id) = process_path(&raw_chat, &raw_id)?;
     let (_, handle) = state.data_plane.output(chat_id, &id).await?;
-    let since = since.or(last_event_id).unwrap_or(0);
+    // An `EventSource` reconnects to the same URL: its `Last-Event-ID` is where it got to.
+    let since = last_event_id.or(since).unwrap_or(0);
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

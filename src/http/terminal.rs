@@ -39,6 +39,8 @@ const CLOSE_POLICY: u16 = 1008;
 /// Going away: the terminal ended.
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_ERROR: u16 = 1011;
+/// Keystroke frames waiting for the terminal to read them; more are dropped (and said so).
+const KEY_QUEUE: usize = 256;
 
 /// What the socket is for: a new terminal or a re-attach.
 enum Open {
@@ -147,7 +149,30 @@ pub async fn pty(
         // Opened before the upgrade, so a failure is a plain HTTP answer.
         None => {
             let attached = attach(&state, chat_id, open, &who).await?;
-            Ok(upgrade.on_upgrade(move |socket| serve(state, socket, attached)))
+            let mut pending = Pending {
+                dp: state.data_plane.clone(),
+                attached: Some(attached),
+            };
+            Ok(upgrade.on_upgrade(move |socket| async move {
+                if let Some(attached) = pending.attached.take() {
+                    serve(state, socket, attached).await;
+                }
+            }))
+        }
+    }
+}
+
+/// An attachment made before the upgrade; detached when dropped unless the socket took it
+/// (an upgrade that never completes must not leave the terminal attached for good).
+struct Pending {
+    dp: crate::dataplane::DataPlane,
+    attached: Option<Attached>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(a) = self.attached.take() {
+            self.dp.detach_terminal(&a);
         }
     }
 }
@@ -219,6 +244,17 @@ async fn serve(state: AppState, socket: WebSocket, attached: Attached) {
         dp.detach_terminal(&attached);
         return;
     }
+    // Keystrokes go through a queue to a writer of their own: a program that does not read
+    // its input must not stop the output or hide a disconnect.
+    let (keys, mut queued) = tokio::sync::mpsc::channel::<Vec<u8>>(KEY_QUEUE);
+    let writer = t.clone();
+    tokio::spawn(async move {
+        while let Some(k) = queued.recv().await {
+            if writer.write(&k).await.is_err() {
+                break;
+            }
+        }
+    });
     let mut progress = t.progress();
     let mut offset = attached.from;
     loop {
@@ -268,13 +304,16 @@ async fn serve(state: AppState, socket: WebSocket, attached: Attached) {
                     dp.detach_terminal(&attached);
                     return;
                 }
-                Some(Ok(Message::Binary(keys))) => {
-                    if t.write(&keys).await.is_err() {
-                        dp.close_terminal(&t).await;
+                Some(Ok(Message::Binary(bytes))) => {
+                    if let Some(reply) = queue_keys(&keys, bytes.to_vec()) {
+                        if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                            dp.detach_terminal(&attached);
+                            return;
+                        }
                     }
                 }
                 Some(Ok(Message::Text(text))) => {
-                    if let Some(reply) = control(&state, &t, text.as_str()).await {
+                    if let Some(reply) = control(&state, &t, &keys, text.as_str()).await {
                         if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                             dp.detach_terminal(&attached);
                             return;
@@ -287,10 +326,23 @@ async fn serve(state: AppState, socket: WebSocket, attached: Attached) {
     }
 }
 
+/// Queues keystrokes; an error to send back when they cannot be.
+fn queue_keys(keys: &tokio::sync::mpsc::Sender<Vec<u8>>, bytes: Vec<u8>) -> Option<Value> {
+    use tokio::sync::mpsc::error::TrySendError;
+    match keys.try_send(bytes) {
+        Ok(()) => None,
+        Err(TrySendError::Full(_)) => Some(json!({"type": "error",
+            "detail": "input dropped: the terminal is not reading its input"})),
+        Err(TrySendError::Closed(_)) => Some(json!({"type": "error",
+            "detail": "input dropped: the terminal's input is closed"})),
+    }
+}
+
 /// Handles a control message; an error to send back, if any.
 async fn control(
     state: &AppState,
     t: &crate::dataplane::terminals::Terminal,
+    keys: &tokio::sync::mpsc::Sender<Vec<u8>>,
     text: &str,
 ) -> Option<Value> {
     let error = |detail: String| Some(json!({"type": "error", "detail": detail}));
@@ -315,11 +367,7 @@ async fn control(
             }
         }
         Some("input") => match v["data"].as_str() {
-            Some(data) => t
-                .write(data.as_bytes())
-                .await
-                .err()
-                .and_then(|e| error(e.to_string())),
+            Some(data) => queue_keys(keys, data.as_bytes().to_vec()),
             None => error("input needs `data` (a string; send bytes as a binary frame)".into()),
         },
         Some("close") => {

@@ -215,6 +215,17 @@ impl Store {
         row.map(ProcessRecord::try_from).transpose()
     }
 
+    /// Forgets the records of one session of a chat (it ended).
+    pub async fn processes_forget(&self, chat_id: ChatId, session_id: SessionId) -> Result<u64> {
+        let removed = sqlx::query("DELETE FROM processes WHERE chat_id = ?1 AND session_id = ?2")
+            .bind(chat_id.to_string())
+            .bind(session_id.to_string())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(removed)
+    }
+
     /// Forgets the chat's processes of other sessions (they died with their container) and
     /// all but the newest `keep_ended` ended ones of this session.
     pub async fn processes_prune(

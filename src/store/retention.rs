@@ -54,6 +54,14 @@ impl Store {
             }
             tokio::task::yield_now().await;
         }
+        // Background processes' records outlive nothing: their session's row is gone or
+        // replaced (a sandboxd that was down when it ended did not forget them).
+        sqlx::query(
+            "DELETE FROM processes WHERE NOT EXISTS (SELECT 1 FROM sandboxes s \
+             WHERE s.chat_id = processes.chat_id AND s.session_id = processes.session_id)",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok((events, rows))
     }
 }

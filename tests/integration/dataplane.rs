@@ -24,6 +24,22 @@ pub async fn exec(app: &TestApp, chat: &str, body: Value) -> (StatusCode, Value)
         .await
 }
 
+/// How many processes in the sandbox have a command line (its words joined) starting with
+/// `prefix`.
+pub async fn count_processes(app: &TestApp, chat: &str, prefix: &str) -> u64 {
+    let script = format!(
+        "n=0; for d in /proc/[0-9]*; do case \"$(cat $d/cmdline 2>/dev/null)\" in {prefix}*) n=$((n+1));; esac; done; echo $n"
+    );
+    let (status, out) = exec(app, chat, json!({ "command": script })).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    out["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
 async fn put_file(app: &TestApp, chat: &str, query: &str, data: Vec<u8>) -> (StatusCode, Value) {
     let r = app
         .client

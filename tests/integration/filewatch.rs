@@ -110,6 +110,41 @@ async fn changes_made_in_the_sandbox_arrive_on_the_watch_stream() {
     let next = events(&mut top, 1).await;
     assert_eq!(next[0].1["path"], "/workspace/chat/top.txt", "{next:?}");
 
+    // A directory moved into the tree is watched from then on; what it held comes as
+    // scanned creates, what is made in it after as creates.
+    run("mkdir elsewhere && touch elsewhere/f && mv elsewhere d/moved && touch d/moved/g").await;
+    let mut created = std::collections::BTreeSet::new();
+    while !created.contains("/workspace/chat/d/moved/g") {
+        let (kind, data) = events(&mut all, 1).await.remove(0);
+        if kind == "create" {
+            created.insert(data["path"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert!(created.contains("/workspace/chat/d/moved/f"), "{created:?}");
+
+    // A directory swapped for a symlink to the host's `/` before its watch is added is
+    // neither watched nor scanned: nothing of the host's file system ever shows.
+    let chat_dir = app.settings.sandbox.chats_root.join(&chat);
+    std::fs::create_dir(chat_dir.join("swap")).expect("mkdir");
+    std::fs::remove_dir(chat_dir.join("swap")).expect("rmdir");
+    std::os::unix::fs::symlink("/", chat_dir.join("swap")).expect("symlink");
+    let outside =
+        std::env::temp_dir().join(format!("sandboxd-watch-escape-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&outside, b"x").expect("host file");
+    run("touch after-swap").await;
+    loop {
+        let (kind, data) = events(&mut all, 1).await.remove(0);
+        let path = data["path"].as_str().unwrap_or("").to_string();
+        assert!(
+            !path.starts_with("/workspace/chat/swap/"),
+            "{kind} {path}: the watch escaped"
+        );
+        if path == "/workspace/chat/after-swap" {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&outside);
+
     // Hostile paths: `..`, off the mounts, a symlink that leads to the host's `/`, nothing.
     std::os::unix::fs::symlink("/", app.volume(&chat).join("escape")).expect("symlink");
     for (query, status) in [

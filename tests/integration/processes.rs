@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::dataplane::{exec, running_chat};
+use crate::dataplane::{count_processes, running_chat};
 use crate::support::*;
 use crate::watch::SseReader;
 
@@ -67,21 +67,6 @@ async fn read_to_end(lines: &mut Lines) -> (String, Value) {
         }
     }
     panic!("the stream ended without an end item; so far: {text}");
-}
-
-/// How many processes in the sandbox have a command line starting with `prefix`.
-async fn count_processes(app: &TestApp, chat: &str, prefix: &str) -> u64 {
-    let script = format!(
-        "n=0; for d in /proc/[0-9]*; do case \"$(cat $d/cmdline 2>/dev/null)\" in {prefix}*) n=$((n+1));; esac; done; echo $n"
-    );
-    let (status, out) = exec(app, chat, json!({ "command": script })).await;
-    assert_eq!(status, StatusCode::OK, "{out}");
-    out["stdout"]
-        .as_str()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .expect("a count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::dataplane::{exec, running_chat};
+use crate::dataplane::{count_processes, running_chat};
 use crate::support::*;
 
 type Socket =
@@ -81,20 +81,6 @@ async fn send_control(socket: &mut Socket, v: Value) {
         .expect("send");
 }
 
-async fn sleeps(app: &TestApp, chat: &str, name: &str) -> u64 {
-    let script = format!(
-        "n=0; for d in /proc/[0-9]*; do case \"$(cat $d/cmdline 2>/dev/null)\" in {name}*) n=$((n+1));; esac; done; echo $n"
-    );
-    let (status, out) = exec(app, chat, json!({ "command": script })).await;
-    assert_eq!(status, StatusCode::OK, "{out}");
-    out["stdout"]
-        .as_str()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .expect("count")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_is_sized_resized_reattached_and_closed_with_its_tree() {
     let app = TestApp::spawn().await;
@@ -140,7 +126,7 @@ async fn a_terminal_is_sized_resized_reattached_and_closed_with_its_tree() {
     assert!(seen.contains("40 120"), "{seen}");
     wait_until(Duration::from_secs(10), "the background sleep", || {
         let (app, chat) = (&app, &chat);
-        async move { (sleeps(app, chat, "sleep1007").await == 1).then_some(()) }
+        async move { (count_processes(app, chat, "sleep1007").await == 1).then_some(()) }
     })
     .await;
 
@@ -165,7 +151,7 @@ async fn a_terminal_is_sized_resized_reattached_and_closed_with_its_tree() {
     let exit = control(&mut third).await;
     assert_eq!(exit["type"], "exit", "{exit}");
     assert_eq!(exit["reason"], "closed");
-    assert_eq!(sleeps(&app, &chat, "sleep1007").await, 0);
+    assert_eq!(count_processes(&app, &chat, "sleep1007").await, 0);
     let r = app
         .client
         .get(app.url(&format!("/api/v1/sandboxes/{chat}/pty?terminal_id={id}")))
@@ -217,6 +203,17 @@ async fn a_browser_sends_the_token_first_and_an_abandoned_terminal_is_closed_aft
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1008),
         other => panic!("expected a close, got {other:?}"),
     }
+    // Only the terminal route takes its token late: an attachment named `pty` with an
+    // upgrade header and no token is refused as any request without one.
+    let r = reqwest::Client::new()
+        .put(app.url(&format!("/api/v1/chats/{}/files/pty", uuid::Uuid::new_v4())))
+        .header("Connection", "upgrade")
+        .header("Upgrade", "websocket")
+        .body("x")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // A wrong token in the header is refused before any upgrade.
     let url = format!("ws://{}/api/v1/sandboxes/{chat}/pty", app.addr);
     let mut request = url.into_client_request().expect("request");
@@ -234,7 +231,7 @@ async fn a_browser_sends_the_token_first_and_an_abandoned_terminal_is_closed_aft
     output_until(&mut term, "started").await;
     wait_until(Duration::from_secs(10), "the background sleep", || {
         let (app, chat) = (&app, &chat);
-        async move { (sleeps(app, chat, "sleep1008").await == 1).then_some(()) }
+        async move { (count_processes(app, chat, "sleep1008").await == 1).then_some(()) }
     })
     .await;
 
@@ -250,5 +247,5 @@ async fn a_browser_sends_the_token_first_and_an_abandoned_terminal_is_closed_aft
         }
     })
     .await;
-    assert_eq!(sleeps(&app, &chat, "sleep1008").await, 0);
+    assert_eq!(count_processes(&app, &chat, "sleep1008").await, 0);
 }
