@@ -69,6 +69,8 @@ if ! scripts/contract.sh; then
   echo "== running the contract check once more"
   scripts/contract.sh
 fi
+# The Python client, the alert rules and the dashboard, against the same binary.
+scripts/kit-tests.sh
 # The next test stops the engine on purpose: the watchdog must not take that for a deadlock.
 kill "$watchdog" 2>/dev/null || true
 trap - EXIT
