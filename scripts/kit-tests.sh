@@ -3,7 +3,8 @@
 #  - the Python client (clients/python): type-checked with mypy --strict, then its pytest
 #    suite against target/debug/sandboxd and the engine scripts/test.sh provisioned;
 #  - the Prometheus alert rules (deploy/prometheus): promtool check + unit tests;
-#  - the Grafana dashboard (deploy/grafana): every metric it queries is one sandboxd exports.
+#  - the Grafana dashboard (deploy/grafana) and the rules: every metric they query is one
+#    sandboxd exports on a live /metrics (clients/python/tests/test_deploy_kit.py).
 # Installs its tools into target/ once (a venv; Debian's prometheus package for promtool).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,3 +22,9 @@ echo "== the Python client: mypy --strict"
 (cd "$ROOT/clients/python" && "$VENV/bin/mypy" --strict src tests)
 echo "== the Python client: tests against the real binary"
 (cd "$ROOT/clients/python" && SANDBOXD_BIN="${SANDBOXD_BIN:-$ROOT/target/debug/sandboxd}" "$VENV/bin/pytest" -q -p no:cacheprovider tests)
+echo "== the alert rules: promtool check and unit tests"
+command -v promtool >/dev/null || {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q prometheus >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }
+}
+(cd "$ROOT/deploy/prometheus" && promtool check rules sandboxd-alerts.yml && promtool test rules sandboxd-alerts.test.yml)

@@ -41,12 +41,22 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StartLabel {
+    pub start: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
     pub kind: &'static str,
     pub outcome: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Time to running: 50 ms to about 7 minutes.
+fn running_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
 
 fn latency_histogram() -> Histogram {
     // 1 ms … ~32 s
@@ -70,7 +80,9 @@ pub struct Metrics {
     pub actions_total: Family<ActionLabels, Counter>,
     pub queue_depth: Gauge,
     pub retries_total: Counter,
-    pub time_to_running_seconds: Histogram,
+    /// From a session's desired-state write to its container running, by `start`
+    /// (`warm`: a pool member was claimed; `cold`).
+    pub time_to_running_seconds: HistogramFamily<StartLabel>,
     /// Resumes of paused or hibernated sandboxes, engine calls included.
     pub resume_seconds: Histogram,
     /// Resumes that failed and fell back to a cold start.
@@ -101,6 +113,11 @@ pub struct Metrics {
     pub pool_members: Family<StateLabel, Gauge>,
     /// Egress rules found changed on the host and rewritten.
     pub egress_repairs_total: Counter,
+    /// Sandboxes' containers that stopped on their own, by what followed (`restart` at once,
+    /// or `backoff`: a quick exit again, a crash loop).
+    pub sandbox_exits_total: Family<ResultLabel, Counter>,
+    /// Lines in the event log (counted after each retention pass and at start).
+    pub event_log_rows: Gauge<i64>,
 }
 
 impl Default for Metrics {
@@ -127,7 +144,7 @@ impl Metrics {
             actions_total: Family::default(),
             queue_depth: Gauge::default(),
             retries_total: Counter::default(),
-            time_to_running_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            time_to_running_seconds: HistogramFamily::new_with_constructor(running_histogram),
             resume_seconds: latency_histogram(),
             resume_fallbacks_total: Counter::default(),
             events_connected: Gauge::default(),
@@ -144,6 +161,8 @@ impl Metrics {
             starts_total: Family::default(),
             pool_members: Family::default(),
             egress_repairs_total: Counter::default(),
+            sandbox_exits_total: Family::default(),
+            event_log_rows: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -262,6 +281,16 @@ impl Metrics {
             m.data_plane_in_flight.clone(),
         );
         r.register(
+            "sandboxd_sandbox_exits",
+            "Sandbox containers that stopped on their own, by what followed (restart, backoff)",
+            m.sandbox_exits_total.clone(),
+        );
+        r.register(
+            "sandboxd_event_log_rows",
+            "Lines in the event log (after each retention pass)",
+            m.event_log_rows.clone(),
+        );
+        r.register(
             "sandboxd_processes_running",
             "Background processes running, their output read by sandboxd",
             m.processes_running.clone(),
@@ -301,7 +330,57 @@ impl Metrics {
             "Egress rules found changed on the host and rewritten",
             m.egress_repairs_total.clone(),
         );
-        Self { registry: r, ..m }
+        let m = Self { registry: r, ..m };
+        m.zero_known_series();
+        m
+    }
+
+    /// Every series whose label values are known up front starts at zero, so that rates,
+    /// dashboards and alert rules see it before its first event (a family without a child
+    /// is not exported at all).
+    fn zero_known_series(&self) {
+        let result = |r: &'static str| ResultLabel { result: r };
+        for r in [
+            "created", "reused", "replaced", "conflict", "error", "timeout", "invalid",
+        ] {
+            let _ = self.create_total.get_or_create(&result(r));
+        }
+        for r in ["deleted", "not_found", "error", "timeout"] {
+            let _ = self.delete_total.get_or_create(&result(r));
+        }
+        for r in ["restart", "backoff"] {
+            let _ = self.sandbox_exits_total.get_or_create(&result(r));
+        }
+        for r in [
+            "warm",
+            "pool_empty",
+            "pool_off",
+            "class_mismatch",
+            "pool_error",
+            "claim_failed",
+        ] {
+            let _ = self.starts_total.get_or_create(&result(r));
+        }
+        for r in ["ok", "timeout", "abandoned", "error"] {
+            let _ = self.exec_total.get_or_create(&result(r));
+        }
+        for start in ["warm", "cold"] {
+            let _ = self
+                .time_to_running_seconds
+                .get_or_create(&StartLabel { start });
+        }
+        for state in ["idle", "starting", "claimed"] {
+            let _ = self.pool_members.get_or_create(&StateLabel { state });
+        }
+        for state in ["under_50", "50_to_80", "80_to_95", "over_95", "unmounted"] {
+            let _ = self.storage_workspaces.get_or_create(&StateLabel { state });
+        }
+        for outcome in ["ok", "error", "skipped"] {
+            let _ = self.actions_total.get_or_create(&ActionLabels {
+                kind: "start",
+                outcome,
+            });
+        }
     }
 
     /// Prometheus text exposition format.

@@ -390,9 +390,15 @@ impl Executor {
                     .await?;
                 if recorded {
                     let waited = (Utc::now() - row.created_at).to_std().unwrap_or_default();
+                    let start = if started.how == "warm" {
+                        "warm"
+                    } else {
+                        "cold"
+                    };
                     self.ctx
                         .metrics
                         .time_to_running_seconds
+                        .get_or_create(&crate::metrics::StartLabel { start })
                         .observe(waited.as_secs_f64());
                 }
                 tracing::Span::current().record("container_id", started.container_id.as_str());
@@ -891,6 +897,16 @@ impl Executor {
                 now,
             )
             .await?;
+        let result = if retry_at.is_some() {
+            "backoff"
+        } else {
+            "restart"
+        };
+        self.ctx
+            .metrics
+            .sandbox_exits_total
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
         warn!(chat_id = %row.chat_id, session_id = %row.session_id, restarts, ?retry_at, "{message}");
         Ok(retry_at)
     }

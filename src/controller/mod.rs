@@ -423,6 +423,12 @@ impl Controller {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "retention pass failed"),
         }
+        match self.ctx.store.event_count().await {
+            Ok(n) => {
+                self.ctx.metrics.event_log_rows.set(n);
+            }
+            Err(e) => warn!(error = %e, "cannot count the event log"),
+        }
     }
 
     /// With no engine, pending sessions that are due are failed at once (so a waiting create

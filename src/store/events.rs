@@ -36,6 +36,13 @@ impl Store {
         )
     }
 
+    /// Lines in the event log.
+    pub async fn event_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM sandbox_events")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// The newest events first, of one chat (by its index) or of all.
     pub async fn events(&self, chat_id: Option<ChatId>, limit: u32) -> Result<Vec<StoredEvent>> {
         let query = match chat_id {

@@ -56,7 +56,10 @@ async fn metrics_cover_a_create_delete_cycle() {
             "sandboxd_actions_total{kind=\"finalize\",outcome=\"ok\"}",
             1.0,
         ),
-        ("sandboxd_time_to_running_seconds_count", 1.0),
+        (
+            "sandboxd_time_to_running_seconds_count{start=\"cold\"}",
+            1.0,
+        ),
         ("sandboxd_reconcile_pass_duration_seconds_count", 1.0),
         (
             "sandbox_runtime_duration_seconds_count{operation=\"create\",result=\"ok\"}",

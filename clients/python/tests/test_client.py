@@ -32,6 +32,10 @@ def test_the_readme_example_works_as_written(server: Server) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S)
     assert code is not None
+    # The project's README shows the same example.
+    top = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    top_code = re.search(r"```python\n(.*?)```", top, re.S)
+    assert top_code is not None and top_code.group(1) == code.group(1)
     lines = code.group(1).strip().splitlines()
     assert len(lines) <= 5, lines
     chat = server.new_chat()
