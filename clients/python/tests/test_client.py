@@ -85,6 +85,10 @@ def test_the_old_contract_commands_and_files(server: Server, client: Client) -> 
 
     assert box.kill().result == "deleted"
     assert client.delete(chat).result == "not_found"
+    # A terminal refused before the upgrade is the same typed error.
+    with pytest.raises(sc.NotFound) as gone:
+        client.terminal(chat)
+    assert gone.value.detail == "sandbox_not_found"
     with pytest.raises(sc.Unauthorized):
         Client(server.url, token="wrong").get(chat)
 

@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
 from . import _ops as ops
 from . import models as m
-from .client import DEFAULT_URL
+from .client import DEFAULT_URL, _refused
 from .errors import SandboxdError, error_for
 
 T = TypeVar("T")
@@ -112,6 +112,18 @@ class AsyncClient:
         cursor: Optional[str] = None,
     ) -> m.Page:
         return await self._run(ops.list_page(phase, agent_id, limit, cursor))
+
+    async def iter_sandboxes(
+        self, *, phase: Optional[str] = None, agent_id: Optional[str] = None
+    ) -> AsyncGenerator[m.SandboxView, None]:
+        cursor: Optional[str] = None
+        while True:
+            page = await self.list(phase=phase, agent_id=agent_id, cursor=cursor, limit=500)
+            for item in page.items:
+                yield item
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
 
     async def renew(self, chat_id: str, ttl_seconds: Optional[int] = None) -> m.SandboxView:
         return await self._run(ops.renew(chat_id, ttl_seconds))
@@ -268,9 +280,8 @@ class AsyncClient:
         headers = {self.token_header: self.token} if self.token else None
         try:
             socket = await ws_connect(str(url), additional_headers=headers, open_timeout=self.timeout)
-        except Exception as e:
-            status = getattr(getattr(e, "response", None), "status_code", 0)
-            raise SandboxdError(status, str(e)) from e
+        except Exception as e:  # the HTTP answer before the upgrade
+            raise _refused(e) from e
         return await AsyncTerminal.ready(socket)
 
     async def create_workspace(self, user_id: str, quota_bytes: Optional[int] = None) -> m.Workspace:

@@ -13,7 +13,7 @@ from websockets.sync.client import ClientConnection, connect as ws_connect
 
 from . import _ops as ops
 from . import models as m
-from .errors import SandboxdError, error_for
+from .errors import SandboxdError, error_for, error_from
 
 T = TypeVar("T")
 
@@ -303,13 +303,7 @@ class Client:
         try:
             socket = ws_connect(str(url), additional_headers=headers, open_timeout=self.timeout)
         except Exception as e:  # the HTTP answer before the upgrade
-            status = getattr(getattr(e, "response", None), "status_code", 0)
-            body = getattr(getattr(e, "response", None), "body", b"") or b""
-            try:
-                detail: Any = json.loads(body).get("detail", body)
-            except Exception:
-                detail = str(e)
-            raise SandboxdError(status, detail) from e
+            raise _refused(e) from e
         return Terminal(socket)
 
     # --- chat storage --------------------------------------------------------------------
@@ -371,6 +365,18 @@ class Client:
     def connect(self, chat_id: str) -> "Sandbox":
         """A handle on an existing sandbox."""
         return Sandbox(self, chat_id, None)
+
+
+def _refused(e: Exception) -> SandboxdError:
+    """A WebSocket upgrade the server answered with an HTTP error, as its typed error."""
+    response = getattr(e, "response", None)
+    status = int(getattr(response, "status_code", 0) or 0)
+    body = getattr(response, "body", b"") or b""
+    try:
+        detail: Any = json.loads(body).get("detail", body.decode(errors="replace"))
+    except Exception:
+        detail = str(e)
+    return error_from(status, detail) if status else SandboxdError(0, str(e))
 
 
 class Terminal:

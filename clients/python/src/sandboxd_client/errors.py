@@ -91,14 +91,18 @@ _BY_STATUS: dict[int, type[SandboxdError]] = {
 }
 
 
+def error_from(status: int, detail: Any, response: Optional[httpx.Response] = None) -> SandboxdError:
+    """The typed exception for a status and the server's detail."""
+    if status == 409 and detail == "sandbox_conflict":
+        return SandboxConflict(status, detail, response)
+    cls = _BY_STATUS.get(status, ServerError if status >= 500 else SandboxdError)
+    return cls(status, detail, response)
+
+
 def error_for(response: httpx.Response) -> SandboxdError:
     """The typed exception for an error response."""
     try:
         detail: Any = response.json().get("detail", response.text)
     except Exception:  # not JSON: the text is the detail
         detail = response.text
-    status = response.status_code
-    if status == 409 and detail == "sandbox_conflict":
-        return SandboxConflict(status, detail, response)
-    cls = _BY_STATUS.get(status, ServerError if status >= 500 else SandboxdError)
-    return cls(status, detail, response)
+    return error_from(response.status_code, detail, response)
