@@ -2,7 +2,8 @@
 //!
 //! `scripts/bench.sh [scenario ...]` (→ `cargo bench --bench e2e -- ...`); scenarios:
 //! `create` `burst` `api` `kill` `restart` `rest` `plan` `exec` `interactive` `execs` `watch` `profiles`,
-//! default all; on request only: `engines`, `swarm`, `hibernate`. Raw Engine API baselines
+//! default all; on request only: `engines`, `swarm`, `hibernate`, `scale` (`SCALE_SANDBOXES`,
+//! default 1,000). Raw Engine API baselines
 //! run interleaved with sandboxd (A B A B …) so engine noise hits both. Every loop is bounded by
 //! count; everything started is removed at the end. Loopback and this run's containers only.
 
@@ -58,6 +59,9 @@ mod hibernation;
 
 #[path = "support/interactive.rs"]
 mod interactive;
+
+#[path = "support/scale.rs"]
+mod scale;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -829,6 +833,9 @@ fn main() -> anyhow::Result<()> {
             storage::scenario_storage(&mut out).await;
         }
         // Only on request: a fleet of 100 sandboxes and ~1 min of stops.
+        if args.iter().any(|a| a == "scale") {
+            scale::scenario_scale(&docker, &mut out).await;
+        }
         if args.iter().any(|a| a == "hibernate") {
             hibernation::scenario_hibernation(&docker, &mut out).await;
         }

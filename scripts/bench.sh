@@ -2,7 +2,9 @@
 # Prints sandboxd's end-to-end figures next to the raw Engine API (see benches/e2e.rs).
 # `scripts/bench.sh swarm` runs the swarm figures (on the 3-node lab, benches/support/swarm.rs);
 # `scripts/bench.sh engines` create→running on Docker and Podman (benches/support/engines.rs);
-# `scripts/bench.sh hibernate` pause, resume and a 100-sandbox fleet (benches/support/hibernation.rs).
+# `scripts/bench.sh hibernate` pause, resume and a 100-sandbox fleet (benches/support/hibernation.rs);
+# `scripts/bench.sh scale` 1,000 sandboxes on one host (SCALE_SANDBOXES=N for another count;
+# benches/support/scale.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SANDBOXD_PROVISION_TEST_NETWORK=1 scripts/provision.sh

@@ -112,15 +112,25 @@ async fn a_failed_start_shows_in_ls_show_events_the_table_and_metrics() {
     let (status, _) = app.create(&chat, "agent-x", &app.volume("f")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 
-    // The CLI reads the database while the server runs.
-    let (ok, ls) = cli(&config, &["ls"]);
-    assert!(ok, "{ls}");
-    let line = ls
-        .lines()
-        .find(|l| l.contains(&chat))
-        .unwrap_or_else(|| panic!("{ls}"));
+    // The CLI reads the database while the server runs. The failed start names the missing
+    // image (on a loaded Podman the first attempt can fail earlier, on a network inspect the
+    // engine answers with 500: the retry then names the image).
+    let line = wait_until(
+        Duration::from_secs(30),
+        "ls naming the missing image",
+        || {
+            let (config, chat) = (&config, &chat);
+            async move {
+                let (ok, ls) = cli(config, &["ls"]);
+                assert!(ok, "{ls}");
+                let line = ls.lines().find(|l| l.contains(chat.as_str()))?.to_string();
+                line.contains("not present locally").then_some(line)
+            }
+        },
+    )
+    .await;
     assert!(
-        line.contains("failed") && line.contains("agent-x") && line.contains("not present locally"),
+        line.contains("failed") && line.contains("agent-x"),
         "{line}"
     );
     let (ok, ls) = cli(&config, &["ls", "--phase", "running"]);

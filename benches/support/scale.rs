@@ -1,0 +1,241 @@
+//! One host, many sandboxes (`scripts/bench.sh scale`, on request only; issue 24): start
+//! `SCALE_SANDBOXES` (default 1,000) sandboxes of the test image through the built binary,
+//! then record the ramp's starts/s, host memory per sandbox (the containers' cgroups and the
+//! shims' RSS), the API mix with every row in the table, a resync pass's time and the idle CPU,
+//! a SIGKILL and restart (serving, ready, restarted), and the time to delete them all.
+//! Bounded by count; everything started is removed (the fixture's guard) at the end.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::InspectContainerOptions;
+use bollard::Docker;
+use futures::StreamExt;
+
+use super::{
+    binary, cpu_seconds, create, ms, rss_mib, run_wrk, verdict, wait_http, wrk_script, Report,
+};
+use crate::support::{containers_of, new_chat, ServerProcess};
+
+/// Requests at once while ramping up and while deleting.
+const CONCURRENCY: usize = 16;
+
+/// A series' value on a `/metrics` page (0 when absent).
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Memory the engine charges to the containers (cgroup v1 or v2), and the shims' RSS.
+fn host_memory_mib(ids: &[String]) -> (f64, f64) {
+    let mut containers = 0u64;
+    for id in ids {
+        for path in [
+            format!("/sys/fs/cgroup/memory/docker/{id}/memory.usage_in_bytes"),
+            format!("/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.current"),
+        ] {
+            if let Some(v) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                containers += v;
+                break;
+            }
+        }
+    }
+    let out = std::process::Command::new("ps")
+        .args(["-C", "containerd-shim-runc-v2", "-o", "rss="])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let shims_kib: u64 = out
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum();
+    (containers as f64 / 1048576.0, shims_kib as f64 / 1024.0)
+}
+
+pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
+    let n: usize = std::env::var("SCALE_SANDBOXES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let fx = binary("scale", |s| {
+        s.sandbox.hardening.memory_mb = 64;
+        s.sandbox.ttl_seconds = 7200;
+        s.logging.level = "WARNING".into();
+    });
+    let (instance, vol) = (fx.settings.controller.instance.clone(), fx.vol.clone());
+    let client = reqwest::Client::new();
+    let mut server = fx.start().await;
+    let addr = server.addr;
+    let base = format!("http://{addr}");
+
+    // 1. The ramp.
+    let chats: Vec<String> = (0..n).map(|_| new_chat()).collect();
+    let started = Instant::now();
+    let marks = std::sync::Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    futures::stream::iter(chats.iter())
+        .for_each_concurrent(CONCURRENCY, |chat| {
+            let (client, vol, started) = (client.clone(), vol.clone(), started);
+            let (marks, done, failed) = (&marks, &done, &failed);
+            async move {
+                let (status, _) = create(&client, addr, chat, &vol).await;
+                if status != 200 {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if k % 100 == 0 {
+                    if let Ok(mut m) = marks.lock() {
+                        m.push((k, started.elapsed()));
+                    }
+                }
+            }
+        })
+        .await;
+    let ramp = started.elapsed();
+    let running = done.load(std::sync::atomic::Ordering::Relaxed);
+    let failures = failed.load(std::sync::atomic::Ordering::Relaxed);
+    let marks = marks.into_inner().unwrap_or_default();
+    let per_100: Vec<String> = marks
+        .windows(2)
+        .map(|w| format!("{:.1}", 100.0 / (w[1].1 - w[0].1).as_secs_f64()))
+        .collect();
+    out.line(format!(
+        "12 scale ramp: {running}/{n} running in {:.1} s ({:.1} starts/s overall; per 100: {}), {failures} failed  target {n} running [{}]",
+        ramp.as_secs_f64(),
+        running as f64 / ramp.as_secs_f64(),
+        per_100.join(" "),
+        verdict(running == n)
+    ));
+
+    // 2. Memory per sandbox.
+    let ids: Vec<String> = containers_of(docker, &instance)
+        .await
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect();
+    let (cg, shims) = host_memory_mib(&ids);
+    let k = ids.len().max(1) as f64;
+    out.line(format!(
+        "13 host memory with {} sandboxes: containers (cgroups) {:.0} MiB = {:.2} MiB each; shims {:.0} MiB = {:.2} MiB each; total {:.2} MiB per sandbox (measured, no target)",
+        ids.len(), cg, cg / k, shims, shims / k, (cg + shims) / k
+    ));
+
+    // 3. The API mix with every row in the table.
+    let dir = fx.dir.path();
+    let chats_file = dir.join("chats.txt");
+    std::fs::write(&chats_file, chats.join("\n")).expect("chats");
+    let script = dir.join("mix.lua");
+    std::fs::write(&script, wrk_script(&chats_file, &vol, "mix")).expect("script");
+    run_wrk(&script, &base, 32, 2);
+    let r = run_wrk(&script, &base, 32, 10);
+    out.line(format!(
+        "14 API mix (⅓ reuse, ⅓ GET, ⅓ list) with {n} rows @32 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}  target p99 ≤10 ms [{}]",
+        r.rps, r.p50_ms, r.p99_ms, r.failed, verdict(r.failed == 0 && r.p99_ms <= 10.0)
+    ));
+
+    // 4. At rest: a pass's mean time over a minute, and sandboxd's CPU.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let metrics_url = format!("{base}/metrics");
+    let read = |client: &reqwest::Client| {
+        let (client, url) = (client.clone(), metrics_url.clone());
+        async move {
+            match client.get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        }
+    };
+    let pid = server.child.id();
+    let m0 = read(&client).await;
+    let c0 = cpu_seconds(pid);
+    let window = Duration::from_secs(60);
+    tokio::time::sleep(window).await;
+    let m1 = read(&client).await;
+    let c1 = cpu_seconds(pid);
+    let sum = "sandboxd_reconcile_pass_duration_seconds_sum";
+    let count = "sandboxd_reconcile_pass_duration_seconds_count";
+    let passes = metric(&m1, count) - metric(&m0, count);
+    let pass_ms = if passes > 0.0 {
+        (metric(&m1, sum) - metric(&m0, sum)) / passes * 1000.0
+    } else {
+        f64::NAN
+    };
+    out.line(format!(
+        "15 at rest with {n} for 60 s: {passes:.0} passes, mean {pass_ms:.1} ms each; sandboxd {:.2}% of a core, RSS {:.1} MiB (measured, no target)",
+        (c1 - c0) / window.as_secs_f64() * 100.0,
+        rss_mib(pid)
+    ));
+
+    // 5. SIGKILL and restart.
+    let started_at = |docker: Docker, ids: Vec<String>| async move {
+        let mut m = HashMap::new();
+        for id in ids {
+            let st = docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+                .ok()
+                .and_then(|i| i.state?.started_at);
+            m.insert(id, st);
+        }
+        m
+    };
+    let before = started_at(docker.clone(), ids.clone()).await;
+    server.kill9();
+    let t0 = Instant::now();
+    server = ServerProcess::spawn(&fx.config, fx.port, &[]);
+    let serving = wait_http(
+        &client,
+        &format!("{base}/api/v1/health"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let ready = wait_http(
+        &client,
+        &format!("{base}/api/v1/ready"),
+        Duration::from_secs(120),
+    )
+    .await;
+    let ready_after = t0.elapsed();
+    let after_ids: Vec<String> = containers_of(docker, &instance)
+        .await
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect();
+    let after = started_at(docker.clone(), after_ids.clone()).await;
+    let restarted = after
+        .iter()
+        .filter(|(id, st)| before.get(*id) != Some(st))
+        .count();
+    out.line(format!(
+        "16 SIGKILL and restart with {n}: serving after {:.0} ms, ready after {:.0} ms, {} containers, {restarted} restarted  target ready ≤2 s, 0 restarted [{}]",
+        serving.map_or(f64::NAN, ms),
+        ms(ready_after),
+        after_ids.len(),
+        verdict(ready.is_some() && ready_after <= Duration::from_secs(2) && restarted == 0)
+    ));
+
+    // 6. Delete them all.
+    let t = Instant::now();
+    futures::stream::iter(chats.iter())
+        .for_each_concurrent(CONCURRENCY, |chat| {
+            let client = client.clone();
+            let url = format!("{base}/api/v1/sandboxes/{chat}");
+            async move {
+                let _ = client.delete(url).send().await;
+            }
+        })
+        .await;
+    let left = containers_of(docker, &instance).await.len();
+    out.line(format!(
+        "17 delete all {n}: {:.1} s ({:.1}/s), {left} containers left (measured, no target)",
+        t.elapsed().as_secs_f64(),
+        n as f64 / t.elapsed().as_secs_f64()
+    ));
+    drop(server);
+}
