@@ -618,6 +618,33 @@ async fn idle_sandboxes_pause_then_hibernate_on_their_own_and_a_touch_wakes_them
     h.stop().await;
 }
 
+/// A resume slower than `idle_pause_seconds` (here 1.5 s against 1 s) must not leave the
+/// sandbox idle the moment it runs: the idle clock starts when it runs again, so the call
+/// that asked for it gets to it before any pause.
+#[tokio::test]
+async fn a_resume_slower_than_the_idle_pause_starts_the_idle_clock_when_it_runs() {
+    use crate::domain::hibernation::SandboxState;
+    let h = Harness::start(|s| {
+        s.sandbox.idle_pause_seconds = 1;
+        s.sandbox.idle_hibernate_seconds = 3600;
+    })
+    .await;
+    let chat = h.want(300).await;
+    h.running(chat).await;
+    h.declare(chat, SandboxState::Hibernated).await;
+    h.in_phase(chat, Phase::Hibernated).await;
+    h.fake.slow_starts(Duration::from_millis(1500));
+    let asked = Utc::now();
+    h.declare(chat, SandboxState::Running).await;
+    let back = h.running(chat).await;
+    assert!(
+        back.last_active_at >= asked + chrono::Duration::milliseconds(1400),
+        "the clock restarted at {} for a resume asked at {asked}",
+        back.last_active_at
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_resume_that_fails_falls_back_to_a_cold_start_of_the_same_session() {
     use crate::domain::hibernation::SandboxState;

@@ -177,6 +177,11 @@ impl DataPlane {
     /// The chat's running container, and a slot for one call on it. A paused or
     /// hibernated sandbox is resumed first (`resume.rs`); the call restarts its idle clock.
     async fn target(&self, chat_id: ChatId, call: &str) -> Result<(Target, Slot)> {
+        // The slot first: a call in flight keeps the idle policy off the sandbox from the
+        // resume on, so it cannot be paused again between running and the call.
+        let slot = self.ctx.calls.try_take(chat_id).map_err(|b| {
+            DataPlaneError::Busy(b.detail("max_concurrent", "max_concurrent_per_sandbox"))
+        })?;
         let row = crate::resume::awake(&self.ctx, chat_id, call)
             .await
             .map_err(|e| match e {
@@ -201,9 +206,6 @@ impl DataPlane {
             .locate(&container_id)
             .await
             .map_err(|e| DataPlaneError::engine(e, None))?;
-        let slot = self.ctx.calls.try_take(chat_id).map_err(|b| {
-            DataPlaneError::Busy(b.detail("max_concurrent", "max_concurrent_per_sandbox"))
-        })?;
         Ok((
             Target {
                 chat_id,

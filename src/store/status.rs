@@ -44,7 +44,7 @@ impl Store {
             "UPDATE sandboxes SET phase = ?7, container_id = ?3, endpoint_ip = ?4, \
              endpoint_port = ?5, observed_generation = generation, attempts = 0, \
              last_error = NULL, next_attempt_at = NULL, running_since = ?6, updated_at = ?6, \
-             host_port = ?8 \
+             host_port = ?8, last_active_at = CASE WHEN ?9 THEN ?6 ELSE last_active_at END \
              WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
         )
         .bind(chat_id.to_string())
@@ -55,6 +55,10 @@ impl Store {
         .bind(&at)
         .bind(Phase::Running.as_str())
         .bind(host_port.map(i64::from))
+        // A resume is activity: the idle clock starts when the sandbox runs again, not when
+        // the resume was asked for (a resume slower than `idle_pause_seconds` must not be
+        // paused again before its caller gets to it).
+        .bind(action == EventAction::Resume)
         .execute(&mut *tx)
         .await?
         .rows_affected()
