@@ -603,6 +603,22 @@ async fn scenario_kill(docker: &Docker, out: &mut Report) {
 // ---- 5. restart and rest with 300 ----------------------------------------------------------
 
 /// utime + stime of a process, in seconds.
+/// Each container of the instance, and when the engine last started it: a restart of
+/// sandboxd must leave every one as it was.
+async fn started_times(docker: &Docker, instance: &str) -> HashMap<String, Option<String>> {
+    let mut m = HashMap::new();
+    for c in containers_of(docker, instance).await {
+        let id = c.id.unwrap_or_default();
+        let st = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.state?.started_at);
+        m.insert(id, st);
+    }
+    m
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
@@ -667,19 +683,7 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
     ));
 
     if restart {
-        let before: HashMap<String, Option<String>> = {
-            let mut m = HashMap::new();
-            for c in containers_of(docker, instance).await {
-                let id = c.id.unwrap_or_default();
-                let st = docker
-                    .inspect_container(&id, None::<InspectContainerOptions>)
-                    .await
-                    .ok()
-                    .and_then(|i| i.state?.started_at);
-                m.insert(id, st);
-            }
-            m
-        };
+        let before = started_times(docker, instance).await;
         server.kill9();
         let t0 = Instant::now();
         server = ServerProcess::spawn(&fx.config, fx.port, &[]);
@@ -696,19 +700,11 @@ async fn scenario_restart_and_rest(docker: &Docker, out: &mut Report, restart: b
         )
         .await;
         let adopted = t0.elapsed();
-        let mut restarted = 0;
-        let after = containers_of(docker, instance).await;
-        for c in &after {
-            let id = c.id.clone().unwrap_or_default();
-            let st = docker
-                .inspect_container(&id, None::<InspectContainerOptions>)
-                .await
-                .ok()
-                .and_then(|i| i.state?.started_at);
-            if before.get(&id) != Some(&st) {
-                restarted += 1;
-            }
-        }
+        let after = started_times(docker, instance).await;
+        let restarted = after
+            .iter()
+            .filter(|(id, st)| before.get(*id) != Some(st))
+            .count();
         let ok = ready.is_some()
             && adopted <= Duration::from_secs(2)
             && restarted == 0

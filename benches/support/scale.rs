@@ -5,15 +5,14 @@
 //! a SIGKILL and restart (serving, ready, restarted), and the time to delete them all.
 //! Bounded by count; everything started is removed (the fixture's guard) at the end.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::InspectContainerOptions;
 use bollard::Docker;
 use futures::StreamExt;
 
 use super::{
-    binary, cpu_seconds, create, ms, rss_mib, run_wrk, verdict, wait_http, wrk_script, Report,
+    binary, cpu_seconds, create, ms, rss_mib, run_wrk, started_times, verdict, wait_http,
+    wrk_script, Report,
 };
 use crate::support::{containers_of, new_chat, ServerProcess};
 
@@ -173,19 +172,7 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     ));
 
     // 5. SIGKILL and restart.
-    let started_at = |docker: Docker, ids: Vec<String>| async move {
-        let mut m = HashMap::new();
-        for id in ids {
-            let st = docker
-                .inspect_container(&id, None::<InspectContainerOptions>)
-                .await
-                .ok()
-                .and_then(|i| i.state?.started_at);
-            m.insert(id, st);
-        }
-        m
-    };
-    let before = started_at(docker.clone(), ids.clone()).await;
+    let before = started_times(docker, &instance).await;
     server.kill9();
     let t0 = Instant::now();
     server = ServerProcess::spawn(&fx.config, fx.port, &[]);
@@ -202,12 +189,7 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     )
     .await;
     let ready_after = t0.elapsed();
-    let after_ids: Vec<String> = containers_of(docker, &instance)
-        .await
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect();
-    let after = started_at(docker.clone(), after_ids.clone()).await;
+    let after = started_times(docker, &instance).await;
     let restarted = after
         .iter()
         .filter(|(id, st)| before.get(*id) != Some(st))
@@ -216,7 +198,7 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
         "16 SIGKILL and restart with {n}: serving after {:.0} ms, ready after {:.0} ms, {} containers, {restarted} restarted  target ready ≤2 s, 0 restarted [{}]",
         serving.map_or(f64::NAN, ms),
         ms(ready_after),
-        after_ids.len(),
+        after.len(),
         verdict(ready.is_some() && ready_after <= Duration::from_secs(2) && restarted == 0)
     ));
 

@@ -4,7 +4,7 @@
 //! [`crate::backend::io`] seam. The desired-state API never comes here.
 //!
 //! `paths.rs` (path rules), `limits.rs` (concurrency), `output.rs` (capture and encoding),
-//! `ring.rs` (a process's output by offset) are pure; `filewatch.rs` watches a mount with
+//! `ring.rs` (a process's output by offset) are pure; `tap.rs` holds a pump's pid and ring; `filewatch.rs` watches a mount with
 //! inotify on the host; `exec.rs`, `files.rs` and
 //! `processes.rs` (background processes) and `terminals.rs` (TTYs) run calls; `watch.rs` is the change stream.
 
@@ -16,6 +16,7 @@ pub mod output;
 pub mod paths;
 pub mod processes;
 pub mod ring;
+pub mod tap;
 pub mod terminals;
 pub mod watch;
 
@@ -117,6 +118,8 @@ impl DataPlaneError {
 pub struct Target {
     pub chat_id: ChatId,
     pub session_id: SessionId,
+    /// The container as the store names it (a service id in swarm mode).
+    pub stored_container_id: String,
     /// The container on the engine that runs it (a swarm node's, in swarm mode).
     pub container_id: String,
     /// That engine.
@@ -201,7 +204,7 @@ impl DataPlane {
         };
         let spec = ContainerSpec::from_json(&row.spec_json)
             .map_err(|e| DataPlaneError::Spec(e.to_string()))?;
-        let (io, container_id) = self
+        let (io, engine_id) = self
             .engines
             .locate(&container_id)
             .await
@@ -210,7 +213,8 @@ impl DataPlane {
             Target {
                 chat_id,
                 session_id: row.session_id,
-                container_id,
+                stored_container_id: container_id,
+                container_id: engine_id,
                 io,
                 env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
                 mounts: Mounts::of(&spec),

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,8 @@ use tokio::sync::watch;
 use super::exec::{exit_code_of, session_env};
 use super::limits::{Slot, Slots};
 use super::output::Utf8Chunker;
-use super::ring::{OutputRing, PidLine, Read, Stream as OutStream, PID_WRAPPER};
+use super::ring::{Read, Stream as OutStream, PID_WRAPPER};
+use super::tap::Tap;
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::backend::io::{ExecChunk, ExecSpec, SandboxIo, EXEC_MARKER_VAR};
 use crate::backend::ErrorKind;
@@ -102,9 +103,8 @@ pub struct Progress {
 pub struct Handle {
     record: ProcessRecord,
     io: Arc<dyn SandboxIo>,
-    pid: OnceLock<Option<u32>>,
-    pid_seen: tokio::sync::Notify,
-    output: Mutex<OutputRing>,
+    /// The pid and the output.
+    tap: Tap,
     progress: watch::Sender<Progress>,
     stdin: tokio::sync::Mutex<Option<Pin<Box<dyn AsyncWrite + Send>>>>,
     stdin_bytes: AtomicU64,
@@ -121,19 +121,13 @@ impl Handle {
 
     /// The output from `since` on.
     pub fn read_from(&self, since: u64) -> Read {
-        self.output
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read_from(since)
+        self.tap.read_from(since)
     }
 
     fn info(&self) -> ProcessInfo {
-        let (end, dropped) = {
-            let ring = self.output.lock().unwrap_or_else(|p| p.into_inner());
-            (ring.end(), ring.dropped())
-        };
+        let (end, dropped) = self.tap.extent();
         let mut record = self.record.clone();
-        record.pid = self.pid.get().copied().flatten();
+        record.pid = self.tap.pid();
         if let Some(e) = self.progress.borrow().ended {
             record.state = e.state;
             record.exit_code = e.exit_code;
@@ -149,15 +143,9 @@ impl Handle {
     }
 
     fn push(&self, stream: OutStream, data: Vec<u8>) {
-        if data.is_empty() {
-            return;
+        if let Some(end) = self.tap.push(stream, Bytes::from(data)) {
+            self.progress.send_modify(|p| p.end = end);
         }
-        let end = {
-            let mut ring = self.output.lock().unwrap_or_else(|p| p.into_inner());
-            ring.push(stream, Bytes::from(data));
-            ring.end()
-        };
-        self.progress.send_modify(|p| p.end = end);
     }
 }
 
@@ -239,8 +227,6 @@ impl DataPlane {
             stdin: true,
             tty: false,
         };
-        // Read before the start: nothing may fail between the start and the record.
-        let stored_container = self.stored_container(chat_id).await?.unwrap_or_default();
         let mut exec = target
             .io
             .start_exec(&target.container_id, spec)
@@ -251,7 +237,7 @@ impl DataPlane {
             process_id: id.to_string(),
             chat_id,
             session_id: target.session_id,
-            container_id: stored_container,
+            container_id: target.stored_container_id.clone(),
             exec_id: exec.id.clone(),
             marker,
             command: cut(
@@ -269,11 +255,7 @@ impl DataPlane {
         let handle = Arc::new(Handle {
             record: record.clone(),
             io: target.io.clone(),
-            pid: OnceLock::new(),
-            pid_seen: tokio::sync::Notify::new(),
-            output: Mutex::new(OutputRing::new(
-                self.ctx.settings.data_plane.process_output_bytes,
-            )),
+            tap: Tap::new(self.ctx.settings.data_plane.process_output_bytes),
             progress: watch::channel(Progress {
                 end: 0,
                 ended: None,
@@ -311,10 +293,10 @@ impl DataPlane {
             }
         }
         // The pid line comes first (or the stream ends without one).
-        let seen = handle.pid_seen.notified();
-        if handle.pid.get().is_none() && handle.progress.borrow().ended.is_none() {
-            let _ = tokio::time::timeout(PID_WITHIN, seen).await;
-        }
+        handle
+            .tap
+            .wait_pid(PID_WITHIN, || handle.progress.borrow().ended.is_some())
+            .await;
         let info = handle.info();
         let detail = json!({
             "process_id": record.process_id,
@@ -502,25 +484,20 @@ impl DataPlane {
         caller: Caller,
         mut output: Pin<Box<dyn Stream<Item = crate::backend::Result<ExecChunk>> + Send>>,
     ) {
-        let mut pid_line = PidLine::default();
         let (mut out, mut err) = (Utf8Chunker::default(), Utf8Chunker::default());
         let mut broken = None;
         while let Some(item) = output.next().await {
             match item {
                 Ok(ExecChunk::Stdout(b)) => {
-                    let (pid, rest) = pid_line.feed(b);
+                    let (pid, rest) = h.tap.feed_pid_line(b);
                     if let Some(pid) = pid {
-                        let _ = h.pid.set(pid);
-                        h.pid_seen.notify_waiters();
-                        if let Some(pid) = pid {
-                            if let Err(e) = self
-                                .ctx
-                                .store
-                                .process_set_pid(&h.record.process_id, pid)
-                                .await
-                            {
-                                tracing::warn!(error = %e, "cannot record a process's pid");
-                            }
+                        if let Err(e) = self
+                            .ctx
+                            .store
+                            .process_set_pid(&h.record.process_id, pid)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot record a process's pid");
                         }
                     }
                     h.push(OutStream::Stdout, out.push(&rest));
@@ -534,8 +511,7 @@ impl DataPlane {
         }
         h.push(OutStream::Stdout, out.finish());
         h.push(OutStream::Stderr, err.finish());
-        let _ = h.pid.set(None);
-        h.pid_seen.notify_waiters();
+        h.tap.finish();
         let (state, exit_code) = match broken {
             Some(e) => {
                 tracing::warn!(error = %e, process_id = %h.record.process_id, "a process's output stream broke");
@@ -717,16 +693,6 @@ impl DataPlane {
             }
         }
         record
-    }
-
-    /// The container id the store has for the chat (a service id in swarm mode).
-    async fn stored_container(&self, chat_id: ChatId) -> Result<Option<String>> {
-        Ok(self
-            .ctx
-            .store
-            .get(chat_id)
-            .await?
-            .and_then(|r| r.container_id))
     }
 
     /// Forgets records (and ended handles) of other sessions and beyond the kept number.

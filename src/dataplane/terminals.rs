@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +19,8 @@ use tokio::sync::watch;
 
 use super::exec::{exit_code_of, session_env};
 use super::limits::{Slot, Slots};
-use super::ring::{OutputRing, PidLine, Read, Stream as OutStream, PID_WRAPPER};
+use super::ring::{Read, Stream as OutStream, PID_WRAPPER};
+use super::tap::Tap;
 use super::{Caller, DataPlane, DataPlaneError, Result, Target};
 use crate::backend::io::{ExecChunk, ExecSpec, EXEC_MARKER_VAR};
 use crate::domain::ChatId;
@@ -106,10 +107,9 @@ pub struct Terminal {
     target: Target,
     marker: String,
     exec_id: String,
-    pub pid: OnceLock<Option<u32>>,
-    pid_seen: tokio::sync::Notify,
+    /// The pid and the output (the live buffer; the replay is its tail).
+    tap: Tap,
     input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
-    output: Mutex<OutputRing>,
     progress: watch::Sender<TermProgress>,
     replay_bytes: u64,
     bytes_in: AtomicU64,
@@ -138,10 +138,12 @@ impl Terminal {
     }
 
     pub fn read_from(&self, offset: u64) -> Read {
-        self.output
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read_from(offset)
+        self.tap.read_from(offset)
+    }
+
+    /// The pid in the sandbox of the terminal's command, once known.
+    pub fn pid(&self) -> Option<u32> {
+        self.tap.pid()
     }
 
     pub fn size(&self) -> Size {
@@ -169,15 +171,9 @@ impl Terminal {
     }
 
     fn push(&self, data: Bytes) {
-        if data.is_empty() {
-            return;
+        if let Some(end) = self.tap.push(OutStream::Stdout, data) {
+            self.progress.send_modify(|p| p.end = end);
         }
-        let end = {
-            let mut ring = self.output.lock().unwrap_or_else(|p| p.into_inner());
-            ring.push(OutStream::Stdout, data);
-            ring.end()
-        };
-        self.progress.send_modify(|p| p.end = end);
     }
 }
 
@@ -261,12 +257,8 @@ impl DataPlane {
             target: target.clone(),
             marker,
             exec_id: exec.id.clone(),
-            pid: OnceLock::new(),
-            pid_seen: tokio::sync::Notify::new(),
+            tap: Tap::new(LIVE_BUFFER_BYTES.max(settings.terminal_replay_bytes)),
             input: tokio::sync::Mutex::new(input),
-            output: Mutex::new(OutputRing::new(
-                LIVE_BUFFER_BYTES.max(settings.terminal_replay_bytes),
-            )),
             progress: watch::channel(TermProgress {
                 end: 0,
                 attach: 1,
@@ -297,18 +289,16 @@ impl DataPlane {
         if let Err(e) = terminal.resize(size).await {
             tracing::warn!(error = %e, "cannot size a new terminal");
         }
-        {
-            let seen = terminal.pid_seen.notified();
-            if terminal.pid.get().is_none() && terminal.progress.borrow().closed.is_none() {
-                let _ = tokio::time::timeout(KILL_WITHIN, seen).await;
-            }
-        }
+        terminal
+            .tap
+            .wait_pid(KILL_WITHIN, || terminal.progress.borrow().closed.is_some())
+            .await;
         let detail = json!({
             "terminal_id": terminal.id,
             "command": serde_json::to_string(&argv).unwrap_or_default(),
             "cols": size.cols,
             "rows": size.rows,
-            "pid": terminal.pid.get().copied().flatten(),
+            "pid": terminal.pid(),
         });
         self.audit(
             &target,
@@ -427,16 +417,11 @@ impl DataPlane {
         caller: Caller,
         mut output: Pin<Box<dyn Stream<Item = crate::backend::Result<ExecChunk>> + Send>>,
     ) {
-        let mut pid_line = PidLine::default();
         let mut broken = false;
         while let Some(item) = output.next().await {
             match item {
                 Ok(ExecChunk::Stdout(b)) | Ok(ExecChunk::Stderr(b)) => {
-                    let (pid, rest) = pid_line.feed(b);
-                    if let Some(pid) = pid {
-                        let _ = t.pid.set(pid);
-                        t.pid_seen.notify_waiters();
-                    }
+                    let (_, rest) = t.tap.feed_pid_line(b);
                     t.push(rest);
                 }
                 Err(_) => {
@@ -445,8 +430,7 @@ impl DataPlane {
                 }
             }
         }
-        let _ = t.pid.set(None);
-        t.pid_seen.notify_waiters();
+        t.tap.finish();
         let ending = match t.killing.load(Ordering::SeqCst) {
             KILL_CLOSED => Closed::Killed {
                 grace_expired: false,

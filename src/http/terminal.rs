@@ -232,7 +232,7 @@ async fn serve(state: AppState, socket: WebSocket, attached: Attached) {
     let ready = json!({
         "type": "ready",
         "terminal_id": t.id,
-        "pid": t.pid.get().copied().flatten(),
+        "pid": t.pid(),
         "cols": size.cols,
         "rows": size.rows,
     });
