@@ -36,6 +36,7 @@ pub fn converged(n: usize) -> (Vec<Desired>, Vec<Observed>) {
             ip: Some("10.0.0.1".into()),
             legacy: false,
             pool_slot: None,
+            network: None,
         });
     }
     (d, o)

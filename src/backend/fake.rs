@@ -48,6 +48,8 @@ pub struct FakeContainer {
     pub starts: u32,
     /// A warm pool member's slot.
     pub pool_slot: Option<String>,
+    /// The network it was created on.
+    pub network: Option<String>,
     /// A member's claim directory on the host (its FIFO `go` is waited on once started).
     pub claim_dir: Option<String>,
 }
@@ -85,6 +87,9 @@ struct World {
     waiting: HashMap<String, std::fs::File>,
     /// Members whose wrapper was told to go.
     signalled: HashSet<String>,
+    /// Networks made through [`ShardedNetworks`] or [`FakeBackend::add_network`]: name →
+    /// (the addresses of its subnet, the base it is a shard of).
+    networks: BTreeMap<String, (Option<u32>, Option<String>)>,
 }
 
 /// The fake engine; clones share one world.
@@ -131,6 +136,27 @@ impl FakeBackend {
             container_id: id.into(),
             exit_code,
         });
+    }
+
+    /// A network as an operator made it, holding `room` addresses (`None`: unbounded).
+    pub fn add_network(&self, name: &str, room: Option<u32>) {
+        self.world().networks.insert(name.to_string(), (room, None));
+    }
+
+    /// The networks there are (made by the test or by sandboxd), by name.
+    pub fn network_names(&self) -> Vec<String> {
+        self.world().networks.keys().cloned().collect()
+    }
+
+    /// Containers per network (containers without one left out).
+    pub fn containers_per_network(&self) -> BTreeMap<String, usize> {
+        let mut per = BTreeMap::new();
+        for c in self.world().containers.values() {
+            if let Some(n) = &c.network {
+                *per.entry(n.clone()).or_default() += 1;
+            }
+        }
+        per
     }
 
     // Faults.
@@ -279,6 +305,7 @@ impl Backend for FakeBackend {
                 ip: c.ip.clone(),
                 legacy: false,
                 pool_slot: c.pool_slot.clone(),
+                network: c.network.clone(),
             })
             .collect())
     }
@@ -324,6 +351,7 @@ impl Backend for FakeBackend {
                 session_id: Some(req.session_id),
                 spec_hash: Some(req.spec_hash.to_string()),
                 image: req.spec.image.clone(),
+                network: Some(req.spec.network.clone()),
                 ..FakeContainer::default()
             },
         );
@@ -378,6 +406,7 @@ impl Backend for FakeBackend {
         c.running = true;
         c.exit = None;
         c.starts += 1;
+        let network = c.network.clone();
         if let Some(dir) = c.claim_dir.clone() {
             let fifo = wait_on(&dir)?;
             w.waiting.insert(id.to_string(), fifo);
@@ -385,6 +414,7 @@ impl Backend for FakeBackend {
         Ok(Started {
             ip,
             host_port: None,
+            network,
         })
     }
 
@@ -414,6 +444,10 @@ impl Backend for FakeBackend {
     }
 
     fn hibernation(&self) -> Option<&dyn super::Hibernation> {
+        Some(self)
+    }
+
+    fn networks(&self) -> Option<&dyn super::ShardedNetworks> {
         Some(self)
     }
 
@@ -528,12 +562,50 @@ impl WarmStarts for FakeBackend {
                 name: req.name.to_string(),
                 ours: true,
                 image: req.spec.image.clone(),
+                network: Some(req.spec.network.clone()),
                 pool_slot: req.labels.get(labels::POOL_SLOT).cloned(),
                 claim_dir: Some(req.claim_dir.0.clone()),
                 ..FakeContainer::default()
             },
         );
         Ok(id)
+    }
+}
+
+#[async_trait::async_trait]
+impl super::ShardedNetworks for FakeBackend {
+    async fn ensure_shard(&self, base: &str, name: &str) -> Result<()> {
+        let mut w = self.enter("ensure_shard")?;
+        let room = w.networks.get(base).and_then(|(room, _)| *room);
+        w.networks
+            .entry(name.to_string())
+            .or_insert((room, Some(base.to_string())));
+        Ok(())
+    }
+
+    async fn address_room(&self, network: &str) -> Result<Option<Option<u32>>> {
+        let w = self.enter("inspect_network")?;
+        Ok(w.networks.get(network).map(|(room, _)| *room))
+    }
+
+    async fn shards(&self) -> Result<Vec<(String, String)>> {
+        let w = self.enter("list_networks")?;
+        Ok(w.networks
+            .iter()
+            .filter_map(|(name, (_, base))| Some((name.clone(), base.clone()?)))
+            .collect())
+    }
+
+    async fn remove_if_unused(&self, name: &str) -> Result<bool> {
+        let mut w = self.enter("remove_network")?;
+        let used = w
+            .containers
+            .values()
+            .any(|c| c.network.as_deref() == Some(name));
+        if !used {
+            w.networks.remove(name);
+        }
+        Ok(!used)
     }
 }
 

@@ -15,6 +15,8 @@ pub const SPEC_HASH: &str = "sandboxd.spec_hash";
 pub const AGENT_ID: &str = "sandboxd.agent_id";
 /// A warm-pool member's slot (`pool/`): it belongs to no chat until claimed.
 pub const POOL_SLOT: &str = "sandboxd.pool_slot";
+/// On a network sandboxd added beside a full one: the network it is a shard of.
+pub const SHARD_OF: &str = "sandboxd.shard_of";
 /// A warm-pool member's class (the hash of what it was started with).
 pub const POOL_CLASS: &str = "sandboxd.pool_class";
 

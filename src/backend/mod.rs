@@ -74,6 +74,8 @@ pub struct NameHolder {
 pub struct Started {
     pub ip: String,
     pub host_port: Option<u16>,
+    /// The network the address is on (`None` where the engine places: swarm).
+    pub network: Option<String>,
 }
 
 /// A container event of this instance.
@@ -180,6 +182,32 @@ pub trait Backend: Send + Sync {
     fn hibernation(&self) -> Option<&dyn Hibernation> {
         None
     }
+
+    /// Further sandbox networks when one is full (`controller/networks.rs`); engines that
+    /// place containers themselves (swarm's overlays) offer none.
+    fn networks(&self) -> Option<&dyn ShardedNetworks> {
+        None
+    }
+}
+
+/// The networks sandboxd adds beside a full one: made with its settings, labelled
+/// `sandboxd.shard_of` and `sandboxd.instance`, and removed when unused.
+#[async_trait::async_trait]
+pub trait ShardedNetworks: Send + Sync {
+    /// Makes `name` with `base`'s settings (driver, options, internal, IPv6; a subnet of its
+    /// own), labelled as this instance's shard of `base`, unless it exists.
+    async fn ensure_shard(&self, base: &str, name: &str) -> Result<()>;
+
+    /// The addresses `network`'s IPv4 subnets give containers: `None` when there is no such
+    /// network, `Some(None)` when its subnets do not bound it.
+    async fn address_room(&self, network: &str) -> Result<Option<Option<u32>>>;
+
+    /// This instance's shard networks, as (name, base).
+    async fn shards(&self) -> Result<Vec<(String, String)>>;
+
+    /// Removes the shard unless a container (of any instance, in any state) is on it;
+    /// whether it was removed.
+    async fn remove_if_unused(&self, name: &str) -> Result<bool>;
 }
 
 /// Freezing and stopping a sandbox's container in place, keeping it (id, name, writable

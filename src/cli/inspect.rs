@@ -152,6 +152,7 @@ pub fn render_show(row: &SandboxRow, events: &[StoredEvent]) -> String {
         ("volume_host_path", row.volume_host_path.clone()),
         ("container_id", opt(row.container_id.clone())),
         ("endpoint", endpoint(row)),
+        ("network", opt(row.network.clone())),
         ("created_at", format_time(row.created_at)),
         ("updated_at", format_time(row.updated_at)),
         ("expires_at", format_time(row.expires_at)),

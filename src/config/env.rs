@@ -42,6 +42,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("APP_DOCKER_BUILD_CONTEXT", "docker.build_context"),
     ("APP_SANDBOX_IMAGE", "sandbox.image"),
     ("APP_SANDBOX_NETWORK_NAME", "sandbox.network_name"),
+    ("APP_SANDBOX_NETWORK_CAPACITY", "sandbox.network_capacity"),
+    ("APP_SANDBOX_NETWORK_SHARDING", "sandbox.network_sharding"),
     (
         "APP_SANDBOX_AGENT_SERVICE_PORT",
         "sandbox.agent_service_port",

@@ -308,6 +308,15 @@ impl Default for DockerSettings {
 pub struct SandboxSettings {
     pub image: String,
     pub network_name: String,
+    /// How many of this instance's containers one sandbox network holds. A Linux bridge has
+    /// 1,024 ports, so a network refuses its 1,024th container; past this count new ones go
+    /// on a further network of the same settings (`<network>-1`, `<network>-2`, …), or, with
+    /// `network_sharding` off, fail naming the limit. A network's own subnet may bound it
+    /// lower (Podman's default /24 holds 253): the smaller one counts (`docs/scale-out.md`).
+    pub network_capacity: u32,
+    /// Off: every sandbox of a profile on its one network, and a start past
+    /// `network_capacity` fails with an error naming it.
+    pub network_sharding: bool,
     pub agent_service_port: u16,
     pub ttl_seconds: u64,
     /// Resync period of the controller (the old service's cleanup loop period).
@@ -456,6 +465,8 @@ impl Default for SandboxSettings {
         Self {
             image: "sandboxd/agent-busybox:latest".into(),
             network_name: "sandbox".into(),
+            network_capacity: 1000,
+            network_sharding: true,
             agent_service_port: 8000,
             ttl_seconds: 300,
             cleanup_interval_seconds: 60,

@@ -252,6 +252,11 @@ fn ttl_and_network_are_bounded_at_start_naming_the_key() {
         ),
         ("sandbox: {network_name: host}", "sandbox.network_name"),
         ("sandbox: {network_name: none}", "sandbox.network_name"),
+        ("sandbox: {network_capacity: 0}", "sandbox.network_capacity"),
+        (
+            "sandbox: {network_capacity: 1024}",
+            "sandbox.network_capacity",
+        ),
         (
             "sandbox: {network_name: 'container:abc'}",
             "sandbox.network_name",

@@ -7,6 +7,9 @@ use super::{invalid, ConfigError, Settings};
 /// The longest session a config may ask for: 365 days.
 pub const MAX_CONFIG_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
+/// A Linux bridge has 1,024 ports: its 1,024th container is refused.
+const MAX_NETWORK_CAPACITY: u64 = 1023;
+
 impl Settings {
     fn validate_profiles(&self) -> Result<(), ConfigError> {
         let s = &self.sandbox;
@@ -285,6 +288,12 @@ impl Settings {
                 "must be a Docker network sandboxes can join with their own address (not `host`, `none` or `container:…`)",
             ));
         }
+        within(
+            "sandbox.network_capacity",
+            u64::from(s.network_capacity),
+            1,
+            MAX_NETWORK_CAPACITY,
+        )?;
         if s.agent_service_port == 0 {
             return Err(invalid("sandbox.agent_service_port", "must be 1..=65535"));
         }

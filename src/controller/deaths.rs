@@ -119,6 +119,7 @@ mod tests {
             ip: None,
             legacy: false,
             pool_slot: None,
+            network: None,
         }
     }
 

@@ -70,6 +70,8 @@ impl Kept {
 
 pub struct EgressKeeper {
     instance: String,
+    /// A shard of a network carries that network's rules (`networks.rs`).
+    networks: Arc<super::networks::Networks>,
     /// The store (the rows' specs), metrics, and status (where the last failure is shown).
     ctx: Arc<Context>,
     resync: Duration,
@@ -80,9 +82,15 @@ pub struct EgressKeeper {
 }
 
 impl EgressKeeper {
-    pub fn new(ctx: Arc<Context>, resync: Duration, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        networks: Arc<super::networks::Networks>,
+        resync: Duration,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             instance: ctx.settings.controller.instance.clone(),
+            networks,
             ctx,
             resync,
             kept: Mutex::default(),
@@ -353,7 +361,13 @@ impl EgressKeeper {
             .map_err(|e| FirewallError(format!("reading the sandboxes: {e}")))?;
         let needs = |s: &ContainerSpec| s.egress_rules().map(|p| (s.network.clone(), p.clone()));
         let mut seen = HashMap::with_capacity(rows.len());
-        let mut out = Vec::new();
+        // Distinct (network, policy) pairs: a handful, however many rows share them.
+        let mut out: Vec<(String, rules::EgressPolicy)> = Vec::new();
+        fn add(out: &mut Vec<(String, rules::EgressPolicy)>, pair: (String, rules::EgressPolicy)) {
+            if !out.contains(&pair) {
+                out.push(pair);
+            }
+        }
         for r in rows.iter().filter(|r| r.phase != Phase::Expired) {
             let entry = match specs.remove(&r.spec_hash) {
                 Some(e) => e,
@@ -361,11 +375,28 @@ impl EgressKeeper {
                     .ok()
                     .and_then(|s| needs(&s)),
             };
-            out.extend(entry.clone());
+            if let Some(pair) = entry.clone() {
+                add(&mut out, pair);
+            }
             seen.insert(r.spec_hash.clone(), entry);
         }
         *specs = seen;
-        out.extend(extra.and_then(needs));
+        if let Some(pair) = extra.and_then(needs) {
+            add(&mut out, pair);
+        }
+        // Each network's shards, with its policy (their sandboxes' specs name the base).
+        let shards: Vec<(String, rules::EgressPolicy)> = out
+            .iter()
+            .flat_map(|(network, policy)| {
+                self.networks
+                    .shards_of(network)
+                    .into_iter()
+                    .map(move |shard| (shard, policy.clone()))
+            })
+            .collect();
+        for pair in shards {
+            add(&mut out, pair);
+        }
         Ok(out)
     }
 }

@@ -36,6 +36,8 @@ pub enum ActionError {
     HostDir { path: String, reason: String },
     #[error(transparent)]
     Egress(#[from] crate::egress::iptables::FirewallError),
+    #[error(transparent)]
+    Place(#[from] super::networks::PlaceError),
 }
 
 impl From<super::egress::EgressError> for ActionError {
@@ -74,6 +76,8 @@ pub struct Executor {
     pub egress: Arc<super::egress::EgressKeeper>,
     /// Warm starts: a start claims a member when it can, else starts cold.
     pub pool: Arc<crate::pool::WarmPool>,
+    /// Which network a new container goes on (one fills up at 1,023).
+    pub networks: Arc<super::networks::Networks>,
 }
 
 /// A session's container that stopped on its own.
@@ -147,12 +151,15 @@ impl Executor {
                     Some(_) => self.runtime.published_port(&container_id, port).await?,
                     None => None,
                 };
+                // The engine's answer (the list this plan came from), else what was recorded.
+                let network = self.networks.network_of(&container_id).or(row.network);
                 let running = RunningContainer {
                     container_id: &container_id,
                     ip: &ip,
                     port,
                     host_port,
                     start: None,
+                    network: network.as_deref(),
                 };
                 // Record the healthy one first: a stale container that resists removal must
                 // not keep a working sandbox from being served.
@@ -339,6 +346,7 @@ impl Executor {
                         None => None,
                     };
                     Started {
+                        network: self.networks.network_of(&c.container_id),
                         container_id: c.container_id,
                         ip: c.ip,
                         host_port,
@@ -365,6 +373,7 @@ impl Executor {
                     &started.container_id,
                     Found::Running,
                     Some(started.ip.clone()),
+                    started.network.clone(),
                 ));
                 let action = if started.adopted {
                     EventAction::Adopt
@@ -383,6 +392,7 @@ impl Executor {
                             port,
                             host_port: started.host_port,
                             start: Some(started.how),
+                            network: started.network.as_deref(),
                         },
                         action,
                         Utc::now(),
@@ -508,7 +518,7 @@ impl Executor {
                 }
                 let ip = row.endpoint_ip.clone();
                 self.observed
-                    .started(observed(&row, &id, Found::Paused, ip));
+                    .started(observed(&row, &id, Found::Paused, ip, row.network.clone()));
                 self.settled(&row, Phase::Paused, Some(&id), reason, started)
                     .await?;
                 info!(%chat_id, %session_id, container_id = %id, reason, "sandbox paused");
@@ -541,8 +551,13 @@ impl Executor {
                             .await;
                         return Err(e.into());
                     }
-                    self.observed
-                        .started(observed(&row, id, Found::Stopped, None));
+                    self.observed.started(observed(
+                        &row,
+                        id,
+                        Found::Stopped,
+                        None,
+                        row.network.clone(),
+                    ));
                 }
                 self.settled(&row, Phase::Hibernated, id.as_deref(), reason, started)
                     .await?;
@@ -576,11 +591,11 @@ impl Executor {
                 .await
         }
         .await;
-        let (container_id, ip, host_port, how) = match resumed {
+        let (container_id, ip, host_port, network, how) = match resumed {
             Ok(s) => {
                 // Whatever `die` the stop left is over: this container runs again.
                 self.deaths.forget(id);
-                (id.to_string(), s.ip, s.host_port, "resume")
+                (id.to_string(), s.ip, s.host_port, s.network, "resume")
             }
             Err(e) => {
                 self.engine_unanswered(&e);
@@ -588,7 +603,13 @@ impl Executor {
                 self.ctx.metrics.resume_fallbacks_total.inc();
                 self.resume_event(row, id, &e.to_string()).await;
                 match self.cold_start(row, &spec, id).await {
-                    Ok(s) => (s.container_id, s.ip, s.host_port, "resume_fallback"),
+                    Ok(s) => (
+                        s.container_id,
+                        s.ip,
+                        s.host_port,
+                        s.network,
+                        "resume_fallback",
+                    ),
                     Err(err) => {
                         let message =
                             format!("resume failed ({e}), and so did a cold start: {err}");
@@ -613,6 +634,7 @@ impl Executor {
             &container_id,
             Found::Running,
             Some(ip.clone()),
+            network.clone(),
         ));
         self.egress.after_start(&self.runtime).await;
         self.ctx
@@ -626,6 +648,7 @@ impl Executor {
                     port: spec.agent_port,
                     host_port,
                     start: Some(how),
+                    network: network.as_deref(),
                 },
                 EventAction::Resume,
                 Utc::now(),
@@ -750,6 +773,8 @@ struct Started {
     container_id: String,
     ip: String,
     host_port: Option<u16>,
+    /// The network it is on.
+    network: Option<String>,
     /// An earlier attempt had created it (and crashed before recording it).
     adopted: bool,
     /// `warm` (a pool member claimed), or why the start went cold (`pool_empty`, …).
@@ -764,8 +789,27 @@ impl Executor {
     /// removed before the error is returned.
     async fn create_and_start(&self, req: &StartRequest<'_>) -> Result<Started, ActionError> {
         let rt = &self.runtime;
-        let (id, adopted) = match rt.create_container(req).await {
-            Ok(id) => (id, false),
+        // A network with room: the profile's, or a further one once that is full.
+        let placement = self.networks.place(rt, &req.spec.network).await?;
+        let placed_spec;
+        let req = if placement.network == req.spec.network {
+            req.clone()
+        } else {
+            let mut spec = req.spec.clone();
+            spec.network = placement.network.clone();
+            placed_spec = spec;
+            // Its rules before its first sandbox (a shard carries its base's policy).
+            self.egress.ensure_for_start(rt, &placed_spec).await?;
+            StartRequest {
+                spec: &placed_spec,
+                ..req.clone()
+            }
+        };
+        let (id, adopted) = match rt.create_container(&req).await {
+            Ok(id) => {
+                placement.created(&id);
+                (id, false)
+            }
             Err(taken) if taken.name_taken() => {
                 let name = rt.container_name(req.chat_id, req.session_id);
                 let holder = rt.name_holder(&name).await?;
@@ -791,6 +835,7 @@ impl Executor {
                 container_id: id,
                 ip: started.ip,
                 host_port: started.host_port,
+                network: started.network,
                 adopted,
                 how: "cold",
             }),
@@ -914,7 +959,13 @@ impl Executor {
 
 /// The session's container `id` as the loop's copy should now show it: running, frozen
 /// (`Found::Paused`) or stopped, at `ip`.
-fn observed(row: &SandboxRow, id: &str, found: Found, ip: Option<String>) -> Observed {
+fn observed(
+    row: &SandboxRow,
+    id: &str,
+    found: Found,
+    ip: Option<String>,
+    network: Option<String>,
+) -> Observed {
     Observed {
         container_id: id.to_string(),
         chat_id: Some(row.chat_id),
@@ -925,6 +976,7 @@ fn observed(row: &SandboxRow, id: &str, found: Found, ip: Option<String>) -> Obs
         ip,
         legacy: false,
         pool_slot: None,
+        network,
     }
 }
 

@@ -16,6 +16,7 @@ mod deaths;
 mod egress;
 mod executor;
 mod images;
+pub(crate) mod networks;
 mod observed;
 mod runner;
 mod scheduler;
@@ -113,14 +114,20 @@ impl Controller {
             self.supervisor_parts(&deaths, &engine_changed, &images),
             shutdown.clone(),
         );
+        let s = &self.ctx.settings.sandbox;
+        let networks = Arc::new(networks::Networks::new(
+            s.network_capacity,
+            s.network_sharding,
+        ));
         let egress = Arc::new(egress::EgressKeeper::new(
             self.ctx.clone(),
+            networks.clone(),
             resync,
             shutdown.clone(),
         ));
         let egress_task = tokio::spawn(egress.clone().run(engine.state.clone(), shutdown.clone()));
         let mut runner = Runner::new(self.ctx.settings.controller.max_concurrent_actions, policy);
-        let pool = Arc::new(crate::pool::WarmPool::new(self.ctx.clone()).await);
+        let pool = Arc::new(crate::pool::WarmPool::new(self.ctx.clone(), networks.clone()).await);
         let mode = match pool.mode() {
             crate::pool::Mode::On => "on".into(),
             crate::pool::Mode::Off(why) => format!("off: {why}"),
@@ -191,14 +198,21 @@ impl Controller {
             };
             let list = due.iter().any(|(_, why)| why.needs_list());
             match self
-                .pass(&rt, &deaths, &observed, &images, &pool, list)
+                .pass(&rt, &deaths, &observed, &images, (&pool, &networks), list)
                 .await
             {
                 Ok(plan) => {
                     pass_failures = 0;
                     self.passed();
                     // Rules follow the rows (a network's last sandbox gone: its rules go).
-                    egress.poke.notify_one();
+                    // Tighter rules are made before a start, so only removals ask.
+                    if plan
+                        .actions
+                        .iter()
+                        .any(|a| matches!(a, Action::Remove { .. }))
+                    {
+                        egress.poke.notify_one();
+                    }
                     scheduler.schedule(Target::All, now + resync, Reason::Resync);
                     if let Some(t) = plan.next_wake {
                         let wait = (t - Utc::now()).to_std().unwrap_or_default();
@@ -215,7 +229,7 @@ impl Controller {
                                 &deaths,
                                 &observed,
                                 &engine,
-                                (&egress, &pool),
+                                (&egress, &pool, &networks),
                             )))
                             .clone(),
                     };
@@ -274,7 +288,11 @@ impl Controller {
         deaths: &Arc<deaths::RecentDeaths>,
         observed: &Arc<ObservedCache>,
         engine: &Supervisor,
-        (egress, pool): (&Arc<egress::EgressKeeper>, &Arc<crate::pool::WarmPool>),
+        (egress, pool, networks): (
+            &Arc<egress::EgressKeeper>,
+            &Arc<crate::pool::WarmPool>,
+            &Arc<networks::Networks>,
+        ),
     ) -> Executor {
         Executor {
             ctx: self.ctx.clone(),
@@ -285,6 +303,7 @@ impl Controller {
             connection_failed: engine.failure_signal(),
             egress: egress.clone(),
             pool: pool.clone(),
+            networks: networks.clone(),
         }
     }
 
@@ -310,12 +329,14 @@ impl Controller {
         deaths: &deaths::RecentDeaths,
         cache: &ObservedCache,
         images: &images::AppearedImages,
-        pool: &crate::pool::WarmPool,
+        (pool, networks): (&crate::pool::WarmPool, &networks::Networks),
         list: bool,
     ) -> Result<planner::Plan, PassError> {
         let started = std::time::Instant::now();
         let rows = self.ctx.store.all().await?;
         let cached = if list { None } else { cache.snapshot() };
+        let listed_now = cached.is_none();
+        let list_began = std::time::Instant::now();
         let mut observed = match cached {
             Some(observed) => observed,
             None => {
@@ -335,6 +356,12 @@ impl Controller {
                 listed
             }
         };
+        // Every container, members too, before deaths and the pool's view change them.
+        networks.observe(&observed, listed_now.then_some(list_began));
+        if listed_now {
+            // The engine's own count: networks nothing is on go.
+            networks.prune(rt).await;
+        }
         deaths.apply(&mut observed, Instant::now());
         // Pool members are the pool's; claimed ones are their chats' (from the store).
         pool.join(&mut observed, &rows);

@@ -133,6 +133,7 @@ fn import<'a>(c: &'a LegacyContainer, ip: &'a str, settings: &Settings) -> Legac
             port: s.endpoint_port,
             host_port: None,
             start: None,
+            network: c.network.as_deref(),
         },
         created_at: c.created_at.unwrap_or_else(Utc::now),
         expires_at: s.expires_at,

@@ -707,3 +707,43 @@ async fn on_expiry_hibernate_keeps_the_sandbox_for_the_retention_then_deletes_it
     );
     h.stop().await;
 }
+
+/// Past `network_capacity`, sandboxes go on further networks of the same settings, each
+/// recorded in its row; the shards go when their last sandbox does, and a restart finds them.
+#[tokio::test]
+async fn a_full_network_spills_onto_shards_that_go_when_empty() {
+    let fake = FakeBackend::new(INSTANCE);
+    fake.add_network("sandbox", None);
+    let h = Harness::start_on(fake, |s| s.sandbox.network_capacity = 2).await;
+    let mut chats = Vec::new();
+    for _ in 0..5 {
+        chats.push(h.want(300).await);
+    }
+    let mut networks = Vec::new();
+    for chat in &chats {
+        let row = h.running(*chat).await;
+        networks.push(row.network.clone().expect("the row names its network"));
+    }
+    networks.sort();
+    assert_eq!(
+        networks,
+        ["sandbox", "sandbox", "sandbox-1", "sandbox-1", "sandbox-2"]
+    );
+    let per = h.fake.containers_per_network();
+    assert_eq!(per.values().copied().max(), Some(2), "{per:?}");
+    assert_eq!(
+        h.fake.network_names(),
+        ["sandbox", "sandbox-1", "sandbox-2"]
+    );
+    for chat in &chats {
+        h.store
+            .request_delete(*chat, Utc::now())
+            .await
+            .expect("delete");
+    }
+    h.wake.notify_one();
+    until!(h, "every sandbox and shard gone", {
+        (h.fake.containers().is_empty() && h.fake.network_names() == ["sandbox"]).then_some(())
+    });
+    h.stop().await;
+}

@@ -74,6 +74,10 @@ pub struct SandboxView {
     pub phase: Phase,
     pub container_id: Option<String>,
     pub endpoint: Option<Endpoint>,
+    /// The network the container is on, where the endpoint's address is: the profile's, or
+    /// a further one of its settings (`sandbox-1`, …) once that was full
+    /// (`sandbox.network_capacity`). Clients reaching sandboxes by address join each.
+    pub network: Option<String>,
     /// The agent port's published host port (on `sandbox.publish_host_ip`), when
     /// `sandbox.publish_agent_port` is on; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +162,7 @@ impl From<&SandboxRow> for SandboxView {
             phase: r.phase,
             container_id: r.container_id.clone(),
             endpoint,
+            network: r.network.clone(),
             host_port: r.host_port,
             created_at: format_time(r.created_at),
             updated_at: format_time(r.updated_at),

@@ -46,6 +46,8 @@ pub struct Observed {
     pub paused: bool,
     /// The container's address on its network, if it has one.
     pub ip: Option<String>,
+    /// The network it was created on (sandbox networks fill up: `controller/networks.rs`).
+    pub network: Option<String>,
     /// Started by the old Python service and adopted at takeover: it has no spec hash, and is
     /// never replaced for drift (only when it stops running).
     pub legacy: bool,

@@ -54,6 +54,7 @@ fn container(n: u8) -> Observed {
         ip: Some(format!("10.0.0.{n}")),
         legacy: false,
         pool_slot: None,
+        network: None,
     }
 }
 
@@ -251,6 +252,7 @@ fn apply(desired: &mut Vec<Desired>, observed: &mut Vec<Observed>, p: &Plan, nex
                     ip: Some(ip.clone()),
                     legacy: false,
                     pool_slot: None,
+                    network: None,
                 });
                 row.phase = Phase::Running;
                 row.container_id = Some(id);
@@ -411,6 +413,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Desired>, Vec<Observed>)> {
                     ip: has_ip.then(|| format!("10.0.0.{n}")),
                     legacy: false,
                     pool_slot: None,
+                    network: None,
                 },
             )
             .collect::<Vec<_>>()
@@ -517,6 +520,7 @@ fn an_adopted_old_service_container_is_kept_despite_its_spec_until_it_stops() {
         spec_hash: None,
         legacy: true,
         pool_slot: None,
+        network: None,
         ..container(1)
     };
     let p = plan(&[running_row(1)], std::slice::from_ref(&legacy), t0());

@@ -35,6 +35,7 @@ use crate::backend::labels;
 use crate::backend::{MemberRequest, SharedBackend, StartRequest};
 use crate::config::Settings;
 use crate::context::Context;
+use crate::controller::networks::Networks;
 use crate::controller::Engine;
 use crate::domain::spec::{ContainerSpec, MountKind};
 use crate::domain::{ChatId, SessionId};
@@ -87,13 +88,15 @@ pub struct WarmPool {
     starts: TaskTracker,
     /// Asks the reconciler to look now (after a claim, a removal).
     pub poke: Notify,
+    /// Which network a new member goes on (members count towards a network's limit).
+    networks: Arc<Networks>,
 }
 
 impl WarmPool {
     /// The pool for these settings (paths already absolute). Off, with the reason, when
     /// `min_idle` is 0, the backend is not a single Docker engine, the default profile needs
     /// another runtime than runc, or this process cannot share mounts.
-    pub async fn new(ctx: Arc<Context>) -> Self {
+    pub async fn new(ctx: Arc<Context>, networks: Arc<Networks>) -> Self {
         let settings = &ctx.settings;
         let s = &settings.sandbox;
         let placeholder = ChatId(uuid::Uuid::nil());
@@ -128,6 +131,7 @@ impl WarmPool {
             .collect();
         Self {
             ctx,
+            networks,
             root,
             mode: Mutex::new(mode),
             class,
@@ -592,6 +596,13 @@ impl WarmPool {
                 _ => {}
             }
         }
+        // A network with room, as for a cold start (members count towards it too).
+        let placement = self
+            .networks
+            .place(rt, &spec.network)
+            .await
+            .map_err(|e| e.to_string())?;
+        spec.network = placement.network.clone();
         egress
             .ensure_for_start(rt, &spec)
             .await
@@ -630,6 +641,7 @@ impl WarmPool {
             .create_member(&member)
             .await
             .map_err(|e| e.to_string())?;
+        placement.created(&id);
         self.ctx
             .store
             .pool_created(slot_id, &id, Utc::now())

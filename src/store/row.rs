@@ -14,7 +14,7 @@ macro_rules! select {
              spec_hash, created_at, updated_at, expires_at, deleted_at, phase, container_id, \
              endpoint_ip, endpoint_port, observed_generation, attempts, last_error, \
              next_attempt_at, running_since, legacy_container_id, restarts, host_port, \
-             desired_state, last_active_at FROM sandboxes ",
+             desired_state, last_active_at, network FROM sandboxes ",
             $tail
         )
     };
@@ -60,6 +60,9 @@ pub struct SandboxRow {
     pub desired_state: SandboxState,
     /// The idle clock: the last create/reuse, exec, file call, renew or resume.
     pub last_active_at: DateTime<Utc>,
+    /// The network its container is on (migration 0010): the profile's, or a further one of
+    /// the same settings once that one was full.
+    pub network: Option<String>,
 }
 
 impl SandboxRow {
@@ -168,6 +171,7 @@ impl<'r> FromRow<'r, SqliteRow> for SandboxRow {
                 Some(t) => t,
                 None => time(row, "updated_at")?,
             },
+            network: row.try_get("network")?,
         })
     }
 }

@@ -205,9 +205,9 @@ impl Store {
             "INSERT INTO sandboxes (chat_id, session_id, generation, agent_id, volume_host_path, \
                spec_json, spec_hash, created_at, updated_at, expires_at, deleted_at, phase, \
                container_id, endpoint_ip, endpoint_port, observed_generation, attempts, \
-               last_error, next_attempt_at, running_since, legacy_container_id) \
+               last_error, next_attempt_at, running_since, legacy_container_id, network) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, ?14, ?11, ?12, ?13, ?3, \
-               0, NULL, NULL, ?9, ?11) \
+               0, NULL, NULL, ?9, ?11, ?15) \
              ON CONFLICT (chat_id) DO UPDATE SET session_id = excluded.session_id, \
                generation = excluded.generation, agent_id = excluded.agent_id, \
                volume_host_path = excluded.volume_host_path, spec_json = excluded.spec_json, \
@@ -218,7 +218,7 @@ impl Store {
                observed_generation = excluded.generation, attempts = 0, last_error = NULL, \
                next_attempt_at = NULL, running_since = excluded.running_since, \
                legacy_container_id = excluded.legacy_container_id, desired_state = 'running', \
-               last_active_at = excluded.updated_at",
+               last_active_at = excluded.updated_at, network = excluded.network",
         )
         .bind(l.chat_id.to_string())
         .bind(l.session_id.to_string())
@@ -234,6 +234,7 @@ impl Store {
         .bind(l.container.ip)
         .bind(i64::from(l.container.port))
         .bind(Phase::Running.as_str())
+        .bind(l.container.network)
         .execute(&mut *tx)
         .await?;
         let row: SandboxRow = sqlx::query_as(row::SELECT_ONE)
@@ -386,7 +387,7 @@ async fn write_new_session(
            spec_hash = excluded.spec_hash, created_at = excluded.created_at, \
            updated_at = excluded.updated_at, expires_at = excluded.expires_at, \
            deleted_at = NULL, phase = ?10, container_id = NULL, endpoint_ip = NULL, \
-           endpoint_port = NULL, host_port = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
+           endpoint_port = NULL, host_port = NULL, network = NULL, attempts = 0, last_error = NULL, next_attempt_at = NULL, \
            running_since = NULL, restarts = 0, desired_state = excluded.desired_state, \
            last_active_at = excluded.last_active_at",
     )

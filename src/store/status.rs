@@ -19,6 +19,8 @@ pub struct RunningContainer<'a> {
     pub host_port: Option<u16>,
     /// How it started: `warm`, or why cold (`pool_empty`, …); for the event's detail.
     pub start: Option<&'a str>,
+    /// The network it is on (`None`: unknown, e.g. a backend without networks of its own).
+    pub network: Option<&'a str>,
 }
 
 impl Store {
@@ -37,6 +39,7 @@ impl Store {
             port,
             host_port,
             start,
+            network,
         } = *running;
         let (mut tx, gate) = self.begin_write().await?;
         let at = format_time(now);
@@ -44,8 +47,8 @@ impl Store {
             "UPDATE sandboxes SET phase = ?7, container_id = ?3, endpoint_ip = ?4, \
              endpoint_port = ?5, observed_generation = generation, attempts = 0, \
              last_error = NULL, next_attempt_at = NULL, running_since = ?6, updated_at = ?6, \
-             host_port = ?8, last_active_at = CASE WHEN ?9 THEN ?6 ELSE last_active_at END \
-             WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
+             host_port = ?8, last_active_at = CASE WHEN ?9 THEN ?6 ELSE last_active_at END, \
+             network = ?10 WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
         )
         .bind(chat_id.to_string())
         .bind(session_id.to_string())
@@ -59,6 +62,7 @@ impl Store {
         // the resume was asked for (a resume slower than `idle_pause_seconds` must not be
         // paused again before its caller gets to it).
         .bind(action == EventAction::Resume)
+        .bind(network)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -69,6 +73,9 @@ impl Store {
         let mut endpoint = serde_json::json!({ "ip": ip, "port": port });
         if let Some(p) = host_port {
             endpoint["host_port"] = p.into();
+        }
+        if let Some(n) = network {
+            endpoint["network"] = n.into();
         }
         let mut detail = serde_json::json!({ "endpoint": endpoint });
         if let Some(how) = start {
@@ -124,7 +131,7 @@ impl Store {
                 sqlx::query(
                     "UPDATE sandboxes SET phase = ?7, attempts = ?3, last_error = ?4, \
                      next_attempt_at = ?5, container_id = NULL, endpoint_ip = NULL, \
-                     endpoint_port = NULL, host_port = NULL, running_since = NULL, updated_at = ?6 \
+                     endpoint_port = NULL, host_port = NULL, network = NULL, running_since = NULL, updated_at = ?6 \
                      WHERE chat_id = ?1 AND session_id = ?2",
                 )
                 .bind(chat_id.to_string())
@@ -179,7 +186,7 @@ impl Store {
             Some(retry_at) => sqlx::query(
                 "UPDATE sandboxes SET restarts = ?3, phase = ?7, attempts = ?3, \
                  last_error = ?4, next_attempt_at = ?5, container_id = NULL, \
-                 endpoint_ip = NULL, endpoint_port = NULL, host_port = NULL, running_since = NULL, updated_at = ?6 \
+                 endpoint_ip = NULL, endpoint_port = NULL, host_port = NULL, network = NULL, running_since = NULL, updated_at = ?6 \
                  WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL",
             )
             .bind(chat_id.to_string())
@@ -239,7 +246,7 @@ impl Store {
         let at = format_time(now);
         let done = sqlx::query(
             "UPDATE sandboxes SET phase = ?4, container_id = NULL, endpoint_ip = NULL, \
-             endpoint_port = NULL, host_port = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
+             endpoint_port = NULL, host_port = NULL, network = NULL, running_since = NULL, next_attempt_at = NULL, updated_at = ?3 \
              WHERE chat_id = ?1 AND session_id = ?2 AND deleted_at IS NULL \
              AND (expires_at <= ?3 OR phase = ?4)",
         )

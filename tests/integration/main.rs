@@ -11,6 +11,7 @@ mod hostile;
 mod images;
 mod lifecycle;
 mod load;
+mod networks;
 mod old_clients;
 mod operators;
 mod processes;

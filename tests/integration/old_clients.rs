@@ -566,6 +566,7 @@ async fn only_a_session_that_has_run_or_is_starting_conflicts() {
         port: 8000,
         host_port: None,
         start: None,
+        network: Some("sbx"),
     };
     assert!(store
         .record_running(

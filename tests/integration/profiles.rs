@@ -13,50 +13,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// A network of the egress test's own, removed when the test ends: rules apply per network,
-/// so no other test's sandboxd (nor rules left behind by an aborted earlier run) may be on it.
-struct OwnNetwork(String);
-
-impl OwnNetwork {
-    fn create() -> Self {
-        let name = format!(
-            "sandboxd-egress-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let out = Command::new(engine().cli())
-            .args(["network", "create", &name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(name)
-    }
-}
-
-impl Drop for OwnNetwork {
-    fn drop(&mut self) {
-        // The engine releases a removed container's endpoint a moment after `rm -f` returns,
-        // and a controller still stopping may have started one more: anything left on this
-        // test's own network goes.
-        for _ in 0..50 {
-            remove_containers_matching(&format!("network={}", self.0));
-            let out = Command::new(engine().cli())
-                .args(["network", "rm", &self.0])
-                .output();
-            let gone = out.as_ref().is_ok_and(|o| {
-                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
-            });
-            if gone {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
 fn profile(runtime: &str) -> ProfileSettings {
     ProfileSettings {
         runtime: runtime.into(),
@@ -284,17 +240,6 @@ impl Drop for NetnsTarget {
 async fn reaches(app: &TestApp, chat: &str, host: &str, port: u16) -> bool {
     let out = sh(app, chat, &format!("nc -w 3 {host} {port} </dev/null")).await;
     out["stdout"].as_str().unwrap_or_default().contains("hello")
-}
-
-fn iptables_save() -> String {
-    String::from_utf8_lossy(
-        &Command::new("iptables-save")
-            .args(["-t", "filter"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned()
 }
 
 /// The rules of the chain sandboxd hooks into that are not its own: the engine's and the

@@ -94,6 +94,7 @@ async fn random_write(store: &Store, chats: &[ChatId], seed: u64) {
                 port: 8000,
                 host_port: None,
                 start: None,
+                network: Some("sbx"),
             };
             drop(
                 store

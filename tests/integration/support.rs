@@ -864,3 +864,73 @@ pub async fn wait_converged(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A network of one test's own, removed when the test ends (with any shards sandboxd made
+/// of it): egress rules apply per network, so no other test's sandboxd (nor rules left behind
+/// by an aborted earlier run) may be on it.
+pub struct OwnNetwork(pub String);
+
+impl OwnNetwork {
+    pub fn create() -> Self {
+        Self::create_with(&[])
+    }
+
+    /// With `network create` options (`--opt …`).
+    pub fn create_with(args: &[&str]) -> Self {
+        let name = format!(
+            "sandboxd-egress-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let out = Command::new(engine().cli())
+            .args(["network", "create"])
+            .args(args)
+            .arg(&name)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(name)
+    }
+}
+
+impl Drop for OwnNetwork {
+    fn drop(&mut self) {
+        // The engine releases a removed container's endpoint a moment after `rm -f` returns,
+        // and a controller still stopping may have started one more: anything left on this
+        // test's own network goes.
+        for name in (1..4).map(|n| format!("{}-{n}", self.0)) {
+            remove_containers_matching(&format!("network={name}"));
+            let _ = Command::new(engine().cli())
+                .args(["network", "rm", &name])
+                .output();
+        }
+        for _ in 0..50 {
+            remove_containers_matching(&format!("network={}", self.0));
+            let out = Command::new(engine().cli())
+                .args(["network", "rm", &self.0])
+                .output();
+            let gone = out.as_ref().is_ok_and(|o| {
+                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found")
+            });
+            if gone {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The host's IPv4 filter table, as `iptables-save` prints it.
+pub fn iptables_save() -> String {
+    String::from_utf8_lossy(
+        &Command::new("iptables-save")
+            .args(["-t", "filter"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
+}

@@ -11,6 +11,8 @@ pub mod io;
 
 pub use build::BuildReport;
 
+mod shards;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,11 +80,13 @@ pub(crate) fn own_address(
         })
         .or(only)
         .unwrap_or_else(|| fallback.to_string());
-    let ip = networks
-        .remove(&name)
+    // A stopped container keeps its endpoint (without an address): it is still on it.
+    let endpoint = networks.remove(&name);
+    let on = endpoint.is_some().then_some(name);
+    let ip = endpoint
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
-    (ip.is_some().then_some(name), ip)
+    (on, ip)
 }
 
 /// The error of a create whose name another container holds.
@@ -212,7 +216,7 @@ impl DockerRuntime {
                 let parsed = labels::parse(&c.labels.unwrap_or_default());
                 let mode = c.host_config.and_then(|h| h.network_mode);
                 let networks = c.network_settings.and_then(|n| n.networks);
-                let (_, ip) = own_address(networks, mode.as_deref(), &self.network);
+                let (network, ip) = own_address(networks, mode.as_deref(), &self.network);
                 Some(Observed {
                     container_id: id,
                     chat_id: parsed.chat_id,
@@ -223,6 +227,7 @@ impl DockerRuntime {
                     ip,
                     legacy: false,
                     pool_slot: parsed.pool_slot,
+                    network,
                 })
             })
             .collect())
@@ -504,19 +509,21 @@ impl Backend for DockerRuntime {
             .await
             .map_err(BackendError::from_engine("inspect_container"))?;
         let host_port = host_port(inspect.network_settings.as_ref(), port);
-        let ip = inspect
-            .network_settings
-            .and_then(|n| n.networks)
-            .and_then(|mut n| n.remove(network))
-            .and_then(|e| e.ip_address)
-            .filter(|ip| !ip.is_empty())
-            .ok_or_else(|| {
-                BackendError::new(
-                    ErrorKind::Other,
-                    format!("container {id} has no IP address on network `{network}`"),
-                )
-            })?;
-        Ok(Started { ip, host_port })
+        // Its own network first (a resumed sandbox may sit on a shard of `network`).
+        let mode = inspect.host_config.and_then(|h| h.network_mode);
+        let networks = inspect.network_settings.and_then(|n| n.networks);
+        let (on, ip) = own_address(networks, mode.as_deref(), network);
+        let ip = ip.ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::Other,
+                format!("container {id} has no IP address on network `{network}`"),
+            )
+        })?;
+        Ok(Started {
+            ip,
+            host_port,
+            network: on,
+        })
     }
 
     async fn ensure_network_named(&self, network: &str) -> Result<()> {
@@ -627,6 +634,10 @@ impl Backend for DockerRuntime {
         Some(self)
     }
 
+    fn networks(&self) -> Option<&dyn super::ShardedNetworks> {
+        Some(self)
+    }
+
     fn hibernation(&self) -> Option<&dyn super::Hibernation> {
         Some(self)
     }
@@ -728,6 +739,7 @@ impl LegacyTakeover for DockerRuntime {
                 ip: c.ip,
                 legacy: true,
                 pool_slot: None,
+                network: c.network,
             })
             .collect())
     }

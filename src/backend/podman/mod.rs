@@ -147,7 +147,7 @@ impl Backend for PodmanRuntime {
                         })
                         .collect()
                 });
-                let (_, ip) = super::docker::own_address(networks, None, &network);
+                let (on, ip) = super::docker::own_address(networks, None, &network);
                 Observed {
                     container_id: c.id,
                     chat_id: parsed.chat_id,
@@ -158,6 +158,7 @@ impl Backend for PodmanRuntime {
                     ip,
                     legacy: false,
                     pool_slot: parsed.pool_slot,
+                    network: on,
                 }
             })
             .collect())
@@ -266,6 +267,11 @@ impl Backend for PodmanRuntime {
     /// included), and Podman honours `rslave` bind propagation.
     fn warm(&self) -> Option<&dyn WarmStarts> {
         self.docker.warm()
+    }
+
+    /// Podman's compatible network API serves the docker backend's shards as they are.
+    fn networks(&self) -> Option<&dyn super::ShardedNetworks> {
+        self.docker.networks()
     }
 
     /// The docker backend's: Podman's compat API pauses (cgroup freezer), unpauses and stops

@@ -294,6 +294,7 @@ impl SwarmRuntime {
                     ip: serving.and_then(|s| s.ip),
                     legacy: false,
                     pool_slot: None,
+                    network: None,
                 })
             })
             .collect())
@@ -465,6 +466,7 @@ impl Backend for SwarmRuntime {
         Ok(Started {
             ip: self.wait_running(id, network).await?,
             host_port: None,
+            network: None,
         })
     }
 
