@@ -200,6 +200,19 @@ fn warn_if_token_not_required(settings: &Settings) {
     }
 }
 
+/// How far the idle clock may lag behind a call: 1 s where an idle policy pauses or
+/// hibernates on it, a minute where it is only shown (`last_active_at`, the `IDLE` column):
+/// then a thousand busy chats cost a write every few milliseconds, not one per chat per
+/// second (docs/performance.md, the scale bench).
+fn activity_granularity(settings: &Settings) -> chrono::Duration {
+    let idle = settings.sandbox.hibernation().idle;
+    if idle.pause_after.is_some() || idle.hibernate_after.is_some() {
+        chrono::Duration::seconds(1)
+    } else {
+        chrono::Duration::seconds(60)
+    }
+}
+
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let db = &settings.database;
     let store = Store::open(
@@ -224,7 +237,8 @@ impl Application {
             .await?
             .serve_reads_from_memory()
             .await
-            .context("loading the sandboxes table")?;
+            .context("loading the sandboxes table")?
+            .with_activity_granularity(activity_granularity(&settings));
         let addr = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&addr)
             .await

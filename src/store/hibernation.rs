@@ -43,10 +43,6 @@ pub enum Touch {
     NotAwake,
 }
 
-/// How long the idle clock may lag: calls within this of the last recorded activity write
-/// nothing (an exec loop does not become a write loop).
-const ACTIVITY_GRANULARITY: Duration = Duration::seconds(1);
-
 impl Store {
     /// Declares the state of the chat's live session `session_id`. Running also restarts the
     /// idle clock and, for a sandbox that was declared hibernated, gives it at least `ttl`
@@ -123,13 +119,15 @@ impl Store {
 
     /// Restarts the chat's idle clock (a call reached it), in the same write as the check
     /// that the sandbox is awake (declared and observed running): a pause committed just
-    /// before it is seen, never raced past. Writes only when the clock is more than a second
-    /// behind (an idle step is longer than that, so no pause can be due meanwhile).
+    /// before it is seen, never raced past. Writes only when the clock is further behind
+    /// than the store's activity granularity (calls within it of the last recorded activity
+    /// write nothing: an exec loop does not become a write loop): 1 s with an idle policy (an
+    /// idle step is longer than that, so no pause can be due meanwhile).
     pub async fn touch(&self, chat_id: ChatId, now: DateTime<Utc>) -> Result<Touch> {
         let fresh = self
             .get(chat_id)
             .await?
-            .is_none_or(|r| r.last_active_at + ACTIVITY_GRANULARITY > now);
+            .is_none_or(|r| r.last_active_at + self.activity_granularity() > now);
         if fresh {
             return Ok(Touch::Fresh);
         }
@@ -144,7 +142,7 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        self.commit(tx, gate, chat_id).await?;
+        self.commit_without_events(tx, gate, chat_id).await?;
         Ok(if done {
             Touch::Touched
         } else {

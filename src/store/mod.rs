@@ -134,6 +134,8 @@ pub struct Store {
     mirror: Option<Arc<mirror::Mirror>>,
     /// Poked after every commit that may have appended events (the watch feed's tailer).
     appended: Arc<tokio::sync::Notify>,
+    /// How far the idle clock may lag before a call writes it (`touch`).
+    activity_granularity: chrono::Duration,
 }
 
 type WriteGate = tokio::sync::OwnedMutexGuard<()>;
@@ -146,6 +148,8 @@ enum Touched {
     Row(Box<SandboxRow>),
     /// Rows the transaction deleted.
     Deleted(Vec<ChatId>),
+    /// One chat's row, re-read; no event was appended.
+    Quiet(ChatId),
 }
 
 impl Store {
@@ -200,7 +204,19 @@ impl Store {
             gate: Arc::default(),
             mirror: None,
             appended: Arc::default(),
+            activity_granularity: chrono::Duration::seconds(1),
         }
+    }
+
+    /// How far the idle clock may lag: 1 s (the default) where an idle policy acts on it;
+    /// coarser where it is only shown, so a busy host's calls do not become writes.
+    pub fn with_activity_granularity(mut self, lag: chrono::Duration) -> Self {
+        self.activity_granularity = lag;
+        self
+    }
+
+    pub(crate) fn activity_granularity(&self) -> chrono::Duration {
+        self.activity_granularity
     }
 
     /// From now on rows are read from memory: loads the table once (after `migrate`). Only
@@ -247,9 +263,14 @@ impl Store {
 
     /// Announces a committed write; `None` means "possibly any chat".
     fn changed(&self, chat_id: Option<ChatId>) {
+        self.changed_row(chat_id);
+        self.appended.notify_one();
+    }
+
+    /// Announces a committed write that appended no event: the watch feed need not look.
+    fn changed_row(&self, chat_id: Option<ChatId>) {
         // No receiver is not an error: nobody is waiting.
         let _ = self.changes.send(chat_id);
-        self.appended.notify_one();
     }
 
     /// Resolves after a commit that may have appended events (one waiter: the watch feed).
@@ -270,6 +291,16 @@ impl Store {
         chat_id: ChatId,
     ) -> Result<()> {
         self.finish_write(tx, gate, Touched::Chat(chat_id)).await
+    }
+
+    /// Commits a write about one chat that appended no event (the idle clock).
+    async fn commit_without_events(
+        &self,
+        tx: Transaction<'static, Sqlite>,
+        gate: WriteGate,
+        chat_id: ChatId,
+    ) -> Result<()> {
+        self.finish_write(tx, gate, Touched::Quiet(chat_id)).await
     }
 
     /// Commits a write whose new row the caller has just read inside the transaction.
@@ -295,7 +326,7 @@ impl Store {
         let store = self.clone();
         tokio::spawn(async move {
             match touched {
-                Touched::Chat(chat_id) => {
+                Touched::Chat(chat_id) | Touched::Quiet(chat_id) => {
                     let row = match &store.mirror {
                         Some(_) => select_row(&mut tx, chat_id).await?,
                         None => None,
@@ -305,7 +336,11 @@ impl Store {
                         mirror.set(chat_id, row);
                     }
                     drop(gate);
-                    store.changed(Some(chat_id));
+                    if matches!(touched, Touched::Quiet(_)) {
+                        store.changed_row(Some(chat_id));
+                    } else {
+                        store.changed(Some(chat_id));
+                    }
                 }
                 Touched::Row(row) => {
                     let chat_id = row.chat_id;
