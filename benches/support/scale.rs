@@ -112,12 +112,32 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
         verdict(running == n)
     ));
 
-    // 2. Memory per sandbox.
-    let ids: Vec<String> = containers_of(docker, &instance)
-        .await
-        .into_iter()
-        .filter_map(|c| c.id)
+    // Where they went: past `sandbox.network_capacity` (1,000) on further networks.
+    let listed = containers_of(docker, &instance).await;
+    let mut per_network = std::collections::BTreeMap::<String, usize>::new();
+    for c in &listed {
+        let mode = c.host_config.as_ref().and_then(|h| h.network_mode.clone());
+        *per_network.entry(mode.unwrap_or_default()).or_default() += 1;
+    }
+    let shards: Vec<String> = per_network
+        .keys()
+        .filter(|k| k.as_str() != fx.settings.sandbox.network_name)
+        .cloned()
         .collect();
+    out.line(format!(
+        "12b networks with {} containers: {} (capacity {} per network; a bridge refuses its 1,024th)  target every sandbox running past 1,023 [{}]",
+        listed.len(),
+        per_network
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        fx.settings.sandbox.network_capacity,
+        verdict(running == n && (n <= 1023 || !shards.is_empty()))
+    ));
+
+    // 2. Memory per sandbox.
+    let ids: Vec<String> = listed.into_iter().filter_map(|c| c.id).collect();
     let (cg, shims) = host_memory_mib(&ids);
     let k = ids.len().max(1) as f64;
     out.line(format!(
@@ -213,11 +233,30 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
             }
         })
         .await;
+    let deleted_in = t.elapsed();
     let left = containers_of(docker, &instance).await.len();
+    // The further networks go once empty (after the next listing pass).
+    let gone = Instant::now();
+    let mut shards_left = shards.clone();
+    while !shards_left.is_empty() && gone.elapsed() < Duration::from_secs(120) {
+        let mut still = Vec::new();
+        for name in &shards_left {
+            if docker.inspect_network(name, None).await.is_ok() {
+                still.push(name.clone());
+            }
+        }
+        shards_left = still;
+        if !shards_left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     out.line(format!(
-        "17 delete all {n}: {:.1} s ({:.1}/s), {left} containers left (measured, no target)",
-        t.elapsed().as_secs_f64(),
-        n as f64 / t.elapsed().as_secs_f64()
+        "17 delete all {n}: {:.1} s ({:.1}/s), {left} containers left; further networks {:?} removed {:.1} s later, left {:?} (measured, no target)",
+        deleted_in.as_secs_f64(),
+        n as f64 / deleted_in.as_secs_f64(),
+        shards,
+        gone.elapsed().as_secs_f64(),
+        shards_left
     ));
     drop(server);
 }

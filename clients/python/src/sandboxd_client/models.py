@@ -63,6 +63,9 @@ class SandboxView:
     phase: str
     container_id: Optional[str]
     endpoint: Optional[Endpoint]
+    # The network the endpoint's address is on: the profile's, or a further one of its
+    # settings (``sandbox-1``, …) once that was full.
+    network: Optional[str]
     expires_at: str
     attempts: int
     last_error: Optional[str]
@@ -81,6 +84,7 @@ class SandboxView:
             phase=d["phase"],
             container_id=d.get("container_id"),
             endpoint=Endpoint.from_json(d.get("endpoint")),
+            network=d.get("network"),
             expires_at=d["expires_at"],
             attempts=int(d.get("attempts", 0)),
             last_error=d.get("last_error"),
