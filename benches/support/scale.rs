@@ -55,6 +55,19 @@ fn host_memory_mib(ids: &[String]) -> (f64, f64) {
     (containers as f64 / 1048576.0, shims_kib as f64 / 1024.0)
 }
 
+/// The engine's daemon (`dockerd`), for its CPU time.
+fn engine_pid() -> Option<u32> {
+    let out = std::process::Command::new("pidof")
+        .arg("dockerd")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     let n: usize = std::env::var("SCALE_SANDBOXES")
         .ok()
@@ -71,7 +84,10 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     let addr = server.addr;
     let base = format!("http://{addr}");
 
-    // 1. The ramp.
+    // 1. The ramp, and whose CPU it takes (sandboxd's, the engine's).
+    let pid = server.child.id();
+    let dockerd = engine_pid();
+    let (sd0, en0) = (cpu_seconds(pid), dockerd.map_or(0.0, cpu_seconds));
     let chats: Vec<String> = (0..n).map(|_| new_chat()).collect();
     let started = Instant::now();
     let marks = std::sync::Mutex::new(Vec::new());
@@ -104,11 +120,15 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
         .windows(2)
         .map(|w| format!("{:.1}", 100.0 / (w[1].1 - w[0].1).as_secs_f64()))
         .collect();
+    let (sd1, en1) = (cpu_seconds(pid), dockerd.map_or(0.0, cpu_seconds));
     out.line(format!(
-        "12 scale ramp: {running}/{n} running in {:.1} s ({:.1} starts/s overall; per 100: {}), {failures} failed  target {n} running [{}]",
+        "12 scale ramp: {running}/{n} running in {:.1} s ({:.1} starts/s overall; per 100: {}), {failures} failed; CPU over the ramp: sandboxd {:.1} s ({:.0}% of a core), dockerd {:.1} s  target {n} running [{}]",
         ramp.as_secs_f64(),
         running as f64 / ramp.as_secs_f64(),
         per_100.join(" "),
+        sd1 - sd0,
+        (sd1 - sd0) / ramp.as_secs_f64() * 100.0,
+        en1 - en0,
         verdict(running == n)
     ));
 
@@ -152,9 +172,11 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     let script = dir.join("mix.lua");
     std::fs::write(&script, wrk_script(&chats_file, &vol, "mix")).expect("script");
     run_wrk(&script, &base, 32, 2);
+    let c0 = cpu_seconds(pid);
     let r = run_wrk(&script, &base, 32, 10);
+    let mix_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
     out.line(format!(
-        "14 API mix (⅓ reuse, ⅓ GET, ⅓ list) with {n} rows @32 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}  target p99 ≤10 ms [{}]",
+        "14 API mix (⅓ reuse, ⅓ GET, ⅓ list) with {n} rows @32 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}; sandboxd {mix_cpu:.0}% of a core (wrk has the rest)  target p99 ≤10 ms [{}]",
         r.rps, r.p50_ms, r.p99_ms, r.failed, verdict(r.failed == 0 && r.p99_ms <= 10.0)
     ));
 
@@ -170,7 +192,6 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
             }
         }
     };
-    let pid = server.child.id();
     let m0 = read(&client).await;
     let c0 = cpu_seconds(pid);
     let window = Duration::from_secs(60);

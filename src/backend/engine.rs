@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{Mount, MountType, NetworkCreateRequest, NetworkInspect};
-use bollard::query_parameters::{EventsOptionsBuilder, InspectNetworkOptions};
+use bollard::models::{Ipam, Mount, MountType, Network, NetworkCreateRequest, NetworkInspect};
+use bollard::query_parameters::{
+    EventsOptionsBuilder, InspectNetworkOptions, ListNetworksOptionsBuilder,
+};
 use bollard::Docker;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -79,6 +81,49 @@ pub async fn metered<T>(
     };
     metrics.docker_call(operation, ok, started.elapsed());
     result
+}
+
+/// What sandboxd reads of a network: its settings, never its endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkBrief {
+    pub id: String,
+    pub driver: Option<String>,
+    pub options: HashMap<String, String>,
+    pub labels: HashMap<String, String>,
+    pub internal: Option<bool>,
+    pub attachable: Option<bool>,
+    pub enable_ipv6: Option<bool>,
+    pub ipam: Option<Ipam>,
+}
+
+impl From<Network> for NetworkBrief {
+    fn from(n: Network) -> Self {
+        Self {
+            id: n.id.unwrap_or_default(),
+            driver: n.driver,
+            options: n.options.unwrap_or_default(),
+            labels: n.labels.unwrap_or_default(),
+            internal: n.internal,
+            attachable: n.attachable,
+            enable_ipv6: n.enable_ipv6,
+            ipam: n.ipam,
+        }
+    }
+}
+
+impl From<NetworkInspect> for NetworkBrief {
+    fn from(n: NetworkInspect) -> Self {
+        Self {
+            id: n.id.unwrap_or_default(),
+            driver: n.driver,
+            options: n.options.unwrap_or_default(),
+            labels: n.labels.unwrap_or_default(),
+            internal: n.internal,
+            attachable: n.attachable,
+            enable_ipv6: n.enable_ipv6,
+            ipam: n.ipam,
+        }
+    }
 }
 
 /// One connected engine of one sandboxd instance: the client, the metrics its calls are
@@ -153,6 +198,28 @@ impl Engine {
                 .map_err(BackendError::from_engine("events"))
             })
             .boxed()
+    }
+
+    /// A network's settings without its endpoints, or `None` when there is none of that name.
+    /// Read from the network list, which leaves the containers out: an inspect carries every
+    /// endpoint, so on a network of a thousand sandboxes each start would read them all. An
+    /// id (no list entry of that exact name) is inspected.
+    pub async fn network_brief(&self, name: &str) -> Result<Option<NetworkBrief>> {
+        let filters = HashMap::from([("name", vec![name.to_string()])]);
+        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let listed = self
+            .call(
+                "list_networks",
+                &[],
+                self.docker.list_networks(Some(options)),
+            )
+            .await
+            .map_err(BackendError::from_engine("list_networks"))?;
+        // The filter matches parts of names: only the exact one counts.
+        if let Some(n) = listed.into_iter().find(|n| n.name.as_deref() == Some(name)) {
+            return Ok(Some(NetworkBrief::from(n)));
+        }
+        Ok(self.network(name, None).await?.map(NetworkBrief::from))
     }
 
     /// A network, or `None` when there is none of that name. A 500 is asked again, twice:

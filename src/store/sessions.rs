@@ -76,12 +76,8 @@ impl Store {
         first_start: chrono::Duration,
     ) -> Result<CreateOutcome> {
         let decide = |cur: SandboxRow| reuse_or_conflict(cur, new, now, first_start);
-        // Fast path without the write lock: a live session is answered from a plain read
-        // (a committed state, so the answer is as correct as one given inside a transaction).
-        if let Some(cur) = self.get(new.chat_id).await?.filter(|c| c.is_live(now)) {
-            if let Some(outcome) = decide(cur) {
-                return Ok(outcome);
-            }
+        if let Some(outcome) = self.answer_live(new, now, first_start).await? {
+            return Ok(outcome);
         }
         let (mut tx, gate) = self.begin_write().await?;
         let current = select_row(&mut tx, new.chat_id).await?;
@@ -98,6 +94,24 @@ impl Store {
         } else {
             CreateOutcome::Created(row)
         })
+    }
+
+    /// `create_or_reuse`'s fast path, without the write lock: a live session is answered
+    /// (reused, or a conflict) from a plain read, a committed state, so the answer is as
+    /// correct as one given inside a transaction. `None`: a new session may be written. The
+    /// decision reads agent, volume and profile, never the new spec, so a caller may build
+    /// the spec's per-chat parts (the workspace's directory) only when this says `None`.
+    pub async fn answer_live(
+        &self,
+        new: &NewSession,
+        now: DateTime<Utc>,
+        first_start: chrono::Duration,
+    ) -> Result<Option<CreateOutcome>> {
+        Ok(self
+            .get(new.chat_id)
+            .await?
+            .filter(|c| c.is_live(now))
+            .and_then(|cur| reuse_or_conflict(cur, new, now, first_start)))
     }
 
     /// Declarative apply: an identical live spec is left alone, anything else gets a new

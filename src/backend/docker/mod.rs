@@ -680,7 +680,7 @@ impl super::Hibernation for DockerRuntime {
 #[async_trait::async_trait]
 impl HostRules for DockerRuntime {
     async fn bridge_of(&self, network: &str) -> Result<String> {
-        let n = self.engine.network(network, None).await?.ok_or_else(|| {
+        let n = self.engine.network_brief(network).await?.ok_or_else(|| {
             BackendError::new(
                 ErrorKind::NotFound,
                 format!("network `{network}` not found"),
@@ -696,12 +696,8 @@ impl HostRules for DockerRuntime {
                 ),
             ));
         }
-        let named = n
-            .options
-            .as_ref()
-            .and_then(|o| o.get("com.docker.network.bridge.name"))
-            .cloned();
-        let id = n.id.unwrap_or_default();
+        let named = n.options.get("com.docker.network.bridge.name").cloned();
+        let id = n.id;
         Ok(named.unwrap_or_else(|| format!("br-{}", &id[..id.len().min(12)])))
     }
 }

@@ -16,18 +16,18 @@ const OWN_OPTIONS: [&str; 1] = ["com.docker.network.bridge.name"];
 #[async_trait::async_trait]
 impl ShardedNetworks for DockerRuntime {
     async fn ensure_shard(&self, base: &str, name: &str) -> Result<()> {
-        if self.engine.network(name, None).await?.is_some() {
+        if self.engine.network_brief(name).await?.is_some() {
             return Ok(());
         }
-        let model = self.engine.network(base, None).await?.ok_or_else(|| {
+        let model = self.engine.network_brief(base).await?.ok_or_else(|| {
             BackendError::new(
                 ErrorKind::NotFound,
                 format!("network `{base}` not found: its shard `{name}` copies its settings"),
             )
         })?;
-        let mut options = model.options.unwrap_or_default();
+        let mut options = model.options;
         options.retain(|k, _| !OWN_OPTIONS.contains(&k.as_str()));
-        let mut found_labels = model.labels.unwrap_or_default();
+        let mut found_labels = model.labels;
         found_labels.insert(labels::MANAGED.into(), "true".into());
         found_labels.insert(labels::INSTANCE.into(), self.engine.instance.clone());
         found_labels.insert(labels::SHARD_OF.into(), base.into());
@@ -51,7 +51,7 @@ impl ShardedNetworks for DockerRuntime {
     }
 
     async fn address_room(&self, network: &str) -> Result<Option<Option<u32>>> {
-        let Some(n) = self.engine.network(network, None).await? else {
+        let Some(n) = self.engine.network_brief(network).await? else {
             return Ok(None);
         };
         let subnets: Vec<String> = n
