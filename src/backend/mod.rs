@@ -114,6 +114,17 @@ pub trait Backend: Send + Sync {
     /// Every container (service) of this instance, in any state.
     async fn list(&self) -> Result<Vec<Observed>>;
 
+    /// This instance's warm-pool members (`sandboxd.pool_slot`), in any state: the pool looks
+    /// at them after every claim, so engines filter by the label instead of listing all.
+    async fn list_members(&self) -> Result<Vec<Observed>> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|o| o.pool_slot.is_some())
+            .collect())
+    }
+
     /// The session's deterministic container (service) name: a start retried after a crash
     /// collides with what the first attempt made.
     fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String;

@@ -388,7 +388,7 @@ impl WarmPool {
                     .update(|h| h.warm_pool = format!("off: {why}"));
                 *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = Mode::Off(why);
             }
-            if let Err(e) = self.look(&rt).await {
+            if let Err(e) = self.look(&rt, first).await {
                 warn!(error = %e, "warm pool: look failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -406,15 +406,19 @@ impl WarmPool {
 
     /// Brings the members in line with their containers: half-bound claims and dead or
     /// outdated members go, orphan member containers go, claimed ones are remembered.
-    async fn look(&self, rt: &SharedBackend) -> Result<(), String> {
+    async fn look(&self, rt: &SharedBackend, first: bool) -> Result<(), String> {
         let members = self
             .ctx
             .store
             .pool_members()
             .await
             .map_err(|e| e.to_string())?;
+        if !first && !self.on() && members.is_empty() {
+            // Off, and nothing of an earlier run's pool left (the first look removed it).
+            return Ok(());
+        }
         let containers: HashMap<String, Observed> = rt
-            .list()
+            .list_members()
             .await
             .map_err(|e| e.to_string())?
             .into_iter()

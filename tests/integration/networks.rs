@@ -101,6 +101,25 @@ async fn a_full_network_spills_onto_shards_of_its_settings_that_go_when_empty() 
     let (_, show) = app.get(&format!("/api/v1/sandboxes/{}", chats[4])).await;
     assert_eq!(show["network"], shard(2).as_str());
 
+    // A hibernated sandbox (a stopped container, no address) keeps its shard through listing
+    // passes, and resumes on it.
+    let last = &chats[4];
+    let slept = crate::hibernation::settle(&app, last, "hibernate", "hibernated").await;
+    app.wait_for_passes(2).await;
+    assert!(
+        network_json(&shard(2)).is_some(),
+        "kept for a hibernated sandbox"
+    );
+    let woke = crate::hibernation::settle(&app, last, "resume", "running").await;
+    assert_eq!(woke["container_id"], slept["container_id"], "{woke}");
+    assert_eq!(woke["network"], shard(2).as_str(), "{woke}");
+    let ip = woke["endpoint"]["ip"].as_str().expect("an address again");
+    assert!(
+        agent_answers(ip, 8000).await,
+        "resumed on {} at {ip}",
+        shard(2)
+    );
+
     for chat in &chats {
         let (status, _) = app.delete(chat).await;
         assert_eq!(status, StatusCode::OK);

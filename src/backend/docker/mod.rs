@@ -206,7 +206,14 @@ impl DockerRuntime {
 
     /// Every container (running or not) labelled for this instance.
     pub async fn list_managed(&self) -> Result<Vec<Observed>> {
-        let filters = HashMap::from([("label", labels::instance_filter(&self.engine.instance))]);
+        self.list_labelled(&[]).await
+    }
+
+    /// Containers labelled for this instance and carrying every label key in `keys`.
+    async fn list_labelled(&self, keys: &[&str]) -> Result<Vec<Observed>> {
+        let mut wanted = labels::instance_filter(&self.engine.instance);
+        wanted.extend(keys.iter().map(|k| k.to_string()));
+        let filters = HashMap::from([("label", wanted)]);
         Ok(self
             .list_matching(filters)
             .await?
@@ -464,6 +471,10 @@ impl Backend for DockerRuntime {
 
     async fn list(&self) -> Result<Vec<Observed>> {
         self.list_managed().await
+    }
+
+    async fn list_members(&self) -> Result<Vec<Observed>> {
+        self.list_labelled(&[labels::POOL_SLOT]).await
     }
 
     fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {

@@ -107,6 +107,13 @@ impl ShardedNetworks for DockerRuntime {
         if !on.is_empty() {
             return Ok(false);
         }
+        self.remove_network(name).await.map(|()| true)
+    }
+}
+
+impl DockerRuntime {
+    /// Removes a network; one already gone counts as removed.
+    pub(crate) async fn remove_network(&self, name: &str) -> Result<()> {
         match self
             .call(
                 "remove_network",
@@ -115,8 +122,8 @@ impl ShardedNetworks for DockerRuntime {
             )
             .await
         {
-            Ok(()) => Ok(true),
-            Err(e) if super::status_of(&e) == Some(404) => Ok(true),
+            Ok(()) => Ok(()),
+            Err(e) if super::status_of(&e) == Some(404) => Ok(()),
             Err(e) => Err(BackendError::engine("remove_network", e)),
         }
     }

@@ -79,6 +79,63 @@ fn runtime_refusal(runtime: Option<&str>) -> Option<String> {
 }
 
 impl PodmanRuntime {
+    /// This instance's containers carrying every label key in `keys`, read as plain JSON
+    /// (docs/podman.md: Podman reports states bollard's model does not know).
+    async fn list_labelled(&self, keys: &[&str]) -> Result<Vec<Observed>> {
+        let mut wanted = labels::instance_filter(&self.docker.engine().instance);
+        wanted.extend(keys.iter().map(|k| k.to_string()));
+        let filters = serde_json::json!({ "label": wanted });
+        let listed: Vec<Summary> = self.summaries(&filters).await?;
+        let network = self.docker.network().to_string();
+        Ok(listed
+            .into_iter()
+            .map(|c| {
+                let parsed = labels::parse(&c.labels.unwrap_or_default());
+                let networks = c.network_settings.and_then(|n| n.networks).map(|n| {
+                    n.into_iter()
+                        .map(|(name, e)| {
+                            let endpoint = bollard::models::EndpointSettings {
+                                ip_address: e.ip_address,
+                                ..Default::default()
+                            };
+                            (name, endpoint)
+                        })
+                        .collect()
+                });
+                let (on, ip) = super::docker::own_address(networks, None, &network);
+                Observed {
+                    container_id: c.id,
+                    chat_id: parsed.chat_id,
+                    session_id: parsed.session_id,
+                    spec_hash: parsed.spec_hash,
+                    running: c.state == "running",
+                    paused: c.state == "paused",
+                    ip,
+                    legacy: false,
+                    pool_slot: parsed.pool_slot,
+                    network: on,
+                }
+            })
+            .collect())
+    }
+
+    /// Containers in any state matching `filters` (the compat list's filter object).
+    async fn summaries(&self, filters: &serde_json::Value) -> Result<Vec<Summary>> {
+        let query =
+            serde_urlencoded::to_string([("all", "true"), ("filters", &filters.to_string())])
+                .map_err(|e| BackendError::new(ErrorKind::Other, format!("list filter: {e}")))?;
+        let body = self
+            .raw
+            .get("list", &format!("/v1.41/containers/json?{query}"))
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            BackendError::new(
+                ErrorKind::Other,
+                format!("podman container list is not what the API says: {e}"),
+            )
+        })
+    }
+
     /// Connects to the Podman service at `docker.base_url` and makes sure the sandbox network
     /// exists.
     pub async fn connect(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self> {
@@ -116,52 +173,11 @@ impl Backend for PodmanRuntime {
     /// Read as plain JSON: Podman reports states bollard's model does not know
     /// (`stopped`), and one such container would fail the whole list.
     async fn list(&self) -> Result<Vec<Observed>> {
-        let instance = &self.docker.engine().instance;
-        let filters = serde_json::json!({ "label": labels::instance_filter(instance) });
-        let query =
-            serde_urlencoded::to_string([("all", "true"), ("filters", &filters.to_string())])
-                .map_err(|e| BackendError::new(ErrorKind::Other, format!("list filter: {e}")))?;
-        let body = self
-            .raw
-            .get("list", &format!("/v1.41/containers/json?{query}"))
-            .await?;
-        let listed: Vec<Summary> = serde_json::from_slice(&body).map_err(|e| {
-            BackendError::new(
-                ErrorKind::Other,
-                format!("podman container list is not what the API says: {e}"),
-            )
-        })?;
-        let network = self.docker.network().to_string();
-        Ok(listed
-            .into_iter()
-            .map(|c| {
-                let parsed = labels::parse(&c.labels.unwrap_or_default());
-                let networks = c.network_settings.and_then(|n| n.networks).map(|n| {
-                    n.into_iter()
-                        .map(|(name, e)| {
-                            let endpoint = bollard::models::EndpointSettings {
-                                ip_address: e.ip_address,
-                                ..Default::default()
-                            };
-                            (name, endpoint)
-                        })
-                        .collect()
-                });
-                let (on, ip) = super::docker::own_address(networks, None, &network);
-                Observed {
-                    container_id: c.id,
-                    chat_id: parsed.chat_id,
-                    session_id: parsed.session_id,
-                    spec_hash: parsed.spec_hash,
-                    running: c.state == "running",
-                    paused: c.state == "paused",
-                    ip,
-                    legacy: false,
-                    pool_slot: parsed.pool_slot,
-                    network: on,
-                }
-            })
-            .collect())
+        self.list_labelled(&[]).await
+    }
+
+    async fn list_members(&self) -> Result<Vec<Observed>> {
+        self.list_labelled(&[labels::POOL_SLOT]).await
     }
 
     fn container_name(&self, chat_id: ChatId, session_id: SessionId) -> String {
@@ -269,9 +285,8 @@ impl Backend for PodmanRuntime {
         self.docker.warm()
     }
 
-    /// Podman's compatible network API serves the docker backend's shards as they are.
     fn networks(&self) -> Option<&dyn super::ShardedNetworks> {
-        self.docker.networks()
+        Some(self)
     }
 
     /// The docker backend's: Podman's compat API pauses (cgroup freezer), unpauses and stops
@@ -319,6 +334,34 @@ struct LibpodNetwork {
     network_interface: String,
     #[serde(default)]
     driver: String,
+}
+
+/// The docker backend's shards through Podman's compatible network API, but whether one is
+/// still used is read from the plain-JSON list (a stopped container there would fail
+/// bollard's list).
+#[async_trait::async_trait]
+impl super::ShardedNetworks for PodmanRuntime {
+    async fn ensure_shard(&self, base: &str, name: &str) -> Result<()> {
+        super::ShardedNetworks::ensure_shard(&self.docker, base, name).await
+    }
+
+    async fn address_room(&self, network: &str) -> Result<Option<Option<u32>>> {
+        super::ShardedNetworks::address_room(&self.docker, network).await
+    }
+
+    async fn shards(&self) -> Result<Vec<(String, String)>> {
+        super::ShardedNetworks::shards(&self.docker).await
+    }
+
+    async fn remove_if_unused(&self, name: &str) -> Result<bool> {
+        let on = self
+            .summaries(&serde_json::json!({ "network": [name] }))
+            .await?;
+        if !on.is_empty() {
+            return Ok(false);
+        }
+        self.docker.remove_network(name).await.map(|()| true)
+    }
 }
 
 #[async_trait::async_trait]
