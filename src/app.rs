@@ -205,8 +205,7 @@ fn warn_if_token_not_required(settings: &Settings) {
 /// then a thousand busy chats cost a write every few milliseconds, not one per chat per
 /// second (docs/performance.md, the scale bench).
 fn activity_granularity(settings: &Settings) -> chrono::Duration {
-    let idle = settings.sandbox.hibernation().idle;
-    if idle.pause_after.is_some() || idle.hibernate_after.is_some() {
+    if settings.sandbox.hibernation().idle.acts() {
         chrono::Duration::seconds(1)
     } else {
         chrono::Duration::seconds(60)

@@ -52,10 +52,16 @@ pub async fn awake(
     if !row.is_live(now) {
         return Ok(Some(row));
     }
-    if !asleep(ctx, &row, now)
-        && ctx.store.touch(chat_id, now).await? != crate::store::Touch::NotAwake
-    {
-        return Ok(Some(row));
+    if !asleep(ctx, &row, now) {
+        if !ctx.settings.sandbox.hibernation().idle.acts() && row.phase == Phase::Running {
+            // Nothing pauses on the clock: the committed row says awake, and the clock (only
+            // shown) is written in the background.
+            ctx.store.touch_later(chat_id, now);
+            return Ok(Some(row));
+        }
+        if ctx.store.touch(chat_id, now).await? != crate::store::Touch::NotAwake {
+            return Ok(Some(row));
+        }
     }
     let sandbox = &ctx.settings.sandbox;
     let declared = ctx

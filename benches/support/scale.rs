@@ -55,6 +55,23 @@ fn host_memory_mib(ids: &[String]) -> (f64, f64) {
     (containers as f64 / 1048576.0, shims_kib as f64 / 1024.0)
 }
 
+/// How often a process's threads were preempted so far (involuntary context switches).
+fn preempted(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// The host's busy and total CPU ticks so far (`/proc/stat`).
 fn host_ticks() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -189,20 +206,13 @@ pub async fn scenario_scale(docker: &Docker, out: &mut Report) {
     let script = dir.join("mix.lua");
     std::fs::write(&script, wrk_script(&chats_file, &vol, "mix")).expect("script");
     run_wrk(&script, &base, 32, 2);
-    let c0 = cpu_seconds(pid);
+    let (c0, s0) = (cpu_seconds(pid), preempted(pid));
     let r = run_wrk(&script, &base, 32, 10);
     let mix_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
+    let switches = preempted(pid) - s0;
     out.line(format!(
-        "14 API mix (⅓ reuse, ⅓ GET, ⅓ list) with {n} rows @32 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}; sandboxd {mix_cpu:.0}% of a core (wrk has the rest)  target p99 ≤10 ms [{}]",
+        "14 API mix (⅓ reuse, ⅓ GET, ⅓ list) with {n} rows @32 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}; sandboxd {mix_cpu:.0}% of a core (wrk has the rest), its threads preempted {switches} times  target p99 ≤10 ms [{}]",
         r.rps, r.p50_ms, r.p99_ms, r.failed, verdict(r.failed == 0 && r.p99_ms <= 10.0)
-    ));
-    // The same mix below saturation: how much of the tail is queueing for the 2 cores.
-    let c0 = cpu_seconds(pid);
-    let light = run_wrk(&script, &base, 4, 10);
-    let light_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
-    out.line(format!(
-        "14b the same mix @4 for 10 s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  failed {}; sandboxd {light_cpu:.0}% of a core (measured, no target)",
-        light.rps, light.p50_ms, light.p99_ms, light.failed
     ));
 
     // 4. At rest: a pass's mean time over a minute, and sandboxd's CPU.

@@ -83,6 +83,13 @@ pub struct IdlePolicy {
     pub hibernate_after: Option<Duration>,
 }
 
+impl IdlePolicy {
+    /// Whether idleness pauses or hibernates anything (else the idle clock is only shown).
+    pub fn acts(&self) -> bool {
+        self.pause_after.is_some() || self.hibernate_after.is_some()
+    }
+}
+
 /// `sandbox.on_expiry`: what a session's TTL ends in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

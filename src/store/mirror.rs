@@ -25,6 +25,10 @@ impl Mirror {
         self.read().get(&chat_id).cloned()
     }
 
+    pub(super) fn last_active(&self, chat_id: ChatId) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.read().get(&chat_id).map(|r| r.last_active_at)
+    }
+
     /// Every row, ordered by chat id (as `ORDER BY chat_id`).
     pub(super) fn all(&self) -> Vec<SandboxRow> {
         self.read().values().cloned().collect()

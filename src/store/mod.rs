@@ -136,6 +136,8 @@ pub struct Store {
     appended: Arc<tokio::sync::Notify>,
     /// How far the idle clock may lag before a call writes it (`touch`).
     activity_granularity: chrono::Duration,
+    /// Chats whose idle clock a background write is restarting (`touch_later`).
+    touching: Arc<std::sync::Mutex<std::collections::HashSet<ChatId>>>,
 }
 
 type WriteGate = tokio::sync::OwnedMutexGuard<()>;
@@ -205,6 +207,7 @@ impl Store {
             mirror: None,
             appended: Arc::default(),
             activity_granularity: chrono::Duration::seconds(1),
+            touching: Arc::default(),
         }
     }
 
@@ -384,6 +387,12 @@ impl Store {
             .bind(chat_id.to_string())
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    /// A chat's idle clock as the in-memory copy has it (`None` without the copy or the
+    /// row: the caller asks SQLite through a write).
+    pub(crate) fn last_active(&self, chat_id: ChatId) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.mirror.as_ref()?.last_active(chat_id)
     }
 
     /// Every row, for the controller's pass.
