@@ -205,21 +205,29 @@ impl Engine {
     /// endpoint, so on a network of a thousand sandboxes each start would read them all. An
     /// id (no list entry of that exact name) is inspected.
     pub async fn network_brief(&self, name: &str) -> Result<Option<NetworkBrief>> {
-        let filters = HashMap::from([("name", vec![name.to_string()])]);
-        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
         let listed = self
-            .call(
-                "list_networks",
-                &[],
-                self.docker.list_networks(Some(options)),
-            )
-            .await
-            .map_err(BackendError::from_engine("list_networks"))?;
+            .networks_matching(HashMap::from([("name", vec![name.to_string()])]))
+            .await?;
         // The filter matches parts of names: only the exact one counts.
         if let Some(n) = listed.into_iter().find(|n| n.name.as_deref() == Some(name)) {
             return Ok(Some(NetworkBrief::from(n)));
         }
         Ok(self.network(name, None).await?.map(NetworkBrief::from))
+    }
+
+    /// The networks matching `filters` (the list's shape: settings, no endpoints).
+    pub async fn networks_matching(
+        &self,
+        filters: HashMap<&str, Vec<String>>,
+    ) -> Result<Vec<Network>> {
+        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        self.call(
+            "list_networks",
+            &[],
+            self.docker.list_networks(Some(options)),
+        )
+        .await
+        .map_err(BackendError::from_engine("list_networks"))
     }
 
     /// A network, or `None` when there is none of that name. A 500 is asked again, twice:

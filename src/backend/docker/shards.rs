@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use bollard::models::{Ipam, NetworkCreateRequest};
-use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
 
 use super::DockerRuntime;
 use crate::backend::error::{BackendError, ErrorKind, Result};
@@ -72,16 +71,10 @@ impl ShardedNetworks for DockerRuntime {
                 labels::SHARD_OF.to_string(),
             ],
         )]);
-        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
-        let listed = self
-            .call(
-                "list_networks",
-                &[],
-                self.engine.docker.list_networks(Some(options)),
-            )
-            .await
-            .map_err(BackendError::from_engine("list_networks"))?;
-        Ok(listed
+        Ok(self
+            .engine
+            .networks_matching(filters)
+            .await?
             .into_iter()
             .filter_map(|n| {
                 let base = n.labels?.get(labels::SHARD_OF)?.clone();
@@ -91,19 +84,9 @@ impl ShardedNetworks for DockerRuntime {
     }
 
     async fn remove_if_unused(&self, name: &str) -> Result<bool> {
-        let filters = HashMap::from([("network", vec![name.to_string()])]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
         let on = self
-            .call(
-                "list",
-                &[],
-                self.engine.docker.list_containers(Some(options)),
-            )
-            .await
-            .map_err(BackendError::from_engine("list_containers"))?;
+            .list_matching(HashMap::from([("network", vec![name.to_string()])]))
+            .await?;
         if !on.is_empty() {
             return Ok(false);
         }
